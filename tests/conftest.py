@@ -1,0 +1,46 @@
+"""Shared fixtures: real images from scikit-learn, the packaged EfficientNet-Lite0, small folders on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub path fails fast instead of retrying for a minute
+torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> dict[str, Image.Image]:
+    """scikit-learn's two real photos: china.jpg (a temple) and flower.jpg (a daisy)."""
+    from sklearn.datasets import load_sample_images
+
+    data = load_sample_images()
+    return {Path(f).name: Image.fromarray(img) for f, img in zip(data.filenames, data.images)}
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    """The default backbone with its packaged ImageNet weights."""
+    from transferkit.backbones import create_backbone
+
+    return create_backbone()
+
+
+@pytest.fixture()
+def photo_folder(tmp_path: Path, sample_images) -> Path:
+    """An ImageFolder tree with two classes of real photo crops (8 per class), as JPEG and PNG."""
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for cls, name in (("temple", "china.jpg"), ("flower", "flower.jpg")):
+        img = sample_images[name]
+        (root / cls).mkdir(parents=True)
+        for i in range(8):
+            x, y = rng.integers(0, img.width - 200), rng.integers(0, img.height - 200)
+            crop = img.crop((x, y, x + 200, y + 200)).resize((64, 64))
+            crop.save(root / cls / f"{i}.{'jpg' if i % 2 else 'png'}")
+    return root

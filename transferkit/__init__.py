@@ -1,0 +1,3 @@
+"""transferkit: transfer learning from pretrained CNNs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,193 @@
+"""`transferkit` command line: each command parses its options, calls one API function and prints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+DEFAULT_MODEL = "tf_efficientnet_lite0"  # kept literal so `--help` does not import torch
+
+
+class _Group(click.Group):
+    """Turn transferkit's own errors into one-line messages and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        from transferkit.errors import TransferkitError
+
+        try:
+            return super().invoke(ctx)
+        except TransferkitError as e:
+            raise click.ClickException(str(e)) from e
+        except OSError as e:
+            raise click.ClickException(f"{e.strerror or e}: '{e.filename}'" if e.filename else str(e)) from e
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.version_option(package_name="transferkit")
+def cli(verbose: int, quiet: bool) -> None:
+    """Transfer learning from pretrained CNNs: CNN codes, linear-SVM probes and layer sweeps."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("PIL", "matplotlib", "timm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
+
+
+def model_options(f):
+    """Options shared by every command that builds a backbone."""
+    f = click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+                     show_default=True, help="bf16 autocast on CPU/GPU; fp16 needs CUDA.")(f)
+    f = click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)(f)
+    f = click.option("--image-size", type=click.IntRange(8), default=None,
+                     help="Resize whole images to N x N instead of the model's pretrained size and crop.")(f)
+    f = click.option("--weights", default="auto", show_default=True,
+                     help="A .safetensors/.pth file, 'auto' (installed package, then timm hub), 'package', "
+                          "'hub', or 'random'.")(f)
+    f = click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Any timm model name.")(f)
+    return f
+
+
+@cli.command()
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Feature directory to write.")
+@model_options
+@click.option("--layer", default="pre_logits", show_default=True,
+              help="pre_logits, a stage index or timm module name (see `transferkit layers`), 'all', "
+                   "or 'auto' (every stage x pooling, then a sweep picks the best).")
+@click.option("--pool", default="avg", show_default=True,
+              help="avg, max, avgmax, a grid like 2x2 that keeps location, a comma list, or 'all'.")
+@click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
+@click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images, list them at the end and in meta.json.")
+@click.option("--like", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Encode exactly like this feature directory (model, weights, size, best layer).")
+def extract(data: Path, out: Path, model: str, weights: str, image_size: int | None, batch_size: int,
+            precision: str, layer: str, pool: str, per_class: int | None, num_workers: int, skip_bad: bool,
+            like: Path | None) -> None:
+    """Write CNN codes of every image in DATA (folder, CSV manifest or IDX) to a feature directory."""
+    from transferkit.workflows import extract_features
+
+    store = extract_features(
+        data, out, model=model, weights=weights, layer=layer, pool=pool, image_size=image_size,
+        batch_size=batch_size, precision=precision, num_workers=num_workers, per_class=per_class,
+        skip_bad=skip_bad, like=like,
+    )
+    meta = store.meta
+    click.echo(f"{len(store)} images -> {out} ({', '.join(store.keys[:4])}{', ...' if len(store.keys) > 4 else ''}) "
+               f"at {meta['images_per_second']} img/s; weights {meta['weights']['source']} "
+               f"sha256 {meta['weights']['sha256'][:12]}")
+    _print_sweep(out)
+    if meta["skipped"]:
+        click.echo(f"skipped {len(meta['skipped'])} bad image(s):", err=True)
+        for item in meta["skipped"]:
+            click.echo(f"  {item['source']}: {item['error']}", err=True)
+
+
+def _print_sweep(features: Path) -> None:
+    file = features / "sweep.json"
+    if file.is_file():
+        best = json.loads(file.read_text())["best"]
+        click.echo(f"sweep: best codes {best['layer']}|{best['pool']} (dim {best['dim']}) "
+                   f"at {100 * best['cv_accuracy']:.2f}% CV accuracy; plot {features / 'sweep.png'}")
+
+
+@cli.command()
+@click.argument("features", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--cv", type=click.IntRange(2), default=3, show_default=True, help="Cross-validation folds.")
+@click.option("--max-samples", type=click.IntRange(10), default=5000, show_default=True,
+              help="Score on a stratified subset of at most this many training images.")
+def sweep(features: Path, cv: int, max_samples: int) -> None:
+    """Score every layer x pooling in FEATURES by cross-validated linear-SVM accuracy (training data only)."""
+    from transferkit.store import FeatureStore
+    from transferkit.workflows import sweep_features
+
+    result = sweep_features(FeatureStore(features), cv=cv, max_samples=max_samples)
+    click.echo(result.table())
+    _print_sweep(features)
+
+
+@cli.command()
+@click.argument("train", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Directory for the probe.")
+@click.option("--test", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Feature directory to evaluate on (extract it with --like TRAIN).")
+@click.option("--layer", default=None, help="Layer of the codes to use, or 'best' (from the sweep).")
+@click.option("--pool", default=None, help="Pooling of the codes to use.")
+@click.option("--C", "c", default="auto", show_default=True, help="SVM C, or 'auto' for cross-validation.")
+@click.option("--scaling", type=click.Choice(["standard", "l2", "none"]), default="standard", show_default=True)
+@click.option("--cv", type=click.IntRange(2), default=5, show_default=True, help="Folds for choosing C.")
+def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: str | None, c: str,
+          scaling: str, cv: int) -> None:
+    """Train a linear SVM on the codes in TRAIN; report accuracy on TEST."""
+    from transferkit.workflows import train_probe
+
+    C = c if c == "auto" else _positive_float(c, "--C")
+    report = train_probe(train, out, test=test, layer=layer, pool=pool, C=C, scaling=scaling, cv=cv)
+    p = report.probe
+    cv_text = "" if p.cv_score_ != p.cv_score_ else f", CV accuracy {100 * p.cv_score_:.2f}%"
+    click.echo(f"probe on {report.key}: C={p.best_C_:g}{cv_text} -> {out}")
+    if report.evaluation is not None:
+        ev = report.evaluation
+        click.echo(ev.report)
+        click.echo(f"test accuracy: {100 * ev.accuracy:.2f}% ({int(ev.confusion.sum())} images); "
+                   f"confusion matrix {out / 'confusion.png'}")
+
+
+def _positive_float(text: str, name: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise click.BadParameter(f"must be a positive number or 'auto'. Got {text!r}.", param_hint=name)
+    return value
+
+
+@cli.command()
+@click.argument("probe_dir", metavar="PROBE", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
+def predict(probe_dir: Path, images: tuple[Path, ...], batch_size: int, as_json: bool) -> None:
+    """Classify IMAGES (files or folders) with a probe saved by `transferkit probe`."""
+    from transferkit.workflows import predict_images
+
+    for row in predict_images(probe_dir, list(images), batch_size=batch_size):
+        click.echo(json.dumps(row) if as_json else f"{row['source']}\t{row['label']}\t{row['score']:.3f}")
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+def layers(model: str) -> None:
+    """List the layers of MODEL that --layer accepts."""
+    import timm
+
+    from transferkit.backbones import check_model_name, layer_table
+
+    check_model_name(model)
+    click.echo(layer_table(timm.create_model(model, pretrained=False)))
+
+
+@cli.command()
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("transferkit-demo"), show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Folder with Fashion-MNIST's IDX files [default: the Debian package's].")
+@click.option("--per-class", type=click.IntRange(1), default=100, show_default=True,
+              help="Training images per class (first N in file order).")
+@click.option("--image-size", type=click.IntRange(8), default=None, help="[default: the demo's tuned size]")
+def demo(out: Path, data: Path | None, per_class: int, image_size: int | None) -> None:
+    """Offline demo: Fashion-MNIST + packaged EfficientNet-Lite0: extract -> sweep -> probe -> test accuracy."""
+    from transferkit.demo import run_demo
+
+    result = run_demo(out, data=data, per_class=per_class, image_size=image_size, echo=click.echo)
+    click.echo(f"test accuracy: {100 * result['test_accuracy']:.2f}% on {result['n_test']} test images "
+               f"({result['key']}, {result['n_train']} training images, {result['seconds']:.0f} s)")
+
+
+def main() -> None:
+    cli(prog_name="transferkit")

@@ -1,0 +1,311 @@
+"""CNN codes: pooled backbone activations, as a scikit-learn transformer and as sharded files on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.base import BaseEstimator, TransformerMixin
+from torch import nn
+
+from transferkit.backbones import DEFAULT_MODEL, PRE_LOGITS, Layer, create_backbone, resolve_layers
+from transferkit.data import ImageDataset, build_transform, collate, describe_transform, load_image
+from transferkit.errors import DataError, ModelError
+from transferkit.store import FeatureStore, FeatureWriter
+
+log = logging.getLogger(__name__)
+
+POOLS = ("avg", "max", "avgmax")  # plus grids "NxN" that keep location
+ALL_POOLS = ("avg", "max", "avgmax", "2x2")
+PRECISIONS = ("fp32", "bf16", "fp16")
+_GRID = re.compile(r"^(?:grid)?(\d)(?:x(\d))?$")
+
+
+def parse_pools(spec: str | Sequence[str]) -> list[str]:
+    """Validate --pool: 'avg', 'max', 'avgmax' (alias 'avg+max'), a grid 'NxN' (N <= 8), comma lists, 'all'."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    pools: list[str] = []
+    for item in (p.strip().lower() for p in items):
+        if item == "all":
+            pools += ALL_POOLS
+            continue
+        item = "avgmax" if item in ("avg+max", "avg-max") else item
+        grid = _GRID.match(item)
+        if grid and (grid.group(2) is None or grid.group(1) == grid.group(2)) and 1 <= int(grid.group(1)) <= 8:
+            item = f"{grid.group(1)}x{grid.group(1)}"
+        elif item not in POOLS:
+            raise ModelError(
+                f"The 'pool' parameter must be one of 'avg', 'max', 'avgmax', a grid such as '2x2', or 'all'. "
+                f"Got '{item}' instead."
+            )
+        pools.append(item)
+    return list(dict.fromkeys(pools))
+
+
+def grid_size(pool: str) -> int:
+    """N for an 'NxN' grid pool, 0 for the global pools."""
+    return int(pool.split("x")[0]) if pool[0].isdigit() else 0
+
+
+def pool_map(x: torch.Tensor, pool: str) -> torch.Tensor:
+    """Pool a feature map (B, C, H, W) -> (B, D); a grid keeps a coarse layout of where things are."""
+    if pool == "avg":
+        return x.mean((2, 3))
+    if pool == "max":
+        return x.amax((2, 3))
+    if pool == "avgmax":
+        return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)
+    return F.adaptive_avg_pool2d(x, grid_size(pool)).flatten(1)  # (B, C, n, n) -> (B, C*n*n), channel-major
+
+
+def pooled_dim(layer: Layer, pool: str) -> int:
+    """Width of the codes one (layer, pool) pair produces."""
+    if pool == "avgmax":
+        return 2 * layer.channels
+    if grid_size(pool):
+        return layer.channels * grid_size(pool) ** 2
+    return layer.channels
+
+
+def key_name(layer: str, pool: str) -> str:
+    """How a (layer, pool) pair is named in feature files."""
+    return f"{layer}|{pool}"
+
+
+def compute_codes(
+    model: nn.Module, x: torch.Tensor, layers: Sequence[Layer], pools: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """One forward pass -> {'layer|pool': (B, D)} for every requested pair.
+
+    Stages come from timm's `forward_intermediates`; pre_logits with 'avg' is timm's own
+    `forward_head(pre_logits=True)`, other pools pool the final feature map.
+    """
+    stage_idx = [layer.index for layer in layers if layer.index is not None]
+    want_final = any(layer.name == PRE_LOGITS for layer in layers)
+    maps: dict[str, torch.Tensor] = {}
+    if stage_idx:
+        out = model.forward_intermediates(
+            x, indices=stage_idx, intermediates_only=not want_final, stop_early=not want_final
+        )
+        final, inter = (out if want_final else (None, out))
+        for idx, fmap in zip(stage_idx, inter):
+            maps[next(la.name for la in layers if la.index == idx)] = fmap
+    else:
+        final = model.forward_features(x)
+    codes: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        for pool in pools:
+            if layer.name == PRE_LOGITS and pool == "avg":
+                codes[key_name(layer.name, pool)] = model.forward_head(final, pre_logits=True)
+            else:
+                fmap = final if layer.name == PRE_LOGITS else maps[layer.name]
+                codes[key_name(layer.name, pool)] = pool_map(fmap, pool)
+    return {k: v.float() for k, v in codes.items()}
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision context for --precision; fp32 runs as is."""
+    if precision not in PRECISIONS:
+        raise ModelError(f"--precision must be one of {', '.join(PRECISIONS)}. Got '{precision}' instead.")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ModelError("--precision fp16 needs a CUDA device; use bf16 on CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _Images(torch.utils.data.Dataset):
+    """In-memory images (paths, PIL images or uint8 arrays) behind the same interface as ImageDataset."""
+
+    def __init__(self, items: Sequence, transform) -> None:
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        if isinstance(item, (str, Path)):
+            img = load_image(item)
+        elif isinstance(item, Image.Image):
+            img = item.convert("RGB")
+        else:
+            arr = np.asarray(item)
+            img = Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+        return self.transform(img), -1, i, ""
+
+
+class FeatureExtractor(TransformerMixin, BaseEstimator):
+    """Pooled activations of a pretrained backbone, as a scikit-learn transformer.
+
+    `transform` takes an ImageDataset, a list of image paths or PIL images, or a uint8 array of
+    shape (N, H, W) or (N, H, W, 3), and returns (N, D) float32 codes; with several layers or
+    pools the codes are concatenated in (layer, pool) order.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        weights: str = "auto",
+        layer: str | int = PRE_LOGITS,
+        pool: str = "avg",
+        image_size: int | None = None,
+        batch_size: int = 64,
+        precision: str = "fp32",
+        num_workers: int = 0,
+        progress: bool = False,
+    ) -> None:
+        self.model = model
+        self.weights = weights
+        self.layer = layer
+        self.pool = pool
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.precision = precision
+        self.num_workers = num_workers
+        self.progress = progress
+
+    def fit(self, X=None, y=None) -> FeatureExtractor:
+        """Build the backbone (the weights are pretrained: nothing is learned from X)."""
+        import timm.data
+
+        if self.image_size is not None and int(self.image_size) < 8:
+            raise ModelError(f"The 'image_size' parameter must be >= 8. Got {self.image_size} instead.")
+        self.pools_ = parse_pools(self.pool)
+        self.device_ = default_device()
+        autocast(self.precision, self.device_)  # validates
+        self.backbone_ = create_backbone(self.model, self.weights).to(self.device_)
+        self.backbone_.to(memory_format=torch.channels_last)  # ~2x faster convs on CPU (oneDNN)
+        self.layers_ = resolve_layers(self.backbone_, self.layer)
+        self.data_config_ = timm.data.resolve_model_data_config(self.backbone_)
+        self.transform_ = build_transform(self.data_config_, self.image_size)
+        self.keys_ = [key_name(la.name, p) for la in self.layers_ for p in self.pools_]
+        self.n_features_out_ = sum(pooled_dim(la, p) for la in self.layers_ for p in self.pools_)
+        return self
+
+    def iter_batches(self, data) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list]]:
+        """Yield (codes by key, labels, item indices, bad items) per batch, in item order."""
+        if not hasattr(self, "backbone_"):
+            self.fit()
+        if isinstance(data, ImageDataset):
+            dataset = data.with_transform(self.transform_)
+        else:
+            dataset = _Images(data, self.transform_)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate
+        )
+        for x, y, idx, bad in _progress(loader, len(dataset), self.progress):
+            if x is None:
+                yield {}, np.empty(0, np.int64), np.empty(0, np.int64), bad
+                continue
+            with torch.inference_mode(), autocast(self.precision, self.device_):
+                x = x.to(self.device_, memory_format=torch.channels_last)
+                codes = compute_codes(self.backbone_, x, self.layers_, self.pools_)
+            yield {k: v.cpu().numpy() for k, v in codes.items()}, y.numpy(), idx.numpy(), bad
+
+    def transform(self, X) -> np.ndarray:
+        """(N, D) float32 codes of the images in X."""
+        parts = [np.concatenate([c[k] for k in self.keys_], axis=1) for c, *_ in self.iter_batches(X) if c]
+        if not parts:
+            return np.empty((0, self.n_features_out_), np.float32)
+        return np.concatenate(parts)
+
+    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+        """Names like 'blocks.4|avg:17' for each output column."""
+        names = []
+        for layer in self.layers_:
+            for pool in self.pools_:
+                names += [f"{key_name(layer.name, pool)}:{i}" for i in range(pooled_dim(layer, pool))]
+        return np.asarray(names, dtype=object)
+
+
+def _progress(loader, total: int, enabled: bool):
+    """Batches with a tqdm bar counting images (so the rate reads img/s)."""
+    if not enabled:
+        yield from loader
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="img", desc="extract", dynamic_ncols=True, mininterval=0.5) as bar:
+        for batch in loader:
+            yield batch
+            bar.update(len(batch[2]) + len(batch[3]))
+
+
+
+def extract(
+    data: ImageDataset,
+    out: str | Path,
+    extractor: FeatureExtractor | None = None,
+    *,
+    skip_bad: bool = False,
+    shard_size: int = 4096,
+) -> FeatureStore:
+    """Write the codes of every image in `data` to a feature directory (see transferkit.store).
+
+    Memory stays flat: codes go to disk a shard at a time. A bad image stops the run with the
+    file named (nothing is published) unless `skip_bad`, which records it in the metadata.
+    """
+    import timm
+
+    from transferkit import __version__
+
+    extractor = extractor if extractor is not None else FeatureExtractor()
+    if not hasattr(extractor, "backbone_"):
+        extractor.fit()
+    data = data.with_transform(None)
+    data.skip_bad = skip_bad
+    sources, skipped, kept = data.sources, [], []
+    start = time.perf_counter()
+    with FeatureWriter(out, shard_size=shard_size) as writer:
+        for codes, labels, index, bad in extractor.iter_batches(data):
+            skipped += [{"source": sources[i], "error": msg} for i, msg in bad]
+            if len(index):
+                writer.add(codes, labels, index)
+                kept += index.tolist()
+        seconds = time.perf_counter() - start
+        if not kept:
+            raise DataError(f"no image of '{data.root}' could be read ({len(skipped)} bad)")
+        bb = extractor.backbone_
+        meta = {
+            "model": extractor.model,
+            "weights": bb.weights_info.to_dict(),
+            "layers": [asdict(la) for la in extractor.layers_],
+            "pools": extractor.pools_,
+            "keys": {
+                key_name(la.name, p): {"layer": la.name, "pool": p, "dim": pooled_dim(la, p)}
+                for la in extractor.layers_ for p in extractor.pools_
+            },
+            "transform": describe_transform(extractor.data_config_, extractor.image_size),
+            "image_size": extractor.image_size,
+            "precision": extractor.precision,
+            "batch_size": extractor.batch_size,
+            "dataset": {"root": str(data.root), "kind": data.kind, "n_items": len(data)},
+            "classes": list(data.classes),
+            "sources": [sources[i] for i in kept],
+            "skipped": skipped,
+            "seconds": round(seconds, 3),
+            "images_per_second": round(len(kept) / seconds, 1) if seconds > 0 else None,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"transferkit": __version__, "timm": timm.__version__, "torch": torch.__version__},
+        }
+        writer.commit(meta)
+    for item in skipped:
+        log.warning("skipped %s: %s", item["source"], item["error"])
+    return FeatureStore(out)

@@ -1,0 +1,216 @@
+"""The jobs the CLI runs, composed from features, store, probe and plots; each is a plain function."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.backbones import DEFAULT_MODEL, PRE_LOGITS
+from transferkit.data import IMAGE_EXTENSIONS, ImageDataset, open_dataset
+from transferkit.errors import DataError, TransferkitError
+from transferkit.features import FeatureExtractor, extract
+from transferkit.probe import Evaluation, LinearProbe, SweepResult, evaluate, sweep
+from transferkit.store import FeatureStore, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+
+
+def load_data(data: str | Path, *, per_class: int | None = None, skip_bad: bool = False) -> ImageDataset:
+    """Open a folder, CSV or IDX dataset, optionally keeping the first `per_class` items of each class."""
+    dataset = open_dataset(data, skip_bad=skip_bad)
+    return dataset.subset(per_class) if per_class else dataset
+
+
+def extract_features(
+    data: str | Path | ImageDataset,
+    out: str | Path,
+    *,
+    model: str = DEFAULT_MODEL,
+    weights: str = "auto",
+    layer: str = PRE_LOGITS,
+    pool: str = "avg",
+    image_size: int | None = None,
+    batch_size: int = 64,
+    precision: str = "fp32",
+    num_workers: int = 0,
+    per_class: int | None = None,
+    skip_bad: bool = False,
+    like: str | Path | None = None,
+    progress: bool = True,
+) -> FeatureStore:
+    """Extract codes to `out`. layer='auto' extracts every stage x pooling and runs the sweep.
+
+    `like` copies model, weights, image size, precision and the chosen codes from another feature
+    directory, so a test set is encoded exactly as its training set was.
+    """
+    if like is not None:
+        ref = FeatureStore(like)
+        model, image_size, precision = ref.meta["model"], ref.meta["image_size"], ref.meta["precision"]
+        weights = _weights_arg(ref.meta["weights"])
+        best = read_sweep(ref)
+        keys = [best] if best else ref.keys
+        layer = ",".join(dict.fromkeys(k.split("|")[0] for k in keys))
+        pool = ",".join(dict.fromkeys(k.split("|")[1] for k in keys))
+    auto = layer == "auto"
+    dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class, skip_bad=skip_bad)
+    extractor = FeatureExtractor(
+        model, weights=weights, layer="all" if auto else layer, pool="all" if auto else pool,
+        image_size=image_size, batch_size=batch_size, precision=precision, num_workers=num_workers,
+        progress=progress,
+    )
+    if "," in str(layer):  # several named layers (from --like): extract all, keep the asked ones
+        extractor.set_params(layer="all")
+    store = extract(dataset, out, extractor, skip_bad=skip_bad)
+    if auto:
+        sweep_features(store, progress=progress)
+    return store
+
+
+def _weights_arg(info: dict) -> str:
+    """The --weights value that rebuilds the same backbone as a recorded WeightsInfo."""
+    if info["source"] == "file":
+        return info["location"]
+    if info["source"] == "random":
+        raise TransferkitError("these codes came from random weights, which cannot be rebuilt; re-extract both sets")
+    return "auto"
+
+
+def sweep_features(
+    store: FeatureStore, *, cv: int = 3, max_samples: int | None = 5000, progress: bool = True
+) -> SweepResult:
+    """Score every layer x pooling in `store` by CV probe accuracy; write sweep.json and sweep.png beside it."""
+    from transferkit.plots import plot_sweep
+
+    if len(store.keys) < 2:
+        raise DataError(f"'{store.path}' holds one kind of codes; extract with --layer all --pool all to sweep")
+    codes = {tuple(k.split("|")): store.load(k) for k in store.keys}
+    result = sweep(codes, store.labels, cv=cv, max_samples=max_samples, progress=progress)
+    write_json_atomic(store.path / SWEEP_FILE, result.to_dict())
+    plot_sweep(result.rows, store.path / "sweep.png", title=f"{store.meta['model']}: CV accuracy of a linear SVM")
+    return result
+
+
+def read_sweep(store: FeatureStore) -> str | None:
+    """The best 'layer|pool' key of a sweep run on `store`, if one was run."""
+    file = store.path / SWEEP_FILE
+    if not file.is_file():
+        return None
+    best = json.loads(file.read_text())["best"]
+    return f"{best['layer']}|{best['pool']}"
+
+
+@dataclass
+class ProbeReport:
+    """What `train_probe` produced."""
+
+    probe: LinearProbe
+    key: str
+    out: Path
+    evaluation: Evaluation | None
+
+
+def train_probe(
+    train: str | Path | FeatureStore,
+    out: str | Path,
+    *,
+    test: str | Path | FeatureStore | None = None,
+    layer: str | None = None,
+    pool: str | None = None,
+    C: float | str = "auto",
+    scaling: str = "standard",
+    cv: int = 5,
+) -> ProbeReport:
+    """Fit a LinearProbe on training codes, evaluate on test codes, save probe, metrics and plots to `out`."""
+    from transferkit.plots import plot_confusion
+
+    train = train if isinstance(train, FeatureStore) else FeatureStore(train)
+    if layer == "best":
+        key = read_sweep(train)
+        if key is None:
+            raise DataError(f"no sweep in '{train.path}': run `transferkit sweep {train.path}` or extract --layer auto")
+    else:
+        key = train.key(layer, pool)
+    probe = LinearProbe(C=C, scaling=scaling, cv=cv).fit(train.load(key), train.labels)
+    out = Path(out)
+    spec = {k: train.meta[k] for k in ("model", "weights", "image_size", "precision", "transform", "classes")}
+    spec.update(layer=key.split("|")[0], pool=key.split("|")[1], key=key)
+    probe.save(out / "probe", extra=spec)
+    evaluation = None
+    metrics = {"key": key, "C": probe.best_C_, "cv_accuracy": probe.cv_score_, "n_train": len(train)}
+    if test is not None:
+        test = test if isinstance(test, FeatureStore) else FeatureStore(test)
+        check_compatible(train, test, key)
+        names = np.asarray(train.classes)
+        evaluation = evaluate(probe, test.load(key), test.labels)
+        evaluation = _named(evaluation, names)
+        plot_confusion(evaluation.confusion, evaluation.labels, out / "confusion.png", title=f"{key} on {test.path}")
+        (out / "report.txt").write_text(evaluation.report)
+        metrics.update(n_test=len(test), test_accuracy=evaluation.accuracy, test=evaluation.to_dict())
+    write_json_atomic(out / "metrics.json", metrics)
+    return ProbeReport(probe, key, out, evaluation)
+
+
+def _named(ev: Evaluation, names: np.ndarray) -> Evaluation:
+    """Replace label indices by class names in an Evaluation."""
+    labels = [str(names[int(i)]) if str(i).isdigit() and int(i) < len(names) else str(i) for i in ev.labels]
+    per_class = {new: ev.per_class[old] for old, new in zip(ev.labels, labels)}
+    report = ev.report
+    for old, new in sorted(zip(ev.labels, labels), key=lambda p: -len(p[0])):
+        report = report.replace(f" {old} ", f" {new} ", 1)
+    return Evaluation(ev.accuracy, labels, ev.confusion, report, per_class)
+
+
+def check_compatible(train: FeatureStore, test: FeatureStore, key: str) -> None:
+    """Refuse to score test codes made differently from the training codes."""
+    for field in ("model", "image_size", "transform", "classes"):
+        if train.meta[field] != test.meta[field]:
+            raise DataError(
+                f"'{test.path}' was made with {field}={test.meta[field]!r} but '{train.path}' with "
+                f"{train.meta[field]!r}; extract the test set with --like {train.path}"
+            )
+    if train.meta["weights"]["sha256"] != test.meta["weights"]["sha256"]:
+        raise DataError(f"'{test.path}' and '{train.path}' were extracted with different weights (sha256 differs)")
+    if key not in test.keys:
+        raise DataError(f"'{test.path}' has no codes for '{key}' (it has {', '.join(test.keys)})")
+
+
+def image_files(paths: list[str | Path]) -> list[str]:
+    """Image files named directly or found (recursively, sorted) in the named folders."""
+    files: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise DataError(f"folder '{p}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise DataError(f"'{p}' does not exist")
+    return files
+
+
+def predict_images(probe_dir: str | Path, paths: list[str | Path], *, batch_size: int = 64) -> list[dict]:
+    """Label and SVM score for each image, with the backbone and codes the probe was trained on."""
+    probe = LinearProbe.load(Path(probe_dir) / "probe")
+    spec = probe.extra_
+    extractor = FeatureExtractor(
+        spec["model"], weights=_weights_arg(spec["weights"]), layer=spec["layer"], pool=spec["pool"],
+        image_size=spec["image_size"], batch_size=batch_size, precision=spec["precision"],
+    ).fit()
+    if extractor.backbone_.weights_info.sha256 != spec["weights"]["sha256"]:
+        raise DataError(f"the backbone's weights differ from those probe '{probe_dir}' was trained with")
+    files = image_files(paths)
+    scores = probe.decision_function(extractor.transform(files))
+    scores = np.stack([-scores, scores], 1) if scores.ndim == 1 else scores
+    names = spec["classes"]
+    return [
+        {"source": f, "label": names[int(probe.classes_[j])], "score": float(s[j])}
+        for f, s, j in zip(files, scores, scores.argmax(1))
+    ]
