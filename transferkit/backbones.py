@@ -99,9 +99,12 @@ def model_layers(model: nn.Module) -> list[Layer]:
 
 
 def resolve_layers(model: nn.Module, spec: str | int) -> list[Layer]:
-    """Parse a --layer value: a stage index, a timm module name, 'pre_logits' or 'all'."""
+    """Parse a --layer value: a stage index, a timm module name, 'pre_logits', 'all', or a comma list."""
     layers = model_layers(model)
     text = str(spec).strip()
+    if "," in text:
+        chosen = {la.name: la for part in text.split(",") for la in resolve_layers(model, part)}
+        return [la for la in layers if la.name in chosen]  # network order, no repeats
     if text == "all":
         return layers
     if text.replace("_", "-") == "pre-logits":

@@ -53,7 +53,7 @@ def model_options(f):
 
 
 @cli.command()
-@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Feature directory to write.")
 @model_options
 @click.option("--layer", default="pre_logits", show_default=True,

@@ -169,7 +169,7 @@ class ImageDataset(Dataset):
         order = np.argsort(self.targets, kind="stable")  # grouped by class, file order within each
         grouped = self.targets[order]
         rank = np.arange(len(order)) - np.searchsorted(grouped, grouped, side="left")
-        return self._select(np.sort(order[rank < per_class]))
+        return self.select(np.sort(order[rank < per_class]))
 
     def with_transform(self, transform: Callable | None) -> ImageDataset:
         """A shallow copy that applies `transform` instead (e.g. train vs eval preprocessing)."""
@@ -177,7 +177,8 @@ class ImageDataset(Dataset):
         other.transform = transform
         return other
 
-    def _select(self, idx: np.ndarray) -> ImageDataset:
+    def select(self, idx: np.ndarray) -> ImageDataset:
+        """The items at positions `idx`, in that order."""
         return ImageDataset(
             [self.sources[i] for i in idx],
             self.targets[idx],

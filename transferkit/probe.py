@@ -6,7 +6,9 @@ one-vs-rest linear SVM, and choose C by stratified cross-validation on the train
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -15,9 +17,9 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
-from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
+from sklearn.model_selection import StratifiedKFold, cross_validate, train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
@@ -38,11 +40,15 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CS: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
 SCALINGS: tuple[str, ...] = ("standard", "l2", "none")
-SWEEP_MAX_ITER = 1000  # a sweep ranks views; a slightly unconverged large-C fit barely moves the ranking
+_DUAL_RATIO = 10  # liblinear's dual solver beats the primal one until n_samples > ~10 x n_features
+_SWEEP_MAX_ITER = 1000  # a sweep only ranks views: a looser fit barely moves the ranking
+_SWEEP_TOL = 1e-2  # measured: same accuracy to 0.1-0.4 points as 1e-4, 2-3x faster
 _FORMAT = "transferkit.probe"
 _FORMAT_VERSION = 1
 _ARRAYS_FILE = "arrays.npz"
 _META_FILE = "probe.json"
+_META_KEYS = {"version", "params", "classes_dtype", "n_features_in", "best_C", "cv_score", "cv_results",
+              "n_iter", "arrays_sha256", "extra"}
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
@@ -56,6 +62,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         scaling: str = "standard",
         cv: int = 5,
         max_iter: int = 5000,
+        tol: float = 1e-3,
         n_jobs: int | None = None,
         random_state: int = 0,
     ) -> None:
@@ -64,41 +71,42 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.scaling = scaling
         self.cv = cv
         self.max_iter = max_iter
+        self.tol = tol
         self.n_jobs = n_jobs
         self.random_state = random_state
 
     def fit(self, X: Any, y: Any) -> LinearProbe:
-        """Choose C by CV (if C='auto'), then fit on all of X, y."""
+        """Choose C by CV on X, y (if C='auto'), then fit on all of X, y."""
         self._check_params()
-        X, y = _check_xy(X, y)
+        X, y = _check_xy(X, y, for_cv=self.C == "auto")
         self.classes_ = np.unique(y)
         self.n_features_in_ = X.shape[1]
+        self.cv_results_, n_bad, n_fits = [], 0, 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             if self.C == "auto":
-                search = self._search(X, y, refit=True)
-                self.pipeline_ = search.best_estimator_
-                self.best_C_ = float(search.best_params_["svm__C"])
-                self.cv_results_ = _cv_rows(search)
-                self.cv_score_ = float(search.best_score_)
-                n_bad, n_fits = _unconverged(search), len(self.Cs) * search.n_splits_
+                self.cv_results_, n_bad, n_fits = self._cv_path(X, y)
+                best = max(self.cv_results_, key=lambda r: r["mean"])  # ties: the first, i.e. smaller C
+                self.best_C_, self.cv_score_ = best["C"], best["mean"]
+                if self.best_C_ == max(self.Cs):
+                    logger.info("best C=%g is the largest in Cs; a larger C may do better", self.best_C_)
             else:
-                self.pipeline_ = self._make_pipeline(float(self.C)).fit(X, y)
-                self.best_C_ = float(self.C)
-                self.cv_results_ = []
-                self.cv_score_ = float("nan")
-                n_bad, n_fits = 0, 0
-        self.converged_ = self.pipeline_.named_steps["svm"].n_iter_ < self.max_iter
+                self.best_C_, self.cv_score_ = float(self.C), float("nan")
+            self.pipeline_ = self._make_pipeline(self.best_C_, X.shape).fit(X, y)
+        self.n_iter_ = int(self.pipeline_.named_steps["svm"].n_iter_)
+        self.converged_ = self.n_iter_ < self.max_iter
         _warn_unconverged(n_bad + (not self.converged_), n_fits + 1, self.max_iter)
         return self
 
     def predict(self, X: Any) -> np.ndarray:
         """Class label of each row of X."""
-        return self.pipeline_.predict(self._check_x(X))
+        X = self._check_x(X)  # before touching pipeline_: an unfitted probe raises NotFittedError
+        return self.pipeline_.predict(X)
 
     def decision_function(self, X: Any) -> np.ndarray:
         """SVM scores, (n, n_classes); (n,) for two classes, like scikit-learn."""
-        return self.pipeline_.decision_function(self._check_x(X))
+        X = self._check_x(X)
+        return self.pipeline_.decision_function(X)
 
     def save(self, path: str | Path, *, extra: Mapping[str, Any] | None = None) -> Path:
         """Write the fitted probe to directory `path` as .npz arrays + JSON metadata (no pickle)."""
@@ -116,14 +124,14 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             "best_C": self.best_C_,
             "cv_score": None if math.isnan(self.cv_score_) else self.cv_score_,
             "cv_results": self.cv_results_,
-            "converged": bool(self.converged_),
+            "n_iter": self.n_iter_,
             "arrays_sha256": hashlib.sha256(npz_bytes).hexdigest(),
             "extra": dict(extra or {}),
         }
         try:
             meta_text = json.dumps(meta, indent=2, allow_nan=False)
         except (TypeError, ValueError) as err:
-            raise TransferkitError(f"Cannot save probe to {path}: 'extra' is not JSON-able ({err}).") from err
+            raise TransferkitError(f"Cannot save probe to {path}: {err} (is `extra` JSON-able?)") from err
         _write_atomic(path / _ARRAYS_FILE, npz_bytes)
         _write_atomic(path / _META_FILE, meta_text.encode())  # written last: it vouches for the arrays
         return path
@@ -134,55 +142,57 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         path = Path(path)
         meta = _read_meta(path / _META_FILE)
         arrays = _read_arrays(path / _ARRAYS_FILE, meta["arrays_sha256"])
-        params = {**meta["params"], "Cs": tuple(meta["params"]["Cs"])}
-        probe = cls(**params)
         try:
+            probe = cls(**{**meta["params"], "Cs": tuple(meta["params"]["Cs"])})
             probe._restore(arrays, meta)
-        except (KeyError, ValueError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise TransferkitError(f"Probe file {path / _ARRAYS_FILE} is corrupt: {err}") from err
         return probe
 
     # -- internals -------------------------------------------------------------------------------
 
     def _check_params(self) -> None:
-        name = type(self).__name__
-        if self.scaling not in SCALINGS:
-            allowed = ", ".join(repr(s) for s in SCALINGS)
-            raise ModelError(
-                f"The 'scaling' parameter of {name} must be one of {allowed}. Got {self.scaling!r} instead."
-            )
-        if self.C != "auto" and not (_is_real(self.C) and self.C > 0):
-            raise ModelError(f"The 'C' parameter of {name} must be 'auto' or a float > 0. "
-                             f"Got {self.C!r} instead.")
-        if isinstance(self.Cs, str) or not self.Cs or not all(_is_real(c) and c > 0 for c in self.Cs):
-            raise ModelError(f"The 'Cs' parameter of {name} must be a non-empty sequence of floats > 0. "
-                             f"Got {self.Cs!r} instead.")
-        for param, low in (("cv", 2), ("max_iter", 1)):
-            value = getattr(self, param)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ModelError(f"The '{param}' parameter of {name} must be an int >= {low}. "
-                                 f"Got {value!r} instead.")
+        """Reject bad parameters, naming the parameter, what it must be and what it got."""
+        scalings = ", ".join(repr(s) for s in SCALINGS)
+        is_auto = isinstance(self.C, str) and self.C == "auto"
+        checks = [
+            ("scaling", isinstance(self.scaling, str) and self.scaling in SCALINGS, f"one of {scalings}"),
+            ("C", is_auto or _positive(self.C), "'auto' or a float > 0"),
+            ("Cs", _positive_floats(self.Cs), "a non-empty sequence of floats > 0"),
+            ("cv", _int_at_least(self.cv, 2), "an int >= 2"),
+            ("max_iter", _int_at_least(self.max_iter, 1), "an int >= 1"),
+            ("tol", _positive(self.tol), "a float > 0"),
+        ]
+        for param, ok, allowed in checks:
+            if not ok:
+                raise ModelError(f"The {param!r} parameter of {type(self).__name__} must be {allowed}. "
+                                 f"Got {getattr(self, param)!r} instead.")
 
-    def _make_pipeline(self, C: float) -> Pipeline:
+    def _make_pipeline(self, C: float, shape: tuple[int, int]) -> Pipeline:
         scale = {"standard": StandardScaler(), "l2": Normalizer(), "none": "passthrough"}[self.scaling]
-        svm = LinearSVC(C=C, dual="auto", max_iter=self.max_iter, random_state=self.random_state)
+        dual = shape[0] < _DUAL_RATIO * shape[1]
+        svm = LinearSVC(C=C, dual=dual, tol=self.tol, max_iter=self.max_iter, random_state=self.random_state)
         return Pipeline([("scale", scale), ("svm", svm)])
 
-    def _search(self, X: np.ndarray, y: np.ndarray, *, refit: bool) -> GridSearchCV:
-        """Grid-search C with stratified folds; also records whether each fold's fit converged."""
-        _, counts = np.unique(y, return_counts=True)
-        folds = StratifiedKFold(n_splits=min(self.cv, int(counts.min())), shuffle=True,
-                                random_state=self.random_state)
-        search = GridSearchCV(
-            self._make_pipeline(1.0),
-            {"svm__C": [float(c) for c in self.Cs]},
-            scoring=_score_and_convergence,
-            refit="accuracy" if refit else False,
-            cv=folds,
-            n_jobs=self.n_jobs,
-            error_score="raise",
-        )
-        return search.fit(X, y)
+    def _cv_path(self, X: np.ndarray, y: np.ndarray) -> tuple[list[dict[str, float]], int, int]:
+        """CV accuracy for each C in ascending order, stopping once it falls below the best so far.
+
+        Past the peak a larger C only fits the training folds harder, and it is the slowest fit.
+        Returns the rows {"C", "mean", "std"}, the number of fold fits that hit max_iter, and of all.
+        """
+        n_splits = min(self.cv, int(np.unique(y, return_counts=True)[1].min()))
+        folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=self.random_state)
+        rows: list[dict[str, float]] = []
+        n_bad = 0
+        for C in sorted({float(c) for c in self.Cs}):
+            out = cross_validate(self._make_pipeline(C, X.shape), X, y, cv=folds, n_jobs=self.n_jobs,
+                                 return_estimator=True, error_score="raise")
+            n_bad += sum(not _converged(est) for est in out["estimator"])
+            scores = out["test_score"]
+            rows.append({"C": C, "mean": float(scores.mean()), "std": float(scores.std())})
+            if rows[-1]["mean"] < max(r["mean"] for r in rows):
+                break
+        return rows, n_bad, len(rows) * n_splits
 
     def _check_x(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "pipeline_")
@@ -191,7 +201,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         except ValueError as err:
             raise DataError(f"Bad feature array: {err}") from err
         if X.shape[1] != self.n_features_in_:
-            raise DataError(f"X has {X.shape[1]} features, but the probe was fitted on {self.n_features_in_}")
+            raise DataError(f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                            f"{self.n_features_in_} features as input.")
         return X
 
     def _arrays(self) -> dict[str, np.ndarray]:
@@ -208,17 +219,17 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         dtype = meta["classes_dtype"]
         classes = arrays["classes"]
         self.classes_ = (classes == "True") if dtype == "|b1" else classes.astype(dtype)
-        pipe = self._make_pipeline(float(meta["best_C"]))
+        pipe = self._make_pipeline(float(meta["best_C"]), (0, n_features))
         scaler = pipe.named_steps["scale"]
         if isinstance(scaler, StandardScaler):
             scaler.mean_, scaler.var_, scaler.scale_ = (
                 arrays["scale_mean"], arrays["scale_var"], arrays["scale_scale"])
             scaler.n_features_in_, scaler.n_samples_seen_ = n_features, 0
-        elif isinstance(scaler, Normalizer):
-            scaler.n_features_in_ = n_features
+        elif isinstance(scaler, Normalizer):  # stateless: fitting only records the width
+            scaler.fit(np.zeros((1, n_features)))
         svm = pipe.named_steps["svm"]
         svm.coef_, svm.intercept_, svm.classes_ = arrays["coef"], arrays["intercept"], self.classes_
-        svm.n_features_in_, svm.n_iter_ = n_features, 0
+        svm.n_features_in_ = n_features
         if svm.coef_.shape[1] != n_features or len(svm.intercept_) != svm.coef_.shape[0]:
             raise ValueError("coef/intercept shapes do not match n_features_in")
         self.pipeline_ = pipe
@@ -226,16 +237,28 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.best_C_ = float(meta["best_C"])
         self.cv_score_ = float("nan") if meta["cv_score"] is None else float(meta["cv_score"])
         self.cv_results_ = list(meta["cv_results"])
-        self.converged_ = bool(meta["converged"])
+        self.n_iter_ = svm.n_iter_ = int(meta["n_iter"])
+        self.converged_ = self.n_iter_ < self.max_iter
         self.extra_ = dict(meta["extra"])
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+def _positive(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def _check_xy(X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Validate codes and labels; every class needs two samples for stratified CV."""
+def _positive_floats(values: Any) -> bool:
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        return False
+    values = list(values)
+    return len(values) > 0 and all(_positive(v) for v in values)
+
+
+def _int_at_least(value: Any, low: int) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= low
+
+
+def _check_xy(X: Any, y: Any, *, for_cv: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Validate codes and labels; stratified CV needs two samples of every class."""
     try:
         X, y = check_X_y(X, y, dtype=(np.float64, np.float32))
         check_classification_targets(y)
@@ -243,33 +266,16 @@ def _check_xy(X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"Bad training data: {err}") from err
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) < 2:
-        raise DataError(f"Need at least 2 classes to train a probe; got only {classes.tolist()}.")
-    if counts.min() < 2:
+        raise DataError(f"Need at least 2 classes to train a probe; got 1 class: {classes.tolist()}.")
+    if for_cv and counts.min() < 2:
         small = ", ".join(f"{c!s} ({n})" for c, n in zip(classes, counts, strict=True) if n < 2)
-        raise DataError(f"Every class needs at least 2 training samples; too few for class {small}.")
+        raise DataError(f"Cross-validation needs at least 2 samples of every class; too few: class {small}.")
     return X, y
 
 
-def _score_and_convergence(estimator: Pipeline, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """GridSearchCV scorer: accuracy, plus 1.0/0.0 for whether liblinear converged."""
-    svm = estimator.named_steps["svm"]
-    converged = float(svm.n_iter_ < svm.max_iter)
-    return {"accuracy": accuracy_score(y, estimator.predict(X)), "converged": converged}
-
-
-def _cv_rows(search: GridSearchCV) -> list[dict[str, float]]:
-    res = search.cv_results_
-    return [
-        {"C": float(c), "mean": float(m), "std": float(s)}
-        for c, m, s in zip(res["param_svm__C"], res["mean_test_accuracy"], res["std_test_accuracy"], strict=True)
-    ]
-
-
-def _unconverged(search: GridSearchCV) -> int:
-    """How many of the search's fold fits hit max_iter."""
-    res = search.cv_results_
-    per_split = [res[f"split{i}_test_converged"] for i in range(search.n_splits_)]
-    return int(np.sum(1.0 - np.asarray(per_split)))
+def _converged(pipe: Pipeline) -> bool:
+    svm = pipe.named_steps["svm"]
+    return bool(svm.n_iter_ < svm.max_iter)
 
 
 def _warn_unconverged(n_bad: int, n_fits: int, max_iter: int) -> None:
@@ -282,10 +288,9 @@ def _warn_unconverged(n_bad: int, n_fits: int, max_iter: int) -> None:
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    with tempfile.TemporaryFile() as fh:
-        np.savez(fh, **arrays)
-        fh.seek(0)
-        return fh.read()
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -307,9 +312,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise TransferkitError(f"Probe file {path} not found (was the probe saved there?).") from err
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise TransferkitError(f"Probe file {path} is corrupt: {err}") from err
-    required = {"params", "classes_dtype", "n_features_in", "best_C", "cv_score", "cv_results", "converged",
-                "arrays_sha256", "extra"}
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT or not required <= meta.keys():
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT or not meta.keys() >= _META_KEYS:
         raise TransferkitError(f"Probe file {path} is corrupt: not a {_FORMAT} file or fields are missing.")
     if meta["version"] > _FORMAT_VERSION:
         raise TransferkitError(f"Probe file {path} has format version {meta['version']}; this transferkit "
@@ -325,9 +328,9 @@ def _read_arrays(path: Path, sha256: str) -> dict[str, np.ndarray]:
     if hashlib.sha256(data).hexdigest() != sha256:
         raise TransferkitError(f"Probe file {path} is corrupt: its checksum does not match {_META_FILE}.")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError) as err:
         raise TransferkitError(f"Probe file {path} is corrupt: {err}") from err
 
 
@@ -346,13 +349,7 @@ class Evaluation:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
-        return {
-            "accuracy": self.accuracy,
-            "labels": list(self.labels),
-            "confusion": self.confusion.tolist(),
-            "report": self.report,
-            "per_class": self.per_class,
-        }
+        return {**dataclasses.asdict(self), "confusion": self.confusion.tolist()}
 
 
 def evaluate(probe: LinearProbe, X: Any, y: Any) -> Evaluation:
@@ -435,7 +432,8 @@ def sweep(
         raise DataError("sweep() needs at least one (layer, pool) view of the codes.")
     y = np.asarray(y)
     rows_idx = _sweep_subset(y, max_samples, random_state)
-    probe = LinearProbe(Cs=Cs, cv=cv, max_iter=SWEEP_MAX_ITER, n_jobs=n_jobs, random_state=random_state)
+    probe = LinearProbe(Cs=Cs, cv=cv, max_iter=_SWEEP_MAX_ITER, tol=_SWEEP_TOL, n_jobs=n_jobs,
+                        random_state=random_state)
     probe._check_params()
     rows, n_bad, n_fits = [], 0, 0
     for key in tqdm(list(codes), desc="sweep", unit="view", disable=not progress, file=sys.stderr):
@@ -443,19 +441,17 @@ def sweep(
         X = np.asarray(codes[key])
         if X.ndim != 2 or len(X) != len(y):
             raise DataError(f"Codes for {key} have shape {X.shape}; expected ({len(y)}, dim).")
-        if len(rows_idx) < len(y):
-            X = X[rows_idx]
-        X, y_sub = _check_xy(X, y[rows_idx])
+        X, y_sub = _check_xy(X[rows_idx] if len(rows_idx) < len(y) else X, y[rows_idx], for_cv=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            search = probe._search(X, y_sub, refit=False)
-        n_bad += _unconverged(search)
-        n_fits += len(Cs) * search.n_splits_
-        best = max(_cv_rows(search), key=lambda r: r["mean"])  # ties: the first, i.e. earlier in Cs
+            path, bad, fits = probe._cv_path(X, y_sub)
+        n_bad, n_fits = n_bad + bad, n_fits + fits
+        best = max(path, key=lambda r: r["mean"])  # ties: the first, i.e. smaller C
         layer, pool = key
         rows.append({"layer": layer, "pool": pool, "dim": int(X.shape[1]), "cv_accuracy": best["mean"],
                      "cv_std": best["std"], "C": best["C"], "seconds": time.perf_counter() - start})
-    _warn_unconverged(n_bad, n_fits, SWEEP_MAX_ITER)
+        logger.debug("sweep: %s/%s %s", layer, pool, rows[-1])
+    _warn_unconverged(n_bad, n_fits, _SWEEP_MAX_ITER)
     best_row = max(rows, key=lambda r: (r["cv_accuracy"], -r["dim"]))
     logger.info("sweep: best view %s/%s (dim %d) at %.2f%% CV accuracy", best_row["layer"], best_row["pool"],
                 best_row["dim"], 100 * best_row["cv_accuracy"])
@@ -464,18 +460,13 @@ def sweep(
 
 def _sweep_subset(y: np.ndarray, max_samples: int | None, random_state: int) -> np.ndarray:
     """Row indices to score on: all rows, or a stratified random subset of `max_samples`."""
-    n = len(y)
-    all_rows = np.arange(n)
-    if max_samples is None or n <= max_samples:
-        return all_rows
-    n_classes = len(np.unique(y))
-    if max_samples < 2 * n_classes or n - max_samples < n_classes:
-        logger.info("sweep: max_samples=%d too close to n=%d or n_classes=%d to subsample; using all rows",
-                    max_samples, n, n_classes)
+    all_rows = np.arange(len(y))
+    if max_samples is None or len(y) <= max_samples:
         return all_rows
     try:
         subset, _ = train_test_split(all_rows, train_size=max_samples, stratify=y, random_state=random_state)
-    except ValueError as err:  # a class with a single sample cannot be stratified
-        raise DataError(f"Cannot draw a stratified subset for the sweep: {err}") from err
-    logger.info("sweep: scoring a stratified random subset of %d of %d samples", max_samples, n)
+    except ValueError as err:  # too few rows left out to stratify, or a class of one (reported later)
+        logger.info("sweep: cannot subsample %d of %d rows (%s); scoring all rows", max_samples, len(y), err)
+        return all_rows
+    logger.info("sweep: scoring a stratified random subset of %d of %d samples", max_samples, len(y))
     return np.sort(subset)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from transferkit.store import FeatureStore, write_json_atomic
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
+SWEEP_SAMPLES = 2000  # --layer auto on more images sweeps a stratified sample, then extracts only the winner
 
 
 def load_data(data: str | Path, *, per_class: int | None = None, skip_bad: bool = False) -> ImageDataset:
@@ -42,9 +44,11 @@ def extract_features(
     per_class: int | None = None,
     skip_bad: bool = False,
     like: str | Path | None = None,
+    sweep_samples: int = SWEEP_SAMPLES,
     progress: bool = True,
 ) -> FeatureStore:
-    """Extract codes to `out`. layer='auto' extracts every stage x pooling and runs the sweep.
+    """Extract codes to `out`. layer='auto' extracts every stage x pooling and runs the sweep
+    (on a sample of `sweep_samples` images for larger sets, then only the winner for all images).
 
     `like` copies model, weights, image size, precision and the chosen codes from another feature
     directory, so a test set is encoded exactly as its training set was.
@@ -64,11 +68,35 @@ def extract_features(
         image_size=image_size, batch_size=batch_size, precision=precision, num_workers=num_workers,
         progress=progress,
     )
-    if "," in str(layer):  # several named layers (from --like): extract all, keep the asked ones
-        extractor.set_params(layer="all")
+    if auto and len(dataset) > sweep_samples:
+        return _extract_best(dataset, Path(out), extractor, sweep_samples, skip_bad, progress)
     store = extract(dataset, out, extractor, skip_bad=skip_bad)
     if auto:
         sweep_features(store, progress=progress)
+    return store
+
+
+def _extract_best(
+    dataset: ImageDataset, out: Path, extractor: FeatureExtractor, n: int, skip_bad: bool, progress: bool
+) -> FeatureStore:
+    """Sweep every stage x pooling on a stratified sample of `n` images, then extract only the winner for all.
+
+    Keeps disk and memory in proportion to the chosen codes, not to every candidate's.
+    """
+    from sklearn.model_selection import train_test_split
+
+    idx, _ = train_test_split(np.arange(len(dataset)), train_size=n, stratify=dataset.targets, random_state=0)
+    scratch = out.with_name(f".{out.name}.sweep")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        sample = extract(dataset.select(np.sort(idx)), scratch, extractor, skip_bad=skip_bad)
+        best = sweep_features(sample, progress=progress).best
+        extractor.set_params(layer=best["layer"], pool=best["pool"]).fit()
+        store = extract(dataset, out, extractor, skip_bad=skip_bad)
+        for name in (SWEEP_FILE, "sweep.png"):
+            shutil.copyfile(scratch / name, out / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return store
 
 

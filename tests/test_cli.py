@@ -1,0 +1,115 @@
+"""The command line end to end on real photos and Fashion-MNIST, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from transferkit.cli import cli
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+COMMANDS = ["extract", "sweep", "probe", "predict", "layers", "demo"]
+
+
+def run(*args: str, ok: bool = True):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command):
+    assert "Usage:" in run(command, "--help").output
+
+
+def test_layers():
+    out = run("layers").output
+    assert "blocks.4" in out and "pre_logits" in out and "1280" in out
+
+
+def test_extract_sweep_probe_predict(photo_folder, tmp_path, sample_images):
+    codes, probe = tmp_path / "codes", tmp_path / "probe"
+    out = run("extract", photo_folder, "-o", codes, "--image-size", "64", "--layer", "auto", "--batch-size", "8")
+    assert "16 images" in out.output and "sweep: best codes" in out.output
+    assert (codes / "sweep.png").stat().st_size > 1000
+    table = run("sweep", codes, "--cv", "2").output
+    assert "pre_logits" in table and "*" in table
+    test_codes = tmp_path / "test-codes"
+    run("extract", photo_folder, "-o", test_codes, "--like", codes)
+    assert len(json.loads((test_codes / "meta.json").read_text())["keys"]) == 1
+    out = run("probe", codes, "--layer", "best", "--test", test_codes, "-o", probe, "--cv", "2").output
+    assert "test accuracy: 100.00%" in out
+    assert (probe / "confusion.png").is_file() and (probe / "metrics.json").is_file()
+    # unseen crops of the two photos are classified as what they show
+    new = tmp_path / "new"
+    new.mkdir()
+    sample_images["flower.jpg"].crop((150, 100, 450, 400)).save(new / "daisy.png")
+    sample_images["china.jpg"].crop((50, 50, 350, 350)).save(new / "temple.jpg")
+    rows = [json.loads(line) for line in run("predict", probe, new, "--json").output.splitlines()]
+    assert {Path(r["source"]).name: r["label"] for r in rows} == {"daisy.png": "flower", "temple.jpg": "temple"}
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_fashion_mnist_slice(tmp_path):
+    train, test, probe = tmp_path / "train", tmp_path / "test", tmp_path / "probe"
+    run("extract", FMNIST / "train", "--per-class", "20", "--image-size", "32", "--layer", "blocks.4",
+        "--pool", "2x2", "-o", train)
+    run("extract", FMNIST / "t10k", "--per-class", "30", "--like", train, "-o", test)
+    out = run("probe", train, "--test", test, "-o", probe, "--cv", "3").output
+    accuracy = float(out.split("test accuracy: ")[1].split("%")[0])
+    assert accuracy > 65.0, out  # 200 training images; chance is 10%
+
+
+def _bad(result, *needles: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], result.output
+
+
+def test_errors_name_the_culprit(photo_folder, tmp_path):
+    out = tmp_path / "codes"
+    _bad(run("extract", photo_folder, "-o", out, "--model", "resnet_18", ok=False), "unknown model 'resnet_18'")
+    _bad(run("extract", photo_folder, "-o", out, "--layer", "blocks.99", ok=False), "unknown layer 'blocks.99'")
+    _bad(run("extract", photo_folder, "-o", out, "--pool", "mean", ok=False), "'mean'")
+    wrong = tmp_path / "wrong.pth"
+    import torch
+
+    torch.save({"w": torch.zeros(3)}, wrong)
+    _bad(run("extract", photo_folder, "-o", out, "--weights", wrong, ok=False), "wrong.pth", "do not match")
+    assert not out.exists()
+
+
+def test_bad_data_errors(photo_folder, tmp_path):
+    out = tmp_path / "codes"
+    run("extract", photo_folder, "-o", out, "--image-size", "32")
+    before = (out / "meta.json").read_bytes()
+    bad = photo_folder / "flower" / "5.jpg"
+    bad.write_bytes(bad.read_bytes()[:400])  # truncated JPEG
+    _bad(run("extract", photo_folder, "-o", out, "--image-size", "32", ok=False), "5.jpg", "truncated")
+    assert (out / "meta.json").read_bytes() == before  # the earlier output is untouched
+    skipped = run("extract", photo_folder, "-o", out, "--image-size", "32", "--skip-bad")
+    assert "5.jpg" in skipped.output and "15 images" in skipped.output
+    (photo_folder / "empty").mkdir()
+    _bad(run("extract", photo_folder, "-o", out, ok=False), "empty")
+    single = tmp_path / "single"
+    (single / "only").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(single / "only" / "a.png")
+    _bad(run("extract", single, "-o", out, ok=False), "single", "class")
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"path,label\n{photo_folder}/temple/0.png,a\nmissing/x.png,b\n")
+    _bad(run("extract", csv, "-o", out, ok=False), "m.csv", "line 3", "missing/x.png")
+
+
+def test_probe_refuses_mismatched_test_codes(photo_folder, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run("extract", photo_folder, "-o", a, "--image-size", "32")
+    run("extract", photo_folder, "-o", b, "--image-size", "48")
+    _bad(run("probe", a, "--test", b, "-o", tmp_path / "p", ok=False), "image_size", "--like")
+    _bad(run("probe", a, "--layer", "best", "-o", tmp_path / "p", ok=False), "no sweep")

@@ -1,0 +1,116 @@
+"""Figures where a picture beats a table: a confusion matrix and a layer/pooling sweep.
+
+Figures are drawn on a bare `matplotlib.figure.Figure` (Agg canvas), never through pyplot: nothing
+opens a window, and the caller's pyplot backend and state are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from transferkit.errors import DataError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+logger = logging.getLogger(__name__)
+
+_MAX_ANNOTATED = 30  # beyond this many classes, numbers in the cells are unreadable
+
+
+def plot_confusion(
+    confusion: np.ndarray,
+    labels: Sequence[str],
+    path: str | Path,
+    *,
+    title: str = "",
+    normalize: bool = True,
+) -> Path:
+    """Save a confusion-matrix heat map (rows: true class) as PNG; return its path.
+
+    With `normalize`, cells show the % of each true class, so small classes read as clearly as big ones.
+    """
+    counts = np.asarray(confusion, dtype=float)
+    n = len(labels)
+    if counts.ndim != 2 or counts.shape != (n, n) or n == 0:
+        raise DataError(f"Confusion matrix of shape {counts.shape} does not match {n} labels.")
+    if normalize:
+        totals = counts.sum(axis=1, keepdims=True)
+        values = np.divide(100 * counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    else:
+        values = counts
+    fig = _figure(figsize=(max(4.0, 0.45 * n + 2.5), max(3.5, 0.45 * n + 2.0)))
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=100 if normalize else max(values.max(), 1))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of true class" if normalize else "count")
+    ax.set_xticks(range(n), [str(label) for label in labels], rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), [str(label) for label in labels])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= _MAX_ANNOTATED:
+        _annotate_cells(ax, values, counts, normalize)
+    ax.set_title(title or ("Confusion matrix (row %)" if normalize else "Confusion matrix (counts)"))
+    return _save(fig, path)
+
+
+def plot_sweep(result_rows: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
+    """Save CV accuracy per layer (x, in the given order), one line per pooling, as PNG; return its path.
+
+    The best view is starred and labelled: the figure answers "which layer and pooling should I use?".
+    """
+    if not result_rows:
+        raise DataError("plot_sweep needs at least one sweep row.")
+    layers = list(dict.fromkeys(str(row["layer"]) for row in result_rows))
+    pools = list(dict.fromkeys(str(row["pool"]) for row in result_rows))
+    fig = _figure(figsize=(max(5.0, 0.9 * len(layers) + 2.5), 4.0))
+    ax = fig.add_subplot()
+    for pool in pools:
+        rows = [row for row in result_rows if str(row["pool"]) == pool]
+        x = [layers.index(str(row["layer"])) for row in rows]
+        acc = [100 * float(row["cv_accuracy"]) for row in rows]
+        std = [100 * float(row.get("cv_std", 0.0)) for row in rows]
+        ax.errorbar(x, acc, yerr=std, marker="o", capsize=3, label=pool)
+    best = max(result_rows, key=lambda r: (float(r["cv_accuracy"]), -int(r.get("dim", 0))))
+    bx, by = layers.index(str(best["layer"])), 100 * float(best["cv_accuracy"])
+    ax.plot([bx], [by], marker="*", markersize=18, color="gold", markeredgecolor="black", zorder=5,
+            linestyle="none")
+    ax.annotate(f"best: {best['layer']}/{best['pool']} {by:.1f}%", (bx, by), xytext=(0, 14),
+                textcoords="offset points", ha="center", fontsize=9)
+    rotate = len(layers) > 6
+    ax.set_xticks(range(len(layers)), layers, rotation=30 * rotate, ha="right" if rotate else "center")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("CV accuracy (%)")
+    ax.margins(y=0.15)
+    ax.grid(alpha=0.3)
+    ax.legend(title="pooling", fontsize=8)
+    ax.set_title(title or "Linear-probe accuracy by layer and pooling")
+    return _save(fig, path)
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    from matplotlib.figure import Figure  # lazy: keep `transferkit --help` fast
+
+    return Figure(figsize=figsize, dpi=100)
+
+
+def _annotate_cells(ax: Any, values: np.ndarray, counts: np.ndarray, normalize: bool) -> None:
+    """Write each cell's % (or count) in it, white on dark cells."""
+    threshold = (100 if normalize else values.max()) / 2
+    for (i, j), value in np.ndenumerate(values):
+        text = f"{value:.0f}" if normalize else f"{counts[i, j]:.0f}"
+        ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                color="white" if value > threshold else "black")
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    logger.info("wrote %s", path)
+    return path
