@@ -14,7 +14,7 @@ from sklearn.pipeline import make_pipeline
 from transferkit.backbones import resolve_layers
 from transferkit.data import open_dataset
 from transferkit.errors import DataError, ModelError
-from transferkit.features import FeatureExtractor, compute_codes, extract, parse_pools, pool_map
+from transferkit.features import FeatureExtractor, compute_codes, extract, parse_pools, pool_map, select_pairs
 from transferkit.probe import LinearProbe
 from transferkit.store import FeatureStore
 
@@ -22,7 +22,7 @@ from transferkit.store import FeatureStore
 def test_parse_pools():
     assert parse_pools("avg") == ["avg"]
     assert parse_pools("avg+max, 2x2,grid3") == ["avgmax", "2x2", "3x3"]
-    assert parse_pools("all") == ["avg", "max", "avgmax", "2x2"]
+    assert parse_pools("all") == ["avg", "max", "avgmax", "2x2", "4x4"]
     with pytest.raises(ModelError, match="Got 'mean' instead"):
         parse_pools("mean")
     with pytest.raises(ModelError, match="Got '2x3' instead"):
@@ -45,13 +45,22 @@ def test_codes_match_timm_and_hooks(lite0):
     seen = {}
     hook = lite0.blocks[4].register_forward_hook(lambda m, i, o: seen.setdefault("blocks.4", o))
     with torch.inference_mode():
-        codes = compute_codes(lite0, x, layers, ["avg", "2x2"])
+        codes = compute_codes(lite0, x, [(la, p) for la in layers for p in ("avg", "2x2")])
         reference = lite0.forward_head(lite0.forward_features(x), pre_logits=True)
     hook.remove()
     torch.testing.assert_close(codes["pre_logits|avg"], reference)
     torch.testing.assert_close(codes["blocks.4|avg"], seen["blocks.4"].mean((2, 3)))
     torch.testing.assert_close(codes["blocks.4|2x2"], F.adaptive_avg_pool2d(seen["blocks.4"], 2).flatten(1))
     assert codes["blocks.0|2x2"].shape == (2, 16 * 4)
+
+
+def test_grids_finer_than_the_map_are_skipped(lite0):
+    layers = resolve_layers(lite0, "all")
+    keys = [f"{la.name}|{p}" for la, p in select_pairs(layers, ["avg", "4x4"], side=64)]
+    assert "blocks.4|4x4" in keys and "pre_logits|avg" in keys  # stride 16 -> 4x4 map at 64px
+    assert "blocks.6|4x4" not in keys and "pre_logits|4x4" not in keys  # stride 32 -> 2x2 map
+    with pytest.raises(ModelError, match="finer than the feature map of pre_logits"):
+        select_pairs(layers[-1:], ["4x4"], side=64)
 
 
 def test_extractor_is_a_sklearn_transformer(photo_folder):

@@ -89,6 +89,15 @@ def test_other_scalings_fit(digits, scaling):
     assert probe.score(Xte, yte) >= 0.93
 
 
+def test_unconverged_fits_log_one_warning(digits, caplog):
+    Xtr, _, ytr, _ = digits
+    with caplog.at_level("WARNING", logger="transferkit.probe"):
+        probe = LinearProbe(Cs=(0.1, 1.0), cv=3, max_iter=2).fit(Xtr, ytr)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "did not converge within max_iter=2" in warnings[0].getMessage()
+    assert not probe.converged_
+
+
 def test_bad_scaling_is_named_with_the_allowed_values(digits):
     Xtr, _, ytr, _ = digits
     with pytest.raises(ModelError) as info:
@@ -217,6 +226,14 @@ def test_sweep_subsamples_stratified(caplog):
         result = sweep(codes, y, max_samples=500, progress=False)
     assert "subset of 500 of 1797" in caplog.text
     assert result.best["layer"] == "full"
+
+
+def test_sweep_shows_progress_on_stderr(capsys):
+    X, y = load_digits(return_X_y=True)
+    sweep({("first16", "raw"): X[:, :16]}, y, Cs=(0.1,), progress=True)
+    captured = capsys.readouterr()
+    assert "sweep" in captured.err and "1/1" in captured.err
+    assert captured.out == ""
 
 
 def test_sweep_rejects_misaligned_codes():

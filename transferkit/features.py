@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,7 @@ from transferkit.store import FeatureStore, FeatureWriter
 log = logging.getLogger(__name__)
 
 POOLS = ("avg", "max", "avgmax")  # plus grids "NxN" that keep location
-ALL_POOLS = ("avg", "max", "avgmax", "2x2")
+ALL_POOLS = ("avg", "max", "avgmax", "2x2", "4x4")
 PRECISIONS = ("fp32", "bf16", "fp16")
 _GRID = re.compile(r"^(?:grid)?(\d)(?:x(\d))?$")
 
@@ -82,35 +83,44 @@ def key_name(layer: str, pool: str) -> str:
     return f"{layer}|{pool}"
 
 
-def compute_codes(
-    model: nn.Module, x: torch.Tensor, layers: Sequence[Layer], pools: Sequence[str]
-) -> dict[str, torch.Tensor]:
-    """One forward pass -> {'layer|pool': (B, D)} for every requested pair.
+def compute_codes(model: nn.Module, x: torch.Tensor, pairs: Sequence[tuple[Layer, str]]) -> dict[str, torch.Tensor]:
+    """One forward pass -> {'layer|pool': (B, D)} for every requested (layer, pool) pair.
 
     Stages come from timm's `forward_intermediates`; pre_logits with 'avg' is timm's own
     `forward_head(pre_logits=True)`, other pools pool the final feature map.
     """
-    stage_idx = [layer.index for layer in layers if layer.index is not None]
-    want_final = any(layer.name == PRE_LOGITS for layer in layers)
+    stages = {la.index: la.name for la, _ in pairs if la.index is not None}
+    want_final = any(la.name == PRE_LOGITS for la, _ in pairs)
     maps: dict[str, torch.Tensor] = {}
-    if stage_idx:
-        out = model.forward_intermediates(
-            x, indices=stage_idx, intermediates_only=not want_final, stop_early=not want_final
-        )
-        final, inter = (out if want_final else (None, out))
-        for idx, fmap in zip(stage_idx, inter):
-            maps[next(la.name for la in layers if la.index == idx)] = fmap
+    if stages:
+        idx = sorted(stages)
+        out = model.forward_intermediates(x, indices=idx, intermediates_only=not want_final, stop_early=not want_final)
+        final, inter = out if want_final else (None, out)
+        maps = {stages[i]: fmap for i, fmap in zip(idx, inter)}
     else:
         final = model.forward_features(x)
     codes: dict[str, torch.Tensor] = {}
-    for layer in layers:
-        for pool in pools:
-            if layer.name == PRE_LOGITS and pool == "avg":
-                codes[key_name(layer.name, pool)] = model.forward_head(final, pre_logits=True)
-            else:
-                fmap = final if layer.name == PRE_LOGITS else maps[layer.name]
-                codes[key_name(layer.name, pool)] = pool_map(fmap, pool)
+    for layer, pool in pairs:
+        if layer.name == PRE_LOGITS and pool == "avg":
+            codes[key_name(layer.name, pool)] = model.forward_head(final, pre_logits=True)
+        else:
+            codes[key_name(layer.name, pool)] = pool_map(final if layer.name == PRE_LOGITS else maps[layer.name], pool)
     return {k: v.float() for k, v in codes.items()}
+
+
+def select_pairs(layers: Sequence[Layer], pools: Sequence[str], side: int) -> list[tuple[Layer, str]]:
+    """Every (layer, pool) pair, minus grids finer than the layer's feature map at this input size.
+
+    A 4x4 grid over a 2x2 map only repeats values: it adds width, not information.
+    """
+    pairs = [(la, p) for la in layers for p in pools if grid_size(p) <= math.ceil(side / la.reduction)]
+    dropped = [key_name(la.name, p) for la in layers for p in pools if (la, p) not in pairs]
+    if not pairs:
+        raise ModelError(f"grid pooling {', '.join(pools)} is finer than the feature map of {dropped[0].split('|')[0]} "
+                         f"at input size {side}; use a coarser grid or a larger --image-size")
+    if dropped:
+        log.info("input %dpx: skipping grids finer than their feature map: %s", side, ", ".join(dropped))
+    return pairs
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -192,11 +202,12 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         autocast(self.precision, self.device_)  # validates
         self.backbone_ = create_backbone(self.model, self.weights).to(self.device_)
         self.backbone_.to(memory_format=torch.channels_last)  # ~2x faster convs on CPU (oneDNN)
-        self.layers_ = resolve_layers(self.backbone_, self.layer)
         self.data_config_ = timm.data.resolve_model_data_config(self.backbone_)
         self.transform_ = build_transform(self.data_config_, self.image_size)
-        self.keys_ = [key_name(la.name, p) for la in self.layers_ for p in self.pools_]
-        self.n_features_out_ = sum(pooled_dim(la, p) for la in self.layers_ for p in self.pools_)
+        side = describe_transform(self.data_config_, self.image_size)["input_size"][-1]
+        self.pairs_ = select_pairs(resolve_layers(self.backbone_, self.layer), self.pools_, side)
+        self.keys_ = [key_name(la.name, p) for la, p in self.pairs_]
+        self.n_features_out_ = sum(pooled_dim(la, p) for la, p in self.pairs_)
         return self
 
     def iter_batches(self, data) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list]]:
@@ -216,7 +227,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                 continue
             with torch.inference_mode(), autocast(self.precision, self.device_):
                 x = x.to(self.device_, memory_format=torch.channels_last)
-                codes = compute_codes(self.backbone_, x, self.layers_, self.pools_)
+                codes = compute_codes(self.backbone_, x, self.pairs_)
             yield {k: v.cpu().numpy() for k, v in codes.items()}, y.numpy(), idx.numpy(), bad
 
     def transform(self, X) -> np.ndarray:
@@ -229,9 +240,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
         """Names like 'blocks.4|avg:17' for each output column."""
         names = []
-        for layer in self.layers_:
-            for pool in self.pools_:
-                names += [f"{key_name(layer.name, pool)}:{i}" for i in range(pooled_dim(layer, pool))]
+        for layer, pool in self.pairs_:
+            names += [f"{key_name(layer.name, pool)}:{i}" for i in range(pooled_dim(layer, pool))]
         return np.asarray(names, dtype=object)
 
 
@@ -286,11 +296,11 @@ def extract(
         meta = {
             "model": extractor.model,
             "weights": bb.weights_info.to_dict(),
-            "layers": [asdict(la) for la in extractor.layers_],
+            "layers": [asdict(la) for la in dict.fromkeys(la for la, _ in extractor.pairs_)],
             "pools": extractor.pools_,
             "keys": {
                 key_name(la.name, p): {"layer": la.name, "pool": p, "dim": pooled_dim(la, p)}
-                for la in extractor.layers_ for p in extractor.pools_
+                for la, p in extractor.pairs_
             },
             "transform": describe_transform(extractor.data_config_, extractor.image_size),
             "image_size": extractor.image_size,

@@ -99,12 +99,12 @@ def _figure(figsize: tuple[float, float]) -> Figure:
 
 
 def _annotate_cells(ax: Any, values: np.ndarray, counts: np.ndarray, normalize: bool) -> None:
-    """Write each cell's % (or count) in it, white on dark cells."""
+    """Write each cell's % (or count) in it: white on dark cells, grey for empty ones so errors stand out."""
     threshold = (100 if normalize else values.max()) / 2
     for (i, j), value in np.ndenumerate(values):
         text = f"{value:.0f}" if normalize else f"{counts[i, j]:.0f}"
-        ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                color="white" if value > threshold else "black")
+        color = "white" if value > threshold else "black" if counts[i, j] else "lightgrey"
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

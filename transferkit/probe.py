@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
@@ -38,7 +38,7 @@ from transferkit.errors import DataError, ModelError, TransferkitError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CS: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
+DEFAULT_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0)  # tried upwards, stopping past the peak
 SCALINGS: tuple[str, ...] = ("standard", "l2", "none")
 _DUAL_RATIO = 10  # liblinear's dual solver beats the primal one until n_samples > ~10 x n_features
 _SWEEP_MAX_ITER = 1000  # a sweep only ranks views: a looser fit barely moves the ranking
@@ -76,7 +76,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     def fit(self, X: Any, y: Any) -> LinearProbe:
-        """Choose C by CV on X, y (if C='auto'), then fit on all of X, y."""
+        """Choose C by stratified CV on X, y if C='auto' (smallest C first, stopping once accuracy drops),
+        then fit on all of X, y."""
         self._check_params()
         X, y = _check_xy(X, y, for_cv=self.C == "auto")
         self.classes_ = np.unique(y)
@@ -112,9 +113,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         """Write the fitted probe to directory `path` as .npz arrays + JSON metadata (no pickle)."""
         check_is_fitted(self, "pipeline_")
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        arrays = self._arrays()
-        npz_bytes = _npz_bytes(arrays)
+        npz_bytes = _npz_bytes(self._arrays())
         meta = {
             "format": _FORMAT,
             "version": _FORMAT_VERSION,
@@ -132,6 +131,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             meta_text = json.dumps(meta, indent=2, allow_nan=False)
         except (TypeError, ValueError) as err:
             raise TransferkitError(f"Cannot save probe to {path}: {err} (is `extra` JSON-able?)") from err
+        path.mkdir(parents=True, exist_ok=True)
         _write_atomic(path / _ARRAYS_FILE, npz_bytes)
         _write_atomic(path / _META_FILE, meta_text.encode())  # written last: it vouches for the arrays
         return path
@@ -146,7 +146,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             probe = cls(**{**meta["params"], "Cs": tuple(meta["params"]["Cs"])})
             probe._restore(arrays, meta)
         except (KeyError, TypeError, ValueError) as err:
-            raise TransferkitError(f"Probe file {path / _ARRAYS_FILE} is corrupt: {err}") from err
+            raise TransferkitError(f"Probe {path} is corrupt ({_META_FILE} and {_ARRAYS_FILE} disagree: "
+                                   f"{err}); save it again.") from err
         return probe
 
     # -- internals -------------------------------------------------------------------------------
@@ -247,9 +248,8 @@ def _positive(value: Any) -> bool:
 
 
 def _positive_floats(values: Any) -> bool:
-    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+    if isinstance(values, str | bytes) or not hasattr(values, "__len__"):
         return False
-    values = list(values)
     return len(values) > 0 and all(_positive(v) for v in values)
 
 
@@ -299,6 +299,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a saved probe is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -314,7 +315,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise TransferkitError(f"Probe file {path} is corrupt: {err}") from err
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT or not meta.keys() >= _META_KEYS:
         raise TransferkitError(f"Probe file {path} is corrupt: not a {_FORMAT} file or fields are missing.")
-    if meta["version"] > _FORMAT_VERSION:
+    if not isinstance(meta["version"], int) or meta["version"] > _FORMAT_VERSION:
         raise TransferkitError(f"Probe file {path} has format version {meta['version']}; this transferkit "
                                f"reads up to {_FORMAT_VERSION}. Upgrade transferkit.")
     return meta
@@ -363,20 +364,12 @@ def evaluate(probe: LinearProbe, X: Any, y: Any) -> Evaluation:
     except TypeError as err:
         raise DataError(f"Labels in y are not comparable with the probe's classes: {err}") from err
     labels = [str(v) for v in label_values]
-    raw = classification_report(y, pred, labels=label_values, target_names=labels, output_dict=True,
-                                zero_division=0)
-    per_class = {
-        name: {"precision": float(raw[name]["precision"]), "recall": float(raw[name]["recall"]),
-               "f1": float(raw[name]["f1-score"]), "support": float(raw[name]["support"])}
-        for name in labels
-    }
-    return Evaluation(
-        accuracy=float(accuracy_score(y, pred)),
-        labels=labels,
-        confusion=confusion_matrix(y, pred, labels=label_values),
-        report=classification_report(y, pred, labels=label_values, target_names=labels, zero_division=0),
-        per_class=per_class,
-    )
+    kwargs = {"labels": label_values, "target_names": labels, "zero_division": 0}
+    raw = classification_report(y, pred, output_dict=True, **kwargs)
+    keys = {"precision": "precision", "recall": "recall", "f1": "f1-score", "support": "support"}
+    per_class = {name: {ours: float(raw[name][theirs]) for ours, theirs in keys.items()} for name in labels}
+    return Evaluation(float(accuracy_score(y, pred)), labels, confusion_matrix(y, pred, labels=label_values),
+                      classification_report(y, pred, **kwargs), per_class)
 
 
 # -- layer / pooling sweep -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from transferkit.backbones import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.data import IMAGE_EXTENSIONS, ImageDataset, open_dataset
 from transferkit.errors import DataError, TransferkitError
 from transferkit.features import FeatureExtractor, extract
-from transferkit.probe import Evaluation, LinearProbe, SweepResult, evaluate, sweep
+from transferkit.probe import DEFAULT_CS, Evaluation, LinearProbe, SweepResult, evaluate, sweep
 from transferkit.store import FeatureStore, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ def train_probe(
     layer: str | None = None,
     pool: str | None = None,
     C: float | str = "auto",
+    Cs: Sequence[float] = DEFAULT_CS,
     scaling: str = "standard",
     cv: int = 5,
 ) -> ProbeReport:
@@ -164,7 +166,7 @@ def train_probe(
             raise DataError(f"no sweep in '{train.path}': run `transferkit sweep {train.path}` or extract --layer auto")
     else:
         key = train.key(layer, pool)
-    probe = LinearProbe(C=C, scaling=scaling, cv=cv).fit(train.load(key), train.labels)
+    probe = LinearProbe(C=C, Cs=Cs, scaling=scaling, cv=cv).fit(train.load(key), train.labels)
     out = Path(out)
     spec = {k: train.meta[k] for k in ("model", "weights", "image_size", "precision", "transform", "classes")}
     spec.update(layer=key.split("|")[0], pool=key.split("|")[1], key=key)
