@@ -175,7 +175,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         svm = LinearSVC(C=C, dual=dual, tol=self.tol, max_iter=self.max_iter, random_state=self.random_state)
         return Pipeline([("scale", scale), ("svm", svm)])
 
-    def _cv_path(self, X: np.ndarray, y: np.ndarray) -> tuple[list[dict[str, float]], int, int]:
+    def _cv_path(
+        self, X: np.ndarray, y: np.ndarray, *, log_each: bool = True
+    ) -> tuple[list[dict[str, float]], int, int]:
         """CV accuracy for each C in ascending order, stopping once it falls below the best so far.
 
         Past the peak a larger C only fits the training folds harder, and it is the slowest fit.
@@ -191,6 +193,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             n_bad += sum(not _converged(est) for est in out["estimator"])
             scores = out["test_score"]
             rows.append({"C": C, "mean": float(scores.mean()), "std": float(scores.std())})
+            seconds = out["fit_time"].sum() + out["score_time"].sum()
+            logger.log(logging.INFO if log_each else logging.DEBUG, "C=%g: %d-fold CV accuracy %.2f%% (%.0f s)",
+                       C, n_splits, 100 * rows[-1]["mean"], seconds)
             if rows[-1]["mean"] < max(r["mean"] for r in rows):
                 break
         return rows, n_bad, len(rows) * n_splits
@@ -437,7 +442,7 @@ def sweep(
         X, y_sub = _check_xy(X[rows_idx] if len(rows_idx) < len(y) else X, y[rows_idx], for_cv=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            path, bad, fits = probe._cv_path(X, y_sub)
+            path, bad, fits = probe._cv_path(X, y_sub, log_each=False)
         n_bad, n_fits = n_bad + bad, n_fits + fits
         best = max(path, key=lambda r: r["mean"])  # ties: the first, i.e. smaller C
         layer, pool = key
