@@ -129,3 +129,23 @@ def test_store_errors_name_the_path(tmp_path):
     (tmp_path / "meta.json").write_text("{not json")
     with pytest.raises(DataError, match="corrupt"):
         FeatureStore(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_convnext", "test_efficientnet"])
+def test_any_timm_cnn(name, photo_folder):
+    """Mechanics on tiny timm models (random weights, asked for explicitly): every stage, every pooling."""
+    fe = FeatureExtractor(name, weights="random", layer="all", pool="avg,max,2x2", image_size=64).fit()
+    codes = fe.transform(open_dataset(photo_folder))
+    assert codes.shape == (16, fe.n_features_out_) and np.isfinite(codes).all()
+    channels = [d["num_chs"] for d in fe.backbone_.feature_info]
+    assert fe.n_features_out_ >= sum(6 * c for c in channels)  # avg + max + at least a 2x2 grid per stage
+
+
+def test_bf16_codes_track_fp32(photo_folder):
+    data = open_dataset(photo_folder)
+    fp32 = FeatureExtractor(layer="blocks.4", image_size=64).fit().transform(data)
+    bf16 = FeatureExtractor(layer="blocks.4", image_size=64, precision="bf16").fit().transform(data)
+    cos = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cos.min() > 0.99  # bf16 keeps ~3 significant digits; codes point the same way
+    with pytest.raises(ModelError, match="fp16 needs a CUDA device"):
+        FeatureExtractor(precision="fp16").fit() if not torch.cuda.is_available() else pytest.skip("has CUDA")
