@@ -12,7 +12,7 @@ from PIL import Image
 from transferkit.cli import cli
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-COMMANDS = ["extract", "sweep", "probe", "predict", "layers", "demo"]
+COMMANDS = ["extract", "sweep", "probe", "predict", "layers", "demo", "finetune"]
 
 
 def run(*args: str, ok: bool = True):
@@ -113,3 +113,15 @@ def test_probe_refuses_mismatched_test_codes(photo_folder, tmp_path):
     run("extract", photo_folder, "-o", b, "--image-size", "48")
     _bad(run("probe", a, "--test", b, "-o", tmp_path / "p", ok=False), "image_size", "--like")
     _bad(run("probe", a, "--layer", "best", "-o", tmp_path / "p", ok=False), "no sweep")
+
+
+def test_finetune_thin_slice(photo_folder, tmp_path):
+    stages = run("finetune", "--list-stages").output
+    assert "blocks.6" in stages and "head" in stages
+    _bad(run("finetune", photo_folder, "-o", tmp_path / "r", "--freeze-until", "blocks.99", ok=False),
+         "blocks.99", "blocks.4")
+    out = run("finetune", photo_folder, "-o", tmp_path / "run", "--model", "test_resnet", "--weights", "random",
+              "--freeze-until", "layer3", "--epochs", "1", "--batch-size", "4", "--image-size", "32",
+              "--val-fraction", "0.25").output
+    assert "validation accuracy" in out
+    assert {"config.json", "metrics.csv", "model-best.safetensors"} <= {p.name for p in (tmp_path / "run").iterdir()}

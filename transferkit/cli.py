@@ -162,6 +162,70 @@ def predict(probe_dir: Path, images: tuple[Path, ...], batch_size: int, as_json:
 
 
 @cli.command()
+@click.argument("data", type=click.Path(path_type=Path), required=False)
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Run directory for checkpoints and metrics.")
+@model_options
+@click.option("--freeze-until", default="none", show_default=True,
+              help="Train only stages from this one up: a stage name or index, 'head' (head only), 'none' (all).")
+@click.option("--list-stages", "list_stages", is_flag=True, help="Print the stages of --model and exit.")
+@click.option("--epochs", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Learning rate of the head; lower layers get less (--layer-decay or --lr-range).")
+@click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), default=0.85, show_default=True,
+              help="Geometric LR decay per layer group, from the head down (timm's param_groups_layer_decay).")
+@click.option("--lr-range", default=None, help="LO:HI spread over the trainable stages (fastai's slice(lo, hi)).")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True)
+@click.option("--train-bn", is_flag=True, help="Let BatchNorm in frozen stages update its running statistics.")
+@click.option("--no-augment", is_flag=True, help="Train on the eval transform (no crop/flip).")
+@click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.1, show_default=True,
+              help="Stratified hold-out for validation when --val is not given.")
+@click.option("--val", "val_data", type=click.Path(path_type=Path), default=None, help="Validation data.")
+@click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
+@click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True)
+def finetune(data: Path | None, out: Path | None, model: str, weights: str, image_size: int | None, batch_size: int,
+             precision: str, freeze_until: str, list_stages: bool, epochs: int, lr: float, layer_decay: float,
+             lr_range: str | None, optimizer: str, head: str, train_bn: bool, no_augment: bool,
+             val_fraction: float, val_data: Path | None, per_class: int | None, num_workers: int) -> None:
+    """Fine-tune --model on DATA, partly (--freeze-until) or whole, with per-layer learning rates."""
+    import timm
+
+    from transferkit.backbones import check_model_name
+    from transferkit.finetune import FinetuneConfig, stage_table
+    from transferkit.finetune import finetune as run
+
+    if list_stages:
+        check_model_name(model)
+        click.echo(stage_table(timm.create_model(model, pretrained=False)))
+        return
+    if data is None or out is None:
+        raise click.UsageError("DATA and --out are required (or use --list-stages)")
+    from transferkit.workflows import load_data
+
+    config = FinetuneConfig(
+        model=model, weights=weights, freeze_until=freeze_until, epochs=epochs, batch_size=batch_size,
+        image_size=image_size, lr=lr, layer_decay=layer_decay, lr_range=_lr_range(lr_range), optimizer=optimizer,
+        head=head, train_bn=train_bn, augment=not no_augment, precision=precision, num_workers=num_workers,
+        val_fraction=val_fraction,
+    )
+    val = load_data(val_data) if val_data is not None else None
+    result = run(load_data(data, per_class=per_class), out, config, val=val)
+    click.echo(f"best epoch {result.best_epoch}: validation accuracy {100 * result.best_val_accuracy:.2f}% -> {out}")
+
+
+def _lr_range(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(":"))
+    except ValueError:
+        lo = hi = -1.0
+    if not 0 < lo <= hi:
+        raise click.BadParameter(f"must be LO:HI with 0 < LO <= HI. Got {text!r}.", param_hint="--lr-range")
+    return lo, hi
+
+
+@cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
 def layers(model: str) -> None:
     """List the layers of MODEL that --layer accepts."""
