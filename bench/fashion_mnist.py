@@ -6,11 +6,13 @@ Writes its table into docs/benchmarks.md (section 'fashion-mnist').
 
     python bench/fashion_mnist.py                      # all sizes, ~1 h on 2 cores
     python bench/fashion_mnist.py --sizes 10,100       # quicker
+    python bench/fashion_mnist.py --sizes full --steps best   # one step; figures cached per size and step
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -38,18 +40,23 @@ def probe_args(n: int) -> dict:
     return {"cv": 3} if n > BIG else {"cv": 5}
 
 
-def run_size(per_class: int | None, test, args, work: Path) -> dict:
-    """Raw pixels, pre-logits codes and the swept best codes, for one training size."""
+STEPS = ("raw", "pre", "best")
+
+
+def run_step(per_class: int | None, step: str, test, args, work: Path) -> dict:
+    """One step for one training size; its figures are cached in WORK/SIZE/STEP.json."""
     name = "full" if per_class is None else str(per_class)
     train = fashion_mnist("train", per_class=per_class)
     row: dict = {"size": name, "n_train": len(train)}
-    Cs = {"Cs": BIG_CS} if len(train) > BIG else {}
-    t = time.perf_counter()
-    raw = LinearProbe(**probe_args(len(train)), **Cs).fit(pixels(train), train.targets)
-    row["raw"] = raw.score(pixels(test), test.targets)
-    row["raw_s"] = time.perf_counter() - t
-    common = {"image_size": args.image_size, "batch_size": args.batch_size, "progress": not args.quiet}
-    for label, layer in (("pre", "pre_logits"), ("best", "auto")):
+    if step == "raw":
+        t = time.perf_counter()
+        Cs = {"Cs": BIG_CS} if len(train) > BIG else {}
+        raw = LinearProbe(**probe_args(len(train)), **Cs).fit(pixels(train), train.targets)
+        row["raw"] = raw.score(pixels(test), test.targets)
+        row["raw_s"] = time.perf_counter() - t
+    else:
+        label, layer = step, {"pre": "pre_logits", "best": "auto"}[step]
+        common = {"image_size": args.image_size, "batch_size": args.batch_size, "progress": not args.quiet}
         t = time.perf_counter()
         codes = extract_features(train, work / name / label, layer=layer, pool="avg", **common)
         row[f"{label}_extract_s"] = time.perf_counter() - t
@@ -63,7 +70,20 @@ def run_size(per_class: int | None, test, args, work: Path) -> dict:
         row[f"{label}_probe_s"] = time.perf_counter() - t
         row[label] = report.evaluation.accuracy
         row[f"{label}_key"], row[f"{label}_C"] = report.key, report.probe.best_C_
+    (work / name).mkdir(parents=True, exist_ok=True)
+    (work / name / f"{step}.json").write_text(json.dumps(row))
     print(row, flush=True)
+    return row
+
+
+def load_row(name: str, work: Path) -> dict | None:
+    """Merge the cached steps of one size, or None if a step is missing."""
+    row: dict = {}
+    for step in STEPS:
+        file = work / name / f"{step}.json"
+        if not file.is_file():
+            return None
+        row.update(json.loads(file.read_text()))
     return row
 
 
@@ -112,10 +132,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--work", type=Path, default=Path("/tmp/transferkit-bench/fashion-mnist"))
     parser.add_argument("--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
+    parser.add_argument("--steps", default="raw,pre,best", help="which of raw,pre,best to (re)run; 'none': only write")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     test = fashion_mnist("t10k")
-    rows = [run_size(None if s == "full" else int(s), test, args, args.work) for s in args.sizes.split(",")]
+    sizes = args.sizes.split(",")
+    for size in sizes:
+        for step in [s for s in args.steps.split(",") if s in STEPS]:
+            run_step(None if size == "full" else int(size), step, test, args, args.work)
+    rows = [row for row in (load_row(size, args.work) for size in sizes) if row is not None]
+    if not rows:
+        return
     body = table(rows, args)
     print(body)
     write_section(args.doc, "fashion-mnist", body)

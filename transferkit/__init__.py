@@ -26,6 +26,10 @@ _EXPORTS = {
     "evaluate": "probe",
     "sweep": "probe",
     "FeatureStore": "store",
+    "FinetuneConfig": "finetune",
+    "freeze_until": "finetune",
+    "list_stages": "finetune",
+    "load_finetuned": "finetune",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
