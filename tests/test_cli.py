@@ -93,6 +93,7 @@ def test_bad_data_errors(photo_folder, tmp_path):
     bad = photo_folder / "flower" / "5.jpg"
     bad.write_bytes(bad.read_bytes()[:400])  # truncated JPEG
     _bad(run("extract", photo_folder, "-o", out, "--image-size", "32", ok=False), "5.jpg", "truncated")
+    _bad(run("extract", photo_folder, "-o", out, "--num-workers", "1", ok=False), "5.jpg", "truncated")
     assert (out / "meta.json").read_bytes() == before  # the earlier output is untouched
     skipped = run("extract", photo_folder, "-o", out, "--image-size", "32", "--skip-bad")
     assert "5.jpg" in skipped.output and "15 images" in skipped.output

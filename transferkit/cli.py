@@ -30,8 +30,10 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.version_option(package_name="transferkit")
-def cli(verbose: int, quiet: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Transfer learning from pretrained CNNs: CNN codes, linear-SVM probes and layer sweeps."""
+    ctx.obj = {"progress": not quiet}
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("PIL", "matplotlib", "timm"):
@@ -75,7 +77,7 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
     store = extract_features(
         data, out, model=model, weights=weights, layer=layer, pool=pool, image_size=image_size,
         batch_size=batch_size, precision=precision, num_workers=num_workers, per_class=per_class,
-        skip_bad=skip_bad, like=like,
+        skip_bad=skip_bad, like=like, progress=click.get_current_context().obj["progress"],
     )
     meta = store.meta
     click.echo(f"{len(store)} images -> {out} ({', '.join(store.keys[:4])}{', ...' if len(store.keys) > 4 else ''}) "
@@ -85,7 +87,7 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
     if meta["skipped"]:
         click.echo(f"skipped {len(meta['skipped'])} bad image(s):", err=True)
         for item in meta["skipped"]:
-            click.echo(f"  {item['source']}: {item['error']}", err=True)
+            click.echo(f"  {item['error']}", err=True)
 
 
 def _print_sweep(features: Path) -> None:

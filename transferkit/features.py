@@ -151,7 +151,10 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         item = self.items[i]
         if isinstance(item, (str, Path)):
-            img = load_image(item)
+            try:
+                img = load_image(item)
+            except DataError as e:
+                return None, -1, i, str(e)
         elif isinstance(item, Image.Image):
             img = item.convert("RGB")
         else:
@@ -214,14 +217,18 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         """Yield (codes by key, labels, item indices, bad items) per batch, in item order."""
         if not hasattr(self, "backbone_"):
             self.fit()
+        strict = not getattr(data, "skip_bad", False)
         if isinstance(data, ImageDataset):
             dataset = data.with_transform(self.transform_)
+            dataset.skip_bad = True  # errors travel back as data, so a worker's failure is raised here, in one line
         else:
             dataset = _Images(data, self.transform_)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate
         )
         for x, y, idx, bad in _progress(loader, len(dataset), self.progress):
+            if bad and strict:
+                raise DataError(bad[0][1])
             if x is None:
                 yield {}, np.empty(0, np.int64), np.empty(0, np.int64), bad
                 continue
