@@ -97,9 +97,15 @@ def table(rows: list[dict], args) -> str:
         "| train images | raw pixels | pre-logits codes | best swept codes | best codes (layer\\|pool, C) |\n"
         "|---:|---:|---:|---:|---|\n"
     )
+    def size(r: dict) -> str:
+        return "full" if r["size"] == "full" else f"{r['size']}/class"
+
+    def key(r: dict) -> str:
+        return r["best_key"].replace("|", "\\|")  # a bare | would split the markdown cell
+
     acc = head + "".join(
-        f"| {r['n_train']:,} ({r['size']}/class) | {100 * r['raw']:.2f}% | {100 * r['pre']:.2f}% "
-        f"| **{100 * r['best']:.2f}%** | `{r['best_key']}`, C={r['best_C']:g} |\n"
+        f"| {r['n_train']:,} ({size(r)}) | {100 * r['raw']:.2f}% | {100 * r['pre']:.2f}% "
+        f"| **{100 * r['best']:.2f}%** | `{key(r)}`, C={r['best_C']:g} |\n"
         for r in rows
     )
     speed = (
@@ -118,8 +124,9 @@ def table(rows: list[dict], args) -> str:
         + f"\n- setup: `tf_efficientnet_lite0` with the packaged ImageNet weights, images resized to "
         f"{args.image_size}x{args.image_size}, batch {args.batch_size}, fp32, channels_last; test set: the official "
         "10,000 images. Training sets: the first N images of each class in file order.\n"
-        "- probe: StandardScaler + LinearSVC, C by stratified CV on the training set only "
-        f"(5-fold over 1e-4..0.1; above {BIG:,} images 3-fold over {BIG_CS}). 'best swept codes': "
+        "- probe: StandardScaler + LinearSVC, C by stratified CV on the training set only (5-fold over "
+        f"1e-4..1, tried upwards, stopping once CV accuracy drops; above {BIG:,} images 3-fold over {BIG_CS}). "
+        "'best swept codes': "
         "`extract --layer auto` (every stage x avg/max/avgmax/2x2/4x4, ranked by 3-fold CV on at most 2,000 "
         "training images).\n\n" + acc + speed
     )
