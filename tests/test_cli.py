@@ -45,6 +45,8 @@ def test_extract_sweep_probe_predict(photo_folder, tmp_path, sample_images):
     out = run("probe", codes, "--layer", "best", "--test", test_codes, "-o", probe, "--cv", "2").output
     assert "test accuracy: 100.00%" in out
     assert (probe / "confusion.png").is_file() and (probe / "metrics.json").is_file()
+    report = (probe / "report.txt").read_text()
+    assert "flower" in report and "temple" in report  # class names, not label indices
     # unseen crops of the two photos are classified as what they show
     new = tmp_path / "new"
     new.mkdir()

@@ -258,3 +258,13 @@ def test_plots_write_readable_pngs(digits, auto_probe, sweep_result, tmp_path):
 def test_plot_confusion_rejects_mismatched_labels(tmp_path):
     with pytest.raises(DataError, match="does not match 3 labels"):
         plot_confusion(np.eye(2), ["a", "b", "c"], tmp_path / "cm.png")
+
+
+def test_evaluate_names_integer_labels():
+    X, y = load_digits(return_X_y=True)
+    probe = LinearProbe(C=0.01).fit(X[:1000], y[:1000])
+    names = [f"digit-{i}" for i in range(10)]
+    ev = evaluate(probe, X[1000:], y[1000:], names=names)
+    assert ev.labels == names
+    assert set(ev.per_class) == set(names)
+    assert all(name in ev.report for name in names)

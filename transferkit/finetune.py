@@ -9,12 +9,9 @@ import functools
 import json
 import logging
 import math
-import os
 import random
 import re
 import time
-import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,11 +20,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from transferkit.atomic import atomic_write, write_json_atomic, write_text_atomic
 from transferkit.backbones import WeightsInfo, create_backbone
 from transferkit.data import ImageDataset, build_transform, collate, describe_transform
 from transferkit.errors import DataError, ModelError, TransferkitError
 from transferkit.features import autocast, default_device
-from transferkit.store import write_json_atomic
 from transferkit.weights import load_state_dict_file, state_dict_sha256
 
 log = logging.getLogger(__name__)
@@ -439,23 +436,16 @@ def _step(run: _Run, loss: torch.Tensor, epoch: int, batch: int, files: list[str
     run.scheduler.step()
 
 
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write beside `path`, then rename: a crash leaves the previous file whole, never half a new one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _save(model: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # channels_last -> dense
-    _atomic(path, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def _write_metrics(path: Path, history: list[dict]) -> None:
     rows = [",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in METRICS) for r in history]
-    _atomic(path, lambda tmp: tmp.write_text("\n".join([",".join(METRICS), *rows]) + "\n"))
+    write_text_atomic(path, "\n".join([",".join(METRICS), *rows]) + "\n")
 
 
 def load_finetuned(run_dir: str | Path) -> tuple[nn.Module, dict]:

@@ -12,9 +12,7 @@ import io
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -34,6 +32,7 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
+from transferkit.atomic import write_bytes_atomic
 from transferkit.errors import DataError, ModelError, TransferkitError
 
 logger = logging.getLogger(__name__)
@@ -132,8 +131,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         except (TypeError, ValueError) as err:
             raise TransferkitError(f"Cannot save probe to {path}: {err} (is `extra` JSON-able?)") from err
         path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path / _ARRAYS_FILE, npz_bytes)
-        _write_atomic(path / _META_FILE, meta_text.encode())  # written last: it vouches for the arrays
+        write_bytes_atomic(path / _ARRAYS_FILE, npz_bytes)
+        write_bytes_atomic(path / _META_FILE, meta_text.encode())  # written last: it vouches for the arrays
         return path
 
     @classmethod
@@ -298,19 +297,6 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory and os.replace, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a saved probe is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
@@ -358,8 +344,11 @@ class Evaluation:
         return {**dataclasses.asdict(self), "confusion": self.confusion.tolist()}
 
 
-def evaluate(probe: LinearProbe, X: Any, y: Any) -> Evaluation:
-    """Accuracy, confusion matrix and per-class scores of `probe` on held-out X, y."""
+def evaluate(probe: LinearProbe, X: Any, y: Any, *, names: Sequence[str] | None = None) -> Evaluation:
+    """Accuracy, confusion matrix and per-class scores of `probe` on held-out X, y.
+
+    `names`: class names for integer labels (label i is names[i]), used in the report and plots.
+    """
     y = np.asarray(y)
     pred = probe.predict(X)
     if len(y) != len(pred):
@@ -368,7 +357,7 @@ def evaluate(probe: LinearProbe, X: Any, y: Any) -> Evaluation:
         label_values = np.union1d(probe.classes_, np.unique(y))
     except TypeError as err:
         raise DataError(f"Labels in y are not comparable with the probe's classes: {err}") from err
-    labels = [str(v) for v in label_values]
+    labels = [str(names[int(v)]) if names is not None else str(v) for v in label_values]
     kwargs = {"labels": label_values, "target_names": labels, "zero_division": 0}
     raw = classification_report(y, pred, output_dict=True, **kwargs)
     keys = {"precision": "precision", "recall": "recall", "f1": "f1-score", "support": "support"}

@@ -22,27 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.atomic import write_json_atomic
 from transferkit.errors import DataError
 
 FORMAT = "transferkit.features/1"
 META = "meta.json"
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON next to its final place, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_jsonable))
-    os.replace(tmp, path)
-
-
-def _jsonable(obj):
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 class FeatureWriter:

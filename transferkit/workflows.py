@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.atomic import write_json_atomic, write_text_atomic
 from transferkit.backbones import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.data import IMAGE_EXTENSIONS, ImageDataset, open_dataset
 from transferkit.errors import DataError, TransferkitError
 from transferkit.features import FeatureExtractor, extract
 from transferkit.probe import DEFAULT_CS, Evaluation, LinearProbe, SweepResult, evaluate, sweep
-from transferkit.store import FeatureStore, write_json_atomic
+from transferkit.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -176,24 +177,12 @@ def train_probe(
     if test is not None:
         test = test if isinstance(test, FeatureStore) else FeatureStore(test)
         check_compatible(train, test, key)
-        names = np.asarray(train.classes)
-        evaluation = evaluate(probe, test.load(key), test.labels)
-        evaluation = _named(evaluation, names)
+        evaluation = evaluate(probe, test.load(key), test.labels, names=train.classes)
         plot_confusion(evaluation.confusion, evaluation.labels, out / "confusion.png", title=f"{key} on {test.path}")
-        (out / "report.txt").write_text(evaluation.report)
+        write_text_atomic(out / "report.txt", evaluation.report)
         metrics.update(n_test=len(test), test_accuracy=evaluation.accuracy, test=evaluation.to_dict())
     write_json_atomic(out / "metrics.json", metrics)
     return ProbeReport(probe, key, out, evaluation)
-
-
-def _named(ev: Evaluation, names: np.ndarray) -> Evaluation:
-    """Replace label indices by class names in an Evaluation."""
-    labels = [str(names[int(i)]) if str(i).isdigit() and int(i) < len(names) else str(i) for i in ev.labels]
-    per_class = {new: ev.per_class[old] for old, new in zip(ev.labels, labels)}
-    report = ev.report
-    for old, new in sorted(zip(ev.labels, labels), key=lambda p: -len(p[0])):
-        report = report.replace(f" {old} ", f" {new} ", 1)
-    return Evaluation(ev.accuracy, labels, ev.confusion, report, per_class)
 
 
 def check_compatible(train: FeatureStore, test: FeatureStore, key: str) -> None:
