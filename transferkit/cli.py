@@ -250,7 +250,8 @@ def demo(out: Path, data: Path | None, per_class: int, image_size: int | None) -
     """Offline demo: Fashion-MNIST + packaged EfficientNet-Lite0: extract -> sweep -> probe -> test accuracy."""
     from transferkit.demo import run_demo
 
-    result = run_demo(out, data=data, per_class=per_class, image_size=image_size, echo=click.echo)
+    result = run_demo(out, data=data, per_class=per_class, image_size=image_size, echo=click.echo,
+                      progress=click.get_current_context().obj["progress"])
     click.echo(f"test accuracy: {100 * result['test_accuracy']:.2f}% on {result['n_test']} test images "
                f"({result['key']}, {result['n_train']} training images, {result['seconds']:.0f} s)")
 

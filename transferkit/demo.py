@@ -37,6 +37,7 @@ def run_demo(
     per_class: int = 100,
     image_size: int | None = None,
     echo: Callable[[str], None] = lambda s: None,
+    progress: bool = True,
 ) -> dict:
     """Extract every stage x pooling on the training slice, sweep, encode the test set alike, probe."""
     out, start = Path(out), time.perf_counter()
@@ -45,8 +46,8 @@ def run_demo(
     test = fashion_mnist("t10k", data)
     echo(f"Fashion-MNIST: {len(train)} training images ({per_class} per class), {len(test)} test images, "
          f"resized to {size}x{size}")
-    train_store = extract_features(train, out / "train", layer="auto", image_size=size)
-    extract_features(test, out / "test", like=train_store.path)
+    train_store = extract_features(train, out / "train", layer="auto", image_size=size, progress=progress)
+    extract_features(test, out / "test", like=train_store.path, progress=progress)
     report = train_probe(train_store, out / "probe", test=out / "test", layer="best")
     return {
         "test_accuracy": report.evaluation.accuracy,
