@@ -44,3 +44,17 @@ def photo_folder(tmp_path: Path, sample_images) -> Path:
             crop = img.crop((x, y, x + 200, y + 200)).resize((64, 64))
             crop.save(root / cls / f"{i}.{'jpg' if i % 2 else 'png'}")
     return root
+
+
+@pytest.fixture()
+def digits_folder(tmp_path: Path) -> Path:
+    """scikit-learn's handwritten digits as an ImageFolder: 10 classes x 20 PNGs (8x8 scans, 0..16 grey)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = tmp_path / "digits"
+    for label in range(10):
+        (root / str(label)).mkdir(parents=True)
+        for i, img in enumerate(digits.images[digits.target == label][:20]):
+            Image.fromarray((img * 255 / 16).astype(np.uint8)).save(root / str(label) / f"{i:02d}.png")
+    return root

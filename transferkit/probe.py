@@ -357,6 +357,11 @@ def evaluate(probe: LinearProbe, X: Any, y: Any, *, names: Sequence[str] | None 
         label_values = np.union1d(probe.classes_, np.unique(y))
     except TypeError as err:
         raise DataError(f"Labels in y are not comparable with the probe's classes: {err}") from err
+    return score_predictions(y, pred, label_values, names)
+
+
+def score_predictions(y: Any, pred: Any, label_values: Any, names: Sequence[str] | None = None) -> Evaluation:
+    """Evaluation of any classifier's predictions (probe or fine-tuned net) over `label_values`."""
     labels = [str(names[int(v)]) if names is not None else str(v) for v in label_values]
     kwargs = {"labels": label_values, "target_names": labels, "zero_division": 0}
     raw = classification_report(y, pred, output_dict=True, **kwargs)
