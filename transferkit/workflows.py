@@ -5,23 +5,26 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from transferkit.atomic import write_json_atomic, write_text_atomic
+from transferkit.atomic import atomic_write, write_json_atomic, write_text_atomic
 from transferkit.backbones import DEFAULT_MODEL, PRE_LOGITS
-from transferkit.data import IMAGE_EXTENSIONS, ImageDataset, open_dataset
+from transferkit.data import IMAGE_EXTENSIONS, ImageDataset, build_transform, collate, open_dataset
 from transferkit.errors import DataError, TransferkitError
-from transferkit.features import FeatureExtractor, extract
+from transferkit.features import FeatureExtractor, autocast, default_device, extract
 from transferkit.probe import DEFAULT_CS, Evaluation, LinearProbe, SweepResult, evaluate, sweep
 from transferkit.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
+RUN_CONFIG = "config.json"  # what marks a fine-tuning run directory (transferkit.finetune)
 SWEEP_SAMPLES = 2000  # --layer auto on more images sweeps a stratified sample, then extracts only the winner
 
 
@@ -215,21 +218,133 @@ def image_files(paths: list[str | Path]) -> list[str]:
     return files
 
 
-def predict_images(probe_dir: str | Path, paths: list[str | Path], *, batch_size: int = 64) -> list[dict]:
-    """Label and SVM score for each image, with the backbone and codes the probe was trained on."""
-    probe = LinearProbe.load(Path(probe_dir) / "probe")
-    spec = probe.extra_
-    extractor = FeatureExtractor(
-        spec["model"], weights=_weights_arg(spec["weights"]), layer=spec["layer"], pool=spec["pool"],
-        image_size=spec["image_size"], batch_size=batch_size, precision=spec["precision"],
-    ).fit()
-    if extractor.backbone_.weights_info.sha256 != spec["weights"]["sha256"]:
-        raise DataError(f"the backbone's weights differ from those probe '{probe_dir}' was trained with")
+def predict_images(model_dir: str | Path, paths: list[str | Path], *, batch_size: int = 64) -> list[dict]:
+    """Label and score for each image, from a probe (SVM score) or a fine-tuning run (softmax probability)."""
+    kind = model_kind(model_dir)
     files = image_files(paths)
+    if kind == "run":
+        model, meta = _load_run(model_dir)
+        items = ImageDataset(files, np.zeros(len(files)), meta["classes"], root="images", kind="files",
+                             transform=build_transform(meta["transform"]))  # the run's recorded eval transform
+        probs = _run_probabilities(model, items, meta, batch_size, progress=False)
+        return [{"source": f, "label": meta["classes"][j], "score": float(p[j])}
+                for f, p, j in zip(files, probs, probs.argmax(1))]
+    probe, extractor = _load_probe(model_dir, batch_size, progress=False)
     scores = probe.decision_function(extractor.transform(files))
     scores = np.stack([-scores, scores], 1) if scores.ndim == 1 else scores
-    names = spec["classes"]
+    names = probe.extra_["classes"]
     return [
         {"source": f, "label": names[int(probe.classes_[j])], "score": float(s[j])}
         for f, s, j in zip(files, scores, scores.argmax(1))
     ]
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    data: str | Path | ImageDataset,
+    *,
+    out: str | Path | None = None,
+    per_class: int | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Evaluation:
+    """Accuracy, confusion and per-class scores of a probe or a fine-tuning run on labelled `data`.
+
+    Classes are matched by name, so `data` may lack some of the model's classes or order them differently.
+    With `out`, report.txt, metrics.json and confusion.png are written there.
+    """
+    from transferkit.plots import plot_confusion
+    from transferkit.probe import score_predictions
+
+    dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class)
+    if model_kind(model_dir) == "run":
+        model, meta = _load_run(model_dir)
+        classes = meta["classes"]
+        y = _targets_by_name(dataset, classes, model_dir)
+        probs = _run_probabilities(model, dataset.with_transform(build_transform(meta["transform"])), meta,
+                                   batch_size, progress)
+        evaluation = score_predictions(y, probs.argmax(1), np.arange(len(classes)), classes)
+    else:
+        probe, extractor = _load_probe(model_dir, batch_size, progress)
+        classes = probe.extra_["classes"]
+        y = _targets_by_name(dataset, classes, model_dir)
+        evaluation = evaluate(probe, extractor.transform(dataset), y, names=classes)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        title = f"{Path(model_dir).name} on {dataset.root}: {100 * evaluation.accuracy:.2f}%"
+        atomic_write(out / "confusion.png",
+                     lambda tmp: plot_confusion(evaluation.confusion, evaluation.labels, tmp, title=title))
+        write_text_atomic(out / "report.txt", evaluation.report)
+        write_json_atomic(out / "metrics.json", {**evaluation.to_dict(), "model_dir": str(model_dir),
+                                                 "data": str(dataset.root), "n": len(dataset)})
+    return evaluation
+
+
+def model_kind(model_dir: str | Path) -> str:
+    """'probe' for a directory written by `transferkit probe`, 'run' for one written by `transferkit finetune`."""
+    path = Path(model_dir)
+    if (path / "probe").is_dir():
+        return "probe"
+    if (path / RUN_CONFIG).is_file():
+        return "run"
+    raise DataError(
+        f"'{model_dir}' is not a model directory: expected a probe (a 'probe' folder, from `transferkit probe`) "
+        f"or a fine-tuning run ('{RUN_CONFIG}' and model-best.safetensors, from `transferkit finetune`)"
+    )
+
+
+def _load_probe(probe_dir: str | Path, batch_size: int, progress: bool) -> tuple[LinearProbe, FeatureExtractor]:
+    """A saved probe and the fitted extractor that makes its codes, with the same backbone weights."""
+    probe = LinearProbe.load(Path(probe_dir) / "probe")
+    spec = probe.extra_
+    extractor = FeatureExtractor(
+        spec["model"], weights=_weights_arg(spec["weights"]), layer=spec["layer"], pool=spec["pool"],
+        image_size=spec["image_size"], batch_size=batch_size, precision=spec["precision"], progress=progress,
+    ).fit()
+    if extractor.backbone_.weights_info.sha256 != spec["weights"]["sha256"]:
+        raise DataError(f"the backbone's weights differ from those probe '{probe_dir}' was trained with")
+    return probe, extractor
+
+
+def _load_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The best model of a fine-tuning run, on the default device, and its config.json."""
+    from transferkit.finetune import load_finetuned  # the training machinery is only needed here
+
+    model, meta = load_finetuned(run_dir)
+    return model.to(default_device()), meta
+
+
+def _targets_by_name(dataset: ImageDataset, classes: list[str], model_dir: str | Path) -> np.ndarray:
+    """The labels of `dataset` as indices into the model's `classes`, matched by class name."""
+    index = {name: k for k, name in enumerate(classes)}
+    present = [dataset.classes[k] for k in np.unique(dataset.targets)]
+    unknown = [name for name in present if name not in index]
+    if unknown:
+        raise DataError(
+            f"'{dataset.root}' has class(es) {', '.join(repr(n) for n in unknown)} that model '{model_dir}' was "
+            f"not trained on (its classes: {', '.join(classes)})"
+        )
+    mapping = np.array([index.get(name, -1) for name in dataset.classes], dtype=np.int64)
+    return mapping[dataset.targets]
+
+
+@torch.inference_mode()
+def _run_probabilities(model: torch.nn.Module, dataset: ImageDataset, meta: dict, batch_size: int,
+                       progress: bool) -> np.ndarray:
+    """(N, n_classes) softmax probabilities of a fine-tuned model over `dataset`, in item order."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    precision = meta["config"].get("precision", "fp32")
+    if precision == "fp16" and device.type != "cuda":
+        precision = "fp32"  # a run trained with fp16 on a GPU still scores on a CPU
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    probs = []
+    for x, _, _, bad in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, file=sys.stderr):
+        if bad:  # every image must be scored, or the labels no longer line up
+            raise DataError(bad[0][1])
+        with autocast(precision, device):
+            logits = model(x.to(device, memory_format=torch.channels_last))  # (B, n_classes)
+        probs.append(logits.float().softmax(1).cpu().numpy())
+    return np.concatenate(probs)
