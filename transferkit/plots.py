@@ -1,4 +1,4 @@
-"""Figures where a picture beats a table: confusion matrix, layer/pooling sweep, training curves, LR finder.
+"""Figures where a picture beats a table: confusion matrix, sweep, training curves, LR finder, dense heat maps.
 
 Figures are drawn on a bare `matplotlib.figure.Figure` (Agg canvas), never through pyplot: nothing
 opens a window, and the caller's pyplot backend and state are left alone.
@@ -136,6 +136,28 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], path: str | Path
     ax.set_ylabel("training loss (smoothed)")
     ax.grid(alpha=0.3, which="both")
     ax.set_title(title or "Learning-rate finder")
+    return _save(fig, path)
+
+
+def plot_heatmap(image: np.ndarray, heat: np.ndarray, field: Any, path: str | Path, *, title: str = "") -> Path:
+    """Save the image with a per-cell score map over it; each cell drawn at its receptive field's centre.
+
+    `field` is a transferkit.receptive_field.Field: cell (i, j) sits at start + jump * (i, j) in input pixels,
+    so the map lines up with the image whatever the network's strides and padding.
+    """
+    h, w = heat.shape
+    (y0, x0), (jy, jx) = (field.y.start, field.x.start), (field.y.jump, field.x.jump)
+    extent = (x0 - jx / 2, x0 + jx * (w - 0.5), y0 + jy * (h - 0.5), y0 - jy / 2)  # left, right, bottom, top
+    fig = _figure(figsize=(7.0, 7.0 * image.shape[0] / max(1, image.shape[1]) + 0.6))
+    ax = fig.add_subplot()
+    ax.imshow(image)
+    shown = ax.imshow(heat, cmap="jet", alpha=0.45, extent=extent, interpolation="nearest")
+    ax.set_xlim(-0.5, image.shape[1] - 0.5)
+    ax.set_ylim(image.shape[0] - 0.5, -0.5)
+    fig.colorbar(shown, ax=ax, fraction=0.035)
+    ax.set_title(title or "score map", fontsize=10)
+    ax.set_xlabel(f"{h}x{w} cells, stride {jy:g}x{jx:g} px, receptive field {field.y.size:g}x{field.x.size:g} px",
+                  fontsize=8)
     return _save(fig, path)
 
 
