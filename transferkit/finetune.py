@@ -71,7 +71,7 @@ class FinetuneConfig:
     warmup_epochs: float = 0.5  # cosine: warmup length; onecycle: the rising part
     label_smoothing: float = 0.1
     clip_grad: float | None = 1.0  # max global grad norm
-    head: str = "linear"  # or "mlp" (512 hidden, ReLU, dropout 0.2)
+    head: str = "linear"  # or "mlp" (512 hidden, ReLU, dropout 0.2), "local" (LocallyConnected2d, unpooled map)
     train_bn: bool = False  # False: BatchNorms of frozen stages keep their running statistics
     augment: bool = True  # random resized crop (crop_scale), horizontal flip, random erasing
     crop_scale: tuple[float, float] = (0.35, 1.0)  # fastai's min_scale; timm's 0.08 destroys small images
@@ -196,7 +196,7 @@ def _check(config: FinetuneConfig) -> None:
 def _build(config: FinetuneConfig, classes: list[str], counts: np.ndarray | None) -> nn.Module:
     """Backbone + new head + frozen stages, exactly as a run (or its reload) needs it."""
     model = create_backbone(config.model, config.weights)
-    replace_head(model, len(classes), counts, config.head)
+    replace_head(model, len(classes), counts, config.head, image_size=config.image_size)  # None: pretrained size
     freeze_until(model, resolve_stage(model, config.freeze_until))
     return model
 
@@ -589,7 +589,8 @@ def load_finetuned(run_dir: str | Path, which: str = "best") -> tuple[nn.Module,
     run_dir = Path(run_dir)
     meta = read_run(run_dir)
     model = timm.create_model(meta["config"]["model"], pretrained=False)  # weights come from the run
-    replace_head(model, len(meta["classes"]), head=meta["config"]["head"])
+    size = tuple(meta["transform"]["input_size"][-2:])  # what a local head was built for
+    replace_head(model, len(meta["classes"]), head=meta["config"]["head"], image_size=size)
     path = run_dir / f"model-{which}.safetensors"
     model.load_state_dict(load_state_dict_file(path))
     norm = meta["transform"]  # the backbone's normalisation, e.g. 0.5/0.5 for packaged EfficientNet-Lite

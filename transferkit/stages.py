@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +18,8 @@ from transferkit.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-HEADS = ("linear", "mlp")
+HEADS = ("linear", "mlp", "local")
+LOCAL_CHANNELS = 32  # filters per location of the local head
 
 
 @dataclass(frozen=True)
@@ -114,10 +117,15 @@ def set_train_mode(model: nn.Module, train_bn: bool = False) -> nn.Module:
 
 
 def replace_head(model: nn.Module, num_classes: int, class_counts: np.ndarray | None = None, head: str = "linear",
-                 dropout: float = 0.2, hidden: int = 512) -> nn.Module:
-    """A new classifier (in place) whose bias is the log class prior: early steps need not learn the balance."""
+                 dropout: float = 0.2, hidden: int = 512, image_size: int | tuple[int, int] | None = None) -> nn.Module:
+    """A new classifier (in place) whose bias is the log class prior: early steps need not learn the balance.
+
+    head='local' works on the unpooled final map, whose size depends on the input: `image_size` is the
+    training image size (None: the model's pretrained input size).
+    """
     if head not in HEADS:
-        raise ModelError(f"The 'head' parameter must be one of 'linear', 'mlp'. Got {head!r} instead.")
+        choices = ", ".join(repr(h) for h in HEADS)
+        raise ModelError(f"The 'head' parameter must be one of {choices}. Got {head!r} instead.")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"The 'num_classes' parameter must be an integer >= 1. Got {num_classes!r} instead.")
     model.reset_classifier(num_classes)
@@ -131,10 +139,87 @@ def replace_head(model: nn.Module, num_classes: int, class_counts: np.ndarray | 
         nn.init.zeros_(first.bias)
         parent, _, attr = where.rpartition(".")
         setattr(model.get_submodule(parent), attr, nn.Sequential(first, nn.ReLU(), nn.Dropout(dropout), final))
+    elif head == "local":
+        final = _local_head(model, num_classes, image_size)
     nn.init.kaiming_normal_(final.weight, nonlinearity="linear")
     with torch.no_grad():
         final.bias.copy_(torch.from_numpy(_log_prior(class_counts, num_classes)))
     return model
+
+
+def _local_head(model: nn.Module, num_classes: int, image_size: int | tuple[int, int] | None) -> nn.Linear:
+    """Pooling removed; LocallyConnected2d(C, 32, 3, padding=1) -> ReLU -> flatten -> Linear on the final map.
+
+    Returns the final Linear. Only for timm models whose forward_head is global_pool -> (dropout) ->
+    classifier: the map must reach the classifier as (B, C, h, w), which is checked with a dry run.
+    """
+    from transferkit.locally_connected import LocallyConnected2d
+
+    arch = model.pretrained_cfg.get("architecture", type(model).__name__)
+    where, pool = model.pretrained_cfg.get("classifier"), getattr(model, "global_pool", None)
+    if not isinstance(where, str) or not isinstance(pool, nn.Module) or not hasattr(model, "forward_head"):
+        raise ModelError(f"The 'head' parameter 'local' needs a timm CNN with a top-level global_pool and one "
+                         f"classifier module (EfficientNet, ResNet, ...); {arch} has none. Use 'linear' or 'mlp'.")
+    size = _pair_size(model, image_size)
+    with _eval_no_grad(model):
+        device = next(model.parameters()).device
+        features = model.forward_features(torch.zeros(1, 3, *size, device=device))  # (1, C, h, w)
+    channels, map_size = features.shape[1], tuple(features.shape[-2:])
+    parent, _, attr = where.rpartition(".")
+    old = model.get_submodule(parent), getattr(model.get_submodule(parent), attr)
+    local = LocallyConnected2d(channels, LOCAL_CHANNELS, 3, input_size=map_size, padding=1)
+    final = nn.Linear(LOCAL_CHANNELS * map_size[0] * map_size[1], num_classes)
+    model.global_pool = nn.Identity()
+    setattr(old[0], attr, nn.Sequential(local, nn.ReLU(), nn.Flatten(1), final))
+    if not _reaches_unpooled(model, local, features):
+        model.global_pool = pool
+        setattr(old[0], attr, old[1])
+        raise ModelError(f"The 'head' parameter 'local' cannot be placed on {arch}: its final map "
+                         f"{tuple(features.shape)} does not reach the classifier unpooled. Use 'linear' or 'mlp'.")
+    log.info("local head on the %dx%d final map of %s: %s parameters", *map_size, arch,
+             f"{sum(p.numel() for p in local.parameters()) + sum(p.numel() for p in final.parameters()):,}")
+    return final
+
+
+def _reaches_unpooled(model: nn.Module, local: nn.Module, features: torch.Tensor) -> bool:
+    """Dry run of forward_head: does `local` receive the final map exactly as forward_features left it?"""
+    seen = []
+    hook = local.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape)))
+    try:
+        with _eval_no_grad(model):
+            model.forward_head(features)
+    except (RuntimeError, ModelError):
+        pass  # e.g. a flattened map refused by LocallyConnected2d: `seen` tells
+    finally:
+        hook.remove()
+    return seen == [tuple(features.shape)]
+
+
+def _pair_size(model: nn.Module, image_size: int | tuple[int, int] | None) -> tuple[int, int]:
+    """(H, W) of the training images: an int, a pair, or None for the model's pretrained input size."""
+    if image_size is None:
+        import timm.data
+
+        image_size = tuple(timm.data.resolve_model_data_config(model)["input_size"][-2:])
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else ()
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
+        raise ModelError(f"The 'image_size' parameter must be an integer >= 1, (H, W) or None. "
+                         f"Got {image_size!r} instead.")
+    return size
+
+
+@contextlib.contextmanager
+def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+    """Within the block: eval mode and no autograd; every module's previous mode comes back after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _log_prior(class_counts: np.ndarray | None, num_classes: int) -> np.ndarray:
