@@ -25,6 +25,7 @@ _EXPORTS = {
     "LinearProbe": "probe",
     "evaluate": "probe",
     "sweep": "probe",
+    "Recipe": "recipes",
     "FeatureStore": "store",
     "FinetuneConfig": "finetune",
     "freeze_until": "finetune",

@@ -151,19 +151,96 @@ def _positive_float(text: str, name: str) -> float:
 
 
 @cli.command()
-@click.argument("model_dir", metavar="MODEL", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model_dir", metavar="MODEL")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
-def predict(model_dir: Path, images: tuple[Path, ...], batch_size: int, as_json: bool) -> None:
+@click.option("--dense", is_flag=True,
+              help="Score map of each image at its own size (any size): npz + heat map per image in --out.")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --dense: directory for IMAGE.npz and IMAGE-heatmap.png.")
+@click.option("--window", is_flag=True, help="With --dense: each cell is the head on one training-size window.")
+@click.option("--weights", default="auto", show_default=True, help="With --dense and a timm model name as MODEL.")
+def predict(model_dir: str, images: tuple[Path, ...], batch_size: int, as_json: bool, dense: bool, out: Path | None,
+            window: bool, weights: str) -> None:
     """Classify IMAGES (files or folders) with MODEL: a probe directory or a fine-tuning run directory.
 
-    The score is the probe's SVM score, or the fine-tuned network's softmax probability.
+    The score is the probe's SVM score, or the fine-tuned network's softmax probability. With --dense,
+    MODEL may also be a converted directory (`transferkit convert`) or a timm model name (its ImageNet head),
+    and each image is scored at every location: see docs/surgery.md.
     """
+    if dense:
+        from transferkit.dense import dense_predict, load_classifier
+        from transferkit.workflows import image_files
+
+        clf = load_classifier(model_dir, window=window, weights=weights)
+        for path in image_files(list(images)):
+            row = dense_predict(clf, path, out)
+            if as_json:
+                click.echo(json.dumps(row))
+                continue
+            best = ", ".join(f"{t['label']} {t['score']:.3f}" for t in row["top"][:3])
+            f = row["field"]
+            click.echo(f"{path}\t{row['map_size'][0]}x{row['map_size'][1]} cells (stride {f['jump'][0]:g} px, "
+                       f"field {f['size'][0]:g} px)\t{best}")
+        return
     from transferkit.workflows import predict_images
 
+    if not Path(model_dir).is_dir():
+        raise click.BadParameter(f"'{model_dir}' is not a directory (a timm model name needs --dense)",
+                                 param_hint="MODEL")
     for row in predict_images(model_dir, list(images), batch_size=batch_size):
         click.echo(json.dumps(row) if as_json else f"{row['source']}\t{row['label']}\t{row['score']:.3f}")
+
+
+@cli.command()
+@click.argument("source", metavar="RUN_OR_MODEL")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for convert.json and fully_conv.safetensors.")
+@click.option("--input-size", type=click.IntRange(8), default=None,
+              help="The size the classifier was trained at (timm model names: their pretrained size).")
+@click.option("--window", is_flag=True, help="Keep every global pool as a training-size sliding window.")
+@click.option("--weights", default="auto", show_default=True, help="For a timm model name.")
+def convert(source: str, out: Path, input_size: int | None, window: bool, weights: str) -> None:
+    """Convert a classifier's FC layers to convolutions, so it takes images of any size and returns score maps.
+
+    RUN_OR_MODEL: a fine-tuning run, a probe directory or a timm model name.
+    """
+    from transferkit.dense import load_classifier, save_converted
+
+    clf = load_classifier(source, input_size=input_size, window=window, weights=weights)
+    save_converted(clf, out)
+    click.echo(f"{out}: {len(clf.classes)} classes, trained at {clf.net.input_size[0]}x{clf.net.input_size[1]}, "
+               f"parity error {clf.net.parity_error:.2g}; map mean = original logits at "
+               f"{'every size' if clf.net.mean_is_logits else 'the training size'}")
+    click.echo(str(clf.net.head))
+
+
+@cli.command()
+@click.argument("source", metavar="RUN_OR_MODEL")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="File to write.")
+@click.option("--weights", default="auto", show_default=True, help="For a timm model name.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Compare onnxruntime with torch at two input sizes.")
+def export(source: str, fmt: str, out: Path, weights: str, check: bool) -> None:
+    """Export the fully convolutional form of RUN_OR_MODEL (run, probe, converted dir, timm name), dynamic H x W."""
+    from transferkit.dense import load_classifier
+    from transferkit.export import check_onnx, export_onnx
+
+    clf = load_classifier(source, weights=weights)
+    export_onnx(clf, out)
+    click.echo(f"wrote {out}")
+    if check:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            click.echo("onnxruntime is not installed: not checked")
+            return
+        h, w = clf.net.input_size
+        for row in check_onnx(clf, out, [(h, w), (h + 2 * h // 3 + 1, 2 * w - 3)]):
+            click.echo(f"onnxruntime vs torch at {row['size'][0]}x{row['size'][1]} (map {row['map'][0]}x"
+                       f"{row['map'][1]}): max |diff| {row['max_abs_diff']:.2g}")
 
 
 @cli.command()
@@ -209,7 +286,8 @@ def evaluate(model_dir: Path, data: Path, out: Path | None, per_class: int | Non
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--clip-grad", type=click.FloatRange(0), default=1.0, show_default=True,
               help="Max global gradient norm; 0 turns clipping off.")
-@click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True)
+@click.option("--head", type=click.Choice(["linear", "mlp", "local"]), default="linear", show_default=True,
+              help="local: LocallyConnected2d on the unpooled final map (then a fixed --image-size).")
 @click.option("--train-bn", is_flag=True, help="Let BatchNorm in frozen stages update its running statistics.")
 @click.option("--no-augment", is_flag=True, help="Train on the eval transform (no crop, flip or erasing).")
 @click.option("--random-erasing", type=click.FloatRange(0, 1), default=0.25, show_default=True,
@@ -308,6 +386,17 @@ def layers(model: str) -> None:
 
 
 @cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--image-size", type=(click.IntRange(1), click.IntRange(1)), default=None, metavar="H W",
+              help="Input height and width [default: the model's pretrained size, or the run's image size].")
+def summary(model: str, image_size: tuple[int, int] | None) -> None:
+    """Per layer of MODEL (a timm name or a fine-tuning run directory): output shape, parameters, MACs."""
+    from transferkit.summary import summarize_model
+
+    click.echo(summarize_model(model, image_size).table())
+
+
+@cli.command()
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("transferkit-demo"), show_default=True)
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Folder with Fashion-MNIST's IDX files [default: the Debian package's].")
@@ -322,6 +411,68 @@ def demo(out: Path, data: Path | None, per_class: int, image_size: int | None) -
                       progress=click.get_current_context().obj["progress"])
     click.echo(f"test accuracy: {100 * result['test_accuracy']:.2f}% on {result['n_test']} test images "
                f"({result['key']}, {result['n_train']} training images, {result['seconds']:.0f} s)")
+
+
+@cli.command("recipes")
+def recipes_command() -> None:
+    """List the packaged recipes (the four cs231n scenarios), one line each."""
+    from transferkit import recipes
+
+    for name, description in recipes.list():
+        click.echo(f"{name:<16} {description}")
+
+
+@cli.command()
+@click.argument("recipe")
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--test", type=click.Path(path_type=Path), default=None, help="Labelled test data to score on.")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for everything the run writes [default: ./RECIPE_NAME].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field; VALUE is a TOML scalar (epochs=5, lr=1e-3, augment=false). Repeatable.")
+@click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N training images per class.")
+def run(recipe: str, data: Path, test: Path | None, out: Path | None, overrides: tuple[str, ...],
+        per_class: int | None) -> None:
+    """Run RECIPE (a name from `transferkit recipes` or a .toml file) on DATA end to end; score on --test."""
+    from transferkit import recipes
+    from transferkit.workflows import load_data
+
+    chosen = recipes.resolve(recipe).replace(**recipes.parse_overrides(overrides))
+    result = chosen.run(load_data(data, per_class=per_class), test, out or Path(chosen.name),
+                        progress=click.get_current_context().obj["progress"])
+    if result.evaluation is not None:
+        click.echo(result.evaluation.report)
+    click.echo(result.summary())
+
+
+@cli.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
+@click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
+              help="Override a threshold of the rule: large_per_class, gap_points, gap_z, max_softmax. Repeatable.")
+@click.option("--sample", type=click.IntRange(10), default=2000, show_default=True,
+              help="Images (stratified) in the similarity pass.")
+@click.option("--run", "run_it", is_flag=True, help="Then run the recommended recipe on DATA.")
+@click.option("--test", type=click.Path(path_type=Path), default=None, help="With --run: test data to score on.")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --run: output directory [default: ./RECIPE_NAME].")
+def advise(data: Path, per_class: int | None, thresholds: tuple[str, ...], sample: int, run_it: bool,
+           test: Path | None, out: Path | None) -> None:
+    """Measure DATA's size and similarity to ImageNet and recommend a recipe, with the numbers behind it."""
+    from transferkit.advise import advise as advise_data
+    from transferkit.advise import parse_thresholds
+    from transferkit.workflows import load_data
+
+    progress = click.get_current_context().obj["progress"]
+    train = load_data(data, per_class=per_class)
+    advice = advise_data(train, thresholds=parse_thresholds(thresholds), sample=sample, progress=progress)
+    click.echo(advice.report())
+    if run_it:
+        result = advice.run(train, test, out or Path(advice.recipe), progress=progress)
+        click.echo(result.summary())
+    else:
+        subset = f" --per-class {per_class}" if per_class else ""
+        click.echo(f"run it: transferkit run {advice.recipe} {data}{subset} --test {test or 'TEST'}")
 
 
 def main() -> None:
