@@ -179,3 +179,20 @@ def test_cli_errors_name_the_culprit(run_dir, folders, tmp_path):
 def test_evaluate_help():
     result = _cli("evaluate", "--help")
     assert result.exit_code == 0 and "MODEL DATA" in result.output and "--per-class" in result.output
+
+
+def test_evaluate_a_run_with_flip_tta(run_dir, folders):
+    """--tta: the prediction is the argmax of the mean softmax of each image and its mirror image."""
+    from transferkit.data import build_transform
+    from transferkit.finetune import load_finetuned
+
+    out = run_dir[0]
+    model, meta = load_finetuned(out)
+    data = open_dataset(folders["test"])
+    items = data.with_transform(build_transform(meta["transform"]))
+    x = torch.stack([items[i][0] for i in range(len(data))])
+    with torch.no_grad():
+        p = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2
+    y = np.array([RUN_CLASSES.index(data.classes[t]) for t in data.targets])
+    ev = evaluate_model(out, folders["test"], progress=False, tta=True)
+    assert ev.accuracy == pytest.approx(float(np.mean(p.argmax(1).numpy() == y)))

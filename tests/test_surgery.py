@@ -238,3 +238,20 @@ def test_convert_keeps_receptive_field_path_for_strided_odd_inputs():
     net = fc_to_conv(model, 224)
     _, field = receptive_field(net, torch.randn(1, 3, 225, 97))
     assert field.shape == (8, 4) and field.x.jump == field.y.jump == 32
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_finetuned_run_converts(tmp_path, photo_folder, head):
+    """A transferkit fine-tuning run (real photos, packaged weights): the converted net equals the run's model."""
+    from transferkit.data import open_dataset
+    from transferkit.finetune import FinetuneConfig, finetune, load_finetuned
+
+    config = FinetuneConfig(weights="package", image_size=64, epochs=1, batch_size=8, freeze_until="head",
+                            augment=False, head=head, val_fraction=0.25)
+    finetune(open_dataset(photo_folder), tmp_path / "run", config, progress=False)
+    clf = load_classifier(tmp_path / "run")
+    model, _ = load_finetuned(tmp_path / "run")
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(clf.net.logits(x), model(x), **TOL)
+    assert clf.classes == ["flower", "temple"] and clf.net.mean_is_logits == (head == "linear")

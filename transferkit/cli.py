@@ -250,7 +250,9 @@ def export(source: str, fmt: str, out: Path, weights: str, check: bool) -> None:
               help="Directory for report.txt, metrics.json and confusion.png.")
 @click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-def evaluate(model_dir: Path, data: Path, out: Path | None, per_class: int | None, batch_size: int) -> None:
+@click.option("--tta", is_flag=True, help="Fine-tuning runs: average each image with its mirror image.")
+def evaluate(model_dir: Path, data: Path, out: Path | None, per_class: int | None, batch_size: int,
+             tta: bool) -> None:
     """Score MODEL (a probe or a fine-tuning run directory) on labelled DATA (folder, CSV manifest or IDX).
 
     Classes are matched by name: DATA may lack some of the model's classes, but not add new ones.
@@ -258,7 +260,7 @@ def evaluate(model_dir: Path, data: Path, out: Path | None, per_class: int | Non
     from transferkit.workflows import evaluate_model
 
     ev = evaluate_model(model_dir, data, out=out, per_class=per_class, batch_size=batch_size,
-                        progress=click.get_current_context().obj["progress"])
+                        progress=click.get_current_context().obj["progress"], tta=tta)
     click.echo(ev.report)
     plot = f"; confusion matrix {out / 'confusion.png'}" if out is not None else ""
     click.echo(f"accuracy: {100 * ev.accuracy:.2f}% ({int(ev.confusion.sum())} images){plot}")

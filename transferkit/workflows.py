@@ -247,11 +247,13 @@ def evaluate_model(
     per_class: int | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    tta: bool = False,
 ) -> Evaluation:
     """Accuracy, confusion and per-class scores of a probe or a fine-tuning run on labelled `data`.
 
     Classes are matched by name, so `data` may lack some of the model's classes or order them differently.
-    With `out`, report.txt, metrics.json and confusion.png are written there.
+    With `out`, report.txt, metrics.json and confusion.png are written there. `tta` (runs only): average the
+    softmax of each image and its mirror image, as the run was trained with horizontal flips.
     """
     from transferkit.plots import plot_confusion
     from transferkit.probe import score_predictions
@@ -262,9 +264,11 @@ def evaluate_model(
         classes = meta["classes"]
         y = _targets_by_name(dataset, classes, model_dir)
         probs = _run_probabilities(model, dataset.with_transform(build_transform(meta["transform"])), meta,
-                                   batch_size, progress)
+                                   batch_size, progress, tta)
         evaluation = score_predictions(y, probs.argmax(1), np.arange(len(classes)), classes)
     else:
+        if tta:
+            raise DataError("test-time augmentation (--tta) is for fine-tuning runs; a probe scores fixed codes")
         probe, extractor = _load_probe(model_dir, batch_size, progress)
         classes = probe.extra_["classes"]
         y = _targets_by_name(dataset, classes, model_dir)
@@ -331,8 +335,11 @@ def _targets_by_name(dataset: ImageDataset, classes: list[str], model_dir: str |
 
 @torch.inference_mode()
 def _run_probabilities(model: torch.nn.Module, dataset: ImageDataset, meta: dict, batch_size: int,
-                       progress: bool) -> np.ndarray:
-    """(N, n_classes) softmax probabilities of a fine-tuned model over `dataset`, in item order."""
+                       progress: bool, tta: bool = False) -> np.ndarray:
+    """(N, n_classes) softmax probabilities of a fine-tuned model over `dataset`, in item order.
+
+    `tta`: the mean of the image's and its horizontal mirror's probabilities.
+    """
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -344,7 +351,10 @@ def _run_probabilities(model: torch.nn.Module, dataset: ImageDataset, meta: dict
     for x, _, _, bad in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, file=sys.stderr):
         if bad:  # every image must be scored, or the labels no longer line up
             raise DataError(bad[0][1])
+        x = x.to(device, memory_format=torch.channels_last)
         with autocast(precision, device):
-            logits = model(x.to(device, memory_format=torch.channels_last))  # (B, n_classes)
-        probs.append(logits.float().softmax(1).cpu().numpy())
+            p = model(x).float().softmax(1)  # (B, n_classes)
+            if tta:
+                p = (p + model(x.flip(-1)).float().softmax(1)) / 2
+        probs.append(p.cpu().numpy())
     return np.concatenate(probs)
