@@ -14,6 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub path fails fast instead 
 torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def code_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Each test gets its own empty code cache, so no test reuses another's codes (or the user's)."""
+    root = tmp_path_factory.mktemp("codecache")
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def sample_images() -> dict[str, Image.Image]:
     """scikit-learn's two real photos: china.jpg (a temple) and flower.jpg (a daisy)."""

@@ -14,7 +14,8 @@ from sklearn.pipeline import make_pipeline
 from transferkit.backbones import resolve_layers
 from transferkit.data import open_dataset
 from transferkit.errors import DataError, ModelError
-from transferkit.features import FeatureExtractor, compute_codes, extract, parse_pools, pool_map, select_pairs
+from transferkit.extraction import extract
+from transferkit.features import FeatureExtractor, compute_codes, parse_pools, pool_map, select_pairs
 from transferkit.probe import LinearProbe
 from transferkit.store import FeatureStore
 

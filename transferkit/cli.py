@@ -68,26 +68,45 @@ def model_options(f):
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images, list them at the end and in meta.json.")
 @click.option("--like", type=click.Path(exists=True, path_type=Path), default=None,
               help="Encode exactly like this feature directory (model, weights, size, best layer).")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Reuse codes of images already encoded the same way (see `transferkit cache`).")
+@click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
+              help="Fold BatchNorm into the conv before it (checked against the unfolded output).")
 def extract(data: Path, out: Path, model: str, weights: str, image_size: int | None, batch_size: int,
             precision: str, layer: str, pool: str, per_class: int | None, num_workers: int, skip_bad: bool,
-            like: Path | None) -> None:
+            like: Path | None, cache: bool, fold_bn: bool) -> None:
     """Write CNN codes of every image in DATA (folder, CSV manifest or IDX) to a feature directory."""
     from transferkit.workflows import extract_features
 
     store = extract_features(
         data, out, model=model, weights=weights, layer=layer, pool=pool, image_size=image_size,
         batch_size=batch_size, precision=precision, num_workers=num_workers, per_class=per_class,
-        skip_bad=skip_bad, like=like, progress=click.get_current_context().obj["progress"],
+        skip_bad=skip_bad, like=like, cache=cache, fold_bn=fold_bn,
+        progress=click.get_current_context().obj["progress"],
     )
+    if _leave_world():
+        return  # under torchrun only rank 0 reports
     meta = store.meta
+    cached = meta.get("cache") or {}
+    reuse = f"; {cached['cached']} from the code cache, {cached['computed']} encoded" if cached.get("cached") else ""
     click.echo(f"{len(store)} images -> {out} ({', '.join(store.keys[:4])}{', ...' if len(store.keys) > 4 else ''}) "
-               f"at {meta['images_per_second']} img/s; weights {meta['weights']['source']} "
+               f"at {meta['images_per_second']} img/s{reuse}; weights {meta['weights']['source']} "
                f"sha256 {meta['weights']['sha256'][:12]}")
     _print_sweep(out)
     if meta["skipped"]:
         click.echo(f"skipped {len(meta['skipped'])} bad image(s):", err=True)
         for item in meta["skipped"]:
             click.echo(f"  {item['error']}", err=True)
+
+
+def _leave_world() -> bool:
+    """Close torchrun's process group if one was joined; True on ranks other than 0."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return rank != 0
 
 
 def _print_sweep(features: Path) -> None:
@@ -475,6 +494,40 @@ def advise(data: Path, per_class: int | None, thresholds: tuple[str, ...], sampl
     else:
         subset = f" --per-class {per_class}" if per_class else ""
         click.echo(f"run it: transferkit run {advice.recipe} {data}{subset} --test {test or 'TEST'}")
+
+
+@cli.group()
+def cache() -> None:
+    """The code cache: codes of images already encoded, keyed by model, weights, layer, pooling, transform
+    and image content ($TRANSFERKIT_CACHE, default ~/.cache/transferkit)."""
+
+
+@cache.command("info")
+def cache_info() -> None:
+    """List what is cached: one line per kind of codes, with rows and size."""
+    from transferkit.codecache import CodeCache
+
+    store = CodeCache()
+    entries = store.info()
+    for e in entries:
+        s = e.spec
+        click.echo(f"{e.path.name[:12]}  {s.get('model', '?')}  {s.get('layer', '?')}|{s.get('pool', '?')}  "
+                   f"{(s.get('transform') or {}).get('input_size', '?')}  {s.get('precision', '?')}  "
+                   f"{e.rows} images  {e.bytes / 2**20:.1f} MiB")
+    click.echo(f"{len(entries)} kind(s) of codes, {sum(e.rows for e in entries)} rows, "
+               f"{sum(e.bytes for e in entries) / 2**20:.1f} MiB in {store.root}")
+
+
+@cache.command("clean")
+@click.option("--model", default=None, help="Only the codes of this model.")
+def cache_clean(model: str | None) -> None:
+    """Delete cached codes (all, or one model's)."""
+    from transferkit.codecache import CodeCache
+
+    store = CodeCache()
+    gone = store.clear(model)
+    click.echo(f"deleted {len(gone)} kind(s) of codes, {sum(e.bytes for e in gone) / 2**20:.1f} MiB "
+               f"from {store.root}")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
+from transferkit.codecache import content_hash
 from transferkit.errors import DataError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -146,6 +147,21 @@ class ImageDataset(Dataset):
         if self._pixels is not None:
             return Image.fromarray(self._pixels[i]).convert("RGB")
         return load_image(self.sources[i])
+
+    def content_hashes(self) -> list[bytes | None]:
+        """A 16-byte blake2b digest of each item's bytes (file or IDX pixels); None for a file that cannot be read.
+
+        Keys the code cache: same bytes, same codes, wherever the file lives.
+        """
+        if self._pixels is not None:
+            return [content_hash(row.tobytes()) for row in self._pixels]
+        out: list[bytes | None] = []
+        for source in self.sources:
+            try:
+                out.append(content_hash(Path(source).read_bytes()))
+            except OSError:
+                out.append(None)
+        return out
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, int, str]:
         """(tensor, label, index, error); with skip_bad a bad file gives (None, label, index, message)."""

@@ -6,10 +6,7 @@ import contextlib
 import logging
 import math
 import re
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ from torch import nn
 from transferkit.backbones import DEFAULT_MODEL, PRE_LOGITS, Layer, create_backbone, resolve_layers
 from transferkit.data import ImageDataset, build_transform, collate, describe_transform, load_image
 from transferkit.errors import DataError, ModelError
-from transferkit.store import FeatureStore, FeatureWriter
+from transferkit.inference import fold_checked
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +179,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         batch_size: int = 64,
         precision: str = "fp32",
         num_workers: int = 0,
+        fold_bn: bool = True,
         progress: bool = False,
     ) -> None:
         self.model = model
@@ -192,6 +190,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.precision = precision
         self.num_workers = num_workers
+        self.fold_bn = fold_bn
         self.progress = progress
 
     def fit(self, X=None, y=None) -> FeatureExtractor:
@@ -203,11 +202,15 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.pools_ = parse_pools(self.pool)
         self.device_ = default_device()
         autocast(self.precision, self.device_)  # validates
-        self.backbone_ = create_backbone(self.model, self.weights).to(self.device_)
-        self.backbone_.to(memory_format=torch.channels_last)  # ~2x faster convs on CPU (oneDNN)
-        self.data_config_ = timm.data.resolve_model_data_config(self.backbone_)
+        backbone = create_backbone(self.model, self.weights)
+        self.data_config_ = timm.data.resolve_model_data_config(backbone)
         self.transform_ = build_transform(self.data_config_, self.image_size)
         side = describe_transform(self.data_config_, self.image_size)["input_size"][-1]
+        self.folded_ = 0
+        if self.fold_bn:  # exact algebra, kept only if the network's output is unchanged (transferkit.inference)
+            example = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+            backbone, self.folded_ = fold_checked(backbone, example)
+        self.backbone_ = backbone.to(self.device_).to(memory_format=torch.channels_last)  # oneDNN's fast layout
         self.pairs_ = select_pairs(resolve_layers(self.backbone_, self.layer), self.pools_, side)
         self.keys_ = [key_name(la.name, p) for la, p in self.pairs_]
         self.n_features_out_ = sum(pooled_dim(la, p) for la, p in self.pairs_)
@@ -263,66 +266,3 @@ def _progress(loader, total: int, enabled: bool):
         for batch in loader:
             yield batch
             bar.update(len(batch[2]) + len(batch[3]))
-
-
-
-def extract(
-    data: ImageDataset,
-    out: str | Path,
-    extractor: FeatureExtractor | None = None,
-    *,
-    skip_bad: bool = False,
-    shard_size: int = 4096,
-) -> FeatureStore:
-    """Write the codes of every image in `data` to a feature directory (see transferkit.store).
-
-    Memory stays flat: codes go to disk a shard at a time. A bad image stops the run with the
-    file named (nothing is published) unless `skip_bad`, which records it in the metadata.
-    """
-    import timm
-
-    from transferkit import __version__
-
-    extractor = extractor if extractor is not None else FeatureExtractor()
-    if not hasattr(extractor, "backbone_"):
-        extractor.fit()
-    data = data.with_transform(None)
-    data.skip_bad = skip_bad
-    sources, skipped, kept = data.sources, [], []
-    start = time.perf_counter()
-    with FeatureWriter(out, shard_size=shard_size) as writer:
-        for codes, labels, index, bad in extractor.iter_batches(data):
-            skipped += [{"source": sources[i], "error": msg} for i, msg in bad]
-            if len(index):
-                writer.add(codes, labels, index)
-                kept += index.tolist()
-        seconds = time.perf_counter() - start
-        if not kept:
-            raise DataError(f"no image of '{data.root}' could be read ({len(skipped)} bad)")
-        bb = extractor.backbone_
-        meta = {
-            "model": extractor.model,
-            "weights": bb.weights_info.to_dict(),
-            "layers": [asdict(la) for la in dict.fromkeys(la for la, _ in extractor.pairs_)],
-            "pools": extractor.pools_,
-            "keys": {
-                key_name(la.name, p): {"layer": la.name, "pool": p, "dim": pooled_dim(la, p)}
-                for la, p in extractor.pairs_
-            },
-            "transform": describe_transform(extractor.data_config_, extractor.image_size),
-            "image_size": extractor.image_size,
-            "precision": extractor.precision,
-            "batch_size": extractor.batch_size,
-            "dataset": {"root": str(data.root), "kind": data.kind, "n_items": len(data)},
-            "classes": list(data.classes),
-            "sources": [sources[i] for i in kept],
-            "skipped": skipped,
-            "seconds": round(seconds, 3),
-            "images_per_second": round(len(kept) / seconds, 1) if seconds > 0 else None,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": {"transferkit": __version__, "timm": timm.__version__, "torch": torch.__version__},
-        }
-        writer.commit(meta)
-    for item in skipped:
-        log.warning("skipped %s: %s", item["source"], item["error"])
-    return FeatureStore(out)

@@ -32,15 +32,18 @@ META = "meta.json"
 class FeatureWriter:
     """Collect codes batch by batch; `commit(meta)` publishes the directory in one rename."""
 
-    def __init__(self, out: str | Path, shard_size: int = 4096) -> None:
+    def __init__(self, out: str | Path, shard_size: int = 4096, *, tmp: str | Path | None = None,
+                 prefix: str = "shard") -> None:
+        """`tmp` and `prefix`: several processes (torchrun ranks) write their shards into one shared directory."""
         self.out = Path(out)
         if self.out.exists() and not (self.out / META).is_file() and any(self.out.iterdir()):
             raise DataError(f"output '{self.out}' exists and is not a transferkit feature directory; not overwriting")
         if self.out.exists() and not self.out.is_dir():
             raise DataError(f"output '{self.out}' exists and is not a directory")
-        self.shard_size = shard_size
-        self.tmp = self.out.with_name(f".{self.out.name}.{uuid.uuid4().hex[:8]}.tmp")
-        self.tmp.mkdir(parents=True)
+        self.shard_size, self.prefix = shard_size, prefix
+        self.tmp = Path(tmp) if tmp is not None else self.out.with_name(f".{self.out.name}.{uuid.uuid4().hex[:8]}.tmp")
+        self.tmp.mkdir(parents=True, exist_ok=tmp is not None)
+        self._owner = tmp is None  # a shared directory is removed by whoever commits it
         self.shards: list[dict] = []
         self._buf: dict[str, list[np.ndarray]] = {}
         self._rows = 0
@@ -55,17 +58,26 @@ class FeatureWriter:
     def _flush(self) -> None:
         if not self._rows:
             return
-        name = f"shard-{len(self.shards):05d}.npz"
+        name = f"{self.prefix}-{len(self.shards):05d}.npz"
         arrays = {k: np.concatenate(v) for k, v in self._buf.items()}
         with open(self.tmp / name, "wb") as f:
             np.savez(f, **arrays)
         self.shards.append({"file": name, "rows": self._rows})
         self._buf, self._rows = {}, 0
 
-    def commit(self, meta: dict) -> Path:
-        """Write the last shard and meta.json, then swap the new directory into place."""
+    def finish(self) -> list[dict]:
+        """Write the last shard; return this writer's shards (another process commits the directory)."""
         self._flush()
-        write_json_atomic(self.tmp / META, {"format": FORMAT, **meta, "shards": self.shards})
+        self._owner = False
+        return self.shards
+
+    def commit(self, meta: dict, shards: list[dict] | None = None) -> Path:
+        """Write the last shard and meta.json (listing `shards`, default this writer's), then swap the new
+        directory into place."""
+        self._flush()
+        self._owner = True
+        write_json_atomic(self.tmp / META, {"format": FORMAT, **meta, "shards": self.shards if shards is None
+                                            else shards})
         old = None
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.{uuid.uuid4().hex[:8]}.old")
@@ -82,7 +94,7 @@ class FeatureWriter:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        if self.tmp.exists():
+        if (self._owner or exc_type is not None) and self.tmp.exists():
             self.abort()
 
 

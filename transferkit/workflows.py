@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -17,7 +18,8 @@ from transferkit.atomic import atomic_write, write_json_atomic, write_text_atomi
 from transferkit.backbones import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.data import IMAGE_EXTENSIONS, ImageDataset, build_transform, collate, open_dataset
 from transferkit.errors import DataError, TransferkitError
-from transferkit.features import FeatureExtractor, autocast, default_device, extract
+from transferkit.extraction import extract
+from transferkit.features import FeatureExtractor, autocast, default_device
 from transferkit.probe import DEFAULT_CS, Evaluation, LinearProbe, SweepResult, evaluate, sweep
 from transferkit.store import FeatureStore
 
@@ -50,13 +52,16 @@ def extract_features(
     skip_bad: bool = False,
     like: str | Path | None = None,
     sweep_samples: int = SWEEP_SAMPLES,
+    cache: bool = True,
+    fold_bn: bool = True,
     progress: bool = True,
 ) -> FeatureStore:
     """Extract codes to `out`. layer='auto' extracts every stage x pooling and runs the sweep
     (on a sample of `sweep_samples` images for larger sets, then only the winner for all images).
 
     `like` copies model, weights, image size, precision and the chosen codes from another feature
-    directory, so a test set is encoded exactly as its training set was.
+    directory, so a test set is encoded exactly as its training set was. With `cache`, codes already
+    in the code cache (same model, weights, layer, pooling, transform and image bytes) are reused.
     """
     if like is not None:
         ref = FeatureStore(like)
@@ -67,22 +72,26 @@ def extract_features(
         layer = ",".join(dict.fromkeys(k.split("|")[0] for k in keys))
         pool = ",".join(dict.fromkeys(k.split("|")[1] for k in keys))
     auto = layer == "auto"
+    if auto and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DataError("--layer auto sweeps in one process; under torchrun name the layer and pooling (or run "
+                        "the sweep first without torchrun and then `extract --like` its output)")
     dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class, skip_bad=skip_bad)
     extractor = FeatureExtractor(
         model, weights=weights, layer="all" if auto else layer, pool="all" if auto else pool,
         image_size=image_size, batch_size=batch_size, precision=precision, num_workers=num_workers,
-        progress=progress,
+        fold_bn=fold_bn, progress=progress,
     )
     if auto and len(dataset) > sweep_samples:
-        return _extract_best(dataset, Path(out), extractor, sweep_samples, skip_bad, progress)
-    store = extract(dataset, out, extractor, skip_bad=skip_bad)
+        return _extract_best(dataset, Path(out), extractor, sweep_samples, skip_bad, progress, cache)
+    store = extract(dataset, out, extractor, skip_bad=skip_bad, cache=cache)
     if auto:
         sweep_features(store, progress=progress)
     return store
 
 
 def _extract_best(
-    dataset: ImageDataset, out: Path, extractor: FeatureExtractor, n: int, skip_bad: bool, progress: bool
+    dataset: ImageDataset, out: Path, extractor: FeatureExtractor, n: int, skip_bad: bool, progress: bool,
+    cache: bool = True,
 ) -> FeatureStore:
     """Sweep every stage x pooling on a stratified sample of `n` images, then extract only the winner for all.
 
@@ -94,10 +103,10 @@ def _extract_best(
     scratch = out.with_name(f".{out.name}.sweep")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        sample = extract(dataset.select(np.sort(idx)), scratch, extractor, skip_bad=skip_bad)
+        sample = extract(dataset.select(np.sort(idx)), scratch, extractor, skip_bad=skip_bad, cache=cache)
         best = sweep_features(sample, progress=progress).best
         extractor.set_params(layer=best["layer"], pool=best["pool"]).fit()
-        store = extract(dataset, out, extractor, skip_bad=skip_bad)
+        store = extract(dataset, out, extractor, skip_bad=skip_bad, cache=cache)
         for name in (SWEEP_FILE, "sweep.png"):
             shutil.copyfile(scratch / name, out / name)
     finally:

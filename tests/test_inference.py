@@ -1,0 +1,88 @@
+"""BatchNorm folding: exact on real networks and real images, refused where the wiring is not conv -> bn."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import timm
+import timm.data
+import torch
+from torch import nn
+
+from transferkit.data import open_dataset
+from transferkit.features import FeatureExtractor
+from transferkit.inference import fold_batchnorm, fold_checked
+
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def photo_batch(sample_images, model: nn.Module, size: int) -> torch.Tensor:
+    cfg = {**timm.data.resolve_model_data_config(model), "input_size": (3, size, size), "crop_pct": 1.0}
+    transform = timm.data.create_transform(**cfg)
+    return torch.stack([transform(img) for img in sample_images.values()])
+
+
+def test_lite0_folds_every_batchnorm_and_keeps_its_logits(lite0, sample_images):
+    x = photo_batch(sample_images, lite0, 224)  # china.jpg and flower.jpg
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in lite0.modules())
+    folded = copy.deepcopy(lite0)
+    assert fold_batchnorm(folded) == n_bn == 49
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), lite0(x), **TOL)
+        assert folded(x).argmax(1).tolist() == lite0(x).argmax(1).tolist()
+    assert isinstance(folded.bn1, nn.Sequential) and isinstance(folded.bn1[0], nn.ReLU6)  # BN's act is kept
+
+
+def test_resnet_with_real_statistics(sample_images):
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():  # non-trivial statistics, as trained weights would have
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    x = photo_batch(sample_images, model, 160)
+    folded, n = fold_checked(model, x)
+    assert n == 20  # 17 convs + 3 downsample convs, each followed by its BatchNorm
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), **TOL)
+
+
+class NormFirst(nn.Module):
+    """conv and bn registered in that order, but bn runs first: sibling order is not data flow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+def test_wrong_wiring_is_caught_and_the_original_kept(caplog):
+    model = NormFirst().eval()
+    with torch.no_grad():
+        model.bn.running_mean.fill_(0.5)
+        model.bn.running_var.fill_(4.0)
+    x = torch.randn(2, 3, 16, 16)
+    with caplog.at_level(logging.WARNING):
+        kept, n = fold_checked(model, x)
+    assert kept is model and n == 0 and "running unfolded" in caplog.text
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(NormFirst().train())
+
+
+def test_extractor_codes_with_and_without_folding(photo_folder):
+    data = open_dataset(photo_folder)
+    kw = {"weights": "package", "layer": "blocks.4,pre_logits", "pool": "avg,2x2", "image_size": 64}
+    folded = FeatureExtractor(**kw).fit()
+    plain = FeatureExtractor(**kw, fold_bn=False).fit()
+    assert folded.folded_ == 49 and plain.folded_ == 0
+    a, b = folded.transform(data), plain.transform(data)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
