@@ -86,3 +86,34 @@ def test_extractor_codes_with_and_without_folding(photo_folder):
     assert folded.folded_ == 49 and plain.folded_ == 0
     a, b = folded.transform(data), plain.transform(data)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+def test_auto_precision_is_bf16_weights_where_the_cpu_runs_bf16(photo_folder, tmp_path):
+    from transferkit.features import cpu_has_bf16
+    from transferkit.workflows import extract_features
+
+    data = open_dataset(photo_folder)
+    auto = FeatureExtractor(weights="package", image_size=64).fit()
+    fp32 = FeatureExtractor(weights="package", image_size=64, precision="fp32").fit()
+    want = "bf16" if cpu_has_bf16() else "fp32"
+    assert auto.precision_ == want and fp32.precision_ == "fp32"
+    assert next(auto.backbone_.parameters()).dtype == (torch.bfloat16 if want == "bf16" else torch.float32)
+    a, b = auto.transform(data), fp32.transform(data)
+    assert a.dtype == np.float32
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99  # bf16 keeps ~3 significant digits; the codes point the same way
+    store = extract_features(photo_folder, tmp_path / "codes", weights="package", image_size=64, progress=False)
+    assert store.meta["precision"] == want and store.meta["folded_batchnorms"] == 49  # the resolved choice
+
+
+def test_cli_profile_times_decoding_and_the_model(photo_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from transferkit.cli import cli
+
+    out = CliRunner().invoke(cli, ["extract", str(photo_folder), "-o", str(tmp_path / "c"), "--weights", "package",
+                                   "--image-size", "32", "--profile"])
+    assert out.exit_code == 0, out.output
+    line = next(x for x in out.output.splitlines() if x.startswith("profile on 16 images"))
+    rates = [float(w) for w in line.replace(",", " ").split() if w.replace(".", "").isdigit()][1:]
+    assert "0 DataLoader workers" in line and "bottleneck" in line and all(r > 0 for r in rates), line

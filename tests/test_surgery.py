@@ -152,12 +152,12 @@ def test_probe_parity(tmp_path, photo_folder):
     for layer, pool in (("blocks.4", "2x2"), ("pre_logits", "avg"), ("blocks.6", "max")):
         codes, probe_dir = tmp_path / f"codes-{layer}-{pool}", tmp_path / f"probe-{layer}-{pool}"
         extract_features(photo_folder, codes, weights="package", layer=layer, pool=pool, image_size=64,
-                         progress=False)
+                         precision="fp32", progress=False)  # parity is an fp32 claim
         train_probe(codes, probe_dir, cv=2)
         clf = load_classifier(probe_dir)
         probe = LinearProbe.load(probe_dir / "probe")
         extractor = FeatureExtractor("tf_efficientnet_lite0", weights="package", layer=layer, pool=pool,
-                                     image_size=64).fit()
+                                     image_size=64, precision="fp32").fit()
         from transferkit.data import open_dataset
 
         data = open_dataset(photo_folder)

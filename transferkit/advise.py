@@ -216,7 +216,8 @@ def _similarity(dataset: ImageDataset, model: str, weights: str, image_size: int
             parts[k].append(codes[k])
         labels.append(y)
         with torch.inference_mode():
-            logits = classifier(torch.from_numpy(codes[TOP]).to(extractor.device_))  # (B, 1280) -> (B, 1000)
+            top = torch.from_numpy(codes[TOP]).to(extractor.device_, next(classifier.parameters()).dtype)
+            logits = classifier(top)  # (B, 1280) -> (B, 1000)
             logp = logits.float().log_softmax(1)
         n_outputs = logp.shape[1]
         max_p.append(logp.max(1).values.exp().cpu().numpy())

@@ -40,10 +40,14 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
 
 
-def model_options(f):
+def model_options(f=None, *, precision: str = "fp32", help_precision: str = "bf16 autocast on CPU/GPU; fp16 needs "
+                  "CUDA."):
     """Options shared by every command that builds a backbone."""
-    f = click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
-                     show_default=True, help="bf16 autocast on CPU/GPU; fp16 needs CUDA.")(f)
+    if f is None:
+        return lambda g: model_options(g, precision=precision, help_precision=help_precision)
+    f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"] if precision == "auto" else
+                                                      ["fp32", "bf16", "fp16"]), default=precision,
+                     show_default=True, help=help_precision)(f)
     f = click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)(f)
     f = click.option("--image-size", type=click.IntRange(8), default=None,
                      help="Resize whole images to N x N instead of the model's pretrained size and crop.")(f)
@@ -57,7 +61,8 @@ def model_options(f):
 @cli.command()
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Feature directory to write.")
-@model_options
+@model_options(precision="auto", help_precision="auto: bf16 on CPUs with native bf16 (AVX512-BF16/AMX), fp16 "
+               "autocast on CUDA, else fp32. fp32 turns the reduced precision off.")
 @click.option("--layer", default="pre_logits", show_default=True,
               help="pre_logits, a stage index or timm module name (see `transferkit layers`), 'all', "
                    "or 'auto' (every stage x pooling, then a sweep picks the best).")
@@ -72,11 +77,26 @@ def model_options(f):
               help="Reuse codes of images already encoded the same way (see `transferkit cache`).")
 @click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
               help="Fold BatchNorm into the conv before it (checked against the unfolded output).")
+@click.option("--profile", is_flag=True, help="First time decoding alone and the model alone on 256 images.")
 def extract(data: Path, out: Path, model: str, weights: str, image_size: int | None, batch_size: int,
             precision: str, layer: str, pool: str, per_class: int | None, num_workers: int, skip_bad: bool,
-            like: Path | None, cache: bool, fold_bn: bool) -> None:
+            like: Path | None, cache: bool, fold_bn: bool, profile: bool) -> None:
     """Write CNN codes of every image in DATA (folder, CSV manifest or IDX) to a feature directory."""
     from transferkit.workflows import extract_features
+
+    if profile:
+        from transferkit.extraction import profile as profile_extraction
+        from transferkit.features import FeatureExtractor
+        from transferkit.workflows import load_data
+
+        p = profile_extraction(FeatureExtractor(model, weights=weights, layer="all" if layer == "auto" else layer,
+                                                pool="all" if layer == "auto" else pool, image_size=image_size,
+                                                batch_size=batch_size, precision=precision, num_workers=num_workers,
+                                                fold_bn=fold_bn), load_data(data, per_class=per_class))
+        slower = "decoding" if p["decode_images_per_second"] < p["model_images_per_second"] else "the model"
+        click.echo(f"profile on {p['images']} images: decoding {p['decode_images_per_second']:.0f} img/s "
+                   f"({p['num_workers']} DataLoader workers), model {p['model_images_per_second']:.0f} img/s; "
+                   f"{slower} is the bottleneck")
 
     store = extract_features(
         data, out, model=model, weights=weights, layer=layer, pool=pool, image_size=image_size,

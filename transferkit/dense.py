@@ -100,7 +100,7 @@ def _from_run(path: Path, window: bool) -> DenseClassifier:
 def _from_probe(path: Path, window: bool) -> DenseClassifier:
     from transferkit.workflows import _load_probe
 
-    probe, extractor = _load_probe(path, batch_size=1, progress=False)
+    probe, extractor = _load_probe(path, batch_size=1, progress=False, exact=True)
     arrays = probe._arrays()  # coef, intercept and the StandardScaler's statistics, as saved
     l2 = probe.scaling == "l2"
     ops = probe_head(arrays["coef"], arrays["intercept"], extractor.pools_[0], arrays.get("scale_mean"),
@@ -108,7 +108,7 @@ def _from_probe(path: Path, window: bool) -> DenseClassifier:
     if len(extractor.pairs_) != 1:
         raise ModelError(f"probe '{path}' uses codes of several layers or pools; only one can be converted")
     layer, pool = extractor.pairs_[0]
-    backbone = extractor.backbone_.cpu().float()
+    backbone = extractor.backbone_.cpu()
     if layer.index is None and pool == "avg":  # pre_logits: the model's own pooling path (forward_head)
         classifier = backbone.get_classifier()
         ops = [op for op in timm_head_ops(backbone) if op is not classifier] + ops[-1:]

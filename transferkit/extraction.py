@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from transferkit.codecache import CodeCache, CodeSpace
-from transferkit.data import ImageDataset, describe_transform
+from transferkit.data import ImageDataset, collate, describe_transform
 from transferkit.distributed import World, init_world
 from transferkit.errors import DataError
 from transferkit.features import FeatureExtractor, key_name, pooled_dim
@@ -111,7 +111,7 @@ def _meta(extractor: FeatureExtractor, data: ImageDataset, kept: list[int], skip
         },
         "transform": describe_transform(extractor.data_config_, extractor.image_size),
         "image_size": extractor.image_size,
-        "precision": extractor.precision,
+        "precision": extractor.precision_,
         "folded_batchnorms": extractor.folded_,
         "batch_size": extractor.batch_size,
         "dataset": {"root": str(data.root), "kind": data.kind, "n_items": len(data)},
@@ -167,7 +167,7 @@ def code_spaces(extractor: FeatureExtractor, cache: CodeCache | None) -> dict[st
         return {}
     base = {"model": extractor.model, "weights_sha256": extractor.backbone_.weights_info.sha256,
             "transform": describe_transform(extractor.data_config_, extractor.image_size),
-            "precision": extractor.precision, "fold_bn": bool(extractor.folded_)}
+            "precision": extractor.precision_, "fold_bn": bool(extractor.folded_)}
     return {key_name(la.name, p): cache.space({**base, "layer": la.name, "pool": p}) for la, p in extractor.pairs_}
 
 
@@ -211,3 +211,27 @@ def _cached_batches(extractor: FeatureExtractor, data: ImageDataset, spaces: dic
         done = int(index[-1]) + 1
         yield codes, labels, index, bad
     yield from from_cache(np.flatnonzero(cached[done:]) + done)
+
+
+def profile(extractor: FeatureExtractor, data: ImageDataset, n: int = 256) -> dict[str, float]:
+    """Images/s of decoding alone (the DataLoader, as extract runs it) and of the model alone, on `n` images.
+
+    When decoding is the slower one, more DataLoader workers (--num-workers) help; when the model is,
+    only a faster model path does.
+    """
+    if not hasattr(extractor, "backbone_"):
+        extractor.fit()
+    sample = data.select(np.arange(min(n, len(data)))).with_transform(extractor.transform_)
+    sample.skip_bad = True
+    loader = torch.utils.data.DataLoader(sample, batch_size=extractor.batch_size, num_workers=extractor.num_workers,
+                                         collate_fn=collate)
+    start = time.perf_counter()
+    batches = [x for x, *_ in loader if x is not None]
+    decode = sum(len(x) for x in batches) / (time.perf_counter() - start)
+    extractor.model_codes(batches[0])  # warm-up
+    start = time.perf_counter()
+    for x in batches:
+        extractor.model_codes(x)
+    model = sum(len(x) for x in batches) / (time.perf_counter() - start)
+    return {"images": sum(len(x) for x in batches), "decode_images_per_second": decode,
+            "model_images_per_second": model, "num_workers": extractor.num_workers}

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 POOLS = ("avg", "max", "avgmax")  # plus grids "NxN" that keep location
 ALL_POOLS = ("avg", "max", "avgmax", "2x2", "4x4")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _GRID = re.compile(r"^(?:grid)?(\d)(?:x(\d))?$")
 
 
@@ -120,10 +120,25 @@ def select_pairs(layers: Sequence[Layer], pools: Sequence[str], side: int) -> li
     return pairs
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision context for --precision; fp32 runs as is."""
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> what is fast and accurate enough for codes on `device` (bench/inference_variants.py)."""
     if precision not in PRECISIONS:
         raise ModelError(f"--precision must be one of {', '.join(PRECISIONS)}. Got '{precision}' instead.")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision context for --precision; fp32 runs as is."""
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "fp16" and device.type != "cuda":
@@ -177,7 +192,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         pool: str = "avg",
         image_size: int | None = None,
         batch_size: int = 64,
-        precision: str = "fp32",
+        precision: str = "auto",
         num_workers: int = 0,
         fold_bn: bool = True,
         progress: bool = False,
@@ -202,6 +217,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.pools_ = parse_pools(self.pool)
         self.device_ = default_device()
         autocast(self.precision, self.device_)  # validates
+        self.precision_ = resolve_precision(self.precision, self.device_)
         backbone = create_backbone(self.model, self.weights)
         self.data_config_ = timm.data.resolve_model_data_config(backbone)
         self.transform_ = build_transform(self.data_config_, self.image_size)
@@ -210,6 +226,10 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         if self.fold_bn:  # exact algebra, kept only if the network's output is unchanged (transferkit.inference)
             example = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
             backbone, self.folded_ = fold_checked(backbone, example)
+        # bf16 on CPU: cast the weights once; autocast would re-cast them on every call (10% slower here)
+        self.input_dtype_ = torch.bfloat16 if self.precision_ == "bf16" and self.device_.type == "cpu" else None
+        if self.input_dtype_ is not None:
+            backbone = backbone.to(self.input_dtype_)
         self.backbone_ = backbone.to(self.device_).to(memory_format=torch.channels_last)  # oneDNN's fast layout
         self.pairs_ = select_pairs(resolve_layers(self.backbone_, self.layer), self.pools_, side)
         self.keys_ = [key_name(la.name, p) for la, p in self.pairs_]
@@ -235,10 +255,15 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             if x is None:
                 yield {}, np.empty(0, np.int64), np.empty(0, np.int64), bad
                 continue
-            with torch.inference_mode(), autocast(self.precision, self.device_):
-                x = x.to(self.device_, memory_format=torch.channels_last)
-                codes = compute_codes(self.backbone_, x, self.pairs_)
-            yield {k: v.cpu().numpy() for k, v in codes.items()}, y.numpy(), idx.numpy(), bad
+            yield self.model_codes(x), y.numpy(), idx.numpy(), bad
+
+    def model_codes(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """Codes of one preprocessed batch (B, 3, H, W): the model's share of the work."""
+        mixed = autocast(self.precision_, self.device_) if self.input_dtype_ is None else contextlib.nullcontext()
+        with torch.inference_mode(), mixed:
+            x = x.to(self.device_, dtype=self.input_dtype_, memory_format=torch.channels_last)
+            codes = compute_codes(self.backbone_, x, self.pairs_)
+        return {k: v.cpu().numpy() for k, v in codes.items()}
 
     def transform(self, X) -> np.ndarray:
         """(N, D) float32 codes of the images in X."""

@@ -307,13 +307,18 @@ def model_kind(model_dir: str | Path) -> str:
     )
 
 
-def _load_probe(probe_dir: str | Path, batch_size: int, progress: bool) -> tuple[LinearProbe, FeatureExtractor]:
-    """A saved probe and the fitted extractor that makes its codes, with the same backbone weights."""
+def _load_probe(probe_dir: str | Path, batch_size: int, progress: bool,
+                exact: bool = False) -> tuple[LinearProbe, FeatureExtractor]:
+    """A saved probe and the fitted extractor that makes its codes, with the same backbone weights.
+
+    `exact`: an fp32 backbone without folding, whatever the codes were made with (for network surgery).
+    """
     probe = LinearProbe.load(Path(probe_dir) / "probe")
     spec = probe.extra_
     extractor = FeatureExtractor(
         spec["model"], weights=_weights_arg(spec["weights"]), layer=spec["layer"], pool=spec["pool"],
-        image_size=spec["image_size"], batch_size=batch_size, precision=spec["precision"], progress=progress,
+        image_size=spec["image_size"], batch_size=batch_size, precision="fp32" if exact else spec["precision"],
+        fold_bn=not exact, progress=progress,
     ).fit()
     if extractor.backbone_.weights_info.sha256 != spec["weights"]["sha256"]:
         raise DataError(f"the backbone's weights differ from those probe '{probe_dir}' was trained with")
