@@ -86,6 +86,9 @@ def test_errors_name_the_culprit(photo_folder, tmp_path):
     torch.save({"w": torch.zeros(3)}, wrong)
     _bad(run("extract", photo_folder, "-o", out, "--weights", wrong, ok=False), "wrong.pth", "do not match")
     assert not out.exists()
+    bad = run("finetune", photo_folder, "-o", tmp_path / "run", "--crop-scale", "0.6", ok=False)
+    assert bad.exit_code == 2 and "--crop-scale" in bad.output and "'0.6'" in bad.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_data_errors(photo_folder, tmp_path):

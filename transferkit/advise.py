@@ -14,7 +14,6 @@ The rule and its thresholds are in `Thresholds`; docs/recipes.md explains them.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from transferkit import recipes
-from transferkit.backbones import DEFAULT_MODEL, PRE_LOGITS
+from transferkit.backbones import DEFAULT_MODEL, PRE_LOGITS, create_backbone
 from transferkit.data import ImageDataset, build_transform, collate, describe_transform
 from transferkit.errors import DataError
 from transferkit.features import FeatureExtractor
@@ -246,7 +245,7 @@ def _similarity(dataset: ImageDataset, model: str, weights: str, image_size: int
         "max_softmax": float(np.concatenate(max_p).mean()), "entropy": float(np.concatenate(entropy).mean()),
         "max_entropy": math.log(n_outputs), "images_per_second": len(y) / seconds,
         "pass_seconds": seconds,
-    }, {"backbone": extractor.backbone_, "sweep_seconds": sweep_seconds, "top_seconds": rows[TOP]["seconds"],
+    }, {"model": model, "weights": weights, "sweep_seconds": sweep_seconds, "top_seconds": rows[TOP]["seconds"],
         "side": side}
 
 
@@ -281,7 +280,8 @@ def _estimate(recipe: recipes.Recipe, n: int, n_classes: int, sample: ImageDatas
         parts.append(f"SVM fit ~{fit:.0f} s (scaled from the pass's CV)")
         return seconds + fit, "; ".join(parts)
     n_val = max(round(s.val_fraction * n), n_classes) if s.val_fraction else 0
-    train_rate = _training_rate(signals["backbone"], sample, s)
+    # a fresh fp32 network: the pass's own is folded (no BatchNorm) and perhaps bf16, unlike a training run
+    train_rate = _training_rate(create_backbone(signals["model"], signals["weights"]), sample, s)
     seconds = s.epochs * ((n - n_val) / train_rate + n_val / rate)
     how = (f"{s.epochs} epochs x {n - n_val} training images at {train_rate:.0f} img/s (measured over a few steps) "
            f"+ validation of {n_val} images per epoch")
@@ -294,7 +294,7 @@ def _training_rate(backbone: torch.nn.Module, dataset: ImageDataset, config: Fin
     """Training images/s of the recipe's setup (head, freezing, image size, batch), timed over a few steps."""
     import timm.data
 
-    model = copy.deepcopy(backbone)
+    model = backbone
     replace_head(model, len(dataset.classes), head=config.head, image_size=config.image_size)
     freeze_until(model, resolve_stage(model, config.freeze_until))
     set_train_mode(model, config.train_bn)

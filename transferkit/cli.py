@@ -331,6 +331,8 @@ def evaluate(model_dir: Path, data: Path, out: Path | None, per_class: int | Non
               help="local: LocallyConnected2d on the unpooled final map (then a fixed --image-size).")
 @click.option("--train-bn", is_flag=True, help="Let BatchNorm in frozen stages update its running statistics.")
 @click.option("--no-augment", is_flag=True, help="Train on the eval transform (no crop, flip or erasing).")
+@click.option("--crop-scale", default="0.35:1", show_default=True,
+              help="LO:HI share of the image area a random resized crop keeps (0 < LO <= HI <= 1).")
 @click.option("--random-erasing", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="Probability of timm's RandomErasing per training image.")
 @click.option("--no-cache", is_flag=True, help="Recompute the frozen stages every step instead of caching them.")
@@ -391,6 +393,7 @@ def _finetune_config(ctx: click.Context, options: dict, saved: dict | None):
     values["augment"] = not values.pop("no_augment")
     values["cache"] = not values.pop("no_cache")
     values["lr_range"] = _lr_range(values["lr_range"])
+    values["crop_scale"] = _crop_scale(values["crop_scale"])
     values["clip_grad"] = values["clip_grad"] or None
     if saved is None:
         return FinetuneConfig(**values)
@@ -400,6 +403,16 @@ def _finetune_config(ctx: click.Context, options: dict, saved: dict | None):
     given = {k: v for k, v in values.items()
              if ctx.get_parameter_source(param.get(k, k)) == click.core.ParameterSource.COMMANDLINE}
     return dataclasses.replace(FinetuneConfig.from_dict(saved), **given)  # a given option that differs is refused
+
+
+def _crop_scale(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(":"))
+    except ValueError:
+        lo = hi = -1.0
+    if not 0 < lo <= hi <= 1:
+        raise click.BadParameter(f"must be LO:HI with 0 < LO <= HI <= 1. Got {text!r}.", param_hint="--crop-scale")
+    return lo, hi
 
 
 def _lr_range(text: str | None) -> tuple[float, float] | None:
