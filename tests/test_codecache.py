@@ -16,7 +16,7 @@ from transferkit.store import FeatureStore
 from transferkit.workflows import extract_features
 
 OPTS = {"weights": "package", "image_size": 32, "layer": "blocks.2,pre_logits", "pool": "avg,2x2",
-        "progress": False}
+        "precision": "fp32", "progress": False}
 
 
 def codes(store: FeatureStore) -> dict[str, np.ndarray]:
@@ -59,7 +59,7 @@ def test_other_settings_never_hit_and_moved_files_do(photo_folder, tmp_path):
     extract_features(photo_folder, tmp_path / "a", **opts)
     other = extract_features(photo_folder, tmp_path / "b", **{**opts, "image_size": 48})
     assert other.meta["cache"]["cached"] == 0  # another transform: another kind of codes
-    bf16 = extract_features(photo_folder, tmp_path / "c", precision="bf16", **opts)
+    bf16 = extract_features(photo_folder, tmp_path / "c", **{**opts, "precision": "bf16"})
     assert bf16.meta["cache"]["cached"] == 0
     moved = tmp_path / "moved"
     shutil.copytree(photo_folder, moved)
@@ -117,7 +117,7 @@ def test_two_processes_extract_what_one_does(fmnist, tmp_path, code_cache):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "transferkit", "-q", "extract", str(fmnist.root), "--per-class", "6", "--weights", "package",
-           "--image-size", "32", "--layer", OPTS["layer"], "--pool", OPTS["pool"]]
+           "--image-size", "32", "--layer", OPTS["layer"], "--pool", OPTS["pool"], "--precision", "fp32"]
     for name in ("two", "again"):
         proc = subprocess.run([*cmd, "-o", str(tmp_path / name)], env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -62,7 +62,9 @@ def run_dir(tmp_path_factory, folders):
     from transferkit.stages import replace_head
 
     out = tmp_path_factory.mktemp("run")
-    extractor = FeatureExtractor("tf_efficientnet_lite0", weights="package", image_size=SIZE).fit()
+    # stands in for a fine-tuned network: fp32 and unfolded, as finetune() saves one
+    extractor = FeatureExtractor("tf_efficientnet_lite0", weights="package", image_size=SIZE, precision="fp32",
+                                 fold_bn=False).fit()
     train = open_dataset(folders["train"])
     y = np.array([RUN_CLASSES.index(train.classes[t]) for t in train.targets])
     head = LogisticRegression(max_iter=2000).fit(extractor.transform(train), y)

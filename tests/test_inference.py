@@ -80,7 +80,8 @@ def test_wrong_wiring_is_caught_and_the_original_kept(caplog):
 
 def test_extractor_codes_with_and_without_folding(photo_folder):
     data = open_dataset(photo_folder)
-    kw = {"weights": "package", "layer": "blocks.4,pre_logits", "pool": "avg,2x2", "image_size": 64}
+    kw = {"weights": "package", "layer": "blocks.4,pre_logits", "pool": "avg,2x2", "image_size": 64,
+          "precision": "fp32"}
     folded = FeatureExtractor(**kw).fit()
     plain = FeatureExtractor(**kw, fold_bn=False).fit()
     assert folded.folded_ == 49 and plain.folded_ == 0

@@ -46,7 +46,7 @@ def extract_features(
     pool: str = "avg",
     image_size: int | None = None,
     batch_size: int = 64,
-    precision: str = "fp32",
+    precision: str = "auto",
     num_workers: int = 0,
     per_class: int | None = None,
     skip_bad: bool = False,
