@@ -134,8 +134,10 @@ def main() -> None:
         for size in (None, 64):
             plain = plain_timm_loop(root, size)
             fast, meta = transferkit_extract(root, size, tmp / f"tk-{size}")
-            rows[size or 224] = (plain, fast, meta)
-            print(f"{size or 224}px: plain {plain:.0f} img/s, transferkit {fast:.0f} img/s", flush=True)
+            workers, _ = transferkit_extract(root, size, tmp / f"tk-{size}-w", num_workers=1)
+            rows[size or 224] = (plain, fast, meta, workers)
+            print(f"{size or 224}px: plain {plain:.0f} img/s, transferkit {fast:.0f} img/s "
+                  f"({workers:.0f} with 1 DataLoader worker)", flush=True)
         acc_fast = probe_accuracy(tmp / "fast")
         acc_fp32 = probe_accuracy(tmp / "fp32", precision="fp32", fold_bn=False)
         first, again = cache_times(tmp)
@@ -148,14 +150,15 @@ def main() -> None:
         f"(precision {meta224['precision']}, {meta224['folded_batchnorms']} BatchNorms folded, channels_last, "
         f"batch {meta224['batch_size']}, cache off). Same run, same files.",
         "",
-        "| input | (a) plain timm loop | (b) transferkit | (b)/(a) | (b) GMAC/s | share of fp32 / bf16 GEMM |",
-        "|---|---|---|---|---|---|",
+        "| input | (a) plain timm loop | (b) transferkit | (b)/(a) | (b) GMAC/s | share of fp32 / bf16 GEMM "
+        "| (b) with `--num-workers 1` |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for size, (plain, fast, _) in rows.items():
+    for size, (plain, fast, _, workers) in rows.items():
         macs = GMACS_224 * (size / 224) ** 2
         lines.append(f"| {size}x{size} | {plain:.0f} img/s | {fast:.0f} img/s | **{fast / plain:.1f}x** "
                      f"| {fast * macs:.0f} | {100 * fast * macs / gemm['fp32']:.0f}% / "
-                     f"{100 * fast * macs / gemm['bf16']:.0f}% |")
+                     f"{100 * fast * macs / gemm['bf16']:.0f}% | {workers:.0f} img/s |")
     lines += [
         "",
         f"GEMM 2048^3 in the same run: fp32 {gemm['fp32']:.0f} GMAC/s, bf16 {gemm['bf16']:.0f} GMAC/s "
@@ -173,7 +176,7 @@ def main() -> None:
     ]
     body = "## Feature extraction speed\n\n" + "\n".join(lines)
     (args.work / "result.json").write_text(json.dumps({
-        "rows": {k: [v[0], v[1]] for k, v in rows.items()}, "gemm": gemm, "acc": [acc_fast, acc_fp32],
+        "rows": {k: [v[0], v[1], v[3]] for k, v in rows.items()}, "gemm": gemm, "acc": [acc_fast, acc_fp32],
         "cache": [first, again], "rss": [rss[600], rss[None]]}, indent=1))
     write_section(args.doc, "extract-speed", body)
     print(body)

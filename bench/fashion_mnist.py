@@ -56,7 +56,8 @@ def run_step(per_class: int | None, step: str, test, args, work: Path) -> dict:
         row["raw_s"] = time.perf_counter() - t
     else:
         label, layer = step, {"pre": "pre_logits", "best": "auto"}[step]
-        common = {"image_size": args.image_size, "batch_size": args.batch_size, "progress": not args.quiet}
+        common = {"image_size": args.image_size, "batch_size": args.batch_size, "precision": args.precision,
+                  "cache": False, "progress": not args.quiet}  # timed: every code computed, as recorded
         t = time.perf_counter()
         codes = extract_features(train, work / name / label, layer=layer, pool="avg", **common)
         row[f"{label}_extract_s"] = time.perf_counter() - t
@@ -137,6 +138,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,100,1000,full")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--precision", default="fp32", help="the recorded figures are fp32 (extract: auto)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/transferkit-bench/fashion-mnist"))
     parser.add_argument("--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
     parser.add_argument("--steps", default="raw,pre,best", help="which of raw,pre,best to (re)run; 'none': only write")

@@ -203,8 +203,9 @@ def _similarity(dataset: ImageDataset, model: str, weights: str, image_size: int
     if cv < 2:
         raise DataError(f"advise needs at least 2 images in every class of '{dataset.root}' to cross-validate; "
                         f"the smallest has {counts[counts > 0].min()}")
+    # fp32: the thresholds and the measurements in docs/recipes.md were made with fp32 codes
     extractor = FeatureExtractor(model, weights=weights, layer="all", pool="all", image_size=image_size,
-                                 batch_size=batch_size, progress=progress).fit()
+                                 batch_size=batch_size, precision="fp32", progress=progress).fit()
     keys = [k for k in extractor.keys_ if not k.startswith(f"{PRE_LOGITS}|")] + [TOP]
     parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     labels, max_p, entropy = [], [], []
