@@ -131,7 +131,8 @@ def table(work: Path) -> str:
         ]
     lines += ["", "Machine and date of each run:", ""]
     for name, row in rows.items():
-        lines.append(f"- **{name}**: " + "; ".join(m[2:] for m in row["machine"]))
+        note = f" **Note:** {row['note']}" if row.get("note") else ""  # added by hand where a run was disturbed
+        lines.append(f"- **{name}**: " + "; ".join(m[2:] for m in row["machine"]) + note)
     return "\n".join(lines)
 
 
