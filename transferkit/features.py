@@ -1,4 +1,4 @@
-"""CNN codes: pooled backbone activations, as a scikit-learn transformer and as sharded files on disk."""
+"""CNN codes: pooled backbone activations, as a scikit-learn transformer (files on disk: transferkit.extraction)."""
 
 from __future__ import annotations
 
