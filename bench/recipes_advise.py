@@ -149,13 +149,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("bench/.work/recipes"))
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite the docs from the cached figures")
     args = parser.parse_args()
     sizes = args.sizes.split(",")
     if set(sizes) - set(SIZES):
         parser.error(f"unknown --sizes {', '.join(sorted(set(sizes) - set(SIZES)))}")
     torch.set_flush_denormal(True)
     args.work.mkdir(parents=True, exist_ok=True)
-    for size in sizes:
+    for size in [] if args.table_only else sizes:
         measure(size, args.work, args.quiet)
     body = "## Recipes and advise\n\n" + table(args.work)
     write_section(args.doc, "recipes-advise", body)
