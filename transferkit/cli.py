@@ -392,8 +392,8 @@ def _finetune_config(ctx: click.Context, options: dict, saved: dict | None):
     values = dict(options)
     values["augment"] = not values.pop("no_augment")
     values["cache"] = not values.pop("no_cache")
-    values["lr_range"] = _lr_range(values["lr_range"])
-    values["crop_scale"] = _crop_scale(values["crop_scale"])
+    values["lr_range"] = _lo_hi(values["lr_range"], "--lr-range")
+    values["crop_scale"] = _lo_hi(values["crop_scale"], "--crop-scale", high=1)
     values["clip_grad"] = values["clip_grad"] or None
     if saved is None:
         return FinetuneConfig(**values)
@@ -405,25 +405,17 @@ def _finetune_config(ctx: click.Context, options: dict, saved: dict | None):
     return dataclasses.replace(FinetuneConfig.from_dict(saved), **given)  # a given option that differs is refused
 
 
-def _crop_scale(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(":"))
-    except ValueError:
-        lo = hi = -1.0
-    if not 0 < lo <= hi <= 1:
-        raise click.BadParameter(f"must be LO:HI with 0 < LO <= HI <= 1. Got {text!r}.", param_hint="--crop-scale")
-    return lo, hi
-
-
-def _lr_range(text: str | None) -> tuple[float, float] | None:
+def _lo_hi(text: str | None, option: str, high: float | None = None) -> tuple[float, float] | None:
+    """'LO:HI' -> (lo, hi) with 0 < lo <= hi (<= high); None stays None."""
     if text is None:
         return None
     try:
         lo, hi = (float(v) for v in text.split(":"))
     except ValueError:
         lo = hi = -1.0
-    if not 0 < lo <= hi:
-        raise click.BadParameter(f"must be LO:HI with 0 < LO <= HI. Got {text!r}.", param_hint="--lr-range")
+    if not 0 < lo <= hi <= (high if high is not None else hi):
+        bound = f" <= {high:g}" if high is not None else ""
+        raise click.BadParameter(f"must be LO:HI with 0 < LO <= HI{bound}. Got {text!r}.", param_hint=option)
     return lo, hi
 
 
