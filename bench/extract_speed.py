@@ -3,9 +3,12 @@
 (a) the plain loop: the model from timm (here with the packaged ImageNet weights, as nothing can be
     downloaded), eval, fp32, NCHW, torchvision ImageFolder with the model's own timm transform,
     DataLoader(batch_size=32), forward_features + forward_head(pre_logits=True) under no_grad.
-(b) `transferkit extract` with its defaults (cache off, so the model does the work).
-Both read the same PNG files (Fashion-MNIST training images written to disk), at 224x224 and at the
-64x64 the recipes use. Also: a GEMM in fp32 and bf16 (this machine's practical peak), probe accuracy
+(b) `transferkit extract` with its defaults (cache off, so the model does the work), with the ONNX
+    Runtime engine file already exported (that one-time export is timed and reported separately);
+(c) the same with `--engine torch` (bf16 weights on this CPU), the torch fast path.
+All read the same PNG files (Fashion-MNIST training images written to disk): 2,000 at 224x224 and
+10,000 at the 64x64 the recipes use (more there, so the fixed start-up cost does not dominate).
+Also: a GEMM in fp32 and bf16 (this machine's practical peak), probe accuracy
 with the defaults vs fp32 on Fashion-MNIST 1,000/class, re-extraction from the code cache vs the first
 run on 10,000 images, and peak RSS of extracting 6,000 vs 60,000 images.
 
@@ -79,6 +82,18 @@ def transferkit_extract(root: Path, size: int | None, out: Path, **kwargs) -> tu
     return len(store) / (time.perf_counter() - start), store.meta
 
 
+def export_seconds(size: int | None) -> float:
+    """Seconds of the one-time ONNX export (plus its parity check) for extract's default codes at `size`."""
+    from transferkit.features import FeatureExtractor
+
+    fe = FeatureExtractor(image_size=size, engine="onnxruntime").fit()
+    path = fe.engine_path()
+    path.unlink(missing_ok=True)
+    start = time.perf_counter()
+    fe.prepare()
+    return time.perf_counter() - start
+
+
 def probe_accuracy(work: Path, **kwargs) -> float:
     """Fashion-MNIST, 1,000/class: codes of blocks.4|4x4 at 64 px, LinearSVC at the core issue's C."""
     from transferkit.workflows import extract_features, train_probe
@@ -97,6 +112,7 @@ def cache_times(work: Path) -> tuple[float, float]:
 
     data = fashion_mnist("train", per_class=1000)
     os.environ["TRANSFERKIT_CACHE"] = str(work / "cache")
+    export_seconds(None)  # the engine file into this cache root first: the first run times encoding, not export
     times = []
     for name in ("first", "again"):
         start = time.perf_counter()
@@ -106,14 +122,15 @@ def cache_times(work: Path) -> tuple[float, float]:
 
 
 def peak_rss(n_per_class: int | None, work: Path) -> float:
-    """Peak RSS in MiB of a fresh process extracting n_per_class images per class (None: all 60,000)."""
+    """Peak RSS in MiB of a fresh process extracting n_per_class images per class (None: all 60,000),
+    both with the ONNX Runtime engine (auto would pick torch for 6,000 images at 64 px: not like for like)."""
     code = (
         "import resource, sys\n"
         "from transferkit.demo import fashion_mnist\n"
         "from transferkit.workflows import extract_features\n"
         f"data = fashion_mnist('train', per_class={n_per_class!r})\n"
         f"extract_features(data, {str(work / 'rss')!r}, image_size=64, layer='blocks.4', pool='4x4', "
-        "progress=False, cache=False)\n"
+        "progress=False, cache=False, engine='onnxruntime')\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -122,63 +139,73 @@ def peak_rss(n_per_class: int | None, work: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=200, help="per class, for the speed runs (x10 images)")
+    parser.add_argument("--images", type=int, default=200, help="per class, for the 224 px speed runs (x10 images)")
+    parser.add_argument("--images-64", type=int, default=1000, help="per class, for the 64 px speed runs")
     parser.add_argument("--work", type=Path, default=Path("bench/.work/speed"))
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    root = write_pngs(args.work / f"png-{args.images}", args.images)
+    roots = {None: write_pngs(args.work / f"png-{args.images}", args.images),
+             64: write_pngs(args.work / f"png-{args.images_64}", args.images_64)}
     gemm = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
-    rows = {}
+    rows, exports = {}, {}
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         tmp = Path(tmp)
-        for size in (None, 64):
+        for size, root in roots.items():
+            exports[size or 224] = export_seconds(size)
             plain = plain_timm_loop(root, size)
             fast, meta = transferkit_extract(root, size, tmp / f"tk-{size}")
+            torch_path, meta_t = transferkit_extract(root, size, tmp / f"tk-{size}-t", engine="torch")
             workers, _ = transferkit_extract(root, size, tmp / f"tk-{size}-w", num_workers=1)
-            rows[size or 224] = (plain, fast, meta, workers)
-            print(f"{size or 224}px: plain {plain:.0f} img/s, transferkit {fast:.0f} img/s "
-                  f"({workers:.0f} with 1 DataLoader worker)", flush=True)
+            rows[size or 224] = (plain, fast, meta, workers, torch_path, meta_t, meta["dataset"]["n_items"])
+            print(f"{size or 224}px: plain {plain:.0f} img/s, transferkit {fast:.0f} img/s ({meta['engine']}), "
+                  f"torch engine {torch_path:.0f} img/s, {workers:.0f} with 1 DataLoader worker", flush=True)
         acc_fast = probe_accuracy(tmp / "fast")
-        acc_fp32 = probe_accuracy(tmp / "fp32", precision="fp32", fold_bn=False)
+        acc_fp32 = probe_accuracy(tmp / "fp32", precision="fp32", fold_bn=False, engine="torch")
         first, again = cache_times(tmp)
+        peak_rss(60, tmp)  # exports the engine into this cache root if needed, so neither run below pays for it
         rss = {n: peak_rss(n, tmp) for n in (600, None)}
     meta224 = rows[224][2]
     lines = [
-        f"`tf_efficientnet_lite0`, packaged ImageNet weights, {10 * args.images:,} Fashion-MNIST training images "
-        "as PNG files, pre-logits codes; (a) the plain timm loop (fp32, NCHW, batch 32, the model's own transform, "
-        "torchvision ImageFolder + DataLoader, no workers), (b) `transferkit extract` defaults "
-        f"(precision {meta224['precision']}, {meta224['folded_batchnorms']} BatchNorms folded, channels_last, "
-        f"batch {meta224['batch_size']}, cache off). Same run, same files.",
+        "`tf_efficientnet_lite0`, packaged ImageNet weights, Fashion-MNIST training images as PNG files, pre-logits "
+        "codes; (a) the plain timm loop (fp32, NCHW, batch 32, the model's own transform, torchvision ImageFolder + "
+        "DataLoader, no workers); (b) `transferkit extract` defaults (cache off; engine "
+        f"{meta224['engine']}, precision {meta224['precision']}, {meta224['folded_batchnorms']} BatchNorms folded, "
+        f"batch {meta224['batch_size']}, uint8 decode + one normalisation per batch), with the engine file already "
+        "exported; (c) `--engine torch` (its precision auto: bf16 weights here, channels_last). Same run, same files; "
+        "wall time of the whole call, model build included.",
         "",
-        "| input | (a) plain timm loop | (b) transferkit | (b)/(a) | (b) GMAC/s | share of fp32 / bf16 GEMM "
-        "| (b) with `--num-workers 1` |",
-        "|---|---|---|---|---|---|---|",
+        "| input | images | (a) plain timm loop | (b) transferkit | (b)/(a) | (b) GMAC/s | share of fp32 / bf16 GEMM "
+        "| (c) `--engine torch` | (b) with `--num-workers 1` | one-time export |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for size, (plain, fast, _, workers) in rows.items():
+    for size, (plain, fast, meta, workers, torch_path, meta_t, n) in rows.items():
         macs = GMACS_224 * (size / 224) ** 2
-        lines.append(f"| {size}x{size} | {plain:.0f} img/s | {fast:.0f} img/s | **{fast / plain:.1f}x** "
-                     f"| {fast * macs:.0f} | {100 * fast * macs / gemm['fp32']:.0f}% / "
-                     f"{100 * fast * macs / gemm['bf16']:.0f}% | {workers:.0f} img/s |")
+        lines.append(f"| {size}x{size} | {n:,} | {plain:.0f} img/s | {fast:.0f} img/s ({meta['engine']}, "
+                     f"{meta['precision']}) | **{fast / plain:.1f}x** | {fast * macs:.0f} | "
+                     f"{100 * fast * macs / gemm['fp32']:.0f}% / {100 * fast * macs / gemm['bf16']:.0f}% | "
+                     f"{torch_path:.0f} img/s ({meta_t['precision']}, {torch_path / plain:.1f}x) | {workers:.0f} img/s "
+                     f"| {exports[size]:.1f} s |")
     lines += [
         "",
         f"GEMM 2048^3 in the same run: fp32 {gemm['fp32']:.0f} GMAC/s, bf16 {gemm['bf16']:.0f} GMAC/s "
         f"({GMACS_224} GMACs per 224x224 image, scaled by area for 64x64).",
         "",
         f"- Probe accuracy, Fashion-MNIST 1,000/class, blocks.4|4x4 at 64 px, C=0.001, official test set: "
-        f"defaults {100 * acc_fast:.2f}% vs fp32 unfolded {100 * acc_fp32:.2f}% "
+        f"defaults {100 * acc_fast:.2f}% vs torch fp32 eager, unfolded {100 * acc_fp32:.2f}% "
         f"(difference {100 * (acc_fast - acc_fp32):+.2f} points).",
         f"- Code cache, 10,000 images, extract's defaults (224 px, pre-logits): first run {first:.1f} s, "
         f"again {again:.2f} s "
         f"(**{first / again:.0f}x**).",
-        f"- Peak RSS extracting 6,000 vs 60,000 images (64 px, blocks.4|4x4): {rss[600]:.0f} MiB vs "
+        f"- Peak RSS extracting 6,000 vs 60,000 images (64 px, blocks.4|4x4, ONNX Runtime): {rss[600]:.0f} MiB vs "
         f"{rss[None]:.0f} MiB (**{rss[None] / rss[600]:.2f}x**).",
         "",
         *machine_lines(),
     ]
     body = "## Feature extraction speed\n\n" + "\n".join(lines)
     (args.work / "result.json").write_text(json.dumps({
-        "rows": {k: [v[0], v[1], v[3]] for k, v in rows.items()}, "gemm": gemm, "acc": [acc_fast, acc_fp32],
+        "rows": {k: [v[0], v[1], v[3], v[4]] for k, v in rows.items()}, "exports": exports, "gemm": gemm,
+        "acc": [acc_fast, acc_fp32],
         "cache": [first, again], "rss": [rss[600], rss[None]]}, indent=1))
     write_section(args.doc, "extract-speed", body)
     print(body)

@@ -34,6 +34,8 @@ def test_second_run_reads_every_code_from_the_cache(fmnist, tmp_path):
     assert first.meta["cache"]["computed"] == 120 and first.meta["cache"]["cached"] == 0
     again = extract_features(data, tmp_path / "b", **OPTS)
     assert again.meta["cache"] == {**first.meta["cache"], "cached": 120, "computed": 0}
+    assert first.meta["engine"] == "torch" and again.meta["engine"] is None  # all cached: the network never ran
+    assert again.meta["folded_batchnorms"] is None
     plain = extract_features(data, tmp_path / "c", cache=False, **OPTS)
     assert plain.meta["cache"] is None
     for key, value in codes(first).items():

@@ -12,6 +12,7 @@ import timm.data
 import torch
 from torch import nn
 
+from transferkit import ort_engine
 from transferkit.data import open_dataset
 from transferkit.features import FeatureExtractor
 from transferkit.inference import fold_batchnorm, fold_checked
@@ -82,29 +83,81 @@ def test_extractor_codes_with_and_without_folding(photo_folder):
     data = open_dataset(photo_folder)
     kw = {"weights": "package", "layer": "blocks.4,pre_logits", "pool": "avg,2x2", "image_size": 64,
           "precision": "fp32"}
-    folded = FeatureExtractor(**kw).fit()
-    plain = FeatureExtractor(**kw, fold_bn=False).fit()
-    assert folded.folded_ == 49 and plain.folded_ == 0
+    folded = FeatureExtractor(**kw, engine="torch").fit()
+    plain = FeatureExtractor(**kw, engine="torch", fold_bn=False).fit()
+    assert folded.folded_ is None  # folding waits for the first batch (a cached run never needs it)
     a, b = folded.transform(data), plain.transform(data)
+    assert folded.folded_ == 49 and plain.folded_ == 0
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
 
 
-def test_auto_precision_is_bf16_weights_where_the_cpu_runs_bf16(photo_folder, tmp_path):
+def test_torch_auto_precision_is_bf16_weights_where_the_cpu_runs_bf16(photo_folder, tmp_path):
     from transferkit.features import cpu_has_bf16
     from transferkit.workflows import extract_features
 
     data = open_dataset(photo_folder)
-    auto = FeatureExtractor(weights="package", image_size=64).fit()
-    fp32 = FeatureExtractor(weights="package", image_size=64, precision="fp32").fit()
+    auto = FeatureExtractor(weights="package", image_size=64, engine="torch").fit()
+    fp32 = FeatureExtractor(weights="package", image_size=64, precision="fp32", engine="torch").fit()
     want = "bf16" if cpu_has_bf16() else "fp32"
     assert auto.precision_ == want and fp32.precision_ == "fp32"
-    assert next(auto.backbone_.parameters()).dtype == (torch.bfloat16 if want == "bf16" else torch.float32)
     a, b = auto.transform(data), fp32.transform(data)
+    assert next(auto.backbone_.parameters()).dtype == (torch.bfloat16 if want == "bf16" else torch.float32)
     assert a.dtype == np.float32
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.99  # bf16 keeps ~3 significant digits; the codes point the same way
-    store = extract_features(photo_folder, tmp_path / "codes", weights="package", image_size=64, progress=False)
+    store = extract_features(photo_folder, tmp_path / "codes", weights="package", image_size=64, engine="torch",
+                             progress=False)
     assert store.meta["precision"] == want and store.meta["folded_batchnorms"] == 49  # the resolved choice
+    assert store.meta["engine"] == "torch"
+
+
+@pytest.mark.skipif(not ort_engine.available(), reason="needs onnxruntime, onnx and onnxscript (the onnx extra)")
+def test_onnxruntime_engine_matches_eager_fp32_and_is_reused(photo_folder, tmp_path, code_cache, caplog):
+    """The exported engine gives the eager fp32 codes (tolerance: 1e-4 of the largest code), every key;
+    the file is cached, and 'auto' then uses it even for a few images; 'auto' on a few images and no
+    file stays with torch (an export would cost more than it saves)."""
+    from transferkit.features import resolve_precision
+    from transferkit.workflows import extract_features
+
+    data = open_dataset(photo_folder)
+    kw = {"weights": "package", "layer": "blocks.2,pre_logits", "pool": "avg,2x2", "image_size": 48}
+    eager = FeatureExtractor(**kw, precision="fp32", fold_bn=False, engine="torch").fit()
+    want = eager.transform(data)
+    small = FeatureExtractor(**kw).fit()
+    small.transform(data)  # 16 images: an export would cost more than it saves
+    assert small.engine_ == "torch" and small.precision_ == resolve_precision("auto", torch.device("cpu"))
+    assert not list(code_cache.rglob("*.onnx"))
+    ort = FeatureExtractor(**kw, engine="onnxruntime").fit()
+    got = ort.transform(data)
+    assert ort.engine_ == "onnxruntime" and ort.folded_ == 49
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    files = list((code_cache / "engines").glob("*.onnx"))
+    assert len(files) == 1
+    store = extract_features(photo_folder, tmp_path / "codes", **kw, cache=False, progress=False)
+    assert store.meta["engine"] == "onnxruntime" and store.meta["precision"] == "fp32"  # auto: the file is there
+    np.testing.assert_allclose(np.concatenate([store.load(k) for k in ort.keys_], 1), want, rtol=1e-4,
+                               atol=1e-4 * np.abs(want).max())
+    # a broken file is reported, deleted, and torch runs
+    files[0].write_bytes(b"not an onnx file")
+    broken = FeatureExtractor(**kw).fit()
+    with caplog.at_level(logging.WARNING):
+        codes = broken.transform(data)
+    assert broken.engine_ == "torch" and "running torch" in caplog.text and not files[0].exists()
+    np.testing.assert_allclose(codes, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_batch_normalisation_equals_the_per_image_transform(photo_folder):
+    """Workers hand over uint8 images and the batch is scaled and normalised at once: bit for bit what
+    timm's per-image transform gives, at the pretrained size (resize + crop) and at a custom size."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    images = [Image.fromarray(a) for a in load_sample_images().images]
+    images += [open_dataset(photo_folder).image(i) for i in range(3)]
+    for size in (None, 48):
+        fe = FeatureExtractor(weights="package", image_size=size).fit()
+        for img in images:
+            torch.testing.assert_close(fe.normalize(fe.decode_(img)[None])[0], fe.transform_(img), rtol=0, atol=0)
 
 
 def test_cli_profile_times_decoding_and_the_model(photo_folder, tmp_path):

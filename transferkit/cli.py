@@ -61,8 +61,8 @@ def model_options(f=None, *, precision: str = "fp32", help_precision: str = "bf1
 @cli.command()
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Feature directory to write.")
-@model_options(precision="auto", help_precision="auto: bf16 on CPUs with native bf16 (AVX512-BF16/AMX), fp16 "
-               "autocast on CUDA, else fp32. fp32 turns the reduced precision off.")
+@model_options(precision="auto", help_precision="auto: fp32 in ONNX Runtime on CPU when installed, else bf16 on "
+               "CPUs with native bf16 (AVX512-BF16/AMX); fp16 autocast on CUDA. fp32 turns reduced precision off.")
 @click.option("--layer", default="pre_logits", show_default=True,
               help="pre_logits, a stage index or timm module name (see `transferkit layers`), 'all', "
                    "or 'auto' (every stage x pooling, then a sweep picks the best).")
@@ -77,10 +77,13 @@ def model_options(f=None, *, precision: str = "fp32", help_precision: str = "bf1
               help="Reuse codes of images already encoded the same way (see `transferkit cache`).")
 @click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
               help="Fold BatchNorm into the conv before it (checked against the unfolded output).")
+@click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+              help="What runs the network. auto: ONNX Runtime (exported once, cached, checked against torch) for "
+                   "fp32 on CPU when it is installed and the data is large enough to repay the export, else torch.")
 @click.option("--profile", is_flag=True, help="First time decoding alone and the model alone on 256 images.")
 def extract(data: Path, out: Path, model: str, weights: str, image_size: int | None, batch_size: int,
             precision: str, layer: str, pool: str, per_class: int | None, num_workers: int, skip_bad: bool,
-            like: Path | None, cache: bool, fold_bn: bool, profile: bool) -> None:
+            like: Path | None, cache: bool, fold_bn: bool, engine: str, profile: bool) -> None:
     """Write CNN codes of every image in DATA (folder, CSV manifest or IDX) to a feature directory."""
     from transferkit.workflows import extract_features
 
@@ -92,16 +95,16 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
         p = profile_extraction(FeatureExtractor(model, weights=weights, layer="all" if layer == "auto" else layer,
                                                 pool="all" if layer == "auto" else pool, image_size=image_size,
                                                 batch_size=batch_size, precision=precision, num_workers=num_workers,
-                                                fold_bn=fold_bn), load_data(data, per_class=per_class))
+                                                fold_bn=fold_bn, engine=engine), load_data(data, per_class=per_class))
         slower = "decoding" if p["decode_images_per_second"] < p["model_images_per_second"] else "the model"
         click.echo(f"profile on {p['images']} images: decoding {p['decode_images_per_second']:.0f} img/s "
-                   f"({p['num_workers']} DataLoader workers), model {p['model_images_per_second']:.0f} img/s; "
-                   f"{slower} is the bottleneck")
+                   f"({p['num_workers']} DataLoader workers), model {p['model_images_per_second']:.0f} img/s "
+                   f"({p['engine']}, {p['precision']}); {slower} is the bottleneck")
 
     store = extract_features(
         data, out, model=model, weights=weights, layer=layer, pool=pool, image_size=image_size,
         batch_size=batch_size, precision=precision, num_workers=num_workers, per_class=per_class,
-        skip_bad=skip_bad, like=like, cache=cache, fold_bn=fold_bn,
+        skip_bad=skip_bad, like=like, cache=cache, fold_bn=fold_bn, engine=engine,
         progress=click.get_current_context().obj["progress"],
     )
     if _leave_world():

@@ -413,15 +413,18 @@ def _effective_config(data_config: dict, image_size: int | None) -> dict[str, An
     return cfg
 
 
-def build_transform(data_config: dict, image_size: int | None = None, train: bool = False, **augment) -> Callable:
+def build_transform(data_config: dict, image_size: int | None = None, train: bool = False, uint8: bool = False,
+                    **augment) -> Callable:
     """Preprocessing matching the backbone's pretrained config (timm's eval or training transform).
 
     `augment` goes to timm's create_transform when `train` (scale, hflip, color_jitter, re_prob ...).
+    `uint8` stops before scaling and normalising (timm's prefetcher form: a (3, H, W) uint8 tensor), so a
+    batch can be normalised at once (FeatureExtractor.normalize) instead of image by image.
     """
     from timm.data import create_transform  # timm is heavy; only pay for it when building transforms
 
     return create_transform(**_effective_config(data_config, image_size), is_training=train,
-                            **(augment if train else {}))
+                            use_prefetcher=uint8, **(augment if train else {}))
 
 
 def describe_transform(data_config: dict, image_size: int | None = None) -> dict:

@@ -26,8 +26,8 @@ def export_onnx(clf: DenseClassifier, path: str | Path, *, opset: int = 18) -> P
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError as e:
-        raise ModelError("ONNX export needs the 'onnxscript' and 'onnx' packages: pip install 'transferkit[onnx]'") \
-            from e
+        raise ModelError("ONNX export needs the 'onnxscript' and 'onnx' packages: "
+                         "pip install onnx onnxscript onnxruntime") from e
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = clf.net.input_size

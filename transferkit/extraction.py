@@ -56,6 +56,7 @@ def extract(
     mine = data.select(np.arange(lo, hi)) if world.distributed else data
     start = time.perf_counter()
     cache = CodeCache() if cache is True else cache or None
+    extractor.plan(len(data))  # engine and precision (part of the cache key) for the whole run
     spaces = code_spaces(extractor, cache)
     counts = {"cached": 0, "computed": 0}
     batches = _cached_batches(extractor, mine, spaces, shard_size, counts) if spaces else extractor.iter_batches(mine)
@@ -112,6 +113,7 @@ def _meta(extractor: FeatureExtractor, data: ImageDataset, kept: list[int], skip
         "transform": describe_transform(extractor.data_config_, extractor.image_size),
         "image_size": extractor.image_size,
         "precision": extractor.precision_,
+        "engine": extractor.engine_,  # None: every code came from the cache, the network never ran
         "folded_batchnorms": extractor.folded_,
         "batch_size": extractor.batch_size,
         "dataset": {"root": str(data.root), "kind": data.kind, "n_items": len(data)},
@@ -167,7 +169,7 @@ def code_spaces(extractor: FeatureExtractor, cache: CodeCache | None) -> dict[st
         return {}
     base = {"model": extractor.model, "weights_sha256": extractor.backbone_.weights_info.sha256,
             "transform": describe_transform(extractor.data_config_, extractor.image_size),
-            "precision": extractor.precision_, "fold_bn": bool(extractor.folded_)}
+            "precision": extractor.precision_, "fold_bn": bool(extractor.fold_bn)}
     return {key_name(la.name, p): cache.space({**base, "layer": la.name, "pool": p}) for la, p in extractor.pairs_}
 
 
@@ -213,20 +215,19 @@ def _cached_batches(extractor: FeatureExtractor, data: ImageDataset, spaces: dic
     yield from from_cache(np.flatnonzero(cached[done:]) + done)
 
 
-def profile(extractor: FeatureExtractor, data: ImageDataset, n: int = 256) -> dict[str, float]:
+def profile(extractor: FeatureExtractor, data: ImageDataset, n: int = 256) -> dict:
     """Images/s of decoding alone (the DataLoader, as extract runs it) and of the model alone, on `n` images.
 
     When decoding is the slower one, more DataLoader workers (--num-workers) help; when the model is,
-    only a faster model path does.
+    only a faster model path does. The engine is the one extract would pick for all of `data`.
     """
-    if not hasattr(extractor, "backbone_"):
-        extractor.fit()
-    sample = data.select(np.arange(min(n, len(data)))).with_transform(extractor.transform_)
+    extractor.prepare(len(data))
+    sample = data.select(np.arange(min(n, len(data)))).with_transform(extractor.decode_)
     sample.skip_bad = True
     loader = torch.utils.data.DataLoader(sample, batch_size=extractor.batch_size, num_workers=extractor.num_workers,
                                          collate_fn=collate)
     start = time.perf_counter()
-    batches = [x for x, *_ in loader if x is not None]
+    batches = [extractor.normalize(x) for x, *_ in loader if x is not None]
     decode = sum(len(x) for x in batches) / (time.perf_counter() - start)
     extractor.model_codes(batches[0])  # warm-up
     start = time.perf_counter()
@@ -234,4 +235,5 @@ def profile(extractor: FeatureExtractor, data: ImageDataset, n: int = 256) -> di
         extractor.model_codes(x)
     model = sum(len(x) for x in batches) / (time.perf_counter() - start)
     return {"images": sum(len(x) for x in batches), "decode_images_per_second": decode,
-            "model_images_per_second": model, "num_workers": extractor.num_workers}
+            "model_images_per_second": model, "num_workers": extractor.num_workers, "engine": extractor.engine_,
+            "precision": extractor.precision_}

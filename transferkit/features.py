@@ -16,6 +16,7 @@ from PIL import Image
 from sklearn.base import BaseEstimator, TransformerMixin
 from torch import nn
 
+from transferkit import ort_engine
 from transferkit.backbones import DEFAULT_MODEL, PRE_LOGITS, Layer, create_backbone, resolve_layers
 from transferkit.data import ImageDataset, build_transform, collate, describe_transform, load_image
 from transferkit.errors import DataError, ModelError
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 POOLS = ("avg", "max", "avgmax")  # plus grids "NxN" that keep location
 ALL_POOLS = ("avg", "max", "avgmax", "2x2", "4x4")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ENGINES = ("auto", "torch", "onnxruntime")
+ORT_PAYS_OFF = 500  # images at 224 px (scaled by area) from which exporting to ONNX Runtime repays its seconds
 _GRID = re.compile(r"^(?:grid)?(\d)(?:x(\d))?$")
 
 
@@ -195,6 +198,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         precision: str = "auto",
         num_workers: int = 0,
         fold_bn: bool = True,
+        engine: str = "auto",
         progress: bool = False,
     ) -> None:
         self.model = model
@@ -206,46 +210,119 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.precision = precision
         self.num_workers = num_workers
         self.fold_bn = fold_bn
+        self.engine = engine
         self.progress = progress
 
     def fit(self, X=None, y=None) -> FeatureExtractor:
-        """Build the backbone (the weights are pretrained: nothing is learned from X)."""
+        """Build the backbone (the weights are pretrained: nothing is learned from X).
+
+        What makes it fast (BatchNorm folding, bf16 weights, the engine) waits for `prepare`, which the
+        first batch calls: a run served from the code cache never pays for it.
+        """
         import timm.data
 
         if self.image_size is not None and int(self.image_size) < 8:
             raise ModelError(f"The 'image_size' parameter must be >= 8. Got {self.image_size} instead.")
+        if self.engine not in ENGINES:
+            raise ModelError(f"The 'engine' parameter must be one of {', '.join(ENGINES)}. "
+                             f"Got '{self.engine}' instead.")
         self.pools_ = parse_pools(self.pool)
         self.device_ = default_device()
         autocast(self.precision, self.device_)  # validates
         self.precision_ = resolve_precision(self.precision, self.device_)
-        backbone = create_backbone(self.model, self.weights)
-        self.data_config_ = timm.data.resolve_model_data_config(backbone)
+        if self.engine == "onnxruntime":
+            if self.device_.type != "cpu" or self.precision not in ("auto", "fp32"):
+                raise ModelError("--engine onnxruntime runs fp32 on CPU; use --precision fp32 (or auto) without a GPU")
+            if not ort_engine.available():
+                raise ModelError("--engine onnxruntime needs onnxruntime, onnx and onnxscript: "
+                                 "pip install onnx onnxscript onnxruntime")
+            self.precision_ = "fp32"
+        self.backbone_ = create_backbone(self.model, self.weights)
+        self.data_config_ = timm.data.resolve_model_data_config(self.backbone_)
         self.transform_ = build_transform(self.data_config_, self.image_size)
-        side = describe_transform(self.data_config_, self.image_size)["input_size"][-1]
-        self.folded_ = 0
-        if self.fold_bn:  # exact algebra, kept only if the network's output is unchanged (transferkit.inference)
-            example = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
-            backbone, self.folded_ = fold_checked(backbone, example)
-        # bf16 on CPU: cast the weights once; autocast would re-cast them on every call (10% slower here)
-        self.input_dtype_ = torch.bfloat16 if self.precision_ == "bf16" and self.device_.type == "cpu" else None
-        if self.input_dtype_ is not None:
-            backbone = backbone.to(self.input_dtype_)
-        self.backbone_ = backbone.to(self.device_).to(memory_format=torch.channels_last)  # oneDNN's fast layout
-        self.pairs_ = select_pairs(resolve_layers(self.backbone_, self.layer), self.pools_, side)
+        self.decode_ = build_transform(self.data_config_, self.image_size, uint8=True)
+        cfg = describe_transform(self.data_config_, self.image_size)
+        self.side_ = cfg["input_size"][-1]
+        self.mean_, self.std_ = (torch.tensor(cfg[k]).reshape(1, -1, 1, 1) for k in ("mean", "std"))
+        self.pairs_ = select_pairs(resolve_layers(self.backbone_, self.layer), self.pools_, self.side_)
         self.keys_ = [key_name(la.name, p) for la, p in self.pairs_]
         self.n_features_out_ = sum(pooled_dim(la, p) for la, p in self.pairs_)
+        self.folded_, self.engine_, self.input_dtype_, self._ort, self._planned = None, None, None, None, None
         return self
 
-    def iter_batches(self, data) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list]]:
-        """Yield (codes by key, labels, item indices, bad items) per batch, in item order."""
+    def plan(self, n_images: int | None) -> FeatureExtractor:
+        """Settle the engine and precision for a run over `n_images` images (None: unknown), before any runs.
+
+        engine='auto' picks ONNX Runtime, in fp32, on a CPU where it is installed, when the precision is
+        auto or fp32 and either its exported file is already cached or the run is large enough to repay
+        the export (ORT_PAYS_OFF); otherwise torch, in `resolve_precision`'s choice (bf16 weights on CPUs
+        with native bf16). Measured in bench/extract_speed.py. Called by extract before the code cache
+        is consulted, since the precision is part of the cache key.
+        """
         if not hasattr(self, "backbone_"):
             self.fit()
+        if self.engine_ is None and self._planned is None:
+            ort = self.engine == "onnxruntime" or (self.engine == "auto" and self._ort_pays(n_images))
+            self._planned = "onnxruntime" if ort else "torch"
+            if ort:
+                self.precision_ = "fp32"
+        return self
+
+    def _ort_pays(self, n_images: int | None) -> bool:
+        if self.device_.type != "cpu" or self.precision not in ("auto", "fp32") or not ort_engine.available():
+            return False
+        return self.engine_path().is_file() or (n_images or 0) * self.side_ ** 2 >= ORT_PAYS_OFF * 224 ** 2
+
+    def prepare(self, n_images: int | None = None) -> FeatureExtractor:
+        """Make the fitted backbone fast to run, for about `n_images` images (see `plan`).
+
+        Folds BatchNorm (kept only if the output is unchanged, transferkit.inference), casts to bf16 where
+        that is the precision, and loads (or exports once) the ONNX Runtime engine where `plan` chose it.
+        """
+        self.plan(n_images)  # fits first if needed
+        if self.engine_ is not None:
+            return self
+        self.folded_ = 0
+        if self.fold_bn:  # exact algebra, kept only if the network's output is unchanged
+            example = torch.randn(2, 3, self.side_, self.side_, generator=torch.Generator().manual_seed(0))
+            self.backbone_, self.folded_ = fold_checked(self.backbone_, example)
+        self.engine_ = "torch"
+        if self._planned == "onnxruntime":
+            net = ort_engine.CodesNet(self.backbone_, compute_codes, self.pairs_)
+            self._ort = ort_engine.load_or_export(net, self.keys_, self.side_, self.engine_path(),
+                                                  torch.get_num_threads())
+            if self._ort is not None:
+                self.engine_ = "onnxruntime"
+            elif self.engine == "onnxruntime":
+                raise ModelError(f"--engine onnxruntime: {self.model} could not be exported (see the warning); "
+                                 "use --engine torch")
+        # bf16 on CPU: cast the weights once; autocast would re-cast them on every call (10% slower here)
+        if self.precision_ == "bf16" and self.device_.type == "cpu":
+            self.input_dtype_ = torch.bfloat16
+            self.backbone_ = self.backbone_.to(torch.bfloat16)
+        self.backbone_ = self.backbone_.to(self.device_).to(memory_format=torch.channels_last)  # oneDNN layout
+        return self
+
+    def engine_path(self) -> Path:
+        """Where the exported engine of exactly this network, weights, codes and input size is cached."""
+        from transferkit.codecache import default_root, space_id
+
+        spec = {"model": self.model, "weights_sha256": self.backbone_.weights_info.sha256, "keys": self.keys_,
+                "side": self.side_, "fold_bn": self.fold_bn, "torch": torch.__version__, "opset": ort_engine.OPSET}
+        return default_root() / "engines" / f"{space_id(spec)}.onnx"
+
+    def iter_batches(self, data) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list]]:
+        """Yield (codes by key, labels, item indices, bad items) per batch, in item order.
+
+        Workers only decode and resize to uint8; scaling and normalising happen once per batch.
+        """
+        self.prepare(len(data))
         strict = not getattr(data, "skip_bad", False)
         if isinstance(data, ImageDataset):
-            dataset = data.with_transform(self.transform_)
+            dataset = data.with_transform(self.decode_)
             dataset.skip_bad = True  # errors travel back as data, so a worker's failure is raised here, in one line
         else:
-            dataset = _Images(data, self.transform_)
+            dataset = _Images(data, self.decode_)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate
         )
@@ -255,10 +332,18 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             if x is None:
                 yield {}, np.empty(0, np.int64), np.empty(0, np.int64), bad
                 continue
-            yield self.model_codes(x), y.numpy(), idx.numpy(), bad
+            yield self.model_codes(self.normalize(x)), y.numpy(), idx.numpy(), bad
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) from `decode_` -> the float input `transform_` would give, bit for bit."""
+        return x.float().div_(255).sub_(self.mean_).div_(self.std_)
 
     def model_codes(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        """Codes of one preprocessed batch (B, 3, H, W): the model's share of the work."""
+        """Codes of one preprocessed float batch (B, 3, H, W): the model's share of the work."""
+        if self.engine_ is None:
+            self.prepare()
+        if self._ort is not None:
+            return self._ort(x)
         mixed = autocast(self.precision_, self.device_) if self.input_dtype_ is None else contextlib.nullcontext()
         with torch.inference_mode(), mixed:
             x = x.to(self.device_, dtype=self.input_dtype_, memory_format=torch.channels_last)

@@ -54,6 +54,7 @@ def extract_features(
     sweep_samples: int = SWEEP_SAMPLES,
     cache: bool = True,
     fold_bn: bool = True,
+    engine: str = "auto",
     progress: bool = True,
 ) -> FeatureStore:
     """Extract codes to `out`. layer='auto' extracts every stage x pooling and runs the sweep
@@ -79,7 +80,7 @@ def extract_features(
     extractor = FeatureExtractor(
         model, weights=weights, layer="all" if auto else layer, pool="all" if auto else pool,
         image_size=image_size, batch_size=batch_size, precision=precision, num_workers=num_workers,
-        fold_bn=fold_bn, progress=progress,
+        fold_bn=fold_bn, engine=engine, progress=progress,
     )
     if auto and len(dataset) > sweep_samples:
         return _extract_best(dataset, Path(out), extractor, sweep_samples, skip_bad, progress, cache)
@@ -318,7 +319,7 @@ def _load_probe(probe_dir: str | Path, batch_size: int, progress: bool,
     extractor = FeatureExtractor(
         spec["model"], weights=_weights_arg(spec["weights"]), layer=spec["layer"], pool=spec["pool"],
         image_size=spec["image_size"], batch_size=batch_size, precision="fp32" if exact else spec["precision"],
-        fold_bn=not exact, progress=progress,
+        fold_bn=not exact, engine="torch" if exact else "auto", progress=progress,
     ).fit()
     if extractor.backbone_.weights_info.sha256 != spec["weights"]["sha256"]:
         raise DataError(f"the backbone's weights differ from those probe '{probe_dir}' was trained with")
