@@ -28,7 +28,9 @@ POOLS = ("avg", "max", "avgmax")  # plus grids "NxN" that keep location
 ALL_POOLS = ("avg", "max", "avgmax", "2x2", "4x4")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ENGINES = ("auto", "torch", "onnxruntime")
-ORT_PAYS_OFF = 500  # images at 224 px (scaled by area) from which exporting to ONNX Runtime repays its seconds
+# Images at 224 px (scaled by area) from which a first run with the ONNX export is no slower than torch:
+# the export took ~6 s and ONNX Runtime saved ~1.6 ms per 224 px image (bench/extract_speed.py, 2 cores)
+ORT_PAYS_OFF = 4000
 _GRID = re.compile(r"^(?:grid)?(\d)(?:x(\d))?$")
 
 
