@@ -137,6 +137,12 @@ def test_onnxruntime_engine_matches_eager_fp32_and_is_reused(photo_folder, tmp_p
     assert store.meta["engine"] == "onnxruntime" and store.meta["precision"] == "fp32"  # auto: the file is there
     np.testing.assert_allclose(np.concatenate([store.load(k) for k in ort.keys_], 1), want, rtol=1e-4,
                                atol=1e-4 * np.abs(want).max())
+    from click.testing import CliRunner
+
+    from transferkit.cli import cli
+
+    info = CliRunner().invoke(cli, ["cache", "info"])
+    assert info.exit_code == 0 and "1 exported ONNX Runtime engine(s)" in info.output, info.output
     # a broken file is reported, deleted, and torch runs
     files[0].write_bytes(b"not an onnx file")
     broken = FeatureExtractor(**kw).fit()
@@ -144,6 +150,9 @@ def test_onnxruntime_engine_matches_eager_fp32_and_is_reused(photo_folder, tmp_p
         codes = broken.transform(data)
     assert broken.engine_ == "torch" and "running torch" in caplog.text and not files[0].exists()
     np.testing.assert_allclose(codes, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    files[0].write_bytes(b"an engine left behind")
+    out = CliRunner().invoke(cli, ["cache", "clean"])
+    assert out.exit_code == 0 and "1 engine(s)" in out.output and not list(code_cache.rglob("*.onnx")), out.output
 
 
 def test_batch_normalisation_equals_the_per_image_transform(photo_folder):

@@ -544,18 +544,22 @@ def cache_info() -> None:
                    f"{e.rows} images  {e.bytes / 2**20:.1f} MiB")
     click.echo(f"{len(entries)} kind(s) of codes, {sum(e.rows for e in entries)} rows, "
                f"{sum(e.bytes for e in entries) / 2**20:.1f} MiB in {store.root}")
+    engines = store.engines()
+    click.echo(f"{len(engines)} exported ONNX Runtime engine(s), "
+               f"{sum(p.stat().st_size for p in engines) / 2**20:.1f} MiB in {store.root / 'engines'}")
 
 
 @cache.command("clean")
 @click.option("--model", default=None, help="Only the codes of this model.")
 def cache_clean(model: str | None) -> None:
-    """Delete cached codes (all, or one model's)."""
+    """Delete cached codes (all, or one model's); without --model the exported engines too."""
     from transferkit.codecache import CodeCache
 
     store = CodeCache()
+    engines = [] if model else store.engines()
     gone = store.clear(model)
-    click.echo(f"deleted {len(gone)} kind(s) of codes, {sum(e.bytes for e in gone) / 2**20:.1f} MiB "
-               f"from {store.root}")
+    click.echo(f"deleted {len(gone)} kind(s) of codes, {sum(e.bytes for e in gone) / 2**20:.1f} MiB, and "
+               f"{len(engines)} engine(s) from {store.root}")
 
 
 def main() -> None:

@@ -153,11 +153,22 @@ class CodeCache:
         return entries
 
     def clear(self, model: str | None = None) -> list[CacheEntry]:
-        """Delete every space (or those of one model); returns what was deleted."""
+        """Delete every space (or those of one model); returns what was deleted.
+
+        Without `model` the exported engines (`engines/*.onnx`, transferkit.ort_engine) go too; they are
+        named by a hash only, so a per-model clean leaves them.
+        """
         gone = [e for e in self.info() if model is None or e.spec.get("model") == model]
         for entry in gone:
             shutil.rmtree(entry.path, ignore_errors=True)
+        if model is None:
+            for path in self.engines():
+                path.unlink(missing_ok=True)
         return gone
+
+    def engines(self) -> list[Path]:
+        """Exported ONNX Runtime engines (files written by FeatureExtractor, one per network x codes x size)."""
+        return sorted((self.root / "engines").glob("*.onnx"))
 
 
 @dataclass(frozen=True)
