@@ -1,6 +1,7 @@
 """LinearProbe, evaluate, sweep and the plots, on sklearn's real 8x8 digits as stand-in CNN codes."""
 
 import json
+import logging
 import math
 import re
 
@@ -69,6 +70,20 @@ def test_auto_C_is_picked_from_the_grid_and_generalises(digits, auto_probe):
     assert 0.9 < auto_probe.cv_score_ <= 1.0
     assert auto_probe.n_features_in_ == 64
     assert auto_probe.score(Xte, yte) >= 0.93
+
+
+def test_C_is_chosen_on_a_stratified_sample_of_large_sets_and_fit_on_all(digits, auto_probe, caplog):
+    """cv_max_samples caps the rows the C path sees (60,000 rows x 5 folds x 5 Cs is hours on 2 cores);
+    the final SVM still learns from every row."""
+    Xtr, Xte, ytr, yte = digits
+    assert auto_probe.n_cv_samples_ == len(ytr)  # 1,257 rows: under the default cap, all of them
+    with caplog.at_level(logging.INFO, logger="transferkit.probe"):
+        capped = LinearProbe(cv_max_samples=400).fit(Xtr, ytr)
+    assert capped.n_cv_samples_ == 400 and "stratified 400 of 1257 rows" in caplog.text
+    assert capped.pipeline_.named_steps["scale"].n_samples_seen_ == len(ytr)
+    assert capped.best_C_ in DEFAULT_CS and capped.score(Xte, yte) >= 0.93
+    with pytest.raises(ModelError, match="'cv_max_samples'.*Got 3"):
+        LinearProbe(cv_max_samples=3).fit(Xtr, ytr)
 
 
 def test_fixed_C_skips_cross_validation(digits):
