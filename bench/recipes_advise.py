@@ -135,9 +135,12 @@ def table(work: Path) -> str:
         lines.append(
             f"| {label} | {adv['gap_points']:+.2f} ({adv['gap_z']:.1f}) | {adv['max_softmax']:.3f} | {adv['domain']} "
             f"| **{adv['recipe']}** | " + " | ".join(cells) + f" | {best or '-'} | {ok} |")
+        runs = sorted({m.split("date: ")[1] for name in accs
+                       for m in json.loads((out / f"{name}.json").read_text())["machine"] if m.startswith("- date: ")})
         details.append(f"- **{size}**: advise took {adv['wall_s']:.0f} s, estimated the pick at "
                        f"{adv['estimate_seconds'] / 60:.1f} min; best earlier stage {adv['best_earlier']}; "
-                       + "; ".join(m[2:] for m in adv["machine"]))
+                       + "; ".join(m[2:] for m in adv["machine"])
+                       + (f"; recipes run {runs[0]}" + (f" to {runs[-1]}" if len(runs) > 1 else "") if runs else ""))
     lines += ["", "Cells: test accuracy (wall time of the whole recipe run, codes or training plus testing).", "",
               "Machine and date:", "", *details]
     return "\n".join(lines)

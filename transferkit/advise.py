@@ -40,14 +40,14 @@ TOP = f"{PRE_LOGITS}|avg"  # the top-layer codes small-similar probes
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The decision rule's cut-offs (chosen before the Fashion-MNIST measurements; see docs/recipes.md).
+    """The decision rule's cut-offs (see docs/recipes.md for where each value comes from).
 
     large:     median images per class >= large_per_class
     different: the best earlier stage beats the top layer by more than gap_points (CV accuracy, points)
                with McNemar's z above gap_z, OR the ImageNet classifier's mean max-softmax is below max_softmax
     """
 
-    large_per_class: int = 1000  # a rough line for where fine-tuning pays for itself; not yet measured
+    large_per_class: int = 2500  # measured: the probe won at 1,000/class, fine-tuning at 6,000 (docs/benchmarks.md)
     gap_points: float = 1.0  # below the 5-9 points the sweep gains on Fashion-MNIST (docs/benchmarks.md)
     gap_z: float = 2.0  # and the gap must stand out of its noise: McNemar's z on the same CV predictions
     max_softmax: float = 0.5  # model- and size-specific: Lite0 at 64 px gives 0.77-0.83 on FMNIST and photos alike
