@@ -135,6 +135,7 @@ def test_onnxruntime_engine_matches_eager_fp32_and_is_reused(photo_folder, tmp_p
     assert len(files) == 1
     store = extract_features(photo_folder, tmp_path / "codes", **kw, cache=False, progress=False)
     assert store.meta["engine"] == "onnxruntime" and store.meta["precision"] == "fp32"  # auto: the file is there
+    assert store.meta["folded_batchnorms"] == 49  # read from the file: a cached engine folds nothing itself
     np.testing.assert_allclose(np.concatenate([store.load(k) for k in ort.keys_], 1), want, rtol=1e-4,
                                atol=1e-4 * np.abs(want).max())
     from click.testing import CliRunner

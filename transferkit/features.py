@@ -284,26 +284,37 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.plan(n_images)  # fits first if needed
         if self.engine_ is not None:
             return self
-        self.folded_ = 0
-        if self.fold_bn:  # exact algebra, kept only if the network's output is unchanged
-            example = torch.randn(2, 3, self.side_, self.side_, generator=torch.Generator().manual_seed(0))
-            self.backbone_, self.folded_ = fold_checked(self.backbone_, example)
         self.engine_ = "torch"
         if self._planned == "onnxruntime":
-            net = ort_engine.CodesNet(self.backbone_, compute_codes, self.pairs_)
-            self._ort = ort_engine.load_or_export(net, self.keys_, self.side_, self.engine_path(),
+            self._ort = ort_engine.load_or_export(self._export_net, self.keys_, self.side_, self.engine_path(),
                                                   torch.get_num_threads())
-            if self._ort is not None:
-                self.engine_ = "onnxruntime"
-            elif self.engine == "onnxruntime":
+            if self._ort is not None:  # the torch network stays as built: a cached engine never needs it
+                self.engine_, self.folded_ = "onnxruntime", self._ort.folded
+                return self
+            if self.engine == "onnxruntime":
                 raise ModelError(f"--engine onnxruntime: {self.model} could not be exported (see the warning); "
                                  "use --engine torch")
+        self._fold()
         # bf16 on CPU: cast the weights once; autocast would re-cast them on every call (10% slower here)
         if self.precision_ == "bf16" and self.device_.type == "cpu":
             self.input_dtype_ = torch.bfloat16
             self.backbone_ = self.backbone_.to(torch.bfloat16)
         self.backbone_ = self.backbone_.to(self.device_).to(memory_format=torch.channels_last)  # oneDNN layout
         return self
+
+    def _fold(self) -> None:
+        """Fold BatchNorm into the convs once: exact algebra, kept only if the network's output is unchanged."""
+        if self.folded_ is not None:
+            return
+        self.folded_ = 0
+        if self.fold_bn:
+            example = torch.randn(2, 3, self.side_, self.side_, generator=torch.Generator().manual_seed(0))
+            self.backbone_, self.folded_ = fold_checked(self.backbone_, example)
+
+    def _export_net(self) -> tuple[ort_engine.CodesNet, int]:
+        """The folded network as one graph of codes, for ONNX export (only when no engine file is cached)."""
+        self._fold()
+        return ort_engine.CodesNet(self.backbone_, compute_codes, self.pairs_), self.folded_
 
     def engine_path(self) -> Path:
         """Where the exported engine of exactly this network, weights, codes and input size is cached."""

@@ -15,7 +15,7 @@ import importlib.util
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from transferkit.atomic import atomic_write
 log = logging.getLogger(__name__)
 
 OPSET = 18
+FOLDED = "transferkit.folded_batchnorms"  # metadata key in the exported file
 
 
 def available() -> bool:
@@ -46,7 +47,11 @@ class CodesNet(nn.Module):
 
 
 class OrtEngine:
-    """Runs an exported CodesNet: (B, 3, H, W) float32 -> {key: (B, D) float32}."""
+    """Runs an exported CodesNet: (B, 3, H, W) float32 -> {key: (B, D) float32}.
+
+    `folded` is the number of BatchNorms folded into the exported network (stored in the file), so a
+    cached engine needs no torch network at all.
+    """
 
     def __init__(self, path: Path, keys: Sequence[str], threads: int) -> None:
         import onnxruntime as ort
@@ -59,14 +64,16 @@ class OrtEngine:
         self.keys, self.path = list(keys), path
         if len(self.session.get_outputs()) != len(self.keys):
             raise ValueError(f"{path} has {len(self.session.get_outputs())} outputs, expected {len(self.keys)}")
+        self.folded = int(self.session.get_modelmeta().custom_metadata_map[FOLDED])
 
     def __call__(self, x: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
         x = x.float().contiguous().numpy() if isinstance(x, torch.Tensor) else np.ascontiguousarray(x, np.float32)
         return dict(zip(self.keys, self.session.run(None, {self.input: x})))
 
 
-def export_codes(net: CodesNet, path: Path, side: int) -> None:
-    """Write `net` as ONNX with a dynamic batch and a fixed side x side input (the exporter's chatter silenced)."""
+def export_codes(net: CodesNet, path: Path, side: int, folded: int) -> None:
+    """Write `net` as ONNX with a dynamic batch and a fixed side x side input (the exporter's chatter silenced),
+    recording `folded` in the file's metadata."""
     example = torch.zeros(2, 3, side, side)
     batch = torch.export.Dim("batch", min=1, max=65536)
 
@@ -76,6 +83,11 @@ def export_codes(net: CodesNet, path: Path, side: int) -> None:
             program = torch.onnx.export(net.eval(), (example,), dynamo=True, input_names=["image"],
                                         dynamic_shapes=({0: batch},), opset_version=OPSET, verbose=False)
             program.save(str(tmp))
+        import onnx
+
+        model = onnx.load(str(tmp))
+        onnx.helper.set_model_props(model, {FOLDED: str(folded)})
+        onnx.save(model, str(tmp))
 
     quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
     levels = [q.level for q in quiet]
@@ -89,9 +101,10 @@ def export_codes(net: CodesNet, path: Path, side: int) -> None:
 
 
 @torch.no_grad()
-def load_or_export(net: CodesNet, keys: Sequence[str], side: int, path: Path, threads: int, *,
-                   rtol: float = 1e-3, atol: float = 1e-4) -> OrtEngine | None:
-    """The engine for `net` from `path`, exporting it first if needed; None (torch stays) if that fails.
+def load_or_export(build: Callable[[], tuple[CodesNet, int]], keys: Sequence[str], side: int, path: Path,
+                   threads: int, *, rtol: float = 1e-3, atol: float = 1e-4) -> OrtEngine | None:
+    """The engine from `path`, or exported from `build()` -> (net, BatchNorms folded) if the file is missing;
+    None (torch stays) if either fails. `build` is only called for an export: a cached file needs no network.
 
     A new export must reproduce the torch codes on a random batch within rtol/atol (fp32 vs fp32: only
     summation order differs) before it is kept.
@@ -99,9 +112,10 @@ def load_or_export(net: CodesNet, keys: Sequence[str], side: int, path: Path, th
     fresh = not path.is_file()
     try:
         if fresh:
+            net, folded = build()
             log.info("exporting the network to ONNX Runtime once (a few seconds; cached in %s)", path.parent)
             path.parent.mkdir(parents=True, exist_ok=True)
-            export_codes(net, path, side)
+            export_codes(net, path, side, folded)
         engine = OrtEngine(path, keys, threads)
         if fresh:
             x = torch.randn(3, 3, side, side, generator=torch.Generator().manual_seed(0))
