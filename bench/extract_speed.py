@@ -3,16 +3,17 @@
 (a) the plain loop: the model from timm (here with the packaged ImageNet weights, as nothing can be
     downloaded), eval, fp32, NCHW, torchvision ImageFolder with the model's own timm transform,
     DataLoader(batch_size=32), forward_features + forward_head(pre_logits=True) under no_grad.
-(b) `transferkit extract` with its defaults (cache off, so the model does the work), with the ONNX
-    Runtime engine file already exported (that one-time export is timed and reported separately);
-(c) the same with `--engine torch` (bf16 weights on this CPU), the torch fast path.
+(b) `transferkit extract` with its defaults (cache off, so the model does the work), with the engine files
+    already built (int8 here: the one-time export and quantization are timed and reported separately);
+(c) the same with `--precision fp32` (ONNX Runtime, fp32), (d) with `--engine torch` (bf16 weights on this
+    CPU, the torch fast path), (e) with `--num-workers 1`.
 All read the same PNG files (Fashion-MNIST training images written to disk): 2,000 at 224x224 and
 10,000 at the 64x64 the recipes use (more there, so the fixed start-up cost does not dominate).
 Also: a GEMM in fp32 and bf16 (this machine's practical peak), probe accuracy
-with the defaults vs fp32 on Fashion-MNIST 1,000/class, re-extraction from the code cache vs the first
+with the fast paths vs fp32 on Fashion-MNIST 1,000/class, re-extraction from the code cache vs the first
 run on 10,000 images, and peak RSS of extracting 6,000 vs 60,000 images.
 
-    python bench/extract_speed.py            # ~10 min on 2 cores
+    python bench/extract_speed.py            # ~25 min on 2 cores
 """
 
 from __future__ import annotations
@@ -82,20 +83,25 @@ def transferkit_extract(root: Path, size: int | None, out: Path, **kwargs) -> tu
     return len(store) / (time.perf_counter() - start), store.meta
 
 
-def export_seconds(size: int | None) -> float:
-    """Seconds of the one-time ONNX export (plus its parity check) for extract's default codes at `size`."""
+def engine_seconds(size: int | None) -> tuple[float, float]:
+    """Seconds of the one-time ONNX export (plus its parity check), then of the int8 quantization from it
+    (calibration, quantization, check), for extract's default codes at `size`."""
     from transferkit.features import FeatureExtractor
 
-    fe = FeatureExtractor(image_size=size, engine="onnxruntime").fit()
-    path = fe.engine_path()
-    path.unlink(missing_ok=True)
+    fe = FeatureExtractor(image_size=size, precision="fp32", engine="onnxruntime").fit()
+    fe.engine_path().unlink(missing_ok=True)
+    fe.engine_path("int8").unlink(missing_ok=True)
     start = time.perf_counter()
     fe.prepare()
-    return time.perf_counter() - start
+    export = time.perf_counter() - start
+    start = time.perf_counter()
+    FeatureExtractor(image_size=size, precision="int8").fit().prepare()
+    return export, time.perf_counter() - start
 
 
 def probe_accuracy(work: Path, **kwargs) -> tuple[float, str]:
-    """Fashion-MNIST, 1,000/class: codes of blocks.4|4x4 at 64 px, LinearSVC at the core issue's C."""
+    """Fashion-MNIST, 1,000/class: codes of blocks.4|4x4 at 64 px (or as `kwargs` say), LinearSVC at the core
+    issue's C."""
     from transferkit.workflows import extract_features, train_probe
 
     train, test = fashion_mnist("train", per_class=1000), fashion_mnist("t10k")
@@ -113,7 +119,7 @@ def cache_times(work: Path) -> tuple[float, float]:
 
     data = fashion_mnist("train", per_class=1000)
     os.environ["TRANSFERKIT_CACHE"] = str(work / "cache")
-    export_seconds(None)  # the engine file into this cache root first: the first run times encoding, not export
+    engine_seconds(None)  # the engine files into this cache root first: the first run times encoding, not export
     times = []
     for name in ("first", "again"):
         start = time.perf_counter()
@@ -154,52 +160,70 @@ def main() -> None:
     roots = {None: write_pngs(args.work / f"png-{args.images}", args.images),
              64: write_pngs(args.work / f"png-{args.images_64}", args.images_64)}
     gemm = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
-    rows, exports = {}, {}
+    rows, engines = {}, {}
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         tmp = Path(tmp)
         for size, root in roots.items():
-            exports[size or 224] = export_seconds(size)
+            engines[size or 224] = engine_seconds(size)
             plain = plain_timm_loop(root, size)
             fast, meta = transferkit_extract(root, size, tmp / f"tk-{size}")
+            fp32, meta_f = transferkit_extract(root, size, tmp / f"tk-{size}-f", precision="fp32")
             torch_path, meta_t = transferkit_extract(root, size, tmp / f"tk-{size}-t", engine="torch")
             workers, _ = transferkit_extract(root, size, tmp / f"tk-{size}-w", num_workers=1)
-            rows[size or 224] = (plain, fast, meta, workers, torch_path, meta_t, meta["dataset"]["n_items"])
-            print(f"{size or 224}px: plain {plain:.0f} img/s, transferkit {fast:.0f} img/s ({meta['engine']}), "
-                  f"torch engine {torch_path:.0f} img/s, {workers:.0f} with 1 DataLoader worker", flush=True)
-        acc_fast, how_fast = probe_accuracy(tmp / "fast")
-        acc_fp32, _ = probe_accuracy(tmp / "fp32", precision="fp32", fold_bn=False, engine="torch")
+            rows[size or 224] = (plain, fast, meta, workers, torch_path, meta_t, meta["dataset"]["n_items"], fp32,
+                                 meta_f)
+            print(f"{size or 224}px: plain {plain:.0f} img/s, transferkit {fast:.0f} img/s ({meta['engine']}, "
+                  f"{meta['precision']}), fp32 {fp32:.0f} img/s ({meta_f['engine']}), torch engine "
+                  f"{torch_path:.0f} img/s, {workers:.0f} with 1 DataLoader worker", flush=True)
         first, again = cache_times(tmp)
+        print(f"cache: {first:.1f} s then {again:.2f} s", flush=True)
         peak_rss(60, tmp)  # exports the engine into this cache root if needed, so neither run below pays for it
         rss = {n: peak_rss(n, tmp) for n in (600, None)}
+        print(f"peak RSS {rss}", flush=True)
+        # accuracy last: it does not depend on what else runs on the machine
+        os.environ["TRANSFERKIT_CACHE"] = str(tmp / "probe-cache")  # no engine files: what a first run does
+        acc = {"fast": probe_accuracy(tmp / "fast"),
+               "fp32": probe_accuracy(tmp / "fp32", precision="fp32", fold_bn=False, engine="torch"),
+               "int8": probe_accuracy(tmp / "int8", precision="int8")}
+        at224 = {"layer": "pre_logits", "pool": "avg", "image_size": None}
+        acc |= {"fp32-224": probe_accuracy(tmp / "fp32-224", precision="fp32", **at224),
+                "int8-224": probe_accuracy(tmp / "int8-224", precision="int8", **at224)}
+        print(f"probe {acc}", flush=True)
     meta224 = rows[224][2]
     lines = [
         "`tf_efficientnet_lite0`, packaged ImageNet weights, Fashion-MNIST training images as PNG files, pre-logits "
         "codes; (a) the plain timm loop (fp32, NCHW, batch 32, the model's own transform, torchvision ImageFolder + "
         "DataLoader, no workers); (b) `transferkit extract` defaults (cache off; engine "
         f"{meta224['engine']}, precision {meta224['precision']}, {meta224['folded_batchnorms']} BatchNorms folded, "
-        f"batch {meta224['batch_size']}, uint8 decode + one normalisation per batch), with the engine file already "
-        "exported; (c) `--engine torch` (its precision auto: bf16 weights here, channels_last). Same run, same files; "
-        "wall time of the whole call, model build included.",
+        f"batch {meta224['batch_size']}, uint8 decode + one normalisation per batch), with the engine files already "
+        "built; (c) `--precision fp32` (ONNX Runtime fp32); (d) `--engine torch` (its precision auto: bf16 weights "
+        "here, channels_last). Same run, same files; wall time of the whole call, model build included. The GMAC/s "
+        "and GEMM shares are (b)'s, against fp32 and bf16 GEMMs (there is no int8 GEMM in torch on CPU to compare).",
         "",
         "| input | images | (a) plain timm loop | (b) transferkit | (b)/(a) | (b) GMAC/s | share of fp32 / bf16 GEMM "
-        "| (c) `--engine torch` | (b) with `--num-workers 1` | one-time export |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| (c) `--precision fp32` | (d) `--engine torch` | (b) with `--num-workers 1` | one-time export + int8 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for size, (plain, fast, meta, workers, torch_path, meta_t, n) in rows.items():
+    for size, (plain, fast, meta, workers, torch_path, meta_t, n, fp32, meta_f) in rows.items():
         macs = GMACS_224 * (size / 224) ** 2
         lines.append(f"| {size}x{size} | {n:,} | {plain:.0f} img/s | {fast:.0f} img/s ({meta['engine']}, "
                      f"{meta['precision']}) | **{fast / plain:.1f}x** | {fast * macs:.0f} | "
                      f"{100 * fast * macs / gemm['fp32']:.0f}% / {100 * fast * macs / gemm['bf16']:.0f}% | "
+                     f"{fp32:.0f} img/s ({meta_f['engine']}, {fp32 / plain:.1f}x) | "
                      f"{torch_path:.0f} img/s ({meta_t['precision']}, {torch_path / plain:.1f}x) | {workers:.0f} img/s "
-                     f"| {exports[size]:.1f} s |")
+                     f"| {engines[size][0]:.1f} s + {engines[size][1]:.1f} s |")
+    (fast, how), fp32 = acc["fast"], acc["fp32"][0]
     lines += [
         "",
         f"GEMM 2048^3 in the same run: fp32 {gemm['fp32']:.0f} GMAC/s, bf16 {gemm['bf16']:.0f} GMAC/s "
         f"({GMACS_224} GMACs per 224x224 image, scaled by area for 64x64).",
         "",
-        f"- Probe accuracy, Fashion-MNIST 1,000/class, blocks.4|4x4 at 64 px, C=0.001, official test set: "
-        f"defaults ({how_fast}, fresh cache) {100 * acc_fast:.2f}% vs torch fp32 eager, unfolded {100 * acc_fp32:.2f}% "
-        f"(difference {100 * (acc_fast - acc_fp32):+.2f} points).",
+        f"- Probe accuracy, Fashion-MNIST 1,000/class, official test set, C=0.001. blocks.4|4x4 at 64 px: "
+        f"torch fp32 eager, unfolded {100 * fp32:.2f}%; defaults ({how}, fresh cache) {100 * fast:.2f}% "
+        f"({100 * (fast - fp32):+.2f} points); `--precision int8` {100 * acc['int8'][0]:.2f}% "
+        f"({100 * (acc['int8'][0] - fp32):+.2f}). Pre-logits at 224 px: fp32 ({acc['fp32-224'][1]}) "
+        f"{100 * acc['fp32-224'][0]:.2f}%, int8 {100 * acc['int8-224'][0]:.2f}% "
+        f"({100 * (acc['int8-224'][0] - acc['fp32-224'][0]):+.2f}).",
         f"- Code cache, 10,000 images, extract's defaults (224 px, pre-logits): first run {first:.1f} s, "
         f"again {again:.2f} s "
         f"(**{first / again:.0f}x**).",
@@ -210,8 +234,8 @@ def main() -> None:
     ]
     body = "## Feature extraction speed\n\n" + "\n".join(lines)
     (args.work / "result.json").write_text(json.dumps({
-        "rows": {k: [v[0], v[1], v[3], v[4]] for k, v in rows.items()}, "exports": exports, "gemm": gemm,
-        "acc": [acc_fast, acc_fp32],
+        "rows": {k: [v[0], v[1], v[3], v[4], v[7]] for k, v in rows.items()}, "engines": engines, "gemm": gemm,
+        "acc": acc,
         "cache": [first, again], "rss": [rss[600], rss[None]]}, indent=1))
     write_section(args.doc, "extract-speed", body)
     print(body)

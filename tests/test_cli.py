@@ -121,6 +121,21 @@ def test_probe_refuses_mismatched_test_codes(photo_folder, tmp_path):
     _bad(run("probe", a, "--layer", "best", "-o", tmp_path / "p", ok=False), "no sweep")
 
 
+def test_int8_from_the_cli_and_like(photo_folder, tmp_path):
+    """`extract --precision int8` records how it was quantized; `--like` encodes the test set the same way, and a
+    probe refuses to score int8 codes against unquantized ones."""
+    train, like, fp32 = tmp_path / "train", tmp_path / "like", tmp_path / "fp32"
+    run("extract", photo_folder, "-o", train, "--image-size", "32", "--precision", "int8")
+    meta = json.loads((train / "meta.json").read_text())
+    assert meta["precision"] == "int8" and meta["engine"] == "onnxruntime"
+    assert meta["int8"]["calibration"] == "sklearn sample photos" and meta["int8"]["mean_cosine_to_fp32"] >= 0.95
+    run("extract", photo_folder, "-o", like, "--like", train)
+    assert json.loads((like / "meta.json").read_text())["precision"] == "int8"
+    run("extract", photo_folder, "-o", fp32, "--image-size", "32", "--precision", "fp32")
+    _bad(run("probe", train, "--test", fp32, "-o", tmp_path / "p", ok=False), "int8", "--like")
+    assert "test accuracy: 100.00%" in run("probe", train, "--test", like, "-o", tmp_path / "p", "--cv", "2").output
+
+
 def test_finetune_thin_slice(photo_folder, tmp_path):
     stages = run("finetune", "--list-stages").output
     assert "blocks.6" in stages and "head" in stages

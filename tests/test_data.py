@@ -19,6 +19,7 @@ from transferkit.data import (
     ImageDataset,
     build_transform,
     collate,
+    decode_ahead,
     describe_transform,
     load_image,
     open_dataset,
@@ -436,3 +437,26 @@ def test_describe_transform():
     }
     assert describe_transform(HALF_CONFIG)["input_size"] == [3, 224, 224]
     assert describe_transform(HALF_CONFIG)["crop_pct"] == 0.875
+
+
+def test_decode_ahead_keeps_order_raises_and_stops(photo_folder):
+    """The background decoder yields what the loader yields, in order; an error in it is raised in the consumer;
+    leaving early stops its thread."""
+    import threading
+
+    dataset = open_dataset(photo_folder).with_transform(lambda img: torch.from_numpy(np.array(img.resize((8, 8)))))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3)
+    want = [x for x, *_ in loader]
+    got = [x for x, *_ in decode_ahead(loader)]
+    assert len(got) == len(want) == 6 and all(torch.equal(a, b) for a, b in zip(got, want))
+
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(decode_ahead(broken()))
+    ahead = decode_ahead(iter(range(1000)), depth=2)
+    assert next(ahead) == 0
+    ahead.close()
+    assert not any(t.name == "transferkit-decode" and t.is_alive() for t in threading.enumerate())

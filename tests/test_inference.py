@@ -181,3 +181,62 @@ def test_cli_profile_times_decoding_and_the_model(photo_folder, tmp_path):
     line = next(x for x in out.output.splitlines() if x.startswith("profile on 16 images"))
     rates = [float(w) for w in line.replace(",", " ").split() if w.replace(".", "").isdigit()][1:]
     assert "0 DataLoader workers" in line and "bottleneck" in line and all(r > 0 for r in rates), line
+
+
+@pytest.mark.skipif(not ort_engine.available(), reason="needs onnxruntime, onnx and onnxscript (the onnx extra)")
+def test_int8_engine_stays_near_fp32_on_real_images_and_is_shared(tmp_path, code_cache, caplog):
+    """--precision int8: quantized once from the fp32 export, calibrated on fixed photo crops (not the data).
+    Tolerances, against eager fp32 on scikit-learn's handwritten digits (a domain far from the photos):
+    codes' cosine >= 0.95 on average and >= 0.85 for every image; a linear probe within 2 points.
+    The file is cached and shared: 'auto' uses it for any run, a rebuild gives the same codes, and a broken
+    file is rebuilt."""
+    from sklearn.datasets import load_digits
+
+    from transferkit.probe import LinearProbe
+
+    digits = load_digits()
+    images, y = (digits.images * 255 / 16).astype(np.uint8), digits.target  # 1,797 real 8x8 scans
+    kw = {"weights": "package", "layer": "blocks.4,pre_logits", "pool": "avg", "image_size": 48}
+    eager = FeatureExtractor(**kw, precision="fp32", fold_bn=False, engine="torch").fit().transform(images)
+    int8 = FeatureExtractor(**kw, precision="int8").fit()
+    codes = int8.transform(images)
+    assert int8.engine_ == "onnxruntime" and int8.precision_ == "int8" and int8.folded_ == 49
+    assert int8.int8_cosine_ >= ort_engine.MIN_COSINE  # measured on held-out photo crops when it was built
+    files = sorted((code_cache / "engines").glob("*.onnx"))
+    assert [f.name.endswith("-int8.onnx") for f in files].count(True) == 1 and len(files) == 2  # fp32, then int8
+    cos = ort_engine.cosine(codes, eager)
+    assert cos.mean() >= 0.95 and cos.min() >= 0.85, (cos.mean(), cos.min())
+    n = 1000
+    acc = {name: LinearProbe(C=0.01).fit(x[:n], y[:n]).score(x[n:], y[n:]) for name, x in
+           (("fp32", eager), ("int8", codes))}
+    assert acc["fp32"] > 0.9 and abs(acc["int8"] - acc["fp32"]) <= 0.02, acc
+    auto = FeatureExtractor(**kw).fit().plan(16)  # 16 images would never repay a quantization; the file is there
+    assert auto.precision_ == "int8"
+    assert FeatureExtractor(**{**kw, "image_size": 40}).fit().plan(16).precision_ != "int8"  # no file at 40 px
+    int8_file = next(f for f in files if f.name.endswith("-int8.onnx"))
+    int8_file.write_bytes(b"truncated")
+    again = FeatureExtractor(**kw, precision="int8").fit()
+    with caplog.at_level(logging.WARNING):
+        rebuilt = again.transform(images[:64])
+    assert "does not load" in caplog.text and again.precision_ == "int8" and int8_file.stat().st_size > 10**6
+    np.testing.assert_allclose(rebuilt, codes[:64], rtol=0, atol=1e-5 * np.abs(codes).max())  # deterministic
+
+
+@pytest.mark.skipif(not ort_engine.available(), reason="needs onnxruntime, onnx and onnxscript (the onnx extra)")
+def test_int8_falls_back_to_fp32_when_quantization_strays(photo_folder, code_cache, monkeypatch, caplog):
+    """A quantized file whose codes stray from fp32 (here: a bar no int8 file can meet) is not kept: 'auto'
+    warns and runs unquantized, an explicit --precision int8 stops with the reason."""
+    from transferkit import features
+    from transferkit.errors import ModelError
+
+    monkeypatch.setattr(ort_engine, "MIN_COSINE", 1.01)
+    monkeypatch.setattr(features, "INT8_PAYS_OFF", 0)  # any run 'repays' a quantization
+    kw = {"weights": "package", "image_size": 32}
+    with caplog.at_level(logging.WARNING):
+        auto = FeatureExtractor(**kw).fit().plan(16)
+    assert "int8 codes point away from fp32" in caplog.text and auto.precision_ != "int8"
+    assert not list(code_cache.rglob("*-int8.onnx"))
+    with pytest.raises(ModelError, match="could not be quantized.*--precision fp32"):
+        FeatureExtractor(**kw, precision="int8").fit().plan(16)
+    with pytest.raises(ModelError, match="int8 runs in ONNX Runtime"):
+        FeatureExtractor(**kw, precision="int8", engine="torch").fit()

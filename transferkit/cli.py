@@ -45,8 +45,8 @@ def model_options(f=None, *, precision: str = "fp32", help_precision: str = "bf1
     """Options shared by every command that builds a backbone."""
     if f is None:
         return lambda g: model_options(g, precision=precision, help_precision=help_precision)
-    f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"] if precision == "auto" else
-                                                      ["fp32", "bf16", "fp16"]), default=precision,
+    choices = ["auto", "fp32", "bf16", "fp16", "int8"] if precision == "auto" else ["fp32", "bf16", "fp16"]
+    f = click.option("--precision", type=click.Choice(choices), default=precision,
                      show_default=True, help=help_precision)(f)
     f = click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)(f)
     f = click.option("--image-size", type=click.IntRange(8), default=None,
@@ -61,8 +61,10 @@ def model_options(f=None, *, precision: str = "fp32", help_precision: str = "bf1
 @cli.command()
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Feature directory to write.")
-@model_options(precision="auto", help_precision="auto: fp32 in ONNX Runtime on CPU when installed, else bf16 on "
-               "CPUs with native bf16 (AVX512-BF16/AMX); fp16 autocast on CUDA. fp32 turns reduced precision off.")
+@model_options(precision="auto", help_precision="auto, on a CPU with ONNX Runtime: int8 there (quantized once, "
+               "calibrated on fixed photo crops, checked against fp32) when its file is cached or the data is large "
+               "enough to repay it, else fp32 there likewise, else bf16 in torch on CPUs with native bf16 "
+               "(AVX512-BF16/AMX); fp16 autocast on CUDA. fp32 turns reduced precision off.")
 @click.option("--layer", default="pre_logits", show_default=True,
               help="pre_logits, a stage index or timm module name (see `transferkit layers`), 'all', "
                    "or 'auto' (every stage x pooling, then a sweep picks the best).")
@@ -78,8 +80,9 @@ def model_options(f=None, *, precision: str = "fp32", help_precision: str = "bf1
 @click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
               help="Fold BatchNorm into the conv before it (checked against the unfolded output).")
 @click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
-              help="What runs the network. auto: ONNX Runtime (exported once, cached, checked against torch) for "
-                   "fp32 on CPU when it is installed and the data is large enough to repay the export, else torch.")
+              help="What runs the network. auto: ONNX Runtime (exported once, cached, checked against torch) on CPU "
+                   "when it is installed and the data is large enough to repay the export (see --precision), "
+                   "else torch.")
 @click.option("--profile", is_flag=True, help="First time decoding alone and the model alone on 256 images.")
 def extract(data: Path, out: Path, model: str, weights: str, image_size: int | None, batch_size: int,
             precision: str, layer: str, pool: str, per_class: int | None, num_workers: int, skip_bad: bool,

@@ -6,7 +6,9 @@ import copy
 import csv
 import gzip
 import os
-from collections.abc import Callable, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +222,50 @@ def collate(
 
 
 # ---------------------------------------------------------------------------------------------- opening
+
+
+def decode_ahead(batches: Iterable, depth: int = 2) -> Iterator:
+    """The items of `batches`, produced by a background thread up to `depth` ahead of the consumer.
+
+    Why: decoding (PIL, torch) and ONNX Runtime release the GIL, so the next batch is decoded while the model
+    runs the current one, without the process start-up and tensor pickling of a DataLoader worker. An
+    exception in the thread is raised here; closing the generator early stops the thread.
+    """
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not put((batch, None)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put((end, exc))
+            return
+        put((end, None))
+
+    thread = threading.Thread(target=produce, name="transferkit-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch, exc = items.get()
+            if batch is end:
+                if exc is not None:
+                    raise exc
+                return
+            yield batch
+    finally:
+        stop.set()
+        thread.join()
 
 
 def open_dataset(

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transferkit import ort_engine
 from transferkit.codecache import CodeCache, CodeSpace
 from transferkit.data import ImageDataset, collate, describe_transform
 from transferkit.distributed import World, init_world
@@ -113,6 +114,7 @@ def _meta(extractor: FeatureExtractor, data: ImageDataset, kept: list[int], skip
         "transform": describe_transform(extractor.data_config_, extractor.image_size),
         "image_size": extractor.image_size,
         "precision": extractor.precision_,
+        "int8": _int8_meta(extractor),
         "engine": extractor.engine_,  # None: every code came from the cache, the network never ran
         "folded_batchnorms": extractor.folded_,
         "batch_size": extractor.batch_size,
@@ -127,6 +129,13 @@ def _meta(extractor: FeatureExtractor, data: ImageDataset, kept: list[int], skip
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"transferkit": __version__, "timm": timm.__version__, "torch": torch.__version__},
     }
+
+
+def _int8_meta(extractor: FeatureExtractor) -> dict | None:
+    """How int8 codes were quantized, and how close they stayed to fp32 (None for other precisions)."""
+    if extractor.precision_ != "int8":
+        return None
+    return {**ort_engine.INT8, "mean_cosine_to_fp32": extractor.int8_cosine_}
 
 
 def _shared_tmp(out: Path, world: World) -> Path | None:
@@ -170,6 +179,8 @@ def code_spaces(extractor: FeatureExtractor, cache: CodeCache | None) -> dict[st
     base = {"model": extractor.model, "weights_sha256": extractor.backbone_.weights_info.sha256,
             "transform": describe_transform(extractor.data_config_, extractor.image_size),
             "precision": extractor.precision_, "fold_bn": bool(extractor.fold_bn)}
+    if extractor.precision_ == "int8":  # another calibration or quantizer is another kind of codes
+        base["int8"] = ort_engine.INT8
     return {key_name(la.name, p): cache.space({**base, "layer": la.name, "pool": p}) for la, p in extractor.pairs_}
 
 

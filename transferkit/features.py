@@ -18,7 +18,7 @@ from torch import nn
 
 from transferkit import ort_engine
 from transferkit.backbones import DEFAULT_MODEL, PRE_LOGITS, Layer, create_backbone, resolve_layers
-from transferkit.data import ImageDataset, build_transform, collate, describe_transform, load_image
+from transferkit.data import ImageDataset, build_transform, collate, decode_ahead, describe_transform, load_image
 from transferkit.errors import DataError, ModelError
 from transferkit.inference import fold_checked
 
@@ -26,11 +26,14 @@ log = logging.getLogger(__name__)
 
 POOLS = ("avg", "max", "avgmax")  # plus grids "NxN" that keep location
 ALL_POOLS = ("avg", "max", "avgmax", "2x2", "4x4")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 ENGINES = ("auto", "torch", "onnxruntime")
 # Images at 224 px (scaled by area) from which a first run with the ONNX export is no slower than torch:
 # the export took ~6 s and ONNX Runtime saved ~1.6 ms per 224 px image (bench/extract_speed.py, 2 cores)
 ORT_PAYS_OFF = 4000
+# Likewise for the int8 engine: export + calibration + quantization took ~49 s at 224 px, and int8 ran ~290 img/s
+# end to end against ~126 for torch bf16 and ~148 for ONNX Runtime fp32 (4.5 and 3.4 ms saved per image)
+INT8_PAYS_OFF = 12000
 _GRID = re.compile(r"^(?:grid)?(\d)(?:x(\d))?$")
 
 
@@ -146,6 +149,9 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
+    if precision == "int8":
+        raise ModelError("--precision int8 runs in ONNX Runtime, for extracting codes on a CPU (extract, probe); "
+                         "use fp32 or bf16 here")
     if precision == "fp16" and device.type != "cuda":
         raise ModelError("--precision fp16 needs a CUDA device; use bf16 on CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -230,14 +236,20 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                              f"Got '{self.engine}' instead.")
         self.pools_ = parse_pools(self.pool)
         self.device_ = default_device()
-        autocast(self.precision, self.device_)  # validates
-        self.precision_ = resolve_precision(self.precision, self.device_)
-        if self.engine == "onnxruntime":
-            if self.device_.type != "cpu" or self.precision not in ("auto", "fp32"):
-                raise ModelError("--engine onnxruntime runs fp32 on CPU; use --precision fp32 (or auto) without a GPU")
+        if self.precision == "int8" or self.engine == "onnxruntime":
+            ort = ("--precision int8" if self.precision == "int8" else "--engine onnxruntime")
+            if self.device_.type != "cpu" or self.precision not in ("auto", "fp32", "int8"):
+                raise ModelError(f"{ort} runs ONNX Runtime on the CPU, in fp32 or int8; "
+                                 "use --precision auto, fp32 or int8 without a GPU")
+            if self.engine == "torch":
+                raise ModelError("--precision int8 runs in ONNX Runtime; use --engine auto (or onnxruntime)")
             if not ort_engine.available():
-                raise ModelError("--engine onnxruntime needs onnxruntime, onnx and onnxscript: "
+                raise ModelError(f"{ort} needs onnxruntime, onnx and onnxscript: "
                                  "pip install onnx onnxscript onnxruntime")
+        else:
+            autocast(self.precision, self.device_)  # validates
+        self.precision_ = "int8" if self.precision == "int8" else resolve_precision(self.precision, self.device_)
+        if self.engine == "onnxruntime":
             self.precision_ = "fp32"
         self.backbone_ = create_backbone(self.model, self.weights)
         self.data_config_ = timm.data.resolve_model_data_config(self.backbone_)
@@ -250,16 +262,18 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.keys_ = [key_name(la.name, p) for la, p in self.pairs_]
         self.n_features_out_ = sum(pooled_dim(la, p) for la, p in self.pairs_)
         self.folded_, self.engine_, self.input_dtype_, self._ort, self._planned = None, None, None, None, None
+        self.int8_cosine_ = None  # for int8: mean cosine of its codes to fp32's, measured when it was quantized
         return self
 
     def plan(self, n_images: int | None) -> FeatureExtractor:
         """Settle the engine and precision for a run over `n_images` images (None: unknown), before any runs.
 
-        engine='auto' picks ONNX Runtime, in fp32, on a CPU where it is installed, when the precision is
-        auto or fp32 and either its exported file is already cached or the run is large enough to repay
-        the export (ORT_PAYS_OFF); otherwise torch, in `resolve_precision`'s choice (bf16 weights on CPUs
-        with native bf16). Measured in bench/extract_speed.py. Called by extract before the code cache
-        is consulted, since the precision is part of the cache key.
+        On a CPU with ONNX Runtime installed, precision 'auto' runs int8 there when its file is cached or
+        the run repays calibrating it (INT8_PAYS_OFF); else fp32 there when that file is cached or the run
+        repays the export (ORT_PAYS_OFF); else torch, in `resolve_precision`'s choice (bf16 weights on CPUs
+        with native bf16). Measured in bench/extract_speed.py. Called by extract before the code cache is
+        consulted, since the precision is part of the cache key; a missing int8 file is built here, so a
+        failed quantization can still fall back to fp32 (with a warning) before any code is keyed.
         """
         if not hasattr(self, "backbone_"):
             self.fit()
@@ -268,12 +282,39 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             self._planned = "onnxruntime" if ort else "torch"
             if ort:
                 self.precision_ = "fp32"
+            if self._int8_pays(n_images) and (self.engine_path("int8").is_file() or self._int8_engine()):
+                self._planned, self.precision_ = "int8", "int8"
+            elif self.precision == "int8":
+                raise ModelError(f"--precision int8: {self.model} could not be quantized (see the warning); "
+                                 "use --precision fp32")
         return self
 
+    def _ort_runs(self) -> bool:
+        return self.device_.type == "cpu" and self.engine != "torch" and ort_engine.available()
+
     def _ort_pays(self, n_images: int | None) -> bool:
-        if self.device_.type != "cpu" or self.precision not in ("auto", "fp32") or not ort_engine.available():
+        if not self._ort_runs() or self.precision not in ("auto", "fp32"):
             return False
         return self.engine_path().is_file() or (n_images or 0) * self.side_ ** 2 >= ORT_PAYS_OFF * 224 ** 2
+
+    def _int8_pays(self, n_images: int | None) -> bool:
+        if self.precision != "auto" or not self._ort_runs():
+            return self.precision == "int8"
+        return self.engine_path("int8").is_file() or (n_images or 0) * self.side_ ** 2 >= INT8_PAYS_OFF * 224 ** 2
+
+    def _int8_engine(self) -> ort_engine.OrtEngine | None:
+        """The cached int8 engine, or one quantized now from the fp32 engine (exported first if need be)."""
+        path, threads = self.engine_path("int8"), torch.get_num_threads()
+        if self._ort is None and path.is_file():
+            self._ort = ort_engine.open_cached(path, self.keys_, threads)
+        if self._ort is None:
+            fp32 = ort_engine.load_or_export(self._export_net, self.keys_, self.side_, self.engine_path(), threads)
+            if fp32 is not None:
+                n = ort_engine.INT8["crops"]
+                crops = ort_engine.calibration_crops(n + 32, ort_engine.INT8["seed"])  # the last 32: the check
+                x = self.normalize(torch.stack([self.decode_(c) for c in crops])).numpy()
+                self._ort = ort_engine.quantize(fp32, path, x[:n], x[n:], threads)
+        return self._ort
 
     def prepare(self, n_images: int | None = None) -> FeatureExtractor:
         """Make the fitted backbone fast to run, for about `n_images` images (see `plan`).
@@ -285,6 +326,12 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         if self.engine_ is not None:
             return self
         self.engine_ = "torch"
+        if self._planned == "int8":  # its file exists (plan built it); rebuilt if it no longer loads
+            if self._int8_engine() is None:
+                raise ModelError(f"the int8 engine of {self.model} could not be loaded or rebuilt (see the warning); "
+                                 "use --precision fp32")
+            self.engine_, self.folded_, self.int8_cosine_ = "onnxruntime", self._ort.folded, self._ort.cosine
+            return self
         if self._planned == "onnxruntime":
             self._ort = ort_engine.load_or_export(self._export_net, self.keys_, self.side_, self.engine_path(),
                                                   torch.get_num_threads())
@@ -316,18 +363,27 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self._fold()
         return ort_engine.CodesNet(self.backbone_, compute_codes, self.pairs_), self.folded_
 
-    def engine_path(self) -> Path:
-        """Where the exported engine of exactly this network, weights, codes and input size is cached."""
+    def engine_path(self, precision: str = "fp32") -> Path:
+        """Where the exported (fp32) or quantized (int8) engine of exactly this network, weights, codes and
+        input size is cached."""
         from transferkit.codecache import default_root, space_id
 
         spec = {"model": self.model, "weights_sha256": self.backbone_.weights_info.sha256, "keys": self.keys_,
                 "side": self.side_, "fold_bn": self.fold_bn, "torch": torch.__version__, "opset": ort_engine.OPSET}
+        if precision == "int8":
+            import onnxruntime
+
+            spec.update(int8=ort_engine.INT8, onnxruntime=onnxruntime.__version__)
+            return default_root() / "engines" / f"{space_id(spec)}-int8.onnx"
         return default_root() / "engines" / f"{space_id(spec)}.onnx"
 
     def iter_batches(self, data) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list]]:
         """Yield (codes by key, labels, item indices, bad items) per batch, in item order.
 
-        Workers only decode and resize to uint8; scaling and normalising happen once per batch.
+        Workers only decode and resize to uint8; scaling and normalising happen once per batch. Without
+        workers, ONNX Runtime runs one batch while a thread decodes the next (decode_ahead); the torch
+        engine decodes in turn, as its thread pool lost more to the decoding thread than it gained
+        (bench/extract_speed.py).
         """
         self.prepare(len(data))
         strict = not getattr(data, "skip_bad", False)
@@ -339,6 +395,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate
         )
+        if self.num_workers == 0 and self._ort is not None:  # measured: helps ONNX Runtime, not torch
+            loader = decode_ahead(loader)
         for x, y, idx, bad in _progress(loader, len(dataset), self.progress):
             if bad and strict:
                 raise DataError(bad[0][1])

@@ -206,6 +206,11 @@ def check_compatible(train: FeatureStore, test: FeatureStore, key: str) -> None:
                 f"'{test.path}' was made with {field}={test.meta[field]!r} but '{train.path}' with "
                 f"{train.meta[field]!r}; extract the test set with --like {train.path}"
             )
+    if (train.meta["precision"] == "int8") != (test.meta["precision"] == "int8") or (
+            train.meta.get("int8") or {}).get("calibration") != (test.meta.get("int8") or {}).get("calibration"):
+        raise DataError(f"'{test.path}' has {test.meta['precision']} codes and '{train.path}' "
+                        f"{train.meta['precision']}: int8 codes are quantized and cannot be scored against "
+                        f"others; extract the test set with --like {train.path}")
     if train.meta["weights"]["sha256"] != test.meta["weights"]["sha256"]:
         raise DataError(f"'{test.path}' and '{train.path}' were extracted with different weights (sha256 differs)")
     if key not in test.keys:
