@@ -31,8 +31,9 @@ ENGINES = ("auto", "torch", "onnxruntime")
 # Images at 224 px (scaled by area) from which a first run with the ONNX export is no slower than torch:
 # the export took ~6 s and ONNX Runtime saved ~1.6 ms per 224 px image (bench/extract_speed.py, 2 cores)
 ORT_PAYS_OFF = 4000
-# Likewise for the int8 engine: export + calibration + quantization took ~49 s at 224 px, and int8 ran ~290 img/s
-# end to end against ~126 for torch bf16 and ~148 for ONNX Runtime fp32 (4.5 and 3.4 ms saved per image)
+# Likewise for the int8 engine: export 6.7 s + calibration and quantization 40.9 s at 224 px, then 326 img/s end
+# to end against 157 for ONNX Runtime fp32 and 110 for torch bf16 (bench/extract_speed.py): it repays the 40.9 s
+# against fp32 after ~12,400 images and all 47.6 s against torch after ~7,900; the larger, to be safe
 INT8_PAYS_OFF = 12000
 _GRID = re.compile(r"^(?:grid)?(\d)(?:x(\d))?$")
 
