@@ -26,30 +26,15 @@ from PIL import Image
 os.environ.setdefault("TRANSFERKIT_CACHE", "bench/.work/int8/cache")
 from transferkit.demo import fashion_mnist  # noqa: E402
 from transferkit.features import FeatureExtractor  # noqa: E402
-from transferkit.ort_engine import FOLDED, OrtEngine, cosine  # noqa: E402
+from transferkit.ort_engine import FOLDED, OrtEngine, calibration_crops, cosine  # noqa: E402
 from transferkit.probe import LinearProbe  # noqa: E402
 
 WORK = "bench/.work/int8"
 
 
 def photo_batches(fe: FeatureExtractor, n: int, seed: int = 0) -> np.ndarray:
-    from sklearn.datasets import load_sample_images
-
-    rng = np.random.default_rng(seed)
-    imgs = [Image.fromarray(a) for a in load_sample_images().images]
-    out = []
-    for i in range(n):
-        im = imgs[i % len(imgs)]
-        w, h = im.size
-        s = int(rng.uniform(0.1, 1.0) * min(w, h))
-        x, y = rng.integers(0, w - s + 1), rng.integers(0, h - s + 1)
-        c = im.crop((x, y, x + s, y + s))
-        if rng.random() < 0.5:
-            c = c.transpose(Image.FLIP_LEFT_RIGHT)
-        if rng.random() < 0.3:
-            c = c.convert("L").convert("RGB")
-        out.append(fe.decode_(c))
-    return fe.normalize(torch.stack(out)).numpy()
+    """The first `n` of the crops transferkit calibrates on (ort_engine.calibration_crops), as model input."""
+    return fe.normalize(torch.stack([fe.decode_(c) for c in calibration_crops(n, seed)])).numpy()
 
 
 def data_batches(fe: FeatureExtractor, data, n: int, seed: int = 0) -> np.ndarray:

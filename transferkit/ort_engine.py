@@ -39,10 +39,15 @@ FOLDED = "transferkit.folded_batchnorms"  # metadata key in the exported file
 COSINE = "transferkit.int8_cosine"  # metadata key of an int8 file: mean cosine of its codes to fp32's
 # What defines an int8 engine (part of its cache key and recorded in meta.json). Percentile calibration:
 # at 224 px, MinMax (every value seen, however rare) gave codes with cosine 0.96 mean / 0.80 worst to fp32,
-# percentile 0.98 / 0.91 (bench/extract_speed.py)
+# percentile 0.98 / 0.91 (bench/int8_calibration.py, docs/speed.md)
 INT8 = {"calibration": "sklearn sample photos", "crops": 128, "seed": 0, "method": "percentile 99.999",
         "format": "QDQ", "weights": "int8 per channel", "activations": "uint8"}
 MIN_COSINE = 0.95  # mean cosine to the fp32 codes, on held-out crops, for a new int8 file to be kept
+
+
+def _why(exc: Exception) -> str:
+    """'Type: first line of the message', short enough for a one-line warning."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 def available() -> bool:
@@ -95,8 +100,7 @@ def open_cached(path: Path, keys: Sequence[str], threads: int) -> OrtEngine | No
     try:
         return OrtEngine(path, keys, threads)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file raises many types
-        log.warning("cached engine %s does not load (%s: %s); deleting it", path, type(exc).__name__,
-                    str(exc).splitlines()[0][:200] if str(exc) else "")
+        log.warning("cached engine %s does not load (%s); deleting it", path, _why(exc))
         path.unlink(missing_ok=True)
         return None
 
@@ -157,8 +161,7 @@ def load_or_export(build: Callable[[], tuple[CodesNet, int]], keys: Sequence[str
                     raise ValueError(f"'{key}' differs from torch by up to {worst}")
         return engine
     except Exception as exc:  # noqa: BLE001 - exporter and runtime raise many types; all mean "use torch"
-        log.warning("ONNX Runtime engine unavailable for this network (%s: %s); running torch",
-                    type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        log.warning("ONNX Runtime engine unavailable for this network (%s); running torch", _why(exc))
         path.unlink(missing_ok=True)
         return None
 
@@ -244,7 +247,6 @@ def quantize(fp32: OrtEngine, path: Path, calibration: np.ndarray, check: np.nda
         atomic_write(path, write)
         return OrtEngine(path, fp32.keys, threads)
     except Exception as exc:  # noqa: BLE001 - the quantizer raises many types; all mean "stay fp32"
-        log.warning("int8 engine unavailable for this network (%s: %s); running fp32",
-                    type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        log.warning("int8 engine unavailable for this network (%s); running fp32", _why(exc))
         path.unlink(missing_ok=True)
         return None
