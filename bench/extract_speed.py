@@ -159,7 +159,7 @@ def main() -> None:
     os.environ["TRANSFERKIT_CACHE"] = fresh.name
     roots = {None: write_pngs(args.work / f"png-{args.images}", args.images),
              64: write_pngs(args.work / f"png-{args.images_64}", args.images_64)}
-    gemm = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
+    gemm = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16), "int8": gemm_rate(torch.int8)}
     rows, engines = {}, {}
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         tmp = Path(tmp)
@@ -198,24 +198,27 @@ def main() -> None:
         f"batch {meta224['batch_size']}, uint8 decode + one normalisation per batch), with the engine files already "
         "built; (c) `--precision fp32` (ONNX Runtime fp32); (d) `--engine torch` (its precision auto: bf16 weights "
         "here, channels_last). Same run, same files; wall time of the whole call, model build included. The GMAC/s "
-        "and GEMM shares are (b)'s, against fp32 and bf16 GEMMs (there is no int8 GEMM in torch on CPU to compare).",
+        "and GEMM shares are (b)'s: its int8 convolutions are best compared with the int8 GEMM.",
         "",
-        "| input | images | (a) plain timm loop | (b) transferkit | (b)/(a) | (b) GMAC/s | share of fp32 / bf16 GEMM "
-        "| (c) `--precision fp32` | (d) `--engine torch` | (b) with `--num-workers 1` | one-time export + int8 |",
+        "| input | images | (a) plain timm loop | (b) transferkit | (b)/(a) | (b) GMAC/s "
+        "| share of fp32 / bf16 / int8 GEMM | (c) `--precision fp32` | (d) `--engine torch` "
+        "| (b) with `--num-workers 1` | one-time export + int8 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for size, (plain, fast, meta, workers, torch_path, meta_t, n, fp32, meta_f) in rows.items():
         macs = GMACS_224 * (size / 224) ** 2
         lines.append(f"| {size}x{size} | {n:,} | {plain:.0f} img/s | {fast:.0f} img/s ({meta['engine']}, "
                      f"{meta['precision']}) | **{fast / plain:.1f}x** | {fast * macs:.0f} | "
-                     f"{100 * fast * macs / gemm['fp32']:.0f}% / {100 * fast * macs / gemm['bf16']:.0f}% | "
+                     f"{100 * fast * macs / gemm['fp32']:.0f}% / {100 * fast * macs / gemm['bf16']:.0f}% / "
+                     f"{100 * fast * macs / gemm['int8']:.0f}% | "
                      f"{fp32:.0f} img/s ({meta_f['engine']}, {fp32 / plain:.1f}x) | "
                      f"{torch_path:.0f} img/s ({meta_t['precision']}, {torch_path / plain:.1f}x) | {workers:.0f} img/s "
                      f"| {engines[size][0]:.1f} s + {engines[size][1]:.1f} s |")
     (fast, how), fp32 = acc["fast"], acc["fp32"][0]
     lines += [
         "",
-        f"GEMM 2048^3 in the same run: fp32 {gemm['fp32']:.0f} GMAC/s, bf16 {gemm['bf16']:.0f} GMAC/s "
+        f"GEMM 2048^3 in the same run: fp32 {gemm['fp32']:.0f} GMAC/s, bf16 {gemm['bf16']:.0f} GMAC/s, int8 "
+        f"{gemm['int8']:.0f} GMAC/s (`torch._int_mm`) "
         f"({GMACS_224} GMACs per 224x224 image, scaled by area for 64x64).",
         "",
         f"- Probe accuracy, Fashion-MNIST 1,000/class, official test set, C=0.001. blocks.4|4x4 at 64 px: "
