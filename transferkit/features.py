@@ -31,9 +31,9 @@ ENGINES = ("auto", "torch", "onnxruntime")
 # Images at 224 px (scaled by area) from which a first run with the ONNX export is no slower than torch:
 # the export took ~6 s and ONNX Runtime saved ~1.6 ms per 224 px image (bench/extract_speed.py, 2 cores)
 ORT_PAYS_OFF = 4000
-# Likewise for the int8 engine: export 6.7 s + calibration and quantization 40.9 s at 224 px, then 326 img/s end
-# to end against 157 for ONNX Runtime fp32 and 110 for torch bf16 (bench/extract_speed.py): it repays the 40.9 s
-# against fp32 after ~12,400 images and all 47.6 s against torch after ~7,900; the larger, to be safe
+# Likewise for the int8 engine: export 6.4 s + calibration and quantization 39.9 s at 224 px, then 313 img/s end
+# to end against 162 for ONNX Runtime fp32 and 112 for torch bf16 (bench/extract_speed.py): it repays the 39.9 s
+# against fp32 after ~13,400 images and all 46.3 s against torch after ~8,100; 12,000 lies between
 INT8_PAYS_OFF = 12000
 _GRID = re.compile(r"^(?:grid)?(\d)(?:x(\d))?$")
 
@@ -393,8 +393,9 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             dataset.skip_bad = True  # errors travel back as data, so a worker's failure is raised here, in one line
         else:
             dataset = _Images(data, self.decode_)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate
+        loader = torch.utils.data.DataLoader(  # pinned pages: the host-to-GPU copy can overlap the compute
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
+            pin_memory=self.device_.type == "cuda",
         )
         if self.num_workers == 0 and self._ort is not None:  # measured: helps ONNX Runtime, not torch
             loader = decode_ahead(loader)
@@ -404,11 +405,13 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             if x is None:
                 yield {}, np.empty(0, np.int64), np.empty(0, np.int64), bad
                 continue
+            if self.device_.type == "cuda":  # uint8 from pinned memory: a quarter of the float bytes to copy
+                x = x.to(self.device_, non_blocking=True)
             yield self.model_codes(self.normalize(x)), y.numpy(), idx.numpy(), bad
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) from `decode_` -> the float input `transform_` would give, bit for bit."""
-        return x.float().div_(255).sub_(self.mean_).div_(self.std_)
+        return x.float().div_(255).sub_(self.mean_.to(x.device)).div_(self.std_.to(x.device))
 
     def model_codes(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         """Codes of one preprocessed float batch (B, 3, H, W): the model's share of the work."""
@@ -418,7 +421,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             return self._ort(x)
         mixed = autocast(self.precision_, self.device_) if self.input_dtype_ is None else contextlib.nullcontext()
         with torch.inference_mode(), mixed:
-            x = x.to(self.device_, dtype=self.input_dtype_, memory_format=torch.channels_last)
+            x = x.to(self.device_, dtype=self.input_dtype_, memory_format=torch.channels_last, non_blocking=True)
             codes = compute_codes(self.backbone_, x, self.pairs_)
         return {k: v.cpu().numpy() for k, v in codes.items()}
 
