@@ -187,7 +187,8 @@ def test_cli_profile_times_decoding_and_the_model(photo_folder, tmp_path):
 def test_int8_engine_stays_near_fp32_on_real_images_and_is_shared(tmp_path, code_cache, caplog):
     """--precision int8: quantized once from the fp32 export, calibrated on fixed photo crops (not the data).
     Tolerances, against eager fp32 on scikit-learn's handwritten digits (a domain far from the photos):
-    codes' cosine >= 0.95 on average and >= 0.85 for every image; a linear probe within 2 points.
+    codes' cosine >= 0.98 on average and >= 0.95 for every image (measured: 0.996, 0.987); a linear probe
+    within 1 point (measured: 95.23% both).
     The file is cached and shared: 'auto' uses it for any run, a rebuild gives the same codes, and a broken
     file is rebuilt."""
     from sklearn.datasets import load_digits
@@ -205,11 +206,11 @@ def test_int8_engine_stays_near_fp32_on_real_images_and_is_shared(tmp_path, code
     files = sorted((code_cache / "engines").glob("*.onnx"))
     assert [f.name.endswith("-int8.onnx") for f in files].count(True) == 1 and len(files) == 2  # fp32, then int8
     cos = ort_engine.cosine(codes, eager)
-    assert cos.mean() >= 0.95 and cos.min() >= 0.85, (cos.mean(), cos.min())
+    assert cos.mean() >= 0.98 and cos.min() >= 0.95, (cos.mean(), cos.min())
     n = 1000
     acc = {name: LinearProbe(C=0.01).fit(x[:n], y[:n]).score(x[n:], y[n:]) for name, x in
            (("fp32", eager), ("int8", codes))}
-    assert acc["fp32"] > 0.9 and abs(acc["int8"] - acc["fp32"]) <= 0.02, acc
+    assert acc["fp32"] > 0.9 and abs(acc["int8"] - acc["fp32"]) <= 0.01, acc
     auto = FeatureExtractor(**kw).fit().plan(16)  # 16 images would never repay a quantization; the file is there
     assert auto.precision_ == "int8"
     assert FeatureExtractor(**{**kw, "image_size": 40}).fit().plan(16).precision_ != "int8"  # no file at 40 px
