@@ -206,8 +206,10 @@ def check_compatible(train: FeatureStore, test: FeatureStore, key: str) -> None:
                 f"'{test.path}' was made with {field}={test.meta[field]!r} but '{train.path}' with "
                 f"{train.meta[field]!r}; extract the test set with --like {train.path}"
             )
-    if (train.meta["precision"] == "int8") != (test.meta["precision"] == "int8") or (
-            train.meta.get("int8") or {}).get("calibration") != (test.meta.get("int8") or {}).get("calibration"):
+    def calibration(meta: dict) -> str | None:  # None for unquantized codes
+        return (meta.get("int8") or {}).get("calibration")
+
+    if calibration(train.meta) != calibration(test.meta):
         raise DataError(f"'{test.path}' has {test.meta['precision']} codes and '{train.path}' "
                         f"{train.meta['precision']}: int8 codes are quantized and cannot be scored against "
                         f"others; extract the test set with --like {train.path}")
