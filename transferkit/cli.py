@@ -36,7 +36,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     ctx.obj = {"progress": not quiet}
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("PIL", "matplotlib", "timm"):
+    for noisy in ("PIL", "matplotlib", "timm", "onnx_ir", "onnxscript", "torch.onnx"):  # exporters: ~100 INFO lines
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
 
 
@@ -118,11 +118,7 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
     click.echo(f"{len(store)} images -> {out} ({', '.join(store.keys[:4])}{', ...' if len(store.keys) > 4 else ''}) "
                f"at {meta['images_per_second']} img/s{reuse}; weights {meta['weights']['source']} "
                f"sha256 {meta['weights']['sha256'][:12]}")
-    _print_sweep(out)
-    if meta["skipped"]:
-        click.echo(f"skipped {len(meta['skipped'])} bad image(s):", err=True)
-        for item in meta["skipped"]:
-            click.echo(f"  {item['error']}", err=True)
+    _print_sweep(out)  # skipped images: extract logs one warning, meta.json lists them all
 
 
 def _leave_world() -> bool:
@@ -218,6 +214,11 @@ def predict(model_dir: str, images: tuple[Path, ...], batch_size: int, as_json: 
         from transferkit.dense import dense_predict, load_classifier
         from transferkit.workflows import image_files
 
+        if out is not None:  # before the network loads: never into the images' folders
+            from transferkit.dense import DENSE_KIND
+            from transferkit.outputs import check_output
+
+            check_output(out, DENSE_KIND, inputs=images)
         clf = load_classifier(model_dir, window=window, weights=weights)
         for path in image_files(list(images)):
             row = dense_predict(clf, path, out)
@@ -251,8 +252,10 @@ def convert(source: str, out: Path, input_size: int | None, window: bool, weight
 
     RUN_OR_MODEL: a fine-tuning run, a probe directory or a timm model name.
     """
-    from transferkit.dense import load_classifier, save_converted
+    from transferkit.dense import CONVERTED_KIND, load_classifier, save_converted
+    from transferkit.outputs import check_output
 
+    check_output(out, CONVERTED_KIND, inputs=[source])  # before the work
     clf = load_classifier(source, input_size=input_size, window=window, weights=weights)
     save_converted(clf, out)
     click.echo(f"{out}: {len(clf.classes)} classes, trained at {clf.net.input_size[0]}x{clf.net.input_size[1]}, "
@@ -271,8 +274,10 @@ def convert(source: str, out: Path, input_size: int | None, window: bool, weight
 def export(source: str, fmt: str, out: Path, weights: str, check: bool) -> None:
     """Export the fully convolutional form of RUN_OR_MODEL (run, probe, converted dir, timm name), dynamic H x W."""
     from transferkit.dense import load_classifier
-    from transferkit.export import check_onnx, export_onnx
+    from transferkit.export import check_onnx, export_onnx, written_here
+    from transferkit.outputs import check_output_file
 
+    check_output_file(out, written_here)  # before the work: replace only a file transferkit exported
     clf = load_classifier(source, weights=weights)
     export_onnx(clf, out)
     click.echo(f"wrote {out}")

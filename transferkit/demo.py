@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from transferkit.errors import DataError
+from transferkit.outputs import claim
 from transferkit.workflows import extract_features, load_data, train_probe
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
@@ -44,6 +45,7 @@ def run_demo(
     size = image_size or DEMO_IMAGE_SIZE
     train = fashion_mnist("train", data, per_class)
     test = fashion_mnist("t10k", data)
+    claim(out, "demo", inputs=[data])
     echo(f"Fashion-MNIST: {len(train)} training images ({per_class} per class), {len(test)} test images, "
          f"resized to {size}x{size}")
     train_store = extract_features(train, out / "train", layer="auto", image_size=size, progress=progress)

@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit.atomic import atomic_write, write_bytes_atomic, write_json_atomic
+from transferkit.atomic import write_bytes_atomic, write_json_atomic
 from transferkit.errors import DataError, ModelError
+from transferkit.outputs import building, claim
 from transferkit.surgery import FullyConvNet, fc_to_conv, probe_head, probe_to_conv, timm_head_ops
 
 FORMAT = "transferkit.convert/1"
 CONVERT_JSON = "convert.json"
+CONVERTED_KIND, DENSE_KIND = "converted", "dense maps"  # output kinds (transferkit.outputs)
 WEIGHTS = "fully_conv.safetensors"
 
 
@@ -127,16 +129,15 @@ def save_converted(clf: DenseClassifier, out: str | Path) -> Path:
     """Write OUT/convert.json and OUT/fully_conv.safetensors (atomically)."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in clf.net.state_dict().items()}
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
-    write_json_atomic(out / CONVERT_JSON, {
-        "format": FORMAT, "spec": clf.spec, "classes": clf.classes, "mean": list(clf.mean), "std": list(clf.std),
-        "scores": clf.scores, "mean_is_logits": clf.net.mean_is_logits, "parity_error": clf.net.parity_error,
-        "head": str(clf.net.head),
-    })
-    return out
+    with building(out, CONVERTED_KIND, inputs=[clf.spec.get("source")]) as tmp:
+        save_file(state, str(tmp / WEIGHTS))
+        write_json_atomic(tmp / CONVERT_JSON, {
+            "format": FORMAT, "spec": clf.spec, "classes": clf.classes, "mean": list(clf.mean), "std": list(clf.std),
+            "scores": clf.scores, "mean_is_logits": clf.net.mean_is_logits, "parity_error": clf.net.parity_error,
+            "head": str(clf.net.head),
+        })
+    return Path(out)
 
 
 def load_converted(path: str | Path) -> DenseClassifier:
@@ -213,8 +214,7 @@ def dense_predict(clf: DenseClassifier, image_path: str | Path, out: str | Path 
         "field": field.to_dict(), "mean_is_logits": clf.net.mean_is_logits,
     }
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = claim(out, DENSE_KIND, inputs=[image_path])  # never into the images' folder
         stem = Path(image_path).stem
         arrays = {"scores": scores.numpy(), "top_class": cell.numpy(), "centres": field.centres().numpy(),
                   "boxes": field.boxes().numpy(), "boxes_clipped": field.boxes(clip=True).numpy(),

@@ -13,12 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transferkit import __version__
+from transferkit.atomic import atomic_write
 from transferkit.dense import DenseClassifier
 from transferkit.errors import ModelError
+from transferkit.outputs import check_output_file
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx",)
+PRODUCER = "transferkit.version"  # metadata key: the file was exported by transferkit (this version)
 
 
 def export_onnx(clf: DenseClassifier, path: str | Path, *, opset: int = 18) -> Path:
@@ -28,22 +32,41 @@ def export_onnx(clf: DenseClassifier, path: str | Path, *, opset: int = 18) -> P
     except ImportError as e:
         raise ModelError("ONNX export needs the 'onnxscript' and 'onnx' packages: "
                          "pip install onnx onnxscript onnxruntime") from e
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output_file(path, written_here)
     h, w = clf.net.input_size
     x = torch.zeros(1, 3, 2 * h, 2 * w)  # an example larger than the minimum, so no size is special-cased
     dims = {0: torch.export.Dim("batch", min=1, max=1024), 2: torch.export.Dim("height", min=h, max=8192),
             3: torch.export.Dim("width", min=w, max=8192)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
+        import onnx
+
         program = torch.onnx.export(clf.net.eval(), (x,), dynamo=True, input_names=["image"], output_names=["scores"],
                                     dynamic_shapes=({**dims},), opset_version=opset, verbose=False)
         program.save(str(tmp))
+        model = onnx.load(str(tmp))
+        onnx.helper.set_model_props(model, {PRODUCER: __version__})  # how a later export knows it may replace it
+        onnx.save(model, str(tmp))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write(path, write)
+    except OSError:  # a full or read-only disk: the CLI names the file
+        raise
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; all mean "not exportable"
-        tmp.unlink(missing_ok=True)
         raise ModelError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-    tmp.replace(path)
     return path
+
+
+def written_here(path: Path) -> bool:
+    """Whether `path` is an ONNX file that transferkit exported (so `export -o` may replace it)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not ONNX at all: not ours
+        return False
+    return any(prop.key == PRODUCER for prop in model.metadata_props)
 
 
 def check_onnx(clf: DenseClassifier, path: str | Path, sizes: list[tuple[int, int]], *, seed: int = 0) -> list[dict]:

@@ -25,7 +25,8 @@ from transferkit.data import ImageDataset, collate, describe_transform
 from transferkit.distributed import World, init_world
 from transferkit.errors import DataError
 from transferkit.features import FeatureExtractor, key_name, pooled_dim
-from transferkit.store import FeatureStore, FeatureWriter
+from transferkit.outputs import check_output, new_tmp
+from transferkit.store import KIND, FeatureStore, FeatureWriter
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def extract(
     file named (nothing is published) unless `skip_bad`, which records it in the metadata.
     With `cache` (True: the default CodeCache) only images whose codes are not cached yet are encoded.
     """
+    out = check_output(out, KIND, inputs=[data.root])  # before any work: never the user's data or folders
     extractor = extractor if extractor is not None else FeatureExtractor()
     if not hasattr(extractor, "backbone_"):
         extractor.fit()
@@ -61,10 +63,10 @@ def extract(
     spaces = code_spaces(extractor, cache)
     counts = {"cached": 0, "computed": 0}
     batches = _cached_batches(extractor, mine, spaces, shard_size, counts) if spaces else extractor.iter_batches(mine)
-    out = Path(out)
     tmp = _shared_tmp(out, world)
     skipped, kept = [], []
-    with FeatureWriter(out, shard_size=shard_size, tmp=tmp, prefix=f"shard-r{world.rank}" if tmp else "shard") as w:
+    with FeatureWriter(out, shard_size=shard_size, tmp=tmp, prefix=f"shard-r{world.rank}" if tmp else "shard",
+                       inputs=[data.root]) as w:
         for codes, labels, index, bad in batches:
             skipped += [{"source": data.sources[lo + i], "error": msg} for i, msg in bad]
             if len(index):
@@ -90,9 +92,10 @@ def extract(
             published = _from_main(world, published)  # every rank returns (or fails) once rank 0 has finished
         if not published:
             raise DataError(f"rank 0 could not publish '{out}' (see its error)")
-    if world.main:
-        for item in skipped:
-            log.warning("skipped %s: %s", item["source"], item["error"])
+    if world.main and skipped:  # one line however many: the full list is in meta.json
+        first = "; ".join(f"{item['source']}: {item['error']}" for item in skipped[:3])
+        log.warning("skipped %d unreadable image(s) (%s%s); all are listed under 'skipped' in %s", len(skipped),
+                    first, "; ..." if len(skipped) > 3 else "", out / "meta.json")
     return FeatureStore(out)
 
 
@@ -142,11 +145,9 @@ def _shared_tmp(out: Path, world: World) -> Path | None:
     """One temporary directory for all ranks, named by rank 0 (None in one process: the writer picks one)."""
     if not world.distributed:
         return None
-    import uuid
-
     import torch.distributed as dist
 
-    name = [f".{out.name}.{uuid.uuid4().hex[:8]}.tmp" if world.main else None]
+    name = [new_tmp(out, KIND).name if world.main else None]
     dist.broadcast_object_list(name, src=0)
     return out.with_name(name[0])
 
@@ -202,6 +203,7 @@ def _cached_batches(extractor: FeatureExtractor, data: ImageDataset, spaces: dic
             yield {k: space.get(hs) for k, space in spaces.items()}, data.targets[part], part, []
 
     done = 0  # items before this position are emitted
+    writable = True  # the cache only saves time: a full or read-only cache disk never stops a run
     batches = extractor.iter_batches(data.select(todo)) if len(todo) else ()
     for codes, labels, index, bad in batches:
         bad = [(int(todo[i]), msg) for i, msg in bad]
@@ -209,8 +211,14 @@ def _cached_batches(extractor: FeatureExtractor, data: ImageDataset, spaces: dic
         if not len(index):
             yield codes, labels, index, bad
             continue
-        for key, space in spaces.items():
-            space.add([hashes[i] for i in index], codes[key])
+        try:
+            for key, space in spaces.items():
+                if writable:
+                    space.add([hashes[i] for i in index], codes[key])
+        except OSError as e:
+            writable = False
+            log.warning("code cache: cannot write to %s (%s); going on without storing codes", e.filename or
+                        space.path, e.strerror or e)
         counts["computed"] += len(index)
         before = np.flatnonzero(cached[done:index[0]]) + done
         yield from from_cache(before)

@@ -32,6 +32,7 @@ from transferkit.data import ImageDataset
 from transferkit.errors import DataError, ModelError
 from transferkit.features import PRECISIONS, parse_pools
 from transferkit.finetune import OPTIMIZERS, SCHEDULES, FinetuneConfig, finetune
+from transferkit.outputs import claim
 from transferkit.probe import SCALINGS, Evaluation
 from transferkit.stages import HEADS
 from transferkit.workflows import evaluate_model, extract_features, load_data, train_probe
@@ -45,6 +46,7 @@ KINDS = ("probe", "finetune")
 REQUIRED = ("name", "kind", "model")  # a file must name its backbone: no silent default
 RECIPE_FILE = "recipe.json"
 RESULT_FILE = "result.json"
+OUTPUT_KIND = "recipe run"  # the output kind in its marker (transferkit.outputs)
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,9 @@ class Recipe:
         out = Path(out)
         if self.kind == "finetune" and (out / "run" / "config.json").exists():  # before recipe.json is replaced
             raise DataError(f"'{out}' already holds a fine-tuning run (run/config.json); choose another out directory")
-        out.mkdir(parents=True, exist_ok=True)
         train = train if isinstance(train, ImageDataset) else load_data(train)
         test = test if test is None or isinstance(test, ImageDataset) else load_data(test)
+        claim(out, OUTPUT_KIND, inputs=[train.root, None if test is None else test.root])
         write_json_atomic(out / RECIPE_FILE, {"recipe": self.to_dict(), "source": self.source, "train": str(train.root),
                                               "test": None if test is None else str(test.root)})
         start = time.perf_counter()

@@ -8,41 +8,40 @@ Layout of a feature directory::
       shard-00001.npz ...
 
 Shards keep memory flat while extracting; the directory only appears (or replaces an older
-feature directory) once every shard and the metadata are written, so a failed run leaves
-what was there before untouched. No pickle anywhere: arrays load with allow_pickle=False.
+feature directory, never anything transferkit did not write: transferkit.outputs) once every shard
+and the metadata are written, so a failed run leaves what was there before untouched. No pickle
+anywhere: arrays load with allow_pickle=False.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from transferkit.atomic import write_json_atomic
+from transferkit.atomic import naming, write_json_atomic
 from transferkit.errors import DataError
+from transferkit.outputs import check_output, new_tmp, publish
 
 FORMAT = "transferkit.features/1"
 META = "meta.json"
+KIND = "features"  # the output kind in the directory's marker (transferkit.outputs)
 
 
 class FeatureWriter:
     """Collect codes batch by batch; `commit(meta)` publishes the directory in one rename."""
 
     def __init__(self, out: str | Path, shard_size: int = 4096, *, tmp: str | Path | None = None,
-                 prefix: str = "shard") -> None:
-        """`tmp` and `prefix`: several processes (torchrun ranks) write their shards into one shared directory."""
-        self.out = Path(out)
-        if self.out.exists() and not (self.out / META).is_file() and any(self.out.iterdir()):
-            raise DataError(f"output '{self.out}' exists and is not a transferkit feature directory; not overwriting")
-        if self.out.exists() and not self.out.is_dir():
-            raise DataError(f"output '{self.out}' exists and is not a directory")
+                 prefix: str = "shard", inputs: Iterable[str | Path | None] = ()) -> None:
+        """`tmp` and `prefix`: several processes (torchrun ranks) write their shards into one shared directory.
+        `inputs`: paths `out` must not be, contain or lie inside (the images' folder); see transferkit.outputs."""
+        self.out, self.inputs = Path(out), list(inputs)
+        check_output(self.out, KIND, inputs=self.inputs)
         self.shard_size, self.prefix = shard_size, prefix
-        self.tmp = Path(tmp) if tmp is not None else self.out.with_name(f".{self.out.name}.{uuid.uuid4().hex[:8]}.tmp")
-        self.tmp.mkdir(parents=True, exist_ok=tmp is not None)
+        self.tmp = Path(tmp) if tmp is not None else new_tmp(self.out, KIND)
         self._owner = tmp is None  # a shared directory is removed by whoever commits it
         self.shards: list[dict] = []
         self._buf: dict[str, list[np.ndarray]] = {}
@@ -60,7 +59,7 @@ class FeatureWriter:
             return
         name = f"{self.prefix}-{len(self.shards):05d}.npz"
         arrays = {k: np.concatenate(v) for k, v in self._buf.items()}
-        with open(self.tmp / name, "wb") as f:
+        with naming(self.tmp / name), open(self.tmp / name, "wb") as f:
             np.savez(f, **arrays)
         self.shards.append({"file": name, "rows": self._rows})
         self._buf, self._rows = {}, 0
@@ -78,14 +77,7 @@ class FeatureWriter:
         self._owner = True
         write_json_atomic(self.tmp / META, {"format": FORMAT, **meta, "shards": self.shards if shards is None
                                             else shards})
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.out
+        return publish(self.tmp, self.out, KIND, inputs=self.inputs)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

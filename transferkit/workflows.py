@@ -14,18 +14,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit.atomic import atomic_write, write_json_atomic, write_text_atomic
+from transferkit.atomic import write_json_atomic, write_text_atomic
 from transferkit.backbones import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.data import IMAGE_EXTENSIONS, ImageDataset, build_transform, collate, open_dataset
 from transferkit.errors import DataError, TransferkitError
 from transferkit.extraction import extract
 from transferkit.features import FeatureExtractor, autocast, default_device
+from transferkit.outputs import add_files, building, check_output, new_tmp
 from transferkit.probe import DEFAULT_CS, Evaluation, LinearProbe, SweepResult, evaluate, sweep
-from transferkit.store import FeatureStore
+from transferkit.store import KIND, FeatureStore
 
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
+SWEEP_FILES = (SWEEP_FILE, "sweep.png")  # what a sweep adds to a feature directory
+PROBE_KIND, EVALUATION_KIND = "probe", "evaluation"  # output kinds (transferkit.outputs)
 RUN_CONFIG = "config.json"  # what marks a fine-tuning run directory (transferkit.finetune)
 SWEEP_SAMPLES = 2000  # --layer auto on more images sweeps a stratified sample, then extracts only the winner
 
@@ -77,6 +80,7 @@ def extract_features(
         raise DataError("--layer auto sweeps in one process; under torchrun name the layer and pooling (or run "
                         "the sweep first without torchrun and then `extract --like` its output)")
     dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class, skip_bad=skip_bad)
+    check_output(out, KIND, inputs=[like, dataset.root])  # before the backbone loads: never the user's folders
     extractor = FeatureExtractor(
         model, weights=weights, layer="all" if auto else layer, pool="all" if auto else pool,
         image_size=image_size, batch_size=batch_size, precision=precision, num_workers=num_workers,
@@ -101,15 +105,16 @@ def _extract_best(
     from sklearn.model_selection import train_test_split
 
     idx, _ = train_test_split(np.arange(len(dataset)), train_size=n, stratify=dataset.targets, random_state=0)
-    scratch = out.with_name(f".{out.name}.sweep")
-    shutil.rmtree(scratch, ignore_errors=True)
+    check_output(out, KIND, inputs=[dataset.root])  # before the sweep's work, not after it
+    scratch = new_tmp(out.with_name(f"{out.name}.sweep"), KIND)  # marked and hidden: never a user's folder
     try:
-        sample = extract(dataset.select(np.sort(idx)), scratch, extractor, skip_bad=skip_bad, cache=cache)
+        sample = extract(dataset.select(np.sort(idx)), scratch / "codes", extractor, skip_bad=skip_bad, cache=cache)
         best = sweep_features(sample, progress=progress).best
         extractor.set_params(layer=best["layer"], pool=best["pool"]).fit()
         store = extract(dataset, out, extractor, skip_bad=skip_bad, cache=cache)
-        for name in (SWEEP_FILE, "sweep.png"):
-            shutil.copyfile(scratch / name, out / name)
+        for name in SWEEP_FILES:
+            shutil.copyfile(sample.path / name, out / name)
+        add_files(out, SWEEP_FILES)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return store
@@ -136,6 +141,7 @@ def sweep_features(
     result = sweep(codes, store.labels, cv=cv, max_samples=max_samples, progress=progress)
     write_json_atomic(store.path / SWEEP_FILE, result.to_dict())
     plot_sweep(result.rows, store.path / "sweep.png", title=f"{store.meta['model']}: CV accuracy of a linear SVM")
+    add_files(store.path, SWEEP_FILES)
     return result
 
 
@@ -174,28 +180,32 @@ def train_probe(
     from transferkit.plots import plot_confusion
 
     train = train if isinstance(train, FeatureStore) else FeatureStore(train)
+    test_path = test.path if isinstance(test, FeatureStore) else test
+    check_output(out, PROBE_KIND, inputs=[train.path, test_path])  # before the work
     if layer == "best":
         key = read_sweep(train)
         if key is None:
             raise DataError(f"no sweep in '{train.path}': run `transferkit sweep {train.path}` or extract --layer auto")
     else:
         key = train.key(layer, pool)
+    test = test if test is None or isinstance(test, FeatureStore) else FeatureStore(test)
+    if test is not None:
+        check_compatible(train, test, key)
     probe = LinearProbe(C=C, Cs=Cs, scaling=scaling, cv=cv).fit(train.load(key), train.labels)
-    out = Path(out)
     spec = {k: train.meta[k] for k in ("model", "weights", "image_size", "precision", "transform", "classes")}
     spec.update(layer=key.split("|")[0], pool=key.split("|")[1], key=key)
-    probe.save(out / "probe", extra=spec)
     evaluation = None
     metrics = {"key": key, "C": probe.best_C_, "cv_accuracy": probe.cv_score_, "n_train": len(train)}
-    if test is not None:
-        test = test if isinstance(test, FeatureStore) else FeatureStore(test)
-        check_compatible(train, test, key)
-        evaluation = evaluate(probe, test.load(key), test.labels, names=train.classes)
-        plot_confusion(evaluation.confusion, evaluation.labels, out / "confusion.png", title=f"{key} on {test.path}")
-        write_text_atomic(out / "report.txt", evaluation.report)
-        metrics.update(n_test=len(test), test_accuracy=evaluation.accuracy, test=evaluation.to_dict())
-    write_json_atomic(out / "metrics.json", metrics)
-    return ProbeReport(probe, key, out, evaluation)
+    with building(out, PROBE_KIND, inputs=[train.path, test_path]) as tmp:
+        probe.save(tmp / "probe", extra=spec)
+        if test is not None:
+            evaluation = evaluate(probe, test.load(key), test.labels, names=train.classes)
+            plot_confusion(evaluation.confusion, evaluation.labels, tmp / "confusion.png",
+                           title=f"{key} on {test.path}")
+            write_text_atomic(tmp / "report.txt", evaluation.report)
+            metrics.update(n_test=len(test), test_accuracy=evaluation.accuracy, test=evaluation.to_dict())
+        write_json_atomic(tmp / "metrics.json", metrics)
+    return ProbeReport(probe, key, Path(out), evaluation)
 
 
 def check_compatible(train: FeatureStore, test: FeatureStore, key: str) -> None:
@@ -276,6 +286,8 @@ def evaluate_model(
     from transferkit.probe import score_predictions
 
     dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class)
+    if out is not None:
+        check_output(out, EVALUATION_KIND, inputs=[model_dir, dataset.root])  # before the work
     if model_kind(model_dir) == "run":
         model, meta = _load_run(model_dir)
         classes = meta["classes"]
@@ -291,14 +303,12 @@ def evaluate_model(
         y = _targets_by_name(dataset, classes, model_dir)
         evaluation = evaluate(probe, extractor.transform(dataset), y, names=classes)
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         title = f"{Path(model_dir).name} on {dataset.root}: {100 * evaluation.accuracy:.2f}%"
-        atomic_write(out / "confusion.png",
-                     lambda tmp: plot_confusion(evaluation.confusion, evaluation.labels, tmp, title=title))
-        write_text_atomic(out / "report.txt", evaluation.report)
-        write_json_atomic(out / "metrics.json", {**evaluation.to_dict(), "model_dir": str(model_dir),
-                                                 "data": str(dataset.root), "n": len(dataset)})
+        with building(out, EVALUATION_KIND, inputs=[model_dir, dataset.root]) as tmp:
+            plot_confusion(evaluation.confusion, evaluation.labels, tmp / "confusion.png", title=title)
+            write_text_atomic(tmp / "report.txt", evaluation.report)
+            write_json_atomic(tmp / "metrics.json", {**evaluation.to_dict(), "model_dir": str(model_dir),
+                                                     "data": str(dataset.root), "n": len(dataset)})
     return evaluation
 
 
