@@ -144,12 +144,12 @@ def test_onnxruntime_engine_matches_eager_fp32_and_is_reused(photo_folder, tmp_p
 
     info = CliRunner().invoke(cli, ["cache", "info"])
     assert info.exit_code == 0 and "1 exported ONNX Runtime engine(s)" in info.output, info.output
-    # a broken file is reported, deleted, and torch runs
+    # a broken file is reported, deleted and built again (tests/test_faults.py damages it in subtler ways)
     files[0].write_bytes(b"not an onnx file")
     broken = FeatureExtractor(**kw).fit()
     with caplog.at_level(logging.WARNING):
         codes = broken.transform(data)
-    assert broken.engine_ == "torch" and "running torch" in caplog.text and not files[0].exists()
+    assert broken.engine_ == "onnxruntime" and "failed verification" in caplog.text and files[0].stat().st_size > 1000
     np.testing.assert_allclose(codes, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     files[0].write_bytes(b"an engine left behind")
     out = CliRunner().invoke(cli, ["cache", "clean"])

@@ -70,6 +70,8 @@ class CodeSpace:
                     raise ValueError(f"shapes {hashes.shape} and {codes.shape} do not fit")
                 if self.dim is not None and codes.shape[1] != self.dim:
                     raise ValueError(f"{codes.shape[1]} columns, other parts have {self.dim}")
+                if not np.isfinite(codes).all():
+                    raise ValueError("it holds codes that are NaN or infinite")
             except Exception as exc:  # noqa: BLE001 - any unreadable part is dropped and recomputed
                 log.warning("code cache: %s is corrupt (%s); deleting it, its images will be encoded again", part, exc)
                 part.unlink(missing_ok=True)
@@ -141,15 +143,14 @@ class CodeCache:
             if (path / "spec.json").is_file():
                 with contextlib.suppress(ValueError):
                     spec = json.loads((path / "spec.json").read_text())
-            parts = list(path.glob("part-*.npz"))
-            rows = 0
-            for part in parts:
+            hashes = set()  # distinct images: two processes may have stored the same image's codes
+            for part in path.glob("part-*.npz"):
                 try:
                     with np.load(part, allow_pickle=False) as z:
-                        rows += len(z["hashes"])
+                        hashes.update(h.tobytes() for h in z["hashes"])
                 except Exception:  # noqa: BLE001 - counted as zero rows; a later read deletes it
                     pass
-            entries.append(CacheEntry(path, spec, rows, sum(p.stat().st_size for p in path.iterdir())))
+            entries.append(CacheEntry(path, spec, len(hashes), sum(p.stat().st_size for p in path.iterdir())))
         return entries
 
     def clear(self, model: str | None = None) -> list[CacheEntry]:
@@ -158,12 +159,27 @@ class CodeCache:
         Without `model` the exported engines (`engines/*.onnx`, transferkit.ort_engine) go too; they are
         named by a hash only, so a per-model clean leaves them.
         """
+        self.remove_stale()
         gone = [e for e in self.info() if model is None or e.spec.get("model") == model]
         for entry in gone:
             shutil.rmtree(entry.path, ignore_errors=True)
         if model is None:
             for path in self.engines():
                 path.unlink(missing_ok=True)
+                path.with_name(path.name + ".json").unlink(missing_ok=True)  # its record (ort_engine.record)
+        return gone
+
+    def remove_stale(self) -> list[Path]:
+        """Delete temporary files that killed processes left under the root (`.NAME.PID.XXXX.tmp`, see
+        transferkit.atomic); return them."""
+        from transferkit.outputs import pid_alive
+
+        gone = []
+        for path in self.root.glob("*/**/.*.tmp") if self.root.is_dir() else ():
+            pid = path.name.rsplit(".", 3)[-3] if path.name.count(".") >= 4 else ""
+            if path.is_file() and pid.isdigit() and not pid_alive(int(pid)):
+                path.unlink(missing_ok=True)
+                gone.append(path)
         return gone
 
     def engines(self) -> list[Path]:

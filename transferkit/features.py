@@ -307,7 +307,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         """The cached int8 engine, or one quantized now from the fp32 engine (exported first if need be)."""
         path, threads = self.engine_path("int8"), torch.get_num_threads()
         if self._ort is None and path.is_file():
-            self._ort = ort_engine.open_cached(path, self.keys_, threads)
+            self._ort = ort_engine.open_verified(path, self.keys_, threads, self.side_)
         if self._ort is None:
             fp32 = ort_engine.load_or_export(self._export_net, self.keys_, self.side_, self.engine_path(), threads)
             if fp32 is not None:
@@ -407,7 +407,9 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                 continue
             if self.device_.type == "cuda":  # uint8 from pinned memory: a quarter of the float bytes to copy
                 x = x.to(self.device_, non_blocking=True)
-            yield self.model_codes(self.normalize(x)), y.numpy(), idx.numpy(), bad
+            codes = self.model_codes(self.normalize(x))
+            _check_finite(codes, idx.numpy(), data, self.engine_, self.precision_)
+            yield codes, y.numpy(), idx.numpy(), bad
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) from `decode_` -> the float input `transform_` would give, bit for bit."""
@@ -438,6 +440,17 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         for layer, pool in self.pairs_:
             names += [f"{key_name(layer.name, pool)}:{i}" for i in range(pooled_dim(layer, pool))]
         return np.asarray(names, dtype=object)
+
+
+def _check_finite(codes: dict[str, np.ndarray], index: np.ndarray, data, engine: str | None, precision: str) -> None:
+    """Stop on codes that are NaN or infinite, naming the first such image: they are never cached or written."""
+    finite = np.logical_and.reduce([np.isfinite(c.reshape(len(c), -1)).all(1) for c in codes.values()])
+    if finite.all():
+        return
+    i = int(index[np.argmin(finite)])
+    name = data.sources[i] if isinstance(data, ImageDataset) else f"item {i}"
+    raise DataError(f"the codes of '{name}' are not finite (NaN or inf; engine {engine}, precision {precision}); "
+                    f"nothing was written. Try --precision fp32 --engine torch")
 
 
 def _progress(loader, total: int, enabled: bool):

@@ -18,8 +18,10 @@ A new int8 file is kept only if its codes on other crops point the way the fp32 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import io
+import json
 import logging
 import tempfile
 import warnings
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferkit.atomic import atomic_write
+from transferkit.atomic import atomic_write, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,11 @@ COSINE = "transferkit.int8_cosine"  # metadata key of an int8 file: mean cosine 
 INT8 = {"calibration": "sklearn sample photos", "crops": 128, "seed": 0, "method": "percentile 99.999",
         "format": "QDQ", "weights": "int8 per channel", "activations": "uint8"}
 MIN_COSINE = 0.95  # mean cosine to the fp32 codes, on held-out crops, for a new int8 file to be kept
+SIDECAR_FORMAT = "transferkit.engine/1"  # ENGINE.onnx.json: sha256 and check-batch signature (open_verified)
+# How far a cached engine's codes on the check batch may move from those recorded when it was built (relative L2
+# of the signature): fp32 is checked against torch's codes (only summation order differs); int8 against its own
+# (another CPU may round a few activations differently)
+FP32_TOLERANCE, INT8_TOLERANCE = 1e-3, 2e-2
 
 
 def _why(exc: Exception) -> str:
@@ -95,14 +102,72 @@ class OrtEngine:
         return dict(zip(self.keys, self.session.run(None, {self.input: x})))
 
 
-def open_cached(path: Path, keys: Sequence[str], threads: int) -> OrtEngine | None:
-    """The engine cached at `path`, or None (the file deleted, with a warning) if it does not load."""
+def check_batch(side: int) -> torch.Tensor:
+    """The fixed input every engine is checked on, when built and at each load: 3 images of seeded noise."""
+    return torch.randn(3, 3, side, side, generator=torch.Generator().manual_seed(0))
+
+
+def _signature(codes: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """A fixed random projection of each key's (3, D) codes to 3 x 8 numbers: small enough for JSON, and any
+    change of the codes beyond rounding changes it."""
+    sig = {}
+    for key, c in codes.items():
+        c = np.asarray(c, np.float64).reshape(len(c), -1)
+        proj = np.random.default_rng(0).standard_normal((c.shape[1], 8)) / np.sqrt(c.shape[1])
+        sig[key] = (c @ proj).ravel().tolist()
+    return sig
+
+
+def record(path: Path, reference: dict[str, np.ndarray], tolerance: float) -> None:
+    """Write `path`'s sidecar: its sha256 and the signature of `reference` (its codes of `check_batch`), which
+    `open_verified` checks before the engine is used. Without a sidecar an engine file is never used."""
+    write_json_atomic(sidecar(path), {"format": SIDECAR_FORMAT, "sha256": file_sha256(path),
+                                      "bytes": path.stat().st_size, "signature": _signature(reference),
+                                      "tolerance": tolerance})
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def discard(path: Path) -> None:
+    """Delete an engine file and its sidecar."""
+    path.unlink(missing_ok=True)
+    sidecar(path).unlink(missing_ok=True)
+
+
+def open_verified(path: Path, keys: Sequence[str], threads: int, side: int) -> OrtEngine | None:
+    """The engine cached at `path` if it is the file that was built (sha256) and still gives the codes it gave
+    then on `check_batch` (within the recorded tolerance); else None, the file deleted with a warning so the
+    caller builds it again. A damaged engine costs a rebuild, never wrong codes."""
     try:
-        return OrtEngine(path, keys, threads)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file raises many types
-        log.warning("cached engine %s does not load (%s); deleting it", path, _why(exc))
-        path.unlink(missing_ok=True)
+        info = json.loads(sidecar(path).read_text())
+        if not isinstance(info, dict) or info.get("format") != SIDECAR_FORMAT:
+            raise ValueError(f"{sidecar(path).name} is missing or not an engine record")
+        if path.stat().st_size != info["bytes"] or file_sha256(path) != info["sha256"]:
+            raise ValueError("the file differs from the one built (sha256): damaged or replaced")
+        engine = OrtEngine(path, keys, threads)
+        got, want = _signature(engine(check_batch(side))), info["signature"]
+        for key in keys:
+            a, b = np.asarray(got[key]), np.asarray(want[key])
+            err = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)) if a.shape == b.shape else np.inf
+            if not err <= info["tolerance"]:
+                raise ValueError(f"its '{key}' codes on the check batch moved by {err:.2g} (relative) since it was "
+                                 "built")
+        return engine
+    except Exception as exc:  # noqa: BLE001 - a truncated, foreign or unverifiable file raises many types
+        log.warning("cached engine %s failed verification (%s); deleting it, it will be built again", path.name,
+                    _why(exc))
+        discard(path)
         return None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def export_codes(net: CodesNet, path: Path, side: int, folded: int) -> None:
@@ -123,7 +188,8 @@ def export_codes(net: CodesNet, path: Path, side: int, folded: int) -> None:
         onnx.helper.set_model_props(model, {FOLDED: str(folded)})
         onnx.save(model, str(tmp))
 
-    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir", "torch.export",
+                                                "torch._dynamo")]
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.ERROR)
@@ -137,32 +203,34 @@ def export_codes(net: CodesNet, path: Path, side: int, folded: int) -> None:
 @torch.no_grad()
 def load_or_export(build: Callable[[], tuple[CodesNet, int]], keys: Sequence[str], side: int, path: Path,
                    threads: int, *, rtol: float = 1e-3, atol: float = 1e-4) -> OrtEngine | None:
-    """The engine from `path`, or exported from `build()` -> (net, BatchNorms folded) if the file is missing;
-    None (torch stays) if either fails. `build` is only called for an export: a cached file needs no network.
+    """The engine from `path` (verified: `open_verified`), or exported from `build()` -> (net, BatchNorms
+    folded) if the file is missing or fails verification; None (torch stays) if the export fails. `build` is
+    only called for an export: a cached file needs no network.
 
-    A new export must reproduce the torch codes on a random batch within rtol/atol (fp32 vs fp32: only
-    summation order differs) before it is kept.
+    A new export must reproduce the torch codes on `check_batch` within rtol/atol (fp32 vs fp32: only
+    summation order differs) before it is kept; those torch codes are recorded for every later load.
     """
-    fresh = not path.is_file()
+    engine = open_verified(path, keys, threads, side) if path.is_file() else None
+    if engine is not None:
+        return engine
     try:
-        if fresh:
-            net, folded = build()
-            log.info("exporting the network to ONNX Runtime once (a few seconds; cached in %s)", path.parent)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            export_codes(net, path, side, folded)
+        net, folded = build()
+        log.info("exporting the network to ONNX Runtime once (a few seconds; cached in %s)", path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_codes(net, path, side, folded)
         engine = OrtEngine(path, keys, threads)
-        if fresh:
-            x = torch.randn(3, 3, side, side, generator=torch.Generator().manual_seed(0))
-            want = dict(zip(keys, (t.float().numpy() for t in net(x))))
-            got = engine(x)
-            for key in keys:
-                if got[key].shape != want[key].shape or not np.allclose(got[key], want[key], rtol=rtol, atol=atol):
-                    worst = float(np.abs(got[key] - want[key]).max()) if got[key].shape == want[key].shape else "shape"
-                    raise ValueError(f"'{key}' differs from torch by up to {worst}")
+        x = check_batch(side)
+        want = dict(zip(keys, (t.float().numpy() for t in net(x))))
+        got = engine(x)
+        for key in keys:
+            if got[key].shape != want[key].shape or not np.allclose(got[key], want[key], rtol=rtol, atol=atol):
+                worst = float(np.abs(got[key] - want[key]).max()) if got[key].shape == want[key].shape else "shape"
+                raise ValueError(f"'{key}' differs from torch by up to {worst}")
+        record(path, want, FP32_TOLERANCE)  # the torch codes: a later load is checked against torch's answer
         return engine
     except Exception as exc:  # noqa: BLE001 - exporter and runtime raise many types; all mean "use torch"
         log.warning("ONNX Runtime engine unavailable for this network (%s); running torch", _why(exc))
-        path.unlink(missing_ok=True)
+        discard(path)
         return None
 
 
@@ -245,8 +313,10 @@ def quantize(fp32: OrtEngine, path: Path, calibration: np.ndarray, check: np.nda
         log.info("quantizing the network to int8 once (calibration on %d photo crops; cached in %s)",
                  len(calibration), path.parent)
         atomic_write(path, write)
-        return OrtEngine(path, fp32.keys, threads)
+        engine = OrtEngine(path, fp32.keys, threads)
+        record(path, engine(check_batch(calibration.shape[-1])), INT8_TOLERANCE)
+        return engine
     except Exception as exc:  # noqa: BLE001 - the quantizer raises many types; all mean "stay fp32"
         log.warning("int8 engine unavailable for this network (%s); running fp32", _why(exc))
-        path.unlink(missing_ok=True)
+        discard(path)
         return None
