@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,7 @@ def test_errors_name_the_culprit(photo_folder, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_bad_data_errors(photo_folder, tmp_path):
+def test_bad_data_errors(photo_folder, tmp_path, caplog):
     out = tmp_path / "codes"
     run("extract", photo_folder, "-o", out, "--image-size", "32")
     before = (out / "meta.json").read_bytes()
@@ -100,8 +101,11 @@ def test_bad_data_errors(photo_folder, tmp_path):
     _bad(run("extract", photo_folder, "-o", out, "--image-size", "32", ok=False), "5.jpg", "truncated")
     _bad(run("extract", photo_folder, "-o", out, "--num-workers", "1", ok=False), "5.jpg", "truncated")
     assert (out / "meta.json").read_bytes() == before  # the earlier output is untouched
-    skipped = run("extract", photo_folder, "-o", out, "--image-size", "32", "--skip-bad")
-    assert "5.jpg" in skipped.output and "15 images" in skipped.output
+    with caplog.at_level(logging.WARNING):
+        skipped = run("extract", photo_folder, "-o", out, "--image-size", "32", "--skip-bad")
+    assert "15 images" in skipped.output
+    assert json.loads((out / "meta.json").read_text())["skipped"][0]["source"].endswith("5.jpg")
+    assert caplog.text.count("5.jpg") == 2 and "skipped 1 unreadable image(s)" in caplog.text  # one line: file, error
     (photo_folder / "empty").mkdir()
     _bad(run("extract", photo_folder, "-o", out, ok=False), "empty")
     single = tmp_path / "single"
