@@ -50,6 +50,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle")
 METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr_head", "seconds", "img_per_s")
 FORMAT = "transferkit.finetune/1"
+RESULTS = ("best_epoch", "best_val_accuracy", "val")  # what a finished run adds to config.json
 
 
 @dataclass(frozen=True)
@@ -146,26 +147,30 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
     train, val = _split(train, val, config)
     meta = {"format": FORMAT, "config": asdict(config), "classes": list(train.classes),
             "data": _fingerprint(train, val)}
-    old = _prepare(out, meta, resume, world)  # before the model is built: a wrong --resume fails at once
+    old = _check_out(out, meta, resume)  # before the model is built: a wrong --resume fails at once
     model = _build(config, train.classes, np.bincount(train.targets, minlength=len(train.classes)))
     model.to(device, memory_format=torch.channels_last)  # ~2x faster convs on CPU (oneDNN)
     meta["weights"] = model.weights_info.to_dict()
-    if old is not None and old.get("weights", {}).get("sha256") != meta["weights"]["sha256"]:
-        raise DataError(f"cannot resume '{out}': --weights {config.weights} now gives other starting weights "
-                        f"(sha256 {meta['weights']['sha256'][:12]}, run has {old['weights']['sha256'][:12]})")
+    _check_weights(out, config, old, meta["weights"])
     loader, val_loader, data_meta = _loaders(model, train, val, config, world)
     meta.update(data_meta)
+    run = _start(model, config, out, train.sources, device, world, steps=config.epochs * len(loader))
+    if resume:  # the whole checkpoint is checked, and restored, before anything is written
+        loop = load_checkpoint(out, model, run.optimizer, run.scheduler, history_keys=METRICS)
+        if loop["epoch"] and not (out / "model-best.safetensors").is_file():  # read back when the run ends
+            raise DataError(f"cannot resume '{out}': model-best.safetensors, the best epoch so far, is missing")
+        log.info("resuming '%s' after epoch %d of %d", out, loop["epoch"], config.epochs)
+        run.step, run.last_saved = loop["step"], loop["epoch"]
+        meta = {**{k: old[k] for k in RESULTS if k in old}, **meta}  # kept until this run replaces them
+    else:  # the model, its weights and the data are checked: only now does the run directory appear
+        loop = _fresh_loop()
+        _prepare(out, world)
     loader, val_loader, bypass = _maybe_cache(model, config, train, val, loader, val_loader, out, device, world,
                                               progress)
+    run.bypass = bypass["modules"]
     meta["cached_prefix"] = bypass["names"]
     if world.main:
         write_json_atomic(out / "config.json", meta)
-    run = _start(model, config, out, train.sources, device, world, steps=config.epochs * len(loader))
-    run.bypass = bypass["modules"]
-    loop = load_checkpoint(out, model, run.optimizer, run.scheduler) if resume else _fresh_loop()
-    if resume:
-        log.info("resuming '%s' after epoch %d of %d", out, loop["epoch"], config.epochs)
-        run.step, run.last_saved = loop["step"], loop["epoch"]
     history, best = _fit(run, loader, val_loader, progress, loop)
     model.load_state_dict(load_state_dict_file(out / "model-best.safetensors"))
     if world.main:
@@ -211,24 +216,34 @@ def _fingerprint(train: ImageDataset, val: ImageDataset | None) -> dict:
     return {"n_train": len(train), "n_val": len(val or []), "sha256": h.hexdigest()}
 
 
-def _prepare(out: Path, meta: dict, resume: bool, world: World) -> dict | None:
+def _check_out(out: Path, meta: dict, resume: bool) -> dict | None:
     """A fresh run needs a directory without a run; a resumed one the same config and data (returned)."""
-    old_path = out / "config.json"
     if not resume:
-        if old_path.exists():
+        if (out / "config.json").exists():
             raise DataError(f"'{out}' already holds a fine-tuning run; pass --resume to continue it "
                             f"or choose another --out")
-        if world.main:
-            out.mkdir(parents=True, exist_ok=True)
         return None
-    try:
-        old = json.loads(old_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot resume '{out}': it is not a fine-tuning run directory ({e})") from e
+    old = read_run(out)
     diff = config_diff(old, meta)
     if diff:
         raise DataError(f"cannot resume '{out}': it was started with different settings:\n" + "\n".join(diff))
     return old
+
+
+def _check_weights(out: Path, config: FinetuneConfig, old: dict | None, weights: dict) -> None:
+    """A resumed run must start from the weights it started from: the checkpoint only holds what training changed."""
+    if old is None:
+        return
+    was = old.get("weights") if isinstance(old.get("weights"), dict) else {}
+    if was.get("sha256") != weights["sha256"]:
+        raise DataError(f"cannot resume '{out}': --weights {config.weights} now gives other starting weights "
+                        f"(sha256 {weights['sha256'][:12]}, run has {str(was.get('sha256'))[:12]})")
+
+
+def _prepare(out: Path, world: World) -> None:
+    """Create the run directory: only once the model, its weights and the data have been checked."""
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
@@ -573,12 +588,16 @@ def find_lr(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAU
 def read_run(run_dir: str | Path) -> dict:
     """config.json of a fine-tuning run directory; a clear error for anything else."""
     run_dir = Path(run_dir)
+    path = run_dir / "config.json"
     try:
-        meta = json.loads((run_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
         raise DataError(f"'{run_dir}' is not a fine-tuning run directory (config.json: {e})") from e
-    if meta.get("format") != FORMAT:
-        raise DataError(f"'{run_dir}/config.json' is not a transferkit fine-tuning run (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        what = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"'{path}' is not a transferkit fine-tuning run (format {what!r})")
+    if not isinstance(meta.get("config"), dict):
+        raise DataError(f"'{path}': field 'config' is missing or not an object")
     return meta
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,8 +71,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's text is a page long and advises weights_only=False: not here
+        raise WeightsError(f"cannot read weights file '{path}': not a torch.save file of plain tensors "
+                           f"(pickled objects are refused, no code runs on load)") from e
     except Exception as e:  # any decoding failure is the file's fault
-        raise WeightsError(f"cannot read weights file '{path}': {type(e).__name__}: {e}") from e
+        detail = " ".join(str(e).split())  # one line: the CLI prints it as one
+        raise WeightsError(f"cannot read weights file '{path}': {type(e).__name__}: {detail}") from e
     for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
