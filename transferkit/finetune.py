@@ -28,6 +28,7 @@ from transferkit.data import ImageDataset, build_transform, collate, describe_tr
 from transferkit.distributed import ShardSampler, World, all_true, close_world, init_world, sum_all
 from transferkit.errors import DataError, ModelError, TransferkitError
 from transferkit.features import autocast, default_device
+from transferkit.outputs import check_output, claim
 from transferkit.prefix_cache import CachedDataset, PrefixCache, bypassed, collate_cached, frozen_prefix
 from transferkit.stages import (  # noqa: F401  (re-exported: the fine-tuning API in one import)
     HEADS,
@@ -50,6 +51,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle")
 METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr_head", "seconds", "img_per_s")
 FORMAT = "transferkit.finetune/1"
+RUN_KIND = "run"  # the output kind in its marker (transferkit.outputs)
 RESULTS = ("best_epoch", "best_val_accuracy", "val")  # what a finished run adds to config.json
 
 
@@ -147,7 +149,8 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
     train, val = _split(train, val, config)
     meta = {"format": FORMAT, "config": asdict(config), "classes": list(train.classes),
             "data": _fingerprint(train, val)}
-    old = _check_out(out, meta, resume)  # before the model is built: a wrong --resume fails at once
+    inputs = [train.root, None if val is None else val.root]  # the run directory is never inside the data
+    old = _check_out(out, meta, resume, inputs)  # before the model is built: a wrong --resume fails at once
     model = _build(config, train.classes, np.bincount(train.targets, minlength=len(train.classes)))
     model.to(device, memory_format=torch.channels_last)  # ~2x faster convs on CPU (oneDNN)
     meta["weights"] = model.weights_info.to_dict()
@@ -164,7 +167,7 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
         meta = {**{k: old[k] for k in RESULTS if k in old}, **meta}  # kept until this run replaces them
     else:  # the model, its weights and the data are checked: only now does the run directory appear
         loop = _fresh_loop()
-        _prepare(out, world)
+        _prepare(out, world, inputs)
     loader, val_loader, bypass = _maybe_cache(model, config, train, val, loader, val_loader, out, device, world,
                                               progress)
     run.bypass = bypass["modules"]
@@ -216,9 +219,11 @@ def _fingerprint(train: ImageDataset, val: ImageDataset | None) -> dict:
     return {"n_train": len(train), "n_val": len(val or []), "sha256": h.hexdigest()}
 
 
-def _check_out(out: Path, meta: dict, resume: bool) -> dict | None:
-    """A fresh run needs a directory without a run; a resumed one the same config and data (returned)."""
+def _check_out(out: Path, meta: dict, resume: bool, inputs: list) -> dict | None:
+    """A fresh run needs a directory without a run (and that transferkit may write: transferkit.outputs);
+    a resumed one the same config and data (returned)."""
     if not resume:
+        check_output(out, RUN_KIND, inputs=inputs)
         if (out / "config.json").exists():
             raise DataError(f"'{out}' already holds a fine-tuning run; pass --resume to continue it "
                             f"or choose another --out")
@@ -240,10 +245,10 @@ def _check_weights(out: Path, config: FinetuneConfig, old: dict | None, weights:
                         f"(sha256 {weights['sha256'][:12]}, run has {str(was.get('sha256'))[:12]})")
 
 
-def _prepare(out: Path, world: World) -> None:
+def _prepare(out: Path, world: World, inputs: list) -> None:
     """Create the run directory: only once the model, its weights and the data have been checked."""
     if world.main:
-        out.mkdir(parents=True, exist_ok=True)
+        claim(out, RUN_KIND, inputs=inputs)
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
@@ -544,9 +549,9 @@ def find_lr(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAU
     _check(config)
     torch.set_flush_denormal(True)
     _seed(config.seed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, RUN_KIND, inputs=[train.root])
     model = _build(config, train.classes, np.bincount(train.targets, minlength=len(train.classes)))
+    out = claim(out, RUN_KIND, inputs=[train.root])  # once the model is built: bad weights leave no folder
     device = default_device()
     model.to(device, memory_format=torch.channels_last)
     loader = _loaders(model, train, None, config, World())[0]
