@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -392,3 +393,27 @@ def test_untrusted_pickles_are_never_executed(tmp_path, codes_dir, photo_folder,
 
 def test_library_errors_are_transferkit_errors():
     assert issubclass(OutputError, TransferkitError)
+
+
+def test_skip_bad_reports_many_bad_files_in_one_line(photo_folder, tmp_path, caplog):
+    for i in range(8):
+        (photo_folder / "flower" / f"bad{i}.png").write_bytes(b"not a png")
+    with caplog.at_level(logging.WARNING):
+        result = run("extract", photo_folder, *FAST, "--skip-bad", "-o", tmp_path / "codes")
+    assert result.exit_code == 0, result.output
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(lines) == 1 and "skipped 8 unreadable image(s)" in lines[0]
+    assert len(set(re.findall(r"bad\d\.png", lines[0]))) == 3  # the first few; the rest only in meta.json
+    assert len(FeatureStore(tmp_path / "codes").meta["skipped"]) == 8  # the full list
+
+
+def test_cache_clean_removes_temp_files_of_dead_processes_only(code_cache):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    space = code_cache / "codes" / "0123"
+    space.mkdir(parents=True)
+    stale, live = space / f".part-a.npz.{dead.pid}.x1y2.tmp", space / f".part-b.npz.{os.getpid()}.x3y4.tmp"
+    for f in (stale, live):
+        f.write_bytes(b"half a part")
+    result = CliRunner().invoke(cli, ["cache", "clean", "--model", "none-such"])
+    assert result.exit_code == 0 and not stale.exists() and live.exists(), result.output

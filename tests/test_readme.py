@@ -20,3 +20,12 @@ def test_python_example_runs():
         exec(compile(code, "README.md", "exec"), {})
     accuracy = float(out.getvalue().split("accuracy ")[1])
     assert accuracy > 0.84, out.getvalue()  # 1,000 training images, 1,000 test images
+
+
+def test_every_test_the_promises_name_exists():
+    """"What transferkit promises" links each promise to tests: each named test must exist."""
+    named = set(re.findall(r"\b(test_\w+)`", README.read_text()))
+    defined = set()
+    for f in (README.parent / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", f.read_text(), re.M))
+    assert len(named) >= 10 and named <= defined, sorted(named - defined)
