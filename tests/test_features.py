@@ -16,6 +16,7 @@ from transferkit.data import open_dataset
 from transferkit.errors import DataError, ModelError
 from transferkit.extraction import extract
 from transferkit.features import FeatureExtractor, compute_codes, parse_pools, pool_map, select_pairs
+from transferkit.outputs import OutputError
 from transferkit.probe import LinearProbe
 from transferkit.store import FeatureStore
 
@@ -119,7 +120,7 @@ def test_refuses_to_overwrite_other_directories(photo_folder, tmp_path):
     precious = tmp_path / "mine"
     precious.mkdir()
     (precious / "thesis.txt").write_text("do not delete")
-    with pytest.raises(DataError, match="not a transferkit feature directory"):
+    with pytest.raises(OutputError, match="not written by transferkit"):  # tests/test_faults.py: every writer
         extract(open_dataset(photo_folder), precious, FeatureExtractor(image_size=32))
     assert (precious / "thesis.txt").read_text() == "do not delete"
 
