@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import transferkit
 import transferkit.finetune as ft
-from transferkit.checkpoint import _sha256
+from transferkit.atomic import file_sha256
 from transferkit.cli import cli
 from transferkit.data import open_dataset
 from transferkit.errors import DataError
@@ -160,7 +160,7 @@ def _rewrite_tensors(run: Path, edit) -> Path:
     tensors = load_file(str(path))
     edit(tensors)
     save_file(tensors, str(path))
-    meta["sha256"] = _sha256(path)
+    meta["sha256"] = file_sha256(path)
     (run / "checkpoint.json").write_text(json.dumps(meta))
     return path
 
@@ -207,7 +207,7 @@ def test_resume_with_a_missing_or_corrupt_tensor_file_changes_nothing(run, photo
         path.write_bytes(data[: len(data) // 2])
     else:  # garbage whose hash is recorded: the file itself must be refused
         path.write_bytes(b"not a safetensors file")
-        _edit_json(run, _set("sha256", _sha256(path)))
+        _edit_json(run, _set("sha256", file_sha256(path)))
     message = _resume_fails(run, photos)
     expected = "not a readable safetensors file" if damage == "not-safetensors" else "does not match the sha256"
     assert expected in message and str(path) in message

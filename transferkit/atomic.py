@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -43,6 +44,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read 1 MiB at a time: what a record written beside a file (an engine, a checkpoint)
+    checks it against before it is used."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:

@@ -8,7 +8,6 @@ Loading checks every field against the model and optimizer it goes into before i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferkit.atomic import atomic_write, write_json_atomic
+from transferkit.atomic import atomic_write, file_sha256, write_json_atomic
 from transferkit.errors import DataError
 
 FORMAT = "transferkit.checkpoint/1"
@@ -76,7 +75,7 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimize
     name = f"checkpoint-{loop['epoch']:04d}.safetensors"
     atomic_write(out / name, lambda tmp: save_file(tensors, str(tmp)))
     previous = _read_json(out)
-    meta = {"format": FORMAT, "tensors": name, "sha256": _sha256(out / name), "loop": loop,
+    meta = {"format": FORMAT, "tensors": name, "sha256": file_sha256(out / name), "loop": loop,
             "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
     write_json_atomic(out / JSON_NAME, meta)
     if previous and previous.get("tensors") not in (None, name):
@@ -113,7 +112,7 @@ def read_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimize
         raise DataError(f"'{out}' has no {JSON_NAME}: nothing to resume (the run ended before its first epoch)")
     _check_meta(_Fields(out / JSON_NAME, meta), optimizer, scheduler, history_keys)
     path = out / meta["tensors"]
-    if not path.is_file() or _sha256(path) != meta["sha256"]:
+    if not path.is_file() or file_sha256(path) != meta["sha256"]:
         raise DataError(f"'{path}' is missing or does not match the sha256 in '{out / JSON_NAME}'")
     try:
         tensors = load_file(str(path))
@@ -284,9 +283,3 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -18,7 +18,6 @@ A new int8 file is kept only if its codes on other crops point the way the fp32 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import io
 import json
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferkit.atomic import atomic_write, write_json_atomic
+from transferkit.atomic import atomic_write, file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +159,6 @@ def open_verified(path: Path, keys: Sequence[str], threads: int, side: int) -> O
                     _why(exc))
         discard(path)
         return None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_codes(net: CodesNet, path: Path, side: int, folded: int) -> None:
