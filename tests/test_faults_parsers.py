@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from transferkit import recipes
+from transferkit.cli import cli
 from transferkit.data import open_dataset
 from transferkit.errors import TransferkitError
 from transferkit.finetune import FinetuneConfig
@@ -298,3 +300,39 @@ def test_unusable_dataset_paths_are_data_errors(tmp_path, name):
     (tmp_path / "m.csv").write_text("path,label\n")
     with pytest.raises(TransferkitError, match="cannot open dataset"):
         open_dataset(tmp_path / name)
+
+
+# -- a recipe's name is a directory name ------------------------------------------------------------------------
+
+BAD_NAMES = ["", "  ", ".", "..", "../../x", "{elsewhere}", "a/b", "a\\b", "nul\x00", "-rf"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_recipe_name_must_be_a_plain_name(tmp_path, name):
+    """`transferkit run` writes to ./NAME without -o: a path there would write outside the working directory."""
+    name = name.format(elsewhere=tmp_path / "elsewhere")
+    data = {"name": name, "kind": "probe", "model": "test_resnet"}
+    with pytest.raises(TransferkitError, match=r"The 'name' field of recipe file '.*r\.toml' must be a plain name"):
+        recipes.from_dict(data, where=f"recipe file '{tmp_path / 'r.toml'}'")
+    with pytest.raises(TransferkitError, match="The 'name' field of recipe 'mine' must be a plain name"):
+        recipes.from_dict({**data, "name": "mine"}).replace(name=name)
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_run_refuses_a_recipe_named_like_a_path(tmp_path, photo_folder, monkeypatch, name):
+    name = name.format(elsewhere=tmp_path / "elsewhere")
+    work = tmp_path / "a" / "b"  # '../../x' would land in tmp_path
+    work.mkdir(parents=True)
+    recipe = work / "r.toml"
+    recipe.write_text(recipe_text({"name": name, "kind": "probe", "model": "test_resnet", "image_size": 32}))
+    monkeypatch.chdir(work)
+    before = sorted(tmp_path.rglob("*"))
+    result = CliRunner().invoke(cli, ["run", str(recipe), str(photo_folder)])
+    assert result.exit_code == 1, result.output
+    assert f"The 'name' field of recipe file '{recipe}' must be a plain name" in result.output
+    assert sorted(tmp_path.rglob("*")) == before, "nothing is written, in the working directory or elsewhere"
+
+
+@pytest.mark.parametrize("name", ["mine", "small-different", "v1.2", "café ☕", "a b"])
+def test_plain_recipe_names_pass(name):
+    assert recipes.from_dict({"name": name, "kind": "probe", "model": "test_resnet"}).name == name

@@ -391,6 +391,8 @@ def _check_value(key: str, value: Any, where: str) -> Any:
     """Allowed values and ranges; None (an optional field left unset) always passes."""
     if value is None:
         return value
+    if key == "name":
+        _check_name(value, where)
     if key in _CHOICES and value not in _CHOICES[key]:
         allowed = ", ".join(repr(c) for c in _CHOICES[key])
         raise DataError(f"The '{key}' field of {where} must be one of {allowed}. Got {_shown(value)} instead.")
@@ -401,6 +403,21 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         raise DataError(f"The 'C' field of {where} must be a finite number > 0 or 'auto'. "
                         f"Got {_shown(value)} instead.")
     return value
+
+
+def _check_name(name: str, where: str) -> None:
+    """A recipe's name is the default output directory of `transferkit run`: a plain name, never a path."""
+    problems = (
+        (not name.strip(), "it is empty"),
+        (name in (".", ".."), "'.' and '..' are not names"),
+        ("/" in name or "\\" in name, "it holds a path separator"),
+        ("\0" in name, "it holds a NUL character"),
+        (name.startswith("-"), "it starts with '-' (it would read as an option)"),
+    )
+    for bad, why in problems:
+        if bad:
+            raise DataError(f"The 'name' field of {where} must be a plain name (it names the output directory): "
+                            f"{why}. Got {_shown(name)} instead.")
 
 
 def _check_probe(s: ProbeSettings, where: str) -> None:
