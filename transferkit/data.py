@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 import csv
+import errno
 import gzip
+import math
 import os
 import queue
+import stat
 import threading
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -273,14 +277,15 @@ def open_dataset(
 ) -> ImageDataset:
     """Open an ImageFolder directory, a CSV manifest or an IDX pair, chosen by what `path` is."""
     p = Path(path)
-    if p.is_dir():
+    found = _stat(p, f"cannot open dataset '{path}'")
+    if found is not None and stat.S_ISDIR(found.st_mode):
         kind, parts = "folder", _scan_folder(p, min_classes)
-    elif p.is_file() and p.suffix.lower() == ".csv":
+    elif found is not None and stat.S_ISREG(found.st_mode) and p.suffix.lower() == ".csv":
         kind, parts = "csv", _read_manifest(p)
     elif (images := _idx_images_file(p)) is not None:
         kind, parts = "idx", _read_idx(images)
     else:
-        what = "no such file or directory" if not p.exists() else "not a dataset"
+        what = "no such file or directory" if found is None else "not a dataset"
         raise DataError(f"cannot open dataset '{path}': {what}. Expected {_ACCEPTED_FORMS}.")
     sources, targets, classes, pixels = parts
     if len(classes) < min_classes:
@@ -356,7 +361,7 @@ def _read_manifest(manifest: Path) -> _Parts:
         if not rel or not label:
             raise DataError(f"manifest '{manifest}' line {line}: empty 'path' or 'label'")
         file = manifest.parent / rel  # an absolute `rel` replaces the folder
-        if not file.is_file():
+        if not _is_file(file, f"manifest '{manifest}' line {line}: file '{rel}'"):
             missing.append((line, rel))
         sources.append(str(file))
         labels.append(label)
@@ -369,13 +374,34 @@ def _read_manifest(manifest: Path) -> _Parts:
     return sources, np.asarray([index[lb] for lb in labels], dtype=np.int64), classes, None
 
 
+def _stat(path: Path, what: str) -> os.stat_result | None:
+    """os.stat(path), None if nothing is there (nor can be: a name too long, a NUL, a symlink loop).
+
+    Other refusals (a folder that may not be searched) are a DataError about `what`, where Path.is_file() would
+    raise an OSError from deep inside a parser.
+    """
+    try:
+        return path.stat()
+    except ValueError:  # an embedded NUL
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP):
+            return None
+        raise DataError(f"{what}: {exc.strerror or exc}") from exc
+
+
+def _is_file(path: Path, what: str) -> bool:
+    found = _stat(path, what)
+    return found is not None and stat.S_ISREG(found.st_mode)
+
+
 def _idx_images_file(p: Path) -> Path | None:
     """`p` itself if it is an IDX images file, else `<p>-images-idx3-ubyte[.gz]` if one exists."""
-    if p.is_file() and "images-idx3-ubyte" in p.name:
+    if "images-idx3-ubyte" in p.name and _is_file(p, f"IDX file '{p}'"):
         return p
     for suffix in ("-images-idx3-ubyte", "-images-idx3-ubyte.gz"):
-        candidate = p.with_name(p.name + suffix)
-        if p.name and candidate.is_file():
+        candidate = p.with_name(p.name + suffix) if p.name else None
+        if candidate is not None and _is_file(candidate, f"IDX file '{candidate}'"):
             return candidate
     return None
 
@@ -385,7 +411,7 @@ def _read_idx(images_file: Path) -> _Parts:
     labels_name = images_file.name.replace("images-idx3", "labels-idx1")
     plain = labels_name.removesuffix(".gz")
     candidates = [images_file.with_name(n) for n in (labels_name, plain, plain + ".gz")]  # either compression
-    labels_file = next((f for f in candidates if f.is_file()), None)
+    labels_file = next((f for f in candidates if _is_file(f, f"IDX labels file '{f}'")), None)
     if labels_file is None:
         expected = images_file.with_name(labels_name)
         raise DataError(f"IDX images file '{images_file}' has no labels file '{expected}'")
@@ -396,8 +422,6 @@ def _read_idx(images_file: Path) -> _Parts:
             f"IDX images file '{images_file}' has {len(pixels)} images but labels file '{labels_file}' "
             f"has {len(labels)} labels"
         )
-    if len(labels) == 0:
-        raise DataError(f"IDX images file '{images_file}' has no images")
     classes = _idx_class_names(images_file.with_name("classes.txt"), int(labels.max()) + 1)
     sources = [f"{images_file}#{i}" for i in range(len(labels))]
     return sources, labels, classes, pixels
@@ -408,7 +432,7 @@ def _read_idx_array(file: Path, magic: int) -> np.ndarray:
     try:
         with gzip.open(file, "rb") if file.name.endswith(".gz") else file.open("rb") as f:
             data = f.read()
-    except (OSError, EOFError, ValueError) as exc:  # gzip reports corruption as OSError/EOFError
+    except (OSError, EOFError, ValueError, zlib.error) as exc:  # gzip: bad header OSError, cut EOFError, bad data zlib
         raise DataError(f"cannot read IDX file '{file}': {exc}") from exc
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
@@ -418,7 +442,9 @@ def _read_idx_array(file: Path, magic: int) -> np.ndarray:
     if len(data) < header:
         raise DataError(f"IDX file '{file}' is truncated: header needs {header} bytes, file has {len(data)}")
     dims = tuple(int.from_bytes(data[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
-    expected = int(np.prod(dims))
+    if 0 in dims:  # no items, or images of 0 pixels: nothing to learn from (and (2**32-1, 2**32-1, 0) can't reshape)
+        raise DataError(f"IDX file '{file}' is empty: dimensions {dims}")
+    expected = math.prod(dims)  # exact: np.prod wraps at 2**64, and (2**31, 2**31, 4) would "need" 0 bytes
     if len(data) - header != expected:
         raise DataError(
             f"IDX file '{file}' has {len(data) - header} data bytes; dimensions {dims} need {expected}"
@@ -428,9 +454,12 @@ def _read_idx_array(file: Path, magic: int) -> np.ndarray:
 
 def _idx_class_names(names_file: Path, n_labels: int) -> list[str]:
     """Names from `classes.txt` beside the IDX file if present, else "0".."n-1"."""
-    if not names_file.is_file():
+    if not _is_file(names_file, f"class names file '{names_file}'"):
         return [str(k) for k in range(n_labels)]
-    names = names_file.read_text(encoding="utf-8").splitlines()
+    try:
+        names = names_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read class names '{names_file}': {exc}") from exc
     while names and not names[-1].strip():
         names.pop()
     names = [n.strip() for n in names]

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import sys
 import time
 import types
@@ -229,6 +230,9 @@ def load(path: str | Path) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise DataError(f"cannot read recipe file '{path}': {e.strerror or e}") from e
+    except UnicodeDecodeError as e:  # TOML is UTF-8 by definition
+        raise DataError(f"recipe file '{path}' is not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset "
+                        f"{e.start}") from e
     return _parse(text, f"recipe file '{path}'", str(path))
 
 
@@ -303,11 +307,17 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
     converted = _convert(value, hint)
     if converted is _BAD:
         raise DataError(f"The '{key}' field of {where} must be {_describe(hint)}. "
-                        f"Got {value!r} ({type(value).__name__}) instead.")
+                        f"Got {_shown(value)} ({type(value).__name__}) instead.")
     return converted
 
 
 _BAD = object()
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: a 5,000-digit number must not flood a one-line error."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _convert(value: Any, hint: Any) -> Any:
@@ -330,7 +340,12 @@ def _convert(value: Any, hint: Any) -> Any:
     if hint is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
     if hint is float:
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _BAD
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return _BAD
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond a float's range (TOML integers are unbounded in tomllib)
+            return _BAD
     if hint is str:
         return value if isinstance(value, str) else _BAD
     return _BAD
@@ -378,14 +393,33 @@ def _check_value(key: str, value: Any, where: str) -> Any:
     """Allowed values and ranges; None (an optional field left unset) always passes."""
     if value is None:
         return value
+    if key == "name":
+        _check_name(value, where)
     if key in _CHOICES and value not in _CHOICES[key]:
         allowed = ", ".join(repr(c) for c in _CHOICES[key])
-        raise DataError(f"The '{key}' field of {where} must be one of {allowed}. Got {value!r} instead.")
+        raise DataError(f"The '{key}' field of {where} must be one of {allowed}. Got {_shown(value)} instead.")
     if key in _RANGES and not _RANGES[key][0](value):
-        raise DataError(f"The '{key}' field of {where} must be {_RANGES[key][1]}. Got {value!r} instead.")
-    if key == "C" and value != "auto" and (isinstance(value, str) or value <= 0):
-        raise DataError(f"The 'C' field of {where} must be a number > 0 or 'auto'. Got {value!r} instead.")
+        raise DataError(f"The '{key}' field of {where} must be {_RANGES[key][1]}. Got {_shown(value)} instead.")
+    # the chained comparison also refuses NaN (every comparison with it is False) and infinity
+    if key == "C" and value != "auto" and (isinstance(value, str) or not 0 < value < math.inf):
+        raise DataError(f"The 'C' field of {where} must be a finite number > 0 or 'auto'. "
+                        f"Got {_shown(value)} instead.")
     return value
+
+
+def _check_name(name: str, where: str) -> None:
+    """A recipe's name is the default output directory of `transferkit run`: a plain name, never a path."""
+    problems = (
+        (not name.strip(), "it is empty"),
+        (name in (".", ".."), "'.' and '..' are not names"),
+        ("/" in name or "\\" in name, "it holds a path separator"),
+        ("\0" in name, "it holds a NUL character"),
+        (name.startswith("-"), "it starts with '-' (it would read as an option)"),
+    )
+    for bad, why in problems:
+        if bad:
+            raise DataError(f"The 'name' field of {where} must be a plain name (it names the output directory): "
+                            f"{why}. Got {_shown(name)} instead.")
 
 
 def _check_probe(s: ProbeSettings, where: str) -> None:
