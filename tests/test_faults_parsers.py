@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import math
+import os
 import shutil
 import struct
 from dataclasses import fields
@@ -29,6 +30,7 @@ from transferkit.cli import cli
 from transferkit.data import open_dataset
 from transferkit.errors import TransferkitError
 from transferkit.finetune import FinetuneConfig
+from transferkit.workflows import image_files
 
 FUZZ = settings(
     max_examples=1000,
@@ -336,3 +338,56 @@ def test_run_refuses_a_recipe_named_like_a_path(tmp_path, photo_folder, monkeypa
 @pytest.mark.parametrize("name", ["mine", "small-different", "v1.2", "café ☕", "a b"])
 def test_plain_recipe_names_pass(name):
     assert recipes.from_dict({"name": name, "kind": "probe", "model": "test_resnet"}).name == name
+
+
+# -- symlinks in an ImageFolder tree ----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def three_images(tmp_path, sample_images) -> Path:
+    """data/even/a.png, data/even/b.png, data/odd/c.png: real photo crops."""
+    root = tmp_path / "data"
+    for k, name in enumerate(("even/a.png", "even/b.png", "odd/c.png")):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        sample_images["flower.jpg"].crop((50 * k, 0, 50 * k + 48, 48)).save(root / name)
+    return root
+
+
+def scan_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "transferkit.data" and r.levelname == "WARNING"]
+
+
+def test_symlink_loop_in_a_class_folder_lists_each_image_once(three_images, caplog):
+    """`ln -s .. data/odd/up` made 3 images 123 rows, 121 of them labelled 'odd'."""
+    root = three_images
+    os.symlink("..", root / "odd" / "up")
+    os.symlink("../odd", root / "even" / "sibling")  # another class: its images keep their own label
+    ds = open_dataset(root)
+    assert ds.classes == ["even", "odd"] and ds.targets.tolist() == [0, 0, 1]
+    assert ds.sources == [str(root / "even" / "a.png"), str(root / "even" / "b.png"), str(root / "odd" / "c.png")]
+    [message] = scan_warnings(caplog)
+    assert "skipped 2 folder link(s)" in message and str(root / "even" / "sibling") in message
+    assert image_files([root]) == ds.sources  # predict's folder scan is the same scan
+
+
+def test_a_file_linked_twice_is_listed_once(three_images, caplog):
+    root = three_images
+    os.symlink("c.png", root / "odd" / "copy.png")
+    os.link(root / "even" / "a.png", root / "even" / "hard.png")
+    ds = open_dataset(root)
+    assert [Path(s).name for s in ds.sources] == ["a.png", "b.png", "c.png"] and ds.targets.tolist() == [0, 0, 1]
+    [message] = scan_warnings(caplog)
+    assert "2 file(s) reached twice" in message and "hard.png" in message
+
+
+def test_a_symlink_to_a_folder_elsewhere_still_works(three_images, tmp_path, sample_images, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for k in range(2):
+        sample_images["china.jpg"].crop((0, 60 * k, 48, 60 * k + 48)).save(elsewhere / f"e{k}.jpg")
+    os.symlink(elsewhere, three_images / "odd" / "more")
+    os.symlink(elsewhere / "e0.jpg", three_images / "even" / "e0.jpg")  # a file linked once is a file
+    ds = open_dataset(three_images)
+    assert [Path(s).name for s in ds.sources] == ["a.png", "b.png", "e0.jpg", "c.png", "e0.jpg", "e1.jpg"]
+    assert ds.targets.tolist() == [0, 0, 0, 1, 1, 1] and not scan_warnings(caplog)
+    assert ds.image(4).size == (48, 48)
