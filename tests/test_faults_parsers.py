@@ -391,3 +391,40 @@ def test_a_symlink_to_a_folder_elsewhere_still_works(three_images, tmp_path, sam
     assert [Path(s).name for s in ds.sources] == ["a.png", "b.png", "e0.jpg", "c.png", "e0.jpg", "e1.jpg"]
     assert ds.targets.tolist() == [0, 0, 0, 1, 1, 1] and not scan_warnings(caplog)
     assert ds.image(4).size == (48, 48)
+
+
+# -- hostile file names -----------------------------------------------------------------------------------------
+
+HOSTILE_NAMES = ["with space.png", "café ☕.png", "-rf.png", "100%.png", "50%s%d.jpg", "it's \"quoted\".png",
+                 "semi;colon,comma.png", "back\\slash.png", "new\nline.png", "tab\there.png", "x" * 196 + ".png"]
+
+
+def test_extract_hostile_file_names(tmp_path, sample_images, monkeypatch, code_cache):
+    """Every image gets a row whatever its name; meta.json lists the sources exactly; nothing lands elsewhere."""
+    root = tmp_path / "data"
+    names = {}
+    for cls, photo in (("temple", "china.jpg"), ("flower", "flower.jpg")):
+        (root / cls).mkdir(parents=True)
+        for k, name in enumerate(HOSTILE_NAMES):
+            try:
+                sample_images[photo].crop((30 * k, 30 * k, 30 * k + 64, 30 * k + 64)).save(root / cls / name)
+            except OSError:  # a file system that refuses a newline or a backslash: test the rest
+                continue
+            names.setdefault(cls, []).append(name)
+    assert len(names["temple"]) >= len(HOSTILE_NAMES) - 2
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # '-rf.png' or '%' must not turn into options, or files in the working directory
+    before = sorted(tmp_path.rglob("*"))
+    out = tmp_path / "codes"
+    result = CliRunner().invoke(cli, ["extract", str(root), "-o", str(out), "--image-size", "32", "--precision",
+                                      "fp32", "--engine", "torch", "--batch-size", "8"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    expected = [str(root / cls / name) for cls in ("flower", "temple") for name in sorted(names[cls])]
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert meta["sources"] == expected and meta["classes"] == ["flower", "temple"]
+    assert f"{len(expected)} images" in result.output
+    created = sorted(set(tmp_path.rglob("*")) - set(before))
+    assert created and all(p == out or out in p.parents for p in created), created
+    stems = [Path(n).stem for listed in names.values() for n in listed]
+    assert not [p for p in code_cache.rglob("*") if any(stem in p.name for stem in stems)]  # content-keyed only
