@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import math
+import os
 import shutil
 import struct
 from dataclasses import fields
@@ -29,6 +30,7 @@ from transferkit.cli import cli
 from transferkit.data import open_dataset
 from transferkit.errors import TransferkitError
 from transferkit.finetune import FinetuneConfig
+from transferkit.workflows import image_files
 
 FUZZ = settings(
     max_examples=1000,
@@ -336,3 +338,93 @@ def test_run_refuses_a_recipe_named_like_a_path(tmp_path, photo_folder, monkeypa
 @pytest.mark.parametrize("name", ["mine", "small-different", "v1.2", "café ☕", "a b"])
 def test_plain_recipe_names_pass(name):
     assert recipes.from_dict({"name": name, "kind": "probe", "model": "test_resnet"}).name == name
+
+
+# -- symlinks in an ImageFolder tree ----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def three_images(tmp_path, sample_images) -> Path:
+    """data/even/a.png, data/even/b.png, data/odd/c.png: real photo crops."""
+    root = tmp_path / "data"
+    for k, name in enumerate(("even/a.png", "even/b.png", "odd/c.png")):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        sample_images["flower.jpg"].crop((50 * k, 0, 50 * k + 48, 48)).save(root / name)
+    return root
+
+
+def scan_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "transferkit.data" and r.levelname == "WARNING"]
+
+
+def test_symlink_loop_in_a_class_folder_lists_each_image_once(three_images, caplog):
+    """`ln -s .. data/odd/up` made 3 images 123 rows, 121 of them labelled 'odd'."""
+    root = three_images
+    os.symlink("..", root / "odd" / "up")
+    os.symlink("../odd", root / "even" / "sibling")  # another class: its images keep their own label
+    ds = open_dataset(root)
+    assert ds.classes == ["even", "odd"] and ds.targets.tolist() == [0, 0, 1]
+    assert ds.sources == [str(root / "even" / "a.png"), str(root / "even" / "b.png"), str(root / "odd" / "c.png")]
+    [message] = scan_warnings(caplog)
+    assert "skipped 2 folder link(s)" in message and str(root / "even" / "sibling") in message
+    assert image_files([root]) == ds.sources  # predict's folder scan is the same scan
+
+
+def test_a_file_linked_twice_is_listed_once(three_images, caplog):
+    root = three_images
+    os.symlink("c.png", root / "odd" / "copy.png")
+    os.link(root / "even" / "a.png", root / "even" / "hard.png")
+    ds = open_dataset(root)
+    assert [Path(s).name for s in ds.sources] == ["a.png", "b.png", "c.png"] and ds.targets.tolist() == [0, 0, 1]
+    [message] = scan_warnings(caplog)
+    assert "2 file(s) reached twice" in message and "hard.png" in message
+
+
+def test_a_symlink_to_a_folder_elsewhere_still_works(three_images, tmp_path, sample_images, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for k in range(2):
+        sample_images["china.jpg"].crop((0, 60 * k, 48, 60 * k + 48)).save(elsewhere / f"e{k}.jpg")
+    os.symlink(elsewhere, three_images / "odd" / "more")
+    os.symlink(elsewhere / "e0.jpg", three_images / "even" / "e0.jpg")  # a file linked once is a file
+    ds = open_dataset(three_images)
+    assert [Path(s).name for s in ds.sources] == ["a.png", "b.png", "e0.jpg", "c.png", "e0.jpg", "e1.jpg"]
+    assert ds.targets.tolist() == [0, 0, 0, 1, 1, 1] and not scan_warnings(caplog)
+    assert ds.image(4).size == (48, 48)
+
+
+# -- hostile file names -----------------------------------------------------------------------------------------
+
+HOSTILE_NAMES = ["with space.png", "café ☕.png", "-rf.png", "100%.png", "50%s%d.jpg", "it's \"quoted\".png",
+                 "semi;colon,comma.png", "back\\slash.png", "new\nline.png", "tab\there.png", "x" * 196 + ".png"]
+
+
+def test_extract_hostile_file_names(tmp_path, sample_images, monkeypatch, code_cache):
+    """Every image gets a row whatever its name; meta.json lists the sources exactly; nothing lands elsewhere."""
+    root = tmp_path / "data"
+    names = {}
+    for cls, photo in (("temple", "china.jpg"), ("flower", "flower.jpg")):
+        (root / cls).mkdir(parents=True)
+        for k, name in enumerate(HOSTILE_NAMES):
+            try:
+                sample_images[photo].crop((30 * k, 30 * k, 30 * k + 64, 30 * k + 64)).save(root / cls / name)
+            except OSError:  # a file system that refuses a newline or a backslash: test the rest
+                continue
+            names.setdefault(cls, []).append(name)
+    assert len(names["temple"]) >= len(HOSTILE_NAMES) - 2
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # '-rf.png' or '%' must not turn into options, or files in the working directory
+    before = sorted(tmp_path.rglob("*"))
+    out = tmp_path / "codes"
+    result = CliRunner().invoke(cli, ["extract", str(root), "-o", str(out), "--image-size", "32", "--precision",
+                                      "fp32", "--engine", "torch", "--batch-size", "8"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    expected = [str(root / cls / name) for cls in ("flower", "temple") for name in sorted(names[cls])]
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert meta["sources"] == expected and meta["classes"] == ["flower", "temple"]
+    assert f"{len(expected)} images" in result.output
+    created = sorted(set(tmp_path.rglob("*")) - set(before))
+    assert created and all(p == out or out in p.parents for p in created), created
+    stems = [Path(n).stem for listed in names.values() for n in listed]
+    assert not [p for p in code_cache.rglob("*") if any(stem in p.name for stem in stems)]  # content-keyed only

@@ -6,6 +6,7 @@ import copy
 import csv
 import errno
 import gzip
+import logging
 import math
 import os
 import queue
@@ -23,6 +24,8 @@ from torch.utils.data import Dataset, default_collate
 
 from transferkit.codecache import content_hash
 from transferkit.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -315,8 +318,7 @@ def _scan_folder(root: Path, min_classes: int) -> _Parts:
         )
     sources: list[str] = []
     targets: list[int] = []
-    for label, class_dir in enumerate(class_dirs):
-        files = sorted(_image_files(class_dir))
+    for label, (class_dir, files) in enumerate(zip(class_dirs, scan_images(class_dirs))):
         if not files:
             raise DataError(f"class folder '{class_dir}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
         sources += files
@@ -324,16 +326,60 @@ def _scan_folder(root: Path, min_classes: int) -> _Parts:
     return sources, np.asarray(targets, dtype=np.int64), [d.name for d in class_dirs], None
 
 
-def _image_files(folder: Path) -> list[str]:
-    found = []
+def scan_images(folders: Sequence[Path]) -> list[list[str]]:
+    """The image files under each of `folders`: recursive, sorted, hidden entries skipped, symlinks followed.
+
+    Each directory is walked once: a symlink to an ancestor, to one of `folders`, or to a directory already
+    walked is not followed (`ln -s .. odd/up` would list the whole tree again and again, under the wrong class).
+    A file reached twice under one folder (a symlink beside its target, a hard link) is listed once. One
+    warning counts what was skipped.
+    """
+    walked = {key for folder in folders for key in map(_identity, (folder, *Path(folder).resolve().parents))}
+    loops: list[str] = []
+    repeats: list[str] = []
+    out = [sorted(_walk_once(folder, walked, loops, repeats)) for folder in folders]
+    if loops or repeats:
+        logger.warning(
+            "listed each image once: skipped %d folder link(s) to an ancestor or a folder already scanned%s and "
+            "%d file(s) reached twice%s", len(loops), f" (e.g. '{loops[0]}')" if loops else "", len(repeats),
+            f" (e.g. '{repeats[0]}')" if repeats else "")
+    return out
+
+
+def _walk_once(folder: Path, walked: set, loops: list[str], repeats: list[str]) -> list[str]:
+    """scan_images for one folder: adds to `walked` (directory identities) and to the skipped `loops`/`repeats`."""
+    found: list[str] = []
+    seen: set[tuple[int, int] | None] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prune hidden dirs in place
-        found += [
-            os.path.join(dirpath, name)
-            for name in filenames
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-        ]
+        keep = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):  # sorted: the same link wins every time
+            key = _identity(os.path.join(dirpath, name))
+            if key is not None and key in walked:
+                loops.append(os.path.join(dirpath, name))
+                continue
+            walked.add(key)
+            keep.append(name)
+        dirnames[:] = keep  # os.walk descends into these only
+        for name in sorted(filenames):
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = os.path.join(dirpath, name)
+            key = _identity(path)  # None (a broken link): listed, and decoding says what is wrong
+            if key is not None and key in seen:
+                repeats.append(path)
+                continue
+            seen.add(key)
+            found.append(path)
     return found
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of what `path` leads to, following symlinks; None if it cannot be reached."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _read_manifest(manifest: Path) -> _Parts:

@@ -16,7 +16,7 @@ import torch
 
 from transferkit.atomic import write_json_atomic, write_text_atomic
 from transferkit.backbones import DEFAULT_MODEL, PRE_LOGITS
-from transferkit.data import IMAGE_EXTENSIONS, ImageDataset, build_transform, collate, open_dataset
+from transferkit.data import IMAGE_EXTENSIONS, ImageDataset, build_transform, collate, open_dataset, scan_images
 from transferkit.errors import DataError, TransferkitError
 from transferkit.extraction import extract
 from transferkit.features import FeatureExtractor, autocast, default_device
@@ -230,18 +230,18 @@ def check_compatible(train: FeatureStore, test: FeatureStore, key: str) -> None:
 
 
 def image_files(paths: list[str | Path]) -> list[str]:
-    """Image files named directly or found (recursively, sorted) in the named folders."""
+    """Image files named directly or found in the named folders (as training finds them: scan_images)."""
+    paths = [Path(p) for p in paths]
+    missing = next((p for p in paths if not p.is_dir() and not p.is_file()), None)
+    if missing is not None:
+        raise DataError(f"'{missing}' does not exist")
+    in_folders = iter(scan_images([p for p in paths if p.is_dir()]))
     files: list[str] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise DataError(f"folder '{p}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
-            files += found
-        elif p.is_file():
-            files.append(str(p))
-        else:
-            raise DataError(f"'{p}' does not exist")
+    for p in paths:
+        found = next(in_folders) if p.is_dir() else [str(p)]
+        if not found:
+            raise DataError(f"folder '{p}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        files += found
     return files
 
 
