@@ -97,6 +97,24 @@ def test_extract_refuses_the_data_folder_itself_inside_it_and_above_it(photo_fol
     assert snapshot(photo_folder.parent) == before
 
 
+@pytest.mark.parametrize("where", ["data", "inside", "parent"])
+@pytest.mark.parametrize("command", ["finetune", "run", "evaluate", "dense"])
+def test_other_writers_refuse_the_data_folder_too(tmp_path, photo_folder, codes_dir, command, where):
+    out = {"data": photo_folder, "inside": photo_folder / "flower" / "out", "parent": photo_folder.parent}[where]
+    if command == "evaluate":
+        assert run("probe", codes_dir, "-o", tmp_path / "model").exit_code == 0
+    before = snapshot(photo_folder.parent)
+    args = {
+        "finetune": ["finetune", photo_folder, "--model", "test_resnet", "--weights", "random", "--epochs", "1"],
+        "run": ["run", "small-similar", photo_folder],
+        "evaluate": ["evaluate", tmp_path / "model", photo_folder],
+        "dense": ["predict", "test_resnet", photo_folder / "flower", "--dense", "--weights", "random"],
+    }[command]
+    result = run(*args, "-o", out)
+    assert result.exit_code == 1 and ("input" in result.output or "not written by" in result.output), result.output
+    assert snapshot(photo_folder.parent) == before
+
+
 @pytest.mark.parametrize("planted", ["meta.json", "shard-00000.npz", "checkpoint.json", "config.json", "notes.txt"])
 @pytest.mark.parametrize("command", ["extract", "probe", "evaluate", "convert", "finetune", "run", "demo", "dense"])
 def test_every_writer_refuses_a_folder_it_did_not_write(tmp_path, photo_folder, codes_dir, command, planted):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -307,3 +308,10 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path, digits_folder
     assert [r["train_loss"] for r in rows[0]] == [r["train_loss"] for r in rows[1]] and len(rows[0]) == 3
     done = [json.loads((tmp_path / run / "config.json").read_text()) for run in ("whole", "killed")]
     assert {k: done[0][k] for k in RESULTS} == {k: done[1][k] for k in RESULTS}
+
+
+def test_finetune_leaves_the_process_able_to_hold_denormal_floats(tmp_path, photos):
+    """Training flushes denormals for speed; after it, numpy (and hypothesis) must see IEEE floats again."""
+    tiny = np.float32(1e-38)
+    finetune(open_dataset(photos), tmp_path / "run", dataclasses.replace(CONFIG, epochs=1), progress=False)
+    assert tiny * np.float32(1e-3) != 0  # a denormal result survives

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, default_collate
 from transferkit.codecache import content_hash
 from transferkit.errors import DataError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -339,7 +339,7 @@ def scan_images(folders: Sequence[Path]) -> list[list[str]]:
     repeats: list[str] = []
     out = [sorted(_walk_once(folder, walked, loops, repeats)) for folder in folders]
     if loops or repeats:
-        logger.warning(
+        log.warning(
             "listed each image once: skipped %d folder link(s) to an ancestor or a folder already scanned%s and "
             "%d file(s) reached twice%s", len(loops), f" (e.g. '{loops[0]}')" if loops else "", len(repeats),
             f" (e.g. '{repeats[0]}')" if repeats else "")
