@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine_lines, write_section  # noqa: E402
 
-from transferkit.dense import load_classifier  # noqa: E402
-from transferkit.receptive_field import receptive_field  # noqa: E402
+from transferkit.surgery.dense import load_classifier  # noqa: E402
+from transferkit.surgery.receptive_field import receptive_field  # noqa: E402
 
 SIZE, CROP, REPEATS = 448, 224, 3
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference_variants import GMACS_224, gemm_rate  # noqa: E402
 from machine import machine_lines, write_section  # noqa: E402
 
-from transferkit.demo import fashion_mnist  # noqa: E402
+from transferkit.recipes.demo import fashion_mnist  # noqa: E402
 
 
 def write_pngs(root: Path, per_class: int) -> Path:
@@ -57,7 +57,7 @@ def plain_timm_loop(root: Path, size: int | None) -> float:
     import timm.data
     import torchvision
 
-    from transferkit.backbones import create_backbone
+    from transferkit.models.backbones import create_backbone
 
     model = create_backbone("tf_efficientnet_lite0", "package").eval()  # timm.create_model(..., pretrained=True)
     cfg = timm.data.resolve_data_config({}, model=model)
@@ -76,7 +76,7 @@ def plain_timm_loop(root: Path, size: int | None) -> float:
 
 def transferkit_extract(root: Path, size: int | None, out: Path, **kwargs) -> tuple[float, dict]:
     """Images/s of `extract_features` with its defaults (wall time of the call, model build included)."""
-    from transferkit.workflows import extract_features
+    from transferkit.jobs import extract_features
 
     start = time.perf_counter()
     store = extract_features(root, out, image_size=size, progress=False, **{"cache": False, **kwargs})
@@ -86,7 +86,7 @@ def transferkit_extract(root: Path, size: int | None, out: Path, **kwargs) -> tu
 def engine_seconds(size: int | None) -> tuple[float, float]:
     """Seconds of the one-time ONNX export (plus its parity check), then of the int8 quantization from it
     (calibration, quantization, check), for extract's default codes at `size`."""
-    from transferkit.features import FeatureExtractor
+    from transferkit.codes.extractor import FeatureExtractor
 
     fe = FeatureExtractor(image_size=size, precision="fp32", engine="onnxruntime").fit()
     fe.engine_path().unlink(missing_ok=True)
@@ -102,7 +102,7 @@ def engine_seconds(size: int | None) -> tuple[float, float]:
 def probe_accuracy(work: Path, **kwargs) -> tuple[float, str]:
     """Fashion-MNIST, 1,000/class: codes of blocks.4|4x4 at 64 px (or as `kwargs` say), LinearSVC at the core
     issue's C."""
-    from transferkit.workflows import extract_features, train_probe
+    from transferkit.jobs import extract_features, train_probe
 
     train, test = fashion_mnist("train", per_class=1000), fashion_mnist("t10k")
     opts = {"layer": "blocks.4", "pool": "4x4", "image_size": 64, "progress": False, "cache": False, **kwargs}
@@ -115,7 +115,7 @@ def probe_accuracy(work: Path, **kwargs) -> tuple[float, str]:
 def cache_times(work: Path) -> tuple[float, float]:
     """Seconds to extract 10,000 images with extract's defaults (224 px, pre-logits) into an empty code cache,
     then again from it; each call whole, model build included."""
-    from transferkit.workflows import extract_features
+    from transferkit.jobs import extract_features
 
     data = fashion_mnist("train", per_class=1000)
     os.environ["TRANSFERKIT_CACHE"] = str(work / "cache")
@@ -136,8 +136,8 @@ def peak_rss(n_per_class: int | None, work: Path) -> float:
     (large) process would report at least this process's size.
     """
     code = (
-        "from transferkit.demo import fashion_mnist\n"
-        "from transferkit.workflows import extract_features\n"
+        "from transferkit.recipes.demo import fashion_mnist\n"
+        "from transferkit.jobs import extract_features\n"
         f"data = fashion_mnist('train', per_class={n_per_class!r})\n"
         f"extract_features(data, {str(work / 'rss')!r}, image_size=64, layer='blocks.4', pool='4x4', "
         "progress=False, cache=False, engine='onnxruntime')\n"

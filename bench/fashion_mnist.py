@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine_lines, write_section  # noqa: E402
 
-from transferkit.demo import fashion_mnist  # noqa: E402
-from transferkit.probe import LinearProbe  # noqa: E402
-from transferkit.workflows import extract_features, train_probe  # noqa: E402
+from transferkit.jobs import extract_features, train_probe  # noqa: E402
+from transferkit.probe.linear import LinearProbe  # noqa: E402
+from transferkit.recipes.demo import fashion_mnist  # noqa: E402
 
 BIG = 20_000  # above this many training images: 3-fold CV over a narrower C grid, to keep the run near 1 h
 BIG_CS = (0.001, 0.01)

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine_lines, write_section  # noqa: E402
 
-from transferkit.demo import fashion_mnist  # noqa: E402
-from transferkit.finetune import FinetuneConfig, finetune  # noqa: E402
-from transferkit.workflows import evaluate_model  # noqa: E402
+from transferkit.finetune.loop import FinetuneConfig, finetune  # noqa: E402
+from transferkit.jobs import evaluate_model  # noqa: E402
+from transferkit.recipes.demo import fashion_mnist  # noqa: E402
 
 SMALL = {"per_class": 100, "image_size": 64, "epochs": 30, "batch_size": 32, "weights": "package",
          "crop_scale": (0.6, 1.0), "val_fraction": 0.0}  # all 1,000 images, as the probe; the last epoch is kept

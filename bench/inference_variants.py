@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine_lines, write_section  # noqa: E402
 
-from transferkit.backbones import create_backbone  # noqa: E402
-from transferkit.inference import fold_batchnorm  # noqa: E402
+from transferkit.models.backbones import create_backbone  # noqa: E402
+from transferkit.models.fold_bn import fold_batchnorm  # noqa: E402
 
 GMACS_224 = 0.385  # transferkit summary tf_efficientnet_lite0 --image-size 224 224 (conv + linear MACs)
 

@@ -24,10 +24,10 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from PIL import Image
 
 os.environ.setdefault("TRANSFERKIT_CACHE", "bench/.work/int8/cache")
-from transferkit.demo import fashion_mnist  # noqa: E402
-from transferkit.features import FeatureExtractor  # noqa: E402
-from transferkit.ort_engine import FOLDED, OrtEngine, calibration_crops, cosine  # noqa: E402
-from transferkit.probe import LinearProbe  # noqa: E402
+from transferkit.codes.extractor import FeatureExtractor  # noqa: E402
+from transferkit.codes.ort_engine import FOLDED, OrtEngine, calibration_crops, cosine  # noqa: E402
+from transferkit.probe.linear import LinearProbe  # noqa: E402
+from transferkit.recipes.demo import fashion_mnist  # noqa: E402
 
 WORK = "bench/.work/int8"
 

@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_lines, write_section  # noqa: E402
 
 from transferkit import recipes  # noqa: E402
-from transferkit.advise import advise  # noqa: E402
-from transferkit.data import ImageDataset  # noqa: E402
-from transferkit.demo import fashion_mnist  # noqa: E402
-from transferkit.workflows import load_data  # noqa: E402
+from transferkit.data.datasets import ImageDataset  # noqa: E402
+from transferkit.jobs import load_data  # noqa: E402
+from transferkit.recipes.advise import advise  # noqa: E402
+from transferkit.recipes.demo import fashion_mnist  # noqa: E402
 
 SIZES = ("10", "100", "1000", "full", "photos")
 RECIPES = ("small-similar", "small-different", "large-similar", "large-different")

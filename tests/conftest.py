@@ -34,7 +34,7 @@ def sample_images() -> dict[str, Image.Image]:
 @pytest.fixture(scope="session")
 def lite0():
     """The default backbone with its packaged ImageNet weights."""
-    from transferkit.backbones import create_backbone
+    from transferkit.models.backbones import create_backbone
 
     return create_backbone()
 

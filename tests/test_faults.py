@@ -23,9 +23,9 @@ import pytest
 from click.testing import CliRunner
 
 from transferkit.cli import cli
+from transferkit.codes.store import FeatureStore
 from transferkit.errors import TransferkitError
-from transferkit.outputs import MARKER, OutputError, check_output, read_marker
-from transferkit.store import FeatureStore
+from transferkit.runtime.outputs import MARKER, OutputError, check_output, read_marker
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FAST = ["--weights", "package", "--image-size", "32", "--precision", "fp32", "--engine", "torch"]
@@ -220,7 +220,7 @@ def _flip_weight_signs(path: Path) -> None:
 def test_damaged_engine_is_detected_rebuilt_and_never_gives_wrong_codes(photo_folder, tmp_path, code_cache, caplog):
     """The reproduction: sign bits flipped in a weight tensor of the cached engine gave codes 37% off, which then
     stayed in the code cache. Now every damage is caught at load (sha256 + check batch), the file rebuilt."""
-    from transferkit.workflows import extract_features
+    from transferkit.jobs import extract_features
 
     kw = {"weights": "package", "image_size": 32, "precision": "fp32", "engine": "onnxruntime", "progress": False}
     first = extract_features(photo_folder, tmp_path / "first", cache=False, **kw)
@@ -244,7 +244,7 @@ def test_damaged_engine_is_detected_rebuilt_and_never_gives_wrong_codes(photo_fo
 
 
 def test_nan_codes_are_never_cached_or_written(photo_folder, tmp_path, code_cache, monkeypatch):
-    from transferkit.features import FeatureExtractor
+    from transferkit.codes.extractor import FeatureExtractor
 
     real = FeatureExtractor.model_codes
 
@@ -332,10 +332,10 @@ def small_disk(tmp_path):
 
 def test_full_output_disk_names_the_path_and_leaves_nothing(small_disk, tmp_path):
     (small_disk / "filler").write_bytes(b"\0" * (2 * 1024 * 1024 - 64 * 1024))
-    from transferkit.demo import fashion_mnist
+    from transferkit.recipes.demo import fashion_mnist
 
     data = fashion_mnist("train").subset(30)
-    from transferkit.workflows import extract_features
+    from transferkit.jobs import extract_features
 
     with pytest.raises(OSError, match="No space left on device") as err:
         extract_features(data, small_disk / "codes", weights="package", image_size=64, layer="all", pool="all",

@@ -21,12 +21,12 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import transferkit
-import transferkit.finetune as ft
-from transferkit.atomic import file_sha256
+import transferkit.finetune.loop as ft
 from transferkit.cli import cli
-from transferkit.data import open_dataset
+from transferkit.data.datasets import open_dataset
 from transferkit.errors import DataError
-from transferkit.finetune import RESULTS, FinetuneConfig, finetune
+from transferkit.finetune.loop import RESULTS, FinetuneConfig, finetune
+from transferkit.runtime.atomic import file_sha256
 
 CONFIG = FinetuneConfig(model="test_resnet", weights="random", image_size=32, batch_size=4, num_workers=0, epochs=2)
 

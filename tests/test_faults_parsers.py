@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 
 from transferkit import recipes
 from transferkit.cli import cli
-from transferkit.data import open_dataset
+from transferkit.data.datasets import open_dataset
 from transferkit.errors import TransferkitError
-from transferkit.finetune import FinetuneConfig
-from transferkit.workflows import image_files
+from transferkit.finetune.loop import FinetuneConfig
+from transferkit.jobs import image_files
 
 FUZZ = settings(
     max_examples=1000,
@@ -354,7 +354,8 @@ def three_images(tmp_path, sample_images) -> Path:
 
 
 def scan_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "transferkit.data" and r.levelname == "WARNING"]
+    return [r.getMessage() for r in caplog.records
+            if r.name == "transferkit.data.datasets" and r.levelname == "WARNING"]
 
 
 def test_symlink_loop_in_a_class_folder_lists_each_image_once(three_images, caplog):

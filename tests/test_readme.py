@@ -26,6 +26,6 @@ def test_every_test_the_promises_name_exists():
     """"What transferkit promises" links each promise to tests: each named test must exist."""
     named = set(re.findall(r"\b(test_\w+)`", README.read_text()))
     defined = set()
-    for f in (README.parent / "tests").glob("test_*.py"):
+    for f in (README.parent / "tests").rglob("test_*.py"):
         defined |= set(re.findall(r"^def (test_\w+)", f.read_text(), re.M))
     assert len(named) >= 10 and named <= defined, sorted(named - defined)

@@ -9,28 +9,28 @@ import importlib
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "create_backbone": "backbones",
-    "layer_table": "backbones",
-    "model_layers": "backbones",
-    "ImageDataset": "data",
-    "load_image": "data",
-    "open_dataset": "data",
+_EXPORTS = {  # public name -> the module (under transferkit) that defines it
+    "create_backbone": "models.backbones",
+    "layer_table": "models.backbones",
+    "model_layers": "models.backbones",
+    "ImageDataset": "data.datasets",
+    "load_image": "data.datasets",
+    "open_dataset": "data.datasets",
     "DataError": "errors",
     "ModelError": "errors",
     "TransferkitError": "errors",
     "WeightsError": "errors",
-    "FeatureExtractor": "features",
-    "extract": "features",
-    "LinearProbe": "probe",
-    "evaluate": "probe",
-    "sweep": "probe",
-    "Recipe": "recipes",
-    "FeatureStore": "store",
-    "FinetuneConfig": "finetune",
-    "freeze_until": "finetune",
-    "list_stages": "finetune",
-    "load_finetuned": "finetune",
+    "FeatureExtractor": "codes.extractor",
+    "extract": "codes.extract",
+    "FeatureStore": "codes.store",
+    "LinearProbe": "probe.linear",
+    "evaluate": "probe.linear",
+    "sweep": "probe.linear",
+    "FinetuneConfig": "finetune.loop",
+    "freeze_until": "finetune.loop",
+    "list_stages": "finetune.loop",
+    "load_finetuned": "finetune.loop",
+    "Recipe": "recipes.recipe",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

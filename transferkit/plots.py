@@ -142,7 +142,7 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], path: str | Path
 def plot_heatmap(image: np.ndarray, heat: np.ndarray, field: Any, path: str | Path, *, title: str = "") -> Path:
     """Save the image with a per-cell score map over it; each cell drawn at its receptive field's centre.
 
-    `field` is a transferkit.receptive_field.Field: cell (i, j) sits at start + jump * (i, j) in input pixels,
+    `field` is a transferkit.surgery.receptive_field.Field: cell (i, j) sits at start + jump * (i, j) in input pixels,
     so the map lines up with the image whatever the network's strides and padding.
     """
     h, w = heat.shape

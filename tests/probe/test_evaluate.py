@@ -1,0 +1,200 @@
+"""predict and evaluate on both kinds of model directory: a linear probe and a fine-tuning run.
+
+The run is made by hand, not by finetune(): the packaged EfficientNet-Lite0 with a linear head fitted
+(scikit-learn's logistic regression on its pre-logits codes) to real 8x8 digits rendered as PNG folders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import save_file
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import confusion_matrix
+
+from transferkit.cli import cli
+from transferkit.codes.extractor import FeatureExtractor
+from transferkit.data.datasets import describe_transform, open_dataset
+from transferkit.errors import DataError
+from transferkit.jobs import evaluate_model, extract_features, predict_images, train_probe
+
+RUN_CLASSES = ["zero", "one", "two"]  # digit order; the folders sort as one, two, zero: matching is by name
+SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: thread synchronisation costs more than it saves (and 10x more on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _digit_folder(root: Path, names: list[str], start: int, n: int) -> Path:
+    """Images start..start+n-1 of each named digit class, as 32 x 32 grey PNGs in one folder per class."""
+    digits = load_digits()
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for i in np.flatnonzero(digits.target == RUN_CLASSES.index(name))[start:start + n]:
+            pixels = (digits.images[i] * 255 / 16).astype(np.uint8)
+            Image.fromarray(pixels).resize((SIZE, SIZE), Image.BILINEAR).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("digits")
+    return {"train": _digit_folder(tmp / "train", RUN_CLASSES, 0, 10),
+            "test": _digit_folder(tmp / "test", RUN_CLASSES, 10, 8)}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, folders):
+    """A fine-tuning run directory: config.json, model-best.safetensors; plus the head as fitted by sklearn."""
+    from transferkit.models.stages import replace_head
+
+    out = tmp_path_factory.mktemp("run")
+    # stands in for a fine-tuned network: fp32 and unfolded, as finetune() saves one
+    extractor = FeatureExtractor("tf_efficientnet_lite0", weights="package", image_size=SIZE, precision="fp32",
+                                 fold_bn=False).fit()
+    train = open_dataset(folders["train"])
+    y = np.array([RUN_CLASSES.index(train.classes[t]) for t in train.targets])
+    head = LogisticRegression(max_iter=2000).fit(extractor.transform(train), y)
+    model = replace_head(extractor.backbone_, len(RUN_CLASSES))
+    with torch.no_grad():
+        model.get_classifier().weight.copy_(torch.from_numpy(head.coef_))
+        model.get_classifier().bias.copy_(torch.from_numpy(head.intercept_))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(out / "model-best.safetensors"))
+    config = {"model": "tf_efficientnet_lite0", "image_size": SIZE, "head": "linear", "precision": "fp32"}
+    meta = {"format": "transferkit.finetune/1", "classes": RUN_CLASSES, "config": config,
+            "transform": describe_transform(extractor.data_config_, SIZE)}
+    (out / "config.json").write_text(json.dumps(meta))
+    return out, head, extractor  # the new head does not change the extractor's pre-logits codes
+
+
+def _direct(head: LogisticRegression, extractor: FeatureExtractor, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(true, predicted) run-class indices computed without the run directory: codes -> sklearn's head."""
+    data = open_dataset(folder)
+    y = np.array([RUN_CLASSES.index(data.classes[t]) for t in data.targets])
+    return y, head.predict(extractor.transform(data))
+
+
+def test_predict_with_a_run(run_dir, folders):
+    out, head, extractor = run_dir
+    rows = predict_images(out, [folders["test"]], batch_size=16)
+    files = sorted(str(p) for p in folders["test"].rglob("*.png"))
+    assert [r["source"] for r in rows] == files
+    assert {r["label"] for r in rows} <= set(RUN_CLASSES)
+    assert all(0 < r["score"] <= 1 for r in rows)
+    proba = head.predict_proba(extractor.transform(files))  # the same head, on the same codes
+    assert [r["label"] for r in rows] == [RUN_CLASSES[j] for j in proba.argmax(1)]
+    np.testing.assert_allclose([r["score"] for r in rows], proba.max(1), atol=1e-4)
+    assert sum(r["label"] == Path(r["source"]).parent.name for r in rows) >= 20  # 24 unseen digits, 3 classes
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_evaluate_a_run_matches_direct_computation(run_dir, folders, split, tmp_path):
+    out, head, extractor = run_dir
+    ev = evaluate_model(out, folders[split], out=tmp_path / "eval", batch_size=16, progress=False)
+    y, pred = _direct(head, extractor, folders[split])
+    assert ev.accuracy == pytest.approx(float(np.mean(y == pred)))
+    assert ev.labels == RUN_CLASSES
+    np.testing.assert_array_equal(ev.confusion, confusion_matrix(y, pred, labels=[0, 1, 2]))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["accuracy"] == ev.accuracy and metrics["n"] == len(y) == (30 if split == "train" else 24)
+    assert metrics["model_dir"] == str(out) and metrics["data"] == str(folders[split])
+    assert "zero" in (tmp_path / "eval" / "report.txt").read_text()
+    assert (tmp_path / "eval" / "confusion.png").stat().st_size > 1000
+
+
+def test_evaluate_a_run_on_data_lacking_a_class(run_dir, tmp_path):
+    out, head, extractor = run_dir
+    folder = _digit_folder(tmp_path / "two-classes", ["two", "zero"], 10, 8)  # indices 0, 1 here; 2, 0 in the run
+    ev = evaluate_model(out, folder, progress=False)
+    y, pred = _direct(head, extractor, folder)
+    assert ev.accuracy == pytest.approx(float(np.mean(y == pred))) and ev.accuracy > 0.8
+    assert ev.labels == RUN_CLASSES and ev.per_class["one"]["support"] == 0
+    assert ev.per_class["two"]["support"] == ev.per_class["zero"]["support"] == 8
+
+
+def test_evaluate_a_probe_equals_train_probe(folders, tmp_path):
+    codes, test_codes, probe = tmp_path / "codes", tmp_path / "test-codes", tmp_path / "probe"
+    extract_features(folders["train"], codes, weights="package", image_size=SIZE, progress=False)
+    extract_features(folders["test"], test_codes, like=codes, progress=False)
+    report = train_probe(codes, probe, test=test_codes, cv=2)
+    ev = evaluate_model(probe, folders["test"], out=tmp_path / "eval", progress=False)
+    assert ev.accuracy == report.evaluation.accuracy and ev.labels == report.evaluation.labels
+    np.testing.assert_array_equal(ev.confusion, report.evaluation.confusion)
+    assert ev.report == report.evaluation.report
+    rows = predict_images(probe, [folders["test"] / "two"])
+    assert len(rows) == 8 and {r["label"] for r in rows} <= set(RUN_CLASSES)
+
+
+def _cli(*args) -> object:
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def _one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], result.output
+
+
+def test_cli_predict_and_evaluate_a_run(run_dir, folders, tmp_path):
+    out = run_dir[0]
+    result = _cli("predict", out, folders["test"] / "one", "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert len(rows) == 8 and all(r["label"] in RUN_CLASSES and 0 < r["score"] <= 1 for r in rows)
+    result = _cli("-q", "evaluate", out, folders["test"], "-o", tmp_path / "eval", "--per-class", "4")
+    assert result.exit_code == 0, result.output
+    assert "accuracy: " in result.output and "(12 images)" in result.output and "zero" in result.output
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 12
+
+
+def test_cli_errors_name_the_culprit(run_dir, folders, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for command in ("predict", "evaluate"):
+        _one_line_error(_cli(command, tmp_path / "empty", folders["test"]), str(tmp_path / "empty"), "probe", "run")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"format": "something-else"}))
+    _one_line_error(_cli("evaluate", tmp_path / "other", folders["test"]), "config.json", "fine-tuning run")
+    extra = _digit_folder(tmp_path / "extra", ["zero", "one"], 0, 2)
+    (extra / "three").mkdir()
+    Image.new("L", (SIZE, SIZE)).save(extra / "three" / "0.png")
+    _one_line_error(_cli("evaluate", run_dir[0], extra), "'three'", "zero, one, two")
+    with pytest.raises(DataError, match="'three'"):
+        evaluate_model(run_dir[0], extra, progress=False)
+
+
+def test_evaluate_help():
+    result = _cli("evaluate", "--help")
+    assert result.exit_code == 0 and "MODEL DATA" in result.output and "--per-class" in result.output
+
+
+def test_evaluate_a_run_with_flip_tta(run_dir, folders):
+    """--tta: the prediction is the argmax of the mean softmax of each image and its mirror image."""
+    from transferkit.data.datasets import build_transform
+    from transferkit.finetune.loop import load_finetuned
+
+    out = run_dir[0]
+    model, meta = load_finetuned(out)
+    data = open_dataset(folders["test"])
+    items = data.with_transform(build_transform(meta["transform"]))
+    x = torch.stack([items[i][0] for i in range(len(data))])
+    with torch.no_grad():
+        p = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2
+    y = np.array([RUN_CLASSES.index(data.classes[t]) for t in data.targets])
+    ev = evaluate_model(out, folders["test"], progress=False, tta=True)
+    assert ev.accuracy == pytest.approx(float(np.mean(p.argmax(1).numpy() == y)))

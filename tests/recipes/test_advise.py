@@ -1,0 +1,96 @@
+"""advise: size and similarity signals on Fashion-MNIST and on natural photos, the rule, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from transferkit import recipes
+from transferkit.cli import cli
+from transferkit.errors import DataError
+from transferkit.recipes.advise import Advice, Thresholds, advise, parse_thresholds
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def cli_run(*args, ok: bool = True):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, sample_images) -> Path:
+    """Natural photos, honestly small: 2 classes x 12 random square crops of scikit-learn's two photos, 96 px."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for cls, name in (("temple", "china.jpg"), ("flower", "flower.jpg")):
+        img = sample_images[name]
+        (root / cls).mkdir()
+        for i in range(12):
+            side = int(rng.integers(160, 260))
+            x, y = rng.integers(0, img.width - side), rng.integers(0, img.height - side)
+            img.crop((x, y, x + side, y + side)).resize((96, 96)).save(root / cls / f"{i:02d}.jpg")
+    return root
+
+
+def check_signals(advice: Advice, n_images: int, n_classes: int) -> None:
+    assert isinstance(advice, Advice) and advice.recipe in recipes.names()
+    assert advice.recipe == f"{advice.size}-{advice.domain}"
+    assert advice.n_images == n_images and advice.n_classes == n_classes and advice.n_sampled == n_images
+    assert 0 < advice.top_accuracy <= 1 and 0 < advice.best_earlier_accuracy <= 1
+    assert advice.gap_points == pytest.approx(100 * (advice.best_earlier_accuracy - advice.top_accuracy))
+    assert advice.best_earlier.split("|")[0] in advice.stage_accuracy and "pre_logits" not in advice.stage_accuracy
+    assert 0 < advice.max_softmax <= 1 and 0 <= advice.entropy <= advice.max_entropy == pytest.approx(np.log(1000))
+    assert advice.images_per_second > 0 and advice.estimate_seconds > 0
+    report = advice.report()
+    for text in ("max-softmax", "gap", "thresholds: large if median", f"recommended recipe: {advice.recipe}",
+                 "estimated run time"):
+        assert text in report
+    json.dumps(advice.to_dict())
+
+
+def test_fashion_mnist_is_small_and_different():
+    if not FMNIST.is_dir():
+        pytest.skip("needs dataset-fashion-mnist")
+    from transferkit.recipes.demo import fashion_mnist
+
+    advice = advise(fashion_mnist("train", per_class=20), progress=False)
+    print(advice.report())
+    check_signals(advice, 200, 10)
+    assert advice.size == "small" and advice.per_class_median == 20 and advice.imbalance == 1.0
+    assert advice.domain == "different" and advice.recipe == "small-different"
+
+
+def test_photos_are_small_and_similar(photos):
+    advice = advise(photos, progress=False)
+    print(advice.report())
+    check_signals(advice, 24, 2)
+    assert advice.recipe == "small-similar"
+
+
+def test_thresholds_override_the_rule(photos):
+    advice = advise(photos, thresholds={"large_per_class": 1, "max_softmax": 1.0}, progress=False)
+    assert advice.recipe == "large-different" and advice.size == "large"
+    assert "epochs" in advice.estimate and advice.thresholds.large_per_class == 1
+
+
+def test_thresholds_name_what_is_wrong():
+    assert parse_thresholds(["gap_points=2.5"]) == Thresholds(gap_points=2.5)
+    with pytest.raises(DataError, match="unknown threshold 'gap'.*gap_points"):
+        parse_thresholds(["gap=1"])
+    with pytest.raises(DataError, match="'max_softmax' threshold must be a number"):
+        Thresholds().replace(max_softmax="high")
+
+
+def test_cli_prints_and_runs_the_recommendation(photos, tmp_path):
+    out = cli_run("-q", "advise", photos, "--run", "--test", photos, "-o", tmp_path / "run").output
+    assert "recommended recipe:" in out and "mean max-softmax" in out and "test accuracy" in out
+    assert (tmp_path / "run" / "result.json").is_file()
+    bad = cli_run("advise", photos, "--threshold", "gap=1", ok=False)
+    assert bad.exit_code == 1 and "unknown threshold 'gap'" in bad.output

@@ -1,0 +1,5 @@
+"""CNN codes: the scikit-learn FeatureExtractor and pooling (`extractor`), the ONNX Runtime engine (`ort_engine`),
+feature folders on disk (`store`), the content-addressed code cache (`cache`) and the `extract` job.
+
+May import `runtime`, `data`, `models` and `errors`.
+"""

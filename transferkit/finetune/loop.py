@@ -1,0 +1,636 @@
+"""Fine-tuning runs: the training loop, its run directory, resume, the frozen-prefix cache, torchrun.
+
+A run directory holds config.json (enough to rebuild the model), model-best/model-last.safetensors,
+metrics.csv, curves.png, confusion.png (best model on the validation set) and checkpoint.json with
+its checkpoint-EPOCH.safetensors (see transferkit.finetune.checkpoint). Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from transferkit.codes.extractor import autocast, default_device
+from transferkit.data.datasets import ImageDataset, build_transform, collate, describe_transform
+from transferkit.errors import DataError, ModelError, TransferkitError
+from transferkit.finetune.checkpoint import load_checkpoint, save_checkpoint
+from transferkit.finetune.prefix_cache import CachedDataset, PrefixCache, bypassed, collate_cached, frozen_prefix
+from transferkit.models.backbones import WeightsInfo, create_backbone
+from transferkit.models.stages import (  # noqa: F401  (re-exported: the fine-tuning API in one import)
+    HEADS,
+    Stage,
+    freeze_until,
+    list_stages,
+    lr_table,
+    param_groups,
+    replace_head,
+    resolve_stage,
+    set_train_mode,
+    stage_table,
+    warmup_cosine,
+)
+from transferkit.models.weights import load_state_dict_file, state_dict_sha256
+from transferkit.runtime.atomic import atomic_write, write_json_atomic, write_text_atomic
+from transferkit.runtime.distributed import ShardSampler, World, all_true, close_world, init_world, sum_all
+from transferkit.runtime.outputs import check_output, claim
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "onecycle")
+METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr_head", "seconds", "img_per_s")
+FORMAT = "transferkit.finetune/1"
+RUN_KIND = "run"  # the output kind in its marker (transferkit.runtime.outputs)
+RESULTS = ("best_epoch", "best_val_accuracy", "val")  # what a finished run adds to config.json
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything a fine-tuning run depends on; saved to config.json, compared on --resume."""
+
+    model: str = "tf_efficientnet_lite0"
+    weights: str = "auto"
+    freeze_until: str = "none"  # 'none', 'head', a stage index or name (see stage_table)
+    epochs: int = 5
+    batch_size: int = 64  # per process under torchrun
+    image_size: int | None = None  # None: the model's pretrained input size
+    lr: float = 3e-3  # head LR; lower stages get less via layer_decay or lr_range
+    layer_decay: float | None = 0.9  # per fine timm group_matcher layer (18 on lite0): stem gets 0.9^17 = 17%
+    lr_range: tuple[float, float] | None = None  # (first trainable stage, head), geometric; replaces layer_decay
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9, nesterov)
+    schedule: str = "cosine"  # linear warmup then cosine to 0, or "onecycle" (torch OneCycleLR); per batch
+    warmup_epochs: float = 0.5  # cosine: warmup length; onecycle: the rising part
+    label_smoothing: float = 0.1
+    clip_grad: float | None = 1.0  # max global grad norm
+    head: str = "linear"  # or "mlp" (512 hidden, ReLU, dropout 0.2), "local" (LocallyConnected2d, unpooled map)
+    train_bn: bool = False  # False: BatchNorms of frozen stages keep their running statistics
+    augment: bool = True  # random resized crop (crop_scale), horizontal flip, random erasing
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # fastai's min_scale; timm's 0.08 destroys small images
+    random_erasing: float = 0.25  # probability per image (timm RandomErasing, per-pixel noise)
+    precision: str = "fp32"
+    num_workers: int = 0
+    seed: int = 0
+    val_fraction: float = 0.1  # stratified hold-out when no val set is given; 0: none
+    early_stop: int | None = None  # epochs without val improvement
+    cache: bool = True  # frozen-prefix cache when it applies (frozen stages, no augmentation, one process)
+    cache_memory_gb: float = 4.0  # larger caches are memory-mapped files in the run directory
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        known = {f.name for f in fields(cls)}
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+        return cls(**d)
+
+
+DEFAULT_CONFIG = FinetuneConfig()
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    best_epoch: int
+    best_val_accuracy: float
+    history: list[dict]
+    model: nn.Module
+    cached: bool = False  # trained on frozen-prefix activations
+
+
+@dataclass
+class _Run:
+    """The live state of one run, passed between the loop's steps."""
+
+    model: nn.Module  # unwrapped: what is saved
+    net: nn.Module  # what runs forward: `model`, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    config: FinetuneConfig
+    out: Path
+    sources: list[str]  # of the training set, to name the files of a failing batch
+    device: torch.device
+    world: World
+    bypass: list[nn.Module] = field(default_factory=list)  # frozen prefix replaced by cached activations
+    step: int = 0
+    last_saved: int = 0
+
+
+def finetune(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAULT_CONFIG, *,
+             val: ImageDataset | None = None, progress: bool = True, resume: bool = False) -> FinetuneResult:
+    """Fine-tune `config.model` on `train`; keep the epoch with the best validation accuracy.
+
+    `resume=True` continues the run in `out` from its last checkpoint; `config` and the data must be
+    those of that run. Under torchrun every rank calls this with the same arguments.
+    """
+    _check(config)
+    device = default_device()
+    world = init_world(device)
+    try:
+        with flush_denormals():
+            return _finetune(train, Path(out), config, val, progress and world.main, resume, device, world)
+    finally:
+        close_world(world)
+        for path in Path(out).glob("prefix-cache-*.npy"):  # memory-mapped activations: rebuilt on demand
+            path.unlink(missing_ok=True)
+
+
+def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, resume: bool, device, world: World):
+    _seed(config.seed)
+    train, val = _split(train, val, config)
+    meta = {"format": FORMAT, "config": asdict(config), "classes": list(train.classes),
+            "data": _fingerprint(train, val)}
+    inputs = [train.root, None if val is None else val.root]  # the run directory is never inside the data
+    old = _check_out(out, meta, resume, inputs)  # before the model is built: a wrong --resume fails at once
+    model = _build(config, train.classes, np.bincount(train.targets, minlength=len(train.classes)))
+    model.to(device, memory_format=torch.channels_last)  # ~2x faster convs on CPU (oneDNN)
+    meta["weights"] = model.weights_info.to_dict()
+    _check_weights(out, config, old, meta["weights"])
+    loader, val_loader, data_meta = _loaders(model, train, val, config, world)
+    meta.update(data_meta)
+    run = _start(model, config, out, train.sources, device, world, steps=config.epochs * len(loader))
+    if resume:  # the whole checkpoint is checked, and restored, before anything is written
+        loop = load_checkpoint(out, model, run.optimizer, run.scheduler, history_keys=METRICS)
+        if loop["epoch"] and not (out / "model-best.safetensors").is_file():  # read back when the run ends
+            raise DataError(f"cannot resume '{out}': model-best.safetensors, the best epoch so far, is missing")
+        log.info("resuming '%s' after epoch %d of %d", out, loop["epoch"], config.epochs)
+        run.step, run.last_saved = loop["step"], loop["epoch"]
+        meta = {**{k: old[k] for k in RESULTS if k in old}, **meta}  # kept until this run replaces them
+    else:  # the model, its weights and the data are checked: only now does the run directory appear
+        loop = _fresh_loop()
+        _prepare(out, world, inputs)
+    loader, val_loader, bypass = _maybe_cache(model, config, train, val, loader, val_loader, out, device, world,
+                                              progress)
+    run.bypass = bypass["modules"]
+    meta["cached_prefix"] = bypass["names"]
+    if world.main:
+        write_json_atomic(out / "config.json", meta)
+    history, best = _fit(run, loader, val_loader, progress, loop)
+    model.load_state_dict(load_state_dict_file(out / "model-best.safetensors"))
+    if world.main:
+        meta.update(best_epoch=best[0], best_val_accuracy=best[1])
+        if val_loader is not None:
+            meta["val"] = _final_eval(run, val_loader, train.classes)
+        write_json_atomic(out / "config.json", meta)
+    return FinetuneResult(out, best[0], best[1], history, model.eval(), cached=bool(run.bypass))
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check(config: FinetuneConfig) -> None:
+    """Fail on a bad setting before anything is built."""
+    if config.optimizer not in OPTIMIZERS:
+        raise ModelError(f"The 'optimizer' parameter must be one of 'adamw', 'sgd'. Got {config.optimizer!r} instead.")
+    if config.schedule not in SCHEDULES:
+        raise ModelError(f"The 'schedule' parameter must be one of 'cosine', 'onecycle'. Got {config.schedule!r}.")
+    if config.epochs < 1 or config.batch_size < 1 or not 0 <= config.val_fraction < 1:
+        raise ModelError(f"need epochs >= 1, batch_size >= 1 and 0 <= val_fraction < 1. Got {config} instead.")
+    autocast(config.precision, default_device())  # validates precision
+
+
+def _build(config: FinetuneConfig, classes: list[str], counts: np.ndarray | None) -> nn.Module:
+    """Backbone + new head + frozen stages, exactly as a run (or its reload) needs it."""
+    model = create_backbone(config.model, config.weights)
+    replace_head(model, len(classes), counts, config.head, image_size=config.image_size)  # None: pretrained size
+    freeze_until(model, resolve_stage(model, config.freeze_until))
+    return model
+
+
+def _fingerprint(train: ImageDataset, val: ImageDataset | None) -> dict:
+    """What --resume checks the data against: sizes and a hash of every (source, label)."""
+    h = hashlib.sha256()
+    for part in (train, val):
+        for src, y in zip(part.sources, part.targets) if part is not None else ():
+            h.update(f"{src}\t{y}\n".encode())
+        h.update(b"--\n")
+    return {"n_train": len(train), "n_val": len(val or []), "sha256": h.hexdigest()}
+
+
+def _check_out(out: Path, meta: dict, resume: bool, inputs: list) -> dict | None:
+    """A fresh run needs a directory without a run (and that transferkit may write: transferkit.runtime.outputs);
+    a resumed one the same config and data (returned)."""
+    if not resume:
+        check_output(out, RUN_KIND, inputs=inputs)
+        if (out / "config.json").exists():
+            raise DataError(f"'{out}' already holds a fine-tuning run; pass --resume to continue it "
+                            f"or choose another --out")
+        return None
+    old = read_run(out)
+    diff = config_diff(old, meta)
+    if diff:
+        raise DataError(f"cannot resume '{out}': it was started with different settings:\n" + "\n".join(diff))
+    return old
+
+
+def _check_weights(out: Path, config: FinetuneConfig, old: dict | None, weights: dict) -> None:
+    """A resumed run must start from the weights it started from: the checkpoint only holds what training changed."""
+    if old is None:
+        return
+    was = old.get("weights") if isinstance(old.get("weights"), dict) else {}
+    if was.get("sha256") != weights["sha256"]:
+        raise DataError(f"cannot resume '{out}': --weights {config.weights} now gives other starting weights "
+                        f"(sha256 {weights['sha256'][:12]}, run has {str(was.get('sha256'))[:12]})")
+
+
+def _prepare(out: Path, world: World, inputs: list) -> None:
+    """Create the run directory: only once the model, its weights and the data have been checked."""
+    if world.main:
+        claim(out, RUN_KIND, inputs=inputs)
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """Lines 'key: run has X, now Y' for the config, classes and data that differ."""
+    lines = []
+    for key in sorted(set(old.get("config", {})) | set(new["config"])):
+        a, b = old.get("config", {}).get(key), new["config"].get(key)
+        if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            lines.append(f"  {key}: run has {a!r}, now {b!r}")
+    for key, part in (("classes", None), ("data", "n_train"), ("data", "n_val"), ("data", "sha256")):
+        a, b = old.get(key), new.get(key)
+        if part is not None:
+            a, b = (a or {}).get(part), (b or {}).get(part)
+        if a != b:
+            lines.append(f"  {key if part is None else f'{key}.{part}'}: run has {a!r}, now {b!r}")
+    return lines
+
+
+def _split(train: ImageDataset, val: ImageDataset | None, config: FinetuneConfig):
+    """The given val set, or a stratified hold-out of `train` (at least one image per class)."""
+    if val is not None or config.val_fraction == 0:
+        return train, val
+    from sklearn.model_selection import train_test_split
+
+    n_val = max(round(config.val_fraction * len(train)), len(train.classes))
+    try:
+        fit_idx, val_idx = train_test_split(np.arange(len(train)), test_size=n_val, stratify=train.targets,
+                                            random_state=config.seed)
+    except ValueError as e:
+        raise DataError(f"cannot hold out a stratified validation split of '{train.root}': {e}") from e
+    return train.select(np.sort(fit_idx)), train.select(np.sort(val_idx))
+
+
+def _transforms(model: nn.Module, config: FinetuneConfig):
+    import timm.data
+
+    data_config = timm.data.resolve_model_data_config(model)
+    eval_tf = build_transform(data_config, config.image_size)
+    augment = dict(scale=tuple(config.crop_scale), hflip=0.5, color_jitter=None, re_prob=config.random_erasing)
+    train_tf = build_transform(data_config, config.image_size, train=True, **augment) if config.augment else eval_tf
+    return data_config, train_tf, eval_tf
+
+
+def _loaders(model: nn.Module, train: ImageDataset, val: ImageDataset | None, config: FinetuneConfig, world: World):
+    """Train loader (shuffled per epoch by DistributedSampler, sharded per rank); val loader; transforms."""
+    data_config, train_tf, eval_tf = _transforms(model, config)
+    train_set = train.with_transform(train_tf)
+    loader = _train_loader(train_set, config, world, collate)
+    val_loader = None
+    if val is not None:
+        val_set = val.with_transform(eval_tf)
+        val_loader = torch.utils.data.DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate,
+                                                 num_workers=config.num_workers,
+                                                 sampler=ShardSampler(len(val_set), world))
+    train_steps = [str(t) for t in getattr(train_tf, "transforms", [train_tf])]
+    return loader, val_loader, {"transform": describe_transform(data_config, config.image_size),
+                                "train_transform": train_steps, "n_train": len(train), "n_val": len(val or [])}
+
+
+def _train_loader(dataset, config: FinetuneConfig, world: World, collate_fn) -> torch.utils.data.DataLoader:
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True,
+                                                  seed=config.seed)
+    per_rank = len(sampler)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+        collate_fn=collate_fn, drop_last=per_rank > config.batch_size,  # a 1-image batch breaks BatchNorm
+    )
+
+
+def _maybe_cache(model, config: FinetuneConfig, train, val, loader, val_loader, out: Path, device, world: World,
+                 progress: bool):
+    """Swap the loaders for cached frozen-prefix activations when that gives the same training."""
+    none = {"names": [], "modules": []}
+    prefix = frozen_prefix(model)
+    if not (config.cache and prefix):
+        return loader, val_loader, none
+    why_not = ("augmentation is on (--no-augment)" if config.augment else
+               "--train-bn updates frozen BatchNorms" if config.train_bn else
+               "several processes" if world.distributed else None)
+    if why_not:
+        log.info("frozen-prefix cache off: %s", why_not)
+        return loader, val_loader, none
+    cache = PrefixCache(model, prefix)
+    _, _, eval_tf = _transforms(model, config)
+    probe_x = collate([train.with_transform(eval_tf)[i] for i in range(min(4, len(train)))])[0]
+    try:
+        err = cache.check(probe_x.to(device, memory_format=torch.channels_last))
+    except ValueError as e:
+        log.warning("frozen-prefix cache off: %s", e)
+        return loader, val_loader, none
+    log.info("frozen-prefix cache: %s..%s (%d units), max split error %.2g", cache.names[0], cache.names[-1],
+             len(prefix), err)
+
+    def activations(dataset, name):
+        plain = torch.utils.data.DataLoader(dataset.with_transform(eval_tf), batch_size=max(config.batch_size, 128),
+                                            collate_fn=collate, num_workers=config.num_workers)
+        return cache.compute(plain, len(dataset), out / f"prefix-cache-{name}.npy", config.cache_memory_gb, device,
+                             progress)
+
+    start = time.perf_counter()
+    cached_train = CachedDataset(activations(train, "train"), train.targets)
+    loader = _train_loader(cached_train, config, world, collate_cached)
+    if val is not None:
+        cached_val = CachedDataset(activations(val, "val"), val.targets)
+        val_loader = torch.utils.data.DataLoader(cached_val, batch_size=config.batch_size, collate_fn=collate_cached)
+    log.info("frozen-prefix cache built in %.1f s", time.perf_counter() - start)
+    return loader, val_loader, {"names": cache.names, "modules": [m for _, m in prefix]}
+
+
+def _fresh_loop() -> dict:
+    return {"epoch": 0, "step": 0, "history": [], "best_key": [-math.inf, -math.inf], "best": [0, math.nan]}
+
+
+def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    layer_decay = None if config.lr_range else config.layer_decay
+    groups = param_groups(model, config.lr, layer_decay=layer_decay, lr_range=config.lr_range,
+                          weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _scheduler(optimizer, config: FinetuneConfig, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step schedule over each group's own lr, so the per-layer ratios hold throughout."""
+    warmup = round(config.warmup_epochs * steps / config.epochs)
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=steps,
+            pct_start=min(max(warmup / steps, 0.01), 0.99), cycle_momentum=False)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_cosine, warmup=warmup, total=steps))
+
+
+def _start(model: nn.Module, config: FinetuneConfig, out: Path, sources: list[str], device, world: World,
+           steps: int) -> _Run:
+    """Optimizer over the per-stage groups, the schedule, and the DDP wrapper under torchrun."""
+    optimizer = _optimizer(model, config)
+    if world.main:
+        log.info("learning rates:\n%s", lr_table(optimizer.param_groups))
+    scheduler = _scheduler(optimizer, config, steps)
+    net = model
+    if world.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Run(model, net, optimizer, scheduler, config, out, sources, device, world)
+
+
+def _fit(run: _Run, loader, val_loader, progress: bool, loop: dict) -> tuple[list[dict], tuple[int, float]]:
+    """Epochs with validation, checkpoints, metrics.csv and early stopping; returns (history, (epoch, acc))."""
+    history, best_key, best = loop["history"], tuple(loop["best_key"]), tuple(loop["best"])
+    for epoch in range(loop["epoch"] + 1, run.config.epochs + 1):
+        if run.config.early_stop and epoch - 1 - best[0] >= run.config.early_stop:
+            break  # a resumed run that had already stopped early
+        _seed(run.config.seed * 100_003 + epoch * 1_009 + run.world.rank)  # resumable, distinct per rank
+        loader.sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        loss, acc, seen = _epoch(run, loader, epoch, progress)
+        rate = seen / (time.perf_counter() - start)  # training images per second, validation excluded
+        val_loss, val_acc, _ = (math.nan, math.nan, 0) if val_loader is None else _epoch(run, val_loader)
+        seconds = time.perf_counter() - start
+        lr_head = max(g["lr"] for g in run.optimizer.param_groups)
+        history.append(dict(zip(METRICS, (epoch, loss, acc, val_loss, val_acc, lr_head, seconds, rate))))
+        key = (epoch, 0.0) if val_loader is None else (val_acc, -val_loss)
+        improved = key > best_key
+        if improved:
+            best_key, best = key, (epoch, val_acc)
+        if run.world.main:
+            _save(run.model, run.out / "model-last.safetensors")
+            if improved:
+                _save(run.model, run.out / "model-best.safetensors")
+            _write_metrics(run.out / "metrics.csv", history)
+            _plot_curves(run.out, history)
+            save_checkpoint(run.out, run.model, run.optimizer, run.scheduler,
+                            {"epoch": epoch, "step": run.step, "history": history, "best_key": list(best_key),
+                             "best": list(best)})
+        run.last_saved = epoch
+        log.info("epoch %d: loss %.4f acc %.3f val_loss %.4f val_acc %.3f (%.0f img/s)", epoch, loss, acc, val_loss,
+                 val_acc, rate)
+        if run.config.early_stop and epoch - best[0] >= run.config.early_stop:
+            log.info("early stop: no val improvement in %d epochs (best: %d)", run.config.early_stop, best[0])
+            break
+    if run.world.distributed:
+        torch.distributed.barrier()  # rank 0's files are complete before any rank reads them
+    return history, best
+
+
+def _to(x: torch.Tensor, device) -> torch.Tensor:
+    return x.to(device, memory_format=torch.channels_last) if x.ndim == 4 else x.to(device)
+
+
+def _epoch(run: _Run, loader, epoch: int = 0, progress: bool = False) -> tuple[float, float, int]:
+    """One pass over `loader`: training for epoch >= 1, evaluation (no grad, eval mode) for epoch 0.
+
+    Loss, accuracy and count are summed over all ranks.
+    """
+    from tqdm import tqdm
+
+    training = epoch > 0
+    set_train_mode(run.model, run.config.train_bn) if training else run.model.eval()
+    total, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(loader, f"epoch {epoch}/{run.config.epochs}", disable=not (training and progress), leave=False)
+    with bypassed(run.bypass):
+        for batch, (x, y, idx, _) in enumerate(bar, 1):
+            if x is None:
+                continue
+            x, y = _to(x, run.device), y.to(run.device)
+            with torch.set_grad_enabled(training), autocast(run.config.precision, run.device):
+                logits = (run.net if training else run.model)(x).float()
+                loss = nn.functional.cross_entropy(logits, y, label_smoothing=run.config.label_smoothing)
+            if training:
+                _step(run, loss, epoch, batch, [run.sources[i] for i in idx[:3].tolist()])
+            total, seen = total + loss.item() * len(y), seen + len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            rate = seen / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.3f}",
+                            img_s=f"{rate * run.world.size:.0f}", refresh=False)
+    total, correct, seen = sum_all(run.world, total, correct, seen)
+    if not seen:
+        raise DataError(f"no image of the {'training' if training else 'validation'} set could be read")
+    return total / seen, correct / seen, int(seen)
+
+
+def _step(run: _Run, loss: torch.Tensor, epoch: int, batch: int, files: list[str]) -> None:
+    """One optimizer and scheduler step; a non-finite loss (or grad norm) stops before the weights change."""
+    run.step += 1
+    where = f"at step {run.step} (epoch {epoch}, batch {batch}; first files: {', '.join(files)})"
+    kept = (f"the checkpoint of epoch {run.last_saved} in '{run.out}' is kept (--resume continues from it)"
+            if run.last_saved else "no checkpoint was written yet")
+    finite = bool(torch.isfinite(loss))
+    if not all_true(run.world, finite):
+        what = f"loss is {loss.item()} {where}" if not finite else f"another process hit a non-finite loss {where}"
+        raise TransferkitError(f"{what}. Lower --lr or set --clip-grad; {kept}.")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.config.clip_grad:
+        params = [p for g in run.optimizer.param_groups for p in g["params"]]
+        norm = nn.utils.clip_grad_norm_(params, run.config.clip_grad)
+        if not torch.isfinite(norm):  # identical on every rank: DDP has averaged the gradients
+            raise TransferkitError(f"gradient norm is {norm.item()} {where}. Lower --lr; {kept}.")
+    run.optimizer.step()
+    run.scheduler.step()
+
+
+@torch.no_grad()
+def _final_eval(run: _Run, val_loader, classes: list[str]) -> dict:
+    """Best model on the validation set: confusion.png and per-class scores (rank 0, whole val set)."""
+    from transferkit.plots import plot_confusion
+    from transferkit.probe.linear import score_predictions
+
+    run.model.eval()
+    ys, preds = [], []
+    loader = val_loader
+    if run.world.distributed:  # the sharded loader only covers this rank's part
+        loader = torch.utils.data.DataLoader(val_loader.dataset, batch_size=val_loader.batch_size,
+                                             collate_fn=val_loader.collate_fn)
+    with bypassed(run.bypass):
+        for x, y, _, _ in loader:
+            if x is None:
+                continue
+            with autocast(run.config.precision, run.device):
+                preds.append(run.model(_to(x, run.device)).float().argmax(1).cpu())
+            ys.append(y)
+    y, pred = torch.cat(ys).numpy(), torch.cat(preds).numpy()
+    ev = score_predictions(y, pred, np.arange(len(classes)), classes)
+    plot_confusion(ev.confusion, ev.labels, run.out / "confusion.png",
+                   title=f"best model on validation: {100 * ev.accuracy:.2f}%")
+    write_text_atomic(run.out / "report.txt", ev.report)
+    return {"accuracy": ev.accuracy, "n": len(y)}
+
+
+def _plot_curves(out: Path, history: list[dict]) -> None:
+    from transferkit.plots import plot_curves
+
+    plot_curves(history, out / "curves.png")
+
+
+def _save(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # channels_last -> dense
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    rows = [",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in METRICS) for r in history]
+    write_text_atomic(path, "\n".join([",".join(METRICS), *rows]) + "\n")
+
+
+@contextlib.contextmanager
+def flush_denormals() -> Iterator[None]:
+    """Flush denormal floats to zero while training: denormal gradients make CPU backward ~20% slower, and flushing
+    them is harmless. The setting is the whole process's CPU state (numpy's too), so it is turned off again after."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def find_lr(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAULT_CONFIG, *, start: float = 1e-6,
+            end: float = 1.0, steps: int = 100, progress: bool = True):
+    """LR range test on the model, head, freezing and per-layer ratios `config` describes.
+
+    Writes lr_find.png and lr_find.json to `out` and trains nothing: the run starts from scratch after.
+    """
+    from tqdm import tqdm
+
+    from transferkit.finetune.lr_finder import lr_range_test
+    from transferkit.plots import plot_lr_find
+
+    _check(config)
+    _seed(config.seed)
+    check_output(out, RUN_KIND, inputs=[train.root])
+    model = _build(config, train.classes, np.bincount(train.targets, minlength=len(train.classes)))
+    out = claim(out, RUN_KIND, inputs=[train.root])  # once the model is built: bad weights leave no folder
+    device = default_device()
+    model.to(device, memory_format=torch.channels_last)
+    loader = _loaders(model, train, None, config, World())[0]
+    run = _Run(model, model, _optimizer(model, config), None, config, out, train.sources, device, World())
+    set_train_mode(model, config.train_bn)
+    bar = tqdm(total=steps, desc="lr finder", disable=not progress, leave=False)
+
+    def batches():
+        epoch = 0
+        while True:
+            epoch += 1
+            loader.sampler.set_epoch(epoch)
+            yield from ((x, y) for x, y, _, _ in loader if x is not None)
+
+    it = batches()
+
+    def step() -> float:
+        x, y = next(it)
+        with autocast(config.precision, device):
+            loss = nn.functional.cross_entropy(model(_to(x, device)).float(), y.to(device),
+                                               label_smoothing=config.label_smoothing)
+        if torch.isfinite(loss):
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.clip_grad:
+                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip_grad)
+            run.optimizer.step()
+        bar.update()
+        return loss.item()
+
+    with flush_denormals():
+        result = lr_range_test(run.optimizer, step, start=start, end=end, steps=steps)
+    bar.close()
+    write_json_atomic(out / "lr_find.json", {"config": asdict(config), **result.to_dict()})
+    plot_lr_find(result.lrs, result.losses, out / "lr_find.png", suggestion=result.suggestion,
+                 title=f"LR finder: {config.model}, freeze until {config.freeze_until}")
+    return result
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """config.json of a fine-tuning run directory; a clear error for anything else."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise DataError(f"'{run_dir}' is not a fine-tuning run directory (config.json: {e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        what = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"'{path}' is not a transferkit fine-tuning run (format {what!r})")
+    if not isinstance(meta.get("config"), dict):
+        raise DataError(f"'{path}': field 'config' is missing or not an object")
+    return meta
+
+
+def load_finetuned(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, dict]:
+    """The best (or last) model of a run directory, in eval mode and channels_last, and its config.json."""
+    import timm
+
+    run_dir = Path(run_dir)
+    meta = read_run(run_dir)
+    model = timm.create_model(meta["config"]["model"], pretrained=False)  # weights come from the run
+    size = tuple(meta["transform"]["input_size"][-2:])  # what a local head was built for
+    replace_head(model, len(meta["classes"]), head=meta["config"]["head"], image_size=size)
+    path = run_dir / f"model-{which}.safetensors"
+    model.load_state_dict(load_state_dict_file(path))
+    norm = meta["transform"]  # the backbone's normalisation, e.g. 0.5/0.5 for packaged EfficientNet-Lite
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(norm["mean"]), "std": tuple(norm["std"])}
+    model.weights_info = WeightsInfo("file", str(path), state_dict_sha256(model))
+    return model.to(memory_format=torch.channels_last).eval(), meta

@@ -1,0 +1,374 @@
+"""The jobs the CLI runs, composed from features, store, probe and plots; each is a plain function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transferkit.codes.extract import extract
+from transferkit.codes.extractor import FeatureExtractor, autocast, default_device
+from transferkit.codes.store import KIND, FeatureStore
+from transferkit.data.datasets import (
+    IMAGE_EXTENSIONS,
+    ImageDataset,
+    build_transform,
+    collate,
+    open_dataset,
+    scan_images,
+)
+from transferkit.errors import DataError
+from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS
+from transferkit.models.weights import weights_argument
+from transferkit.probe.linear import DEFAULT_CS, Evaluation, LinearProbe, SweepResult, evaluate, sweep
+from transferkit.probe.saved import is_probe_dir, load_probe_dir
+from transferkit.runtime.atomic import write_json_atomic, write_text_atomic
+from transferkit.runtime.outputs import add_files, building, check_output, new_tmp
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+SWEEP_FILES = (SWEEP_FILE, "sweep.png")  # what a sweep adds to a feature directory
+PROBE_KIND, EVALUATION_KIND = "probe", "evaluation"  # output kinds (transferkit.runtime.outputs)
+RUN_CONFIG = "config.json"  # what marks a fine-tuning run directory (transferkit.finetune.loop)
+SWEEP_SAMPLES = 2000  # --layer auto on more images sweeps a stratified sample, then extracts only the winner
+
+
+def load_data(data: str | Path, *, per_class: int | None = None, skip_bad: bool = False) -> ImageDataset:
+    """Open a folder, CSV or IDX dataset, optionally keeping the first `per_class` items of each class."""
+    dataset = open_dataset(data, skip_bad=skip_bad)
+    return dataset.subset(per_class) if per_class else dataset
+
+
+def extract_features(
+    data: str | Path | ImageDataset,
+    out: str | Path,
+    *,
+    model: str = DEFAULT_MODEL,
+    weights: str = "auto",
+    layer: str = PRE_LOGITS,
+    pool: str = "avg",
+    image_size: int | None = None,
+    batch_size: int = 64,
+    precision: str = "auto",
+    num_workers: int = 0,
+    per_class: int | None = None,
+    skip_bad: bool = False,
+    like: str | Path | None = None,
+    sweep_samples: int = SWEEP_SAMPLES,
+    cache: bool = True,
+    fold_bn: bool = True,
+    engine: str = "auto",
+    progress: bool = True,
+) -> FeatureStore:
+    """Extract codes to `out`. layer='auto' extracts every stage x pooling and runs the sweep
+    (on a sample of `sweep_samples` images for larger sets, then only the winner for all images).
+
+    `like` copies model, weights, image size, precision and the chosen codes from another feature
+    directory, so a test set is encoded exactly as its training set was. With `cache`, codes already
+    in the code cache (same model, weights, layer, pooling, transform and image bytes) are reused.
+    """
+    if like is not None:
+        ref = FeatureStore(like)
+        model, image_size, precision = ref.meta["model"], ref.meta["image_size"], ref.meta["precision"]
+        weights = weights_argument(ref.meta["weights"])
+        best = read_sweep(ref)
+        keys = [best] if best else ref.keys
+        layer = ",".join(dict.fromkeys(k.split("|")[0] for k in keys))
+        pool = ",".join(dict.fromkeys(k.split("|")[1] for k in keys))
+    auto = layer == "auto"
+    if auto and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DataError("--layer auto sweeps in one process; under torchrun name the layer and pooling (or run "
+                        "the sweep first without torchrun and then `extract --like` its output)")
+    dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class, skip_bad=skip_bad)
+    check_output(out, KIND, inputs=[like, dataset.root])  # before the backbone loads: never the user's folders
+    extractor = FeatureExtractor(
+        model, weights=weights, layer="all" if auto else layer, pool="all" if auto else pool,
+        image_size=image_size, batch_size=batch_size, precision=precision, num_workers=num_workers,
+        fold_bn=fold_bn, engine=engine, progress=progress,
+    )
+    if auto and len(dataset) > sweep_samples:
+        return _extract_best(dataset, Path(out), extractor, sweep_samples, skip_bad, progress, cache)
+    store = extract(dataset, out, extractor, skip_bad=skip_bad, cache=cache)
+    if auto:
+        sweep_features(store, progress=progress)
+    return store
+
+
+def _extract_best(
+    dataset: ImageDataset, out: Path, extractor: FeatureExtractor, n: int, skip_bad: bool, progress: bool,
+    cache: bool = True,
+) -> FeatureStore:
+    """Sweep every stage x pooling on a stratified sample of `n` images, then extract only the winner for all.
+
+    Keeps disk and memory in proportion to the chosen codes, not to every candidate's.
+    """
+    from sklearn.model_selection import train_test_split
+
+    idx, _ = train_test_split(np.arange(len(dataset)), train_size=n, stratify=dataset.targets, random_state=0)
+    check_output(out, KIND, inputs=[dataset.root])  # before the sweep's work, not after it
+    scratch = new_tmp(out.with_name(f"{out.name}.sweep"), KIND)  # marked and hidden: never a user's folder
+    try:
+        sample = extract(dataset.select(np.sort(idx)), scratch / "codes", extractor, skip_bad=skip_bad, cache=cache)
+        best = sweep_features(sample, progress=progress).best
+        extractor.set_params(layer=best["layer"], pool=best["pool"]).fit()
+        store = extract(dataset, out, extractor, skip_bad=skip_bad, cache=cache)
+        for name in SWEEP_FILES:
+            shutil.copyfile(sample.path / name, out / name)
+        add_files(out, SWEEP_FILES)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return store
+
+
+def sweep_features(
+    store: FeatureStore, *, cv: int = 3, max_samples: int | None = 5000, progress: bool = True
+) -> SweepResult:
+    """Score every layer x pooling in `store` by CV probe accuracy; write sweep.json and sweep.png beside it."""
+    from transferkit.plots import plot_sweep
+
+    if len(store.keys) < 2:
+        raise DataError(f"'{store.path}' holds one kind of codes; extract with --layer all --pool all to sweep")
+    codes = {tuple(k.split("|")): store.load(k) for k in store.keys}
+    result = sweep(codes, store.labels, cv=cv, max_samples=max_samples, progress=progress)
+    write_json_atomic(store.path / SWEEP_FILE, result.to_dict())
+    plot_sweep(result.rows, store.path / "sweep.png", title=f"{store.meta['model']}: CV accuracy of a linear SVM")
+    add_files(store.path, SWEEP_FILES)
+    return result
+
+
+def read_sweep(store: FeatureStore) -> str | None:
+    """The best 'layer|pool' key of a sweep run on `store`, if one was run."""
+    file = store.path / SWEEP_FILE
+    if not file.is_file():
+        return None
+    best = json.loads(file.read_text())["best"]
+    return f"{best['layer']}|{best['pool']}"
+
+
+@dataclass
+class ProbeReport:
+    """What `train_probe` produced."""
+
+    probe: LinearProbe
+    key: str
+    out: Path
+    evaluation: Evaluation | None
+
+
+def train_probe(
+    train: str | Path | FeatureStore,
+    out: str | Path,
+    *,
+    test: str | Path | FeatureStore | None = None,
+    layer: str | None = None,
+    pool: str | None = None,
+    C: float | str = "auto",
+    Cs: Sequence[float] = DEFAULT_CS,
+    scaling: str = "standard",
+    cv: int = 5,
+) -> ProbeReport:
+    """Fit a LinearProbe on training codes, evaluate on test codes, save probe, metrics and plots to `out`."""
+    from transferkit.plots import plot_confusion
+
+    train = train if isinstance(train, FeatureStore) else FeatureStore(train)
+    test_path = test.path if isinstance(test, FeatureStore) else test
+    check_output(out, PROBE_KIND, inputs=[train.path, test_path])  # before the work
+    if layer == "best":
+        key = read_sweep(train)
+        if key is None:
+            raise DataError(f"no sweep in '{train.path}': run `transferkit sweep {train.path}` or extract --layer auto")
+    else:
+        key = train.key(layer, pool)
+    test = test if test is None or isinstance(test, FeatureStore) else FeatureStore(test)
+    if test is not None:
+        check_compatible(train, test, key)
+    probe = LinearProbe(C=C, Cs=Cs, scaling=scaling, cv=cv).fit(train.load(key), train.labels)
+    spec = {k: train.meta[k] for k in ("model", "weights", "image_size", "precision", "transform", "classes")}
+    spec.update(layer=key.split("|")[0], pool=key.split("|")[1], key=key)
+    evaluation = None
+    metrics = {"key": key, "C": probe.best_C_, "cv_accuracy": probe.cv_score_, "n_train": len(train)}
+    with building(out, PROBE_KIND, inputs=[train.path, test_path]) as tmp:
+        probe.save(tmp / "probe", extra=spec)
+        if test is not None:
+            evaluation = evaluate(probe, test.load(key), test.labels, names=train.classes)
+            plot_confusion(evaluation.confusion, evaluation.labels, tmp / "confusion.png",
+                           title=f"{key} on {test.path}")
+            write_text_atomic(tmp / "report.txt", evaluation.report)
+            metrics.update(n_test=len(test), test_accuracy=evaluation.accuracy, test=evaluation.to_dict())
+        write_json_atomic(tmp / "metrics.json", metrics)
+    return ProbeReport(probe, key, Path(out), evaluation)
+
+
+def check_compatible(train: FeatureStore, test: FeatureStore, key: str) -> None:
+    """Refuse to score test codes made differently from the training codes."""
+    for field in ("model", "image_size", "transform", "classes"):
+        if train.meta[field] != test.meta[field]:
+            raise DataError(
+                f"'{test.path}' was made with {field}={test.meta[field]!r} but '{train.path}' with "
+                f"{train.meta[field]!r}; extract the test set with --like {train.path}"
+            )
+    def calibration(meta: dict) -> str | None:  # None for unquantized codes
+        return (meta.get("int8") or {}).get("calibration")
+
+    if calibration(train.meta) != calibration(test.meta):
+        raise DataError(f"'{test.path}' has {test.meta['precision']} codes and '{train.path}' "
+                        f"{train.meta['precision']}: int8 codes are quantized and cannot be scored against "
+                        f"others; extract the test set with --like {train.path}")
+    if train.meta["weights"]["sha256"] != test.meta["weights"]["sha256"]:
+        raise DataError(f"'{test.path}' and '{train.path}' were extracted with different weights (sha256 differs)")
+    if key not in test.keys:
+        raise DataError(f"'{test.path}' has no codes for '{key}' (it has {', '.join(test.keys)})")
+
+
+def image_files(paths: list[str | Path]) -> list[str]:
+    """Image files named directly or found in the named folders (as training finds them: scan_images)."""
+    paths = [Path(p) for p in paths]
+    missing = next((p for p in paths if not p.is_dir() and not p.is_file()), None)
+    if missing is not None:
+        raise DataError(f"'{missing}' does not exist")
+    in_folders = iter(scan_images([p for p in paths if p.is_dir()]))
+    files: list[str] = []
+    for p in paths:
+        found = next(in_folders) if p.is_dir() else [str(p)]
+        if not found:
+            raise DataError(f"folder '{p}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        files += found
+    return files
+
+
+def predict_images(model_dir: str | Path, paths: list[str | Path], *, batch_size: int = 64) -> list[dict]:
+    """Label and score for each image, from a probe (SVM score) or a fine-tuning run (softmax probability)."""
+    kind = model_kind(model_dir)
+    files = image_files(paths)
+    if kind == "run":
+        model, meta = _load_run(model_dir)
+        items = ImageDataset(files, np.zeros(len(files)), meta["classes"], root="images", kind="files",
+                             transform=build_transform(meta["transform"]))  # the run's recorded eval transform
+        probs = _run_probabilities(model, items, meta, batch_size, progress=False)
+        return [{"source": f, "label": meta["classes"][j], "score": float(p[j])}
+                for f, p, j in zip(files, probs, probs.argmax(1))]
+    probe, extractor = load_probe_dir(model_dir, batch_size=batch_size)
+    scores = probe.decision_function(extractor.transform(files))
+    scores = np.stack([-scores, scores], 1) if scores.ndim == 1 else scores
+    names = probe.extra_["classes"]
+    return [
+        {"source": f, "label": names[int(probe.classes_[j])], "score": float(s[j])}
+        for f, s, j in zip(files, scores, scores.argmax(1))
+    ]
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    data: str | Path | ImageDataset,
+    *,
+    out: str | Path | None = None,
+    per_class: int | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    tta: bool = False,
+) -> Evaluation:
+    """Accuracy, confusion and per-class scores of a probe or a fine-tuning run on labelled `data`.
+
+    Classes are matched by name, so `data` may lack some of the model's classes or order them differently.
+    With `out`, report.txt, metrics.json and confusion.png are written there. `tta` (runs only): average the
+    softmax of each image and its mirror image, as the run was trained with horizontal flips.
+    """
+    from transferkit.plots import plot_confusion
+    from transferkit.probe.linear import score_predictions
+
+    dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class)
+    if out is not None:
+        check_output(out, EVALUATION_KIND, inputs=[model_dir, dataset.root])  # before the work
+    if model_kind(model_dir) == "run":
+        model, meta = _load_run(model_dir)
+        classes = meta["classes"]
+        y = _targets_by_name(dataset, classes, model_dir)
+        probs = _run_probabilities(model, dataset.with_transform(build_transform(meta["transform"])), meta,
+                                   batch_size, progress, tta)
+        evaluation = score_predictions(y, probs.argmax(1), np.arange(len(classes)), classes)
+    else:
+        if tta:
+            raise DataError("test-time augmentation (--tta) is for fine-tuning runs; a probe scores fixed codes")
+        probe, extractor = load_probe_dir(model_dir, batch_size=batch_size, progress=progress)
+        classes = probe.extra_["classes"]
+        y = _targets_by_name(dataset, classes, model_dir)
+        evaluation = evaluate(probe, extractor.transform(dataset), y, names=classes)
+    if out is not None:
+        title = f"{Path(model_dir).name} on {dataset.root}: {100 * evaluation.accuracy:.2f}%"
+        with building(out, EVALUATION_KIND, inputs=[model_dir, dataset.root]) as tmp:
+            plot_confusion(evaluation.confusion, evaluation.labels, tmp / "confusion.png", title=title)
+            write_text_atomic(tmp / "report.txt", evaluation.report)
+            write_json_atomic(tmp / "metrics.json", {**evaluation.to_dict(), "model_dir": str(model_dir),
+                                                     "data": str(dataset.root), "n": len(dataset)})
+    return evaluation
+
+
+def model_kind(model_dir: str | Path) -> str:
+    """'probe' for a directory written by `transferkit probe`, 'run' for one written by `transferkit finetune`."""
+    path = Path(model_dir)
+    if is_probe_dir(path):
+        return "probe"
+    if (path / RUN_CONFIG).is_file():
+        return "run"
+    raise DataError(
+        f"'{model_dir}' is not a model directory: expected a probe (a 'probe' folder, from `transferkit probe`) "
+        f"or a fine-tuning run ('{RUN_CONFIG}' and model-best.safetensors, from `transferkit finetune`)"
+    )
+
+
+def _load_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The best model of a fine-tuning run, on the default device, and its config.json."""
+    from transferkit.finetune.loop import load_finetuned  # the training machinery is only needed here
+
+    model, meta = load_finetuned(run_dir)
+    return model.to(default_device()), meta
+
+
+def _targets_by_name(dataset: ImageDataset, classes: list[str], model_dir: str | Path) -> np.ndarray:
+    """The labels of `dataset` as indices into the model's `classes`, matched by class name."""
+    index = {name: k for k, name in enumerate(classes)}
+    present = [dataset.classes[k] for k in np.unique(dataset.targets)]
+    unknown = [name for name in present if name not in index]
+    if unknown:
+        raise DataError(
+            f"'{dataset.root}' has class(es) {', '.join(repr(n) for n in unknown)} that model '{model_dir}' was "
+            f"not trained on (its classes: {', '.join(classes)})"
+        )
+    mapping = np.array([index.get(name, -1) for name in dataset.classes], dtype=np.int64)
+    return mapping[dataset.targets]
+
+
+@torch.inference_mode()
+def _run_probabilities(model: torch.nn.Module, dataset: ImageDataset, meta: dict, batch_size: int,
+                       progress: bool, tta: bool = False) -> np.ndarray:
+    """(N, n_classes) softmax probabilities of a fine-tuned model over `dataset`, in item order.
+
+    `tta`: the mean of the image's and its horizontal mirror's probabilities.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    precision = meta["config"].get("precision", "fp32")
+    if precision == "fp16" and device.type != "cuda":
+        precision = "fp32"  # a run trained with fp16 on a GPU still scores on a CPU
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    probs = []
+    for x, _, _, bad in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, file=sys.stderr):
+        if bad:  # every image must be scored, or the labels no longer line up
+            raise DataError(bad[0][1])
+        x = x.to(device, memory_format=torch.channels_last)
+        with autocast(precision, device):
+            p = model(x).float().softmax(1)  # (B, n_classes)
+            if tta:
+                p = (p + model(x.flip(-1)).float().softmax(1)) / 2
+        probs.append(p.cpu().numpy())
+    return np.concatenate(probs)

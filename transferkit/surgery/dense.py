@@ -1,0 +1,234 @@
+"""Dense prediction: any classifier transferkit knows (a timm ImageNet model, a fine-tuning run, a probe)
+converted to a fully convolutional net, saved and reloaded, and run on whole images of any size.
+
+A converted directory (`transferkit convert -o OUT`) holds convert.json (the source, its architecture,
+classes, normalisation and the conversion's parity error) and fully_conv.safetensors (the converted weights);
+it rebuilds without the source's files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transferkit.errors import DataError, ModelError
+from transferkit.runtime.atomic import write_bytes_atomic, write_json_atomic
+from transferkit.runtime.outputs import building, claim
+from transferkit.surgery.fc_to_conv import FullyConvNet, fc_to_conv, probe_head, probe_to_conv, timm_head_ops
+
+FORMAT = "transferkit.convert/1"
+CONVERT_JSON = "convert.json"
+CONVERTED_KIND, DENSE_KIND = "converted", "dense maps"  # output kinds (transferkit.runtime.outputs)
+WEIGHTS = "fully_conv.safetensors"
+
+
+@dataclass
+class DenseClassifier:
+    """A fully convolutional classifier and what is needed to feed it and name its outputs."""
+
+    net: FullyConvNet
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    spec: dict  # architecture: rebuilds the net without the source's weights (see `_skeleton`)
+    scores: str  # "logits" (softmax gives probabilities) or "svm" (a probe's decision values)
+
+    def preprocess(self, image) -> torch.Tensor:
+        """(1, 3, H, W) normalised tensor of a PIL image at its own size: no resize, no crop."""
+        x = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 255).permute(2, 0, 1)
+        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
+        return ((x - mean) / std).unsqueeze(0)
+
+
+def _imagenet_classes(n: int) -> list[str]:
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    if n != info.num_classes():
+        return [str(i) for i in range(n)]
+    return [info.index_to_description(i).split(",")[0] for i in range(n)]
+
+
+def _norm(cfg: dict) -> tuple[tuple, tuple]:
+    return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+
+
+def load_classifier(source: str | Path, *, input_size: int | None = None, window: bool = False,
+                    weights: str = "auto") -> DenseClassifier:
+    """`source`: a converted directory, a fine-tuning run, a probe directory, or a timm model name (its own
+    ImageNet head, weights resolved by `weights`). `input_size`: the training size, when the source does not
+    record it (timm models: their pretrained input size)."""
+    path = Path(source)
+    if (path / CONVERT_JSON).is_file():
+        return load_converted(path)
+    if path.is_dir():
+        from transferkit.probe.saved import is_probe_dir
+
+        return _from_probe(path, window) if is_probe_dir(path) else _from_run(path, window)
+    return _from_timm(str(source), input_size, window, weights)
+
+
+def _from_timm(name: str, input_size: int | None, window: bool, weights: str) -> DenseClassifier:
+    import timm.data
+
+    from transferkit.models.backbones import create_backbone
+
+    model = create_backbone(name, weights)
+    size = input_size or timm.data.resolve_model_data_config(model)["input_size"][-1]
+    net = fc_to_conv(model, size, window=window)
+    mean, std = _norm(model.pretrained_cfg)
+    spec = {"kind": "timm", "model": name, "num_classes": model.num_classes, "input_size": size, "window": window,
+            "weights_sha256": model.weights_info.sha256}
+    return DenseClassifier(net, _imagenet_classes(model.num_classes), mean, std, spec, "logits")
+
+
+def _from_run(path: Path, window: bool) -> DenseClassifier:
+    from transferkit.finetune.loop import load_finetuned
+
+    model, meta = load_finetuned(path)
+    size = meta["transform"]["input_size"][-1]
+    net = fc_to_conv(model, size, window=window)
+    spec = {"kind": "run", "model": meta["config"]["model"], "num_classes": len(meta["classes"]),
+            "head": meta["config"]["head"], "input_size": size, "window": window, "source": str(path)}
+    mean, std = _norm(meta["transform"])
+    return DenseClassifier(net, list(meta["classes"]), mean, std, spec, "logits")
+
+
+def _from_probe(path: Path, window: bool) -> DenseClassifier:
+    from transferkit.probe.saved import load_probe_dir
+
+    probe, extractor = load_probe_dir(path, batch_size=1, exact=True)
+    arrays = probe.arrays()  # coef, intercept and the StandardScaler's statistics, as saved
+    l2 = probe.scaling == "l2"
+    ops = probe_head(arrays["coef"], arrays["intercept"], extractor.pools_[0], arrays.get("scale_mean"),
+                     arrays.get("scale_scale"), l2=l2)
+    if len(extractor.pairs_) != 1:
+        raise ModelError(f"probe '{path}' uses codes of several layers or pools; only one can be converted")
+    layer, pool = extractor.pairs_[0]
+    backbone = extractor.backbone_.cpu()
+    if layer.index is None and pool == "avg":  # pre_logits: the model's own pooling path (forward_head)
+        classifier = backbone.get_classifier()
+        ops = [op for op in timm_head_ops(backbone) if op is not classifier] + ops[-1:]
+    size = extractor.data_config_["input_size"][-1] if extractor.image_size is None else extractor.image_size
+    net = probe_to_conv(backbone, layer.index, ops, size, window=window)
+    names = probe.extra_["classes"]
+    classes = [names[int(c)] for c in probe.classes_]  # score column k is label probe.classes_[k]
+    spec = {"kind": "probe", "model": probe.extra_["model"], "stage_index": layer.index, "pool": pool, "l2": l2,
+            "n_features": int(arrays["coef"].shape[1]), "n_outputs": len(classes), "input_size": size, "window": window,
+            "pre_logits": layer.index is None and pool == "avg", "source": str(path)}
+    mean, std = _norm(extractor.data_config_)
+    return DenseClassifier(net, classes, mean, std, spec, "svm")
+
+
+def save_converted(clf: DenseClassifier, out: str | Path) -> Path:
+    """Write OUT/convert.json and OUT/fully_conv.safetensors (atomically)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in clf.net.state_dict().items()}
+    with building(out, CONVERTED_KIND, inputs=[clf.spec.get("source")]) as tmp:
+        save_file(state, str(tmp / WEIGHTS))
+        write_json_atomic(tmp / CONVERT_JSON, {
+            "format": FORMAT, "spec": clf.spec, "classes": clf.classes, "mean": list(clf.mean), "std": list(clf.std),
+            "scores": clf.scores, "mean_is_logits": clf.net.mean_is_logits, "parity_error": clf.net.parity_error,
+            "head": str(clf.net.head),
+        })
+    return Path(out)
+
+
+def load_converted(path: str | Path) -> DenseClassifier:
+    """Rebuild a converted classifier from OUT alone: the architecture from convert.json, weights from OUT."""
+    from transferkit.models.weights import load_state_dict_file
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / CONVERT_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"'{path}' is not a converted model directory: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise DataError(f"'{path / CONVERT_JSON}' has format {meta.get('format')!r}, expected {FORMAT!r}")
+    net = _skeleton(meta["spec"])
+    net.load_state_dict(load_state_dict_file(path / WEIGHTS))
+    return DenseClassifier(net.eval(), meta["classes"], tuple(meta["mean"]), tuple(meta["std"]), meta["spec"],
+                           meta["scores"])
+
+
+def _skeleton(spec: dict) -> FullyConvNet:
+    """The converted architecture with untrained weights (conversion is structural: parity holds for any)."""
+    import timm
+
+    from transferkit.models.stages import replace_head
+
+    model = timm.create_model(spec["model"], pretrained=False)
+    size, window = spec["input_size"], spec["window"]
+    if spec["kind"] == "timm":
+        model.reset_classifier(spec["num_classes"])
+        return fc_to_conv(model, size, window=window)
+    if spec["kind"] == "run":
+        replace_head(model, spec["num_classes"], head=spec["head"], image_size=spec["input_size"])
+        return fc_to_conv(model, size, window=window)
+    n_out = spec["n_outputs"]
+    ops = probe_head(np.zeros((n_out, spec["n_features"])), np.zeros(n_out), spec["pool"], l2=spec["l2"])
+    if spec["pre_logits"]:
+        classifier = model.get_classifier()
+        ops = [op for op in timm_head_ops(model) if op is not classifier] + ops[-1:]
+    return probe_to_conv(model, spec["stage_index"], ops, size, window=window)
+
+
+@torch.no_grad()
+def dense_predict(clf: DenseClassifier, image_path: str | Path, out: str | Path | None = None, *,
+                  top: int = 5) -> dict:
+    """Score map of one image at its own size, with each cell's receptive field; files to `out` if given.
+
+    Writes STEM.npz (scores (K, h, w), top class per cell, cell centres and boxes in input pixels) and
+    STEM-heatmap.png (the image under the map of the class that wins on average).
+    """
+    from transferkit.data.datasets import load_image
+    from transferkit.surgery.receptive_field import receptive_field
+
+    image = load_image(image_path)
+    x = clf.preprocess(image)
+    min_h, min_w = clf.net.input_size if not clf.net.mean_is_logits else (1, 1)
+    if x.shape[-2] < min_h or x.shape[-1] < min_w:
+        raise DataError(f"image '{image_path}' is {x.shape[-1]}x{x.shape[-2]}; this network's head needs at least "
+                        f"{min_w}x{min_h} (the size it was converted at)")
+    try:
+        scores, field = receptive_field(clf.net, x)
+    except RuntimeError as e:
+        raise DataError(f"image '{image_path}' ({x.shape[-1]}x{x.shape[-2]}) is too small for this network: "
+                        f"{str(e).splitlines()[0]}") from e
+    scores = scores[0].float()  # (K, h, w)
+    if scores.shape[0] != len(clf.classes):
+        raise ModelError(f"the network gives {scores.shape[0]} scores for {len(clf.classes)} classes")
+    probs = scores.softmax(0) if clf.scores == "logits" else None
+    cell = scores.argmax(0)  # (h, w)
+    overall = scores.mean((1, 2))  # the original logits where mean_is_logits holds
+    order = overall.argsort(descending=True)[:top].tolist()
+    result = {
+        "source": str(image_path), "image_size": [image.height, image.width], "map_size": list(cell.shape),
+        "top": [{"label": clf.classes[k], "score": float(overall[k])} for k in order],
+        "field": field.to_dict(), "mean_is_logits": clf.net.mean_is_logits,
+    }
+    if out is not None:
+        out = claim(out, DENSE_KIND, inputs=[image_path])  # never into the images' folder
+        stem = Path(image_path).stem
+        arrays = {"scores": scores.numpy(), "top_class": cell.numpy(), "centres": field.centres().numpy(),
+                  "boxes": field.boxes().numpy(), "boxes_clipped": field.boxes(clip=True).numpy(),
+                  "classes": np.array(clf.classes)}
+        if probs is not None:
+            arrays["probabilities"] = probs.numpy()
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        write_bytes_atomic(out / f"{stem}.npz", buffer.getvalue())
+        from transferkit.plots import plot_heatmap
+
+        winner = order[0]
+        heat = (probs if probs is not None else scores)[winner].numpy()
+        plot_heatmap(np.asarray(image), heat, field, out / f"{stem}-heatmap.png",
+                     title=f"{clf.classes[winner]} ({'probability' if probs is not None else 'SVM score'} per cell)")
+        result["files"] = [str(out / f"{stem}.npz"), str(out / f"{stem}-heatmap.png")]
+    return result
