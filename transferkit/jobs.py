@@ -17,14 +17,9 @@ import torch
 from transferkit.codes.extract import extract
 from transferkit.codes.extractor import FeatureExtractor, autocast, default_device
 from transferkit.codes.store import KIND, FeatureStore
-from transferkit.data.datasets import (
-    IMAGE_EXTENSIONS,
-    ImageDataset,
-    build_transform,
-    collate,
-    open_dataset,
-    scan_images,
-)
+from transferkit.data.datasets import IMAGE_EXTENSIONS, ImageDataset, open_dataset, scan_images
+from transferkit.data.decode import collate
+from transferkit.data.transforms import build_transform
 from transferkit.errors import DataError
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.weights import weights_argument

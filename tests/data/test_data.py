@@ -14,16 +14,9 @@ from PIL import Image
 from sklearn.datasets import load_digits, load_sample_images
 from torch.utils.data import DataLoader
 
-from transferkit.data.datasets import (
-    IMAGE_EXTENSIONS,
-    ImageDataset,
-    build_transform,
-    collate,
-    decode_ahead,
-    describe_transform,
-    load_image,
-    open_dataset,
-)
+from transferkit.data.datasets import IMAGE_EXTENSIONS, ImageDataset, open_dataset
+from transferkit.data.decode import collate, decode_ahead, load_image
+from transferkit.data.transforms import build_transform, describe_transform
 from transferkit.errors import DataError
 
 FASHION_T10K = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")

@@ -21,7 +21,8 @@ from sklearn.metrics import confusion_matrix
 
 from transferkit.cli import cli
 from transferkit.codes.extractor import FeatureExtractor
-from transferkit.data.datasets import describe_transform, open_dataset
+from transferkit.data.datasets import open_dataset
+from transferkit.data.transforms import describe_transform
 from transferkit.errors import DataError
 from transferkit.jobs import evaluate_model, extract_features, predict_images, train_probe
 
@@ -185,7 +186,7 @@ def test_evaluate_help():
 
 def test_evaluate_a_run_with_flip_tta(run_dir, folders):
     """--tta: the prediction is the argmax of the mean softmax of each image and its mirror image."""
-    from transferkit.data.datasets import build_transform
+    from transferkit.data.transforms import build_transform
     from transferkit.finetune.loop import load_finetuned
 
     out = run_dir[0]

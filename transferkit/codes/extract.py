@@ -23,7 +23,9 @@ from transferkit.codes import ort_engine
 from transferkit.codes.cache import CodeCache, CodeSpace
 from transferkit.codes.extractor import FeatureExtractor, key_name, pooled_dim
 from transferkit.codes.store import KIND, FeatureStore, FeatureWriter
-from transferkit.data.datasets import ImageDataset, collate, describe_transform
+from transferkit.data.datasets import ImageDataset
+from transferkit.data.decode import collate
+from transferkit.data.transforms import describe_transform
 from transferkit.errors import DataError
 from transferkit.runtime.distributed import World, init_world
 from transferkit.runtime.outputs import check_output, new_tmp

@@ -17,14 +17,9 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from torch import nn
 
 from transferkit.codes import ort_engine
-from transferkit.data.datasets import (
-    ImageDataset,
-    build_transform,
-    collate,
-    decode_ahead,
-    describe_transform,
-    load_image,
-)
+from transferkit.data.datasets import ImageDataset
+from transferkit.data.decode import collate, decode_ahead, load_image
+from transferkit.data.transforms import build_transform, describe_transform
 from transferkit.errors import DataError, ModelError
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS, Layer, create_backbone, resolve_layers
 from transferkit.models.fold_bn import fold_checked

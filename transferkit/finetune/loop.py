@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from transferkit.codes.extractor import autocast, default_device
-from transferkit.data.datasets import ImageDataset, build_transform, collate, describe_transform
+from transferkit.data.datasets import ImageDataset
+from transferkit.data.decode import collate
+from transferkit.data.transforms import build_transform, describe_transform
 from transferkit.errors import DataError, ModelError, TransferkitError
 from transferkit.finetune.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.finetune.prefix_cache import CachedDataset, PrefixCache, bypassed, collate_cached, frozen_prefix

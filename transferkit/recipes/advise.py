@@ -27,7 +27,9 @@ import torch
 
 from transferkit import recipes
 from transferkit.codes.extractor import FeatureExtractor
-from transferkit.data.datasets import ImageDataset, build_transform, collate, describe_transform
+from transferkit.data.datasets import ImageDataset
+from transferkit.data.decode import collate
+from transferkit.data.transforms import build_transform, describe_transform
 from transferkit.errors import DataError
 from transferkit.finetune.loop import FinetuneConfig
 from transferkit.jobs import SWEEP_SAMPLES, load_data

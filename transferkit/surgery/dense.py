@@ -187,7 +187,7 @@ def dense_predict(clf: DenseClassifier, image_path: str | Path, out: str | Path 
     Writes STEM.npz (scores (K, h, w), top class per cell, cell centres and boxes in input pixels) and
     STEM-heatmap.png (the image under the map of the class that wins on average).
     """
-    from transferkit.data.datasets import load_image
+    from transferkit.data.decode import load_image
     from transferkit.surgery.receptive_field import receptive_field
 
     image = load_image(image_path)

@@ -1,0 +1,63 @@
+"""Preprocessing that matches a backbone's pretrained config (timm's transforms), and its JSON description,
+recorded beside every set of codes so that two sets can be compared."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from transferkit.errors import DataError
+
+# What timm.data.create_transform assumes when a key is absent, so the description matches the transform.
+_CONFIG_DEFAULTS: dict[str, Any] = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bilinear",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
+
+
+def _effective_config(data_config: dict, image_size: int | None) -> dict[str, Any]:
+    """The six preprocessing keys, with timm's defaults filled in and the image_size override applied."""
+    cfg = {key: data_config.get(key, default) for key, default in _CONFIG_DEFAULTS.items()}
+    cfg = {key: _CONFIG_DEFAULTS[key] if value is None else value for key, value in cfg.items()}
+    if isinstance(cfg["input_size"], int):
+        cfg["input_size"] = (3, cfg["input_size"], cfg["input_size"])
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise DataError(
+                f"The 'image_size' parameter must be an integer >= 1 or None. Got {image_size!r} instead."
+            )
+        # Resize the whole image: small centred subjects (Fashion-MNIST) must not lose their edges.
+        cfg["input_size"] = (3, image_size, image_size)
+        cfg["crop_pct"] = 1.0
+    return cfg
+
+
+def build_transform(data_config: dict, image_size: int | None = None, train: bool = False, uint8: bool = False,
+                    **augment) -> Callable:
+    """Preprocessing matching the backbone's pretrained config (timm's eval or training transform).
+
+    `augment` goes to timm's create_transform when `train` (scale, hflip, color_jitter, re_prob ...).
+    `uint8` stops before scaling and normalising (timm's prefetcher form: a (3, H, W) uint8 tensor), so a
+    batch can be normalised at once (FeatureExtractor.normalize) instead of image by image.
+    """
+    from timm.data import create_transform  # timm is heavy; only pay for it when building transforms
+
+    return create_transform(**_effective_config(data_config, image_size), is_training=train,
+                            use_prefetcher=uint8, **(augment if train else {}))
+
+
+def describe_transform(data_config: dict, image_size: int | None = None) -> dict:
+    """JSON-serialisable effective preprocessing, recorded beside extracted features."""
+    cfg = _effective_config(data_config, image_size)
+    return {
+        "input_size": [int(v) for v in cfg["input_size"]],
+        "interpolation": str(cfg["interpolation"]),
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "crop_pct": float(cfg["crop_pct"]),
+        "crop_mode": str(cfg["crop_mode"]),
+    }
