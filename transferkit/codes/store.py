@@ -153,6 +153,3 @@ class FeatureStore:
         if key not in self.keys:
             raise DataError(f"'{self.path}' has no codes for '{key}'; it has: {', '.join(self.keys)}")
         return self._column(key).astype(np.float32, copy=False)
-
-    def codes(self, keys: list[str] | None = None) -> dict[str, np.ndarray]:
-        return {k: self.load(k) for k in (keys or self.keys)}

@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import timm
-import torch
 from torch import nn
 
 from transferkit.errors import ModelError, WeightsError
@@ -131,10 +130,3 @@ def layer_table(model: nn.Module) -> str:
         idx = "" if layer.index is None else str(layer.index)
         rows.append(f"{idx:>5}  {layer.name:<12} {layer.channels:>8} {layer.reduction:>6}")
     return "\n".join(rows)
-
-
-@torch.inference_mode()
-def top_classes(model: nn.Module, x: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k softmax probabilities and class indices of the pretrained classifier."""
-    probs = model(x).softmax(-1)
-    return probs.topk(k, dim=-1)
