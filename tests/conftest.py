@@ -22,6 +22,16 @@ def code_cache(tmp_path_factory, monkeypatch) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: thread synchronisation costs more than it saves (and 10x more on a busy machine).
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def sample_images() -> dict[str, Image.Image]:
     """scikit-learn's two real photos: china.jpg (a temple) and flower.jpg (a daisy)."""

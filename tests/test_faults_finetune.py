@@ -31,13 +31,7 @@ from transferkit.runtime.atomic import file_sha256
 CONFIG = FinetuneConfig(model="test_resnet", weights="random", image_size=32, batch_size=4, num_workers=0, epochs=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread synchronisation costs more than it saves."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -34,13 +34,7 @@ from transferkit.finetune.loop import (
 TINY = dict(model="test_resnet", weights="random", image_size=32, batch_size=4, num_workers=0, warmup_epochs=0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread synchronisation costs more than it saves (and 10x more on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
 @pytest.fixture()

@@ -23,13 +23,7 @@ from transferkit.runtime.distributed import steps_per_epoch
 LITE0 = dict(weights="package", image_size=32, batch_size=4, num_workers=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small batches: thread synchronisation costs more than it saves (and far more on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
 def test_resume_after_kill_gives_bit_identical_weights(tmp_path, photo_folder, monkeypatch):

@@ -30,13 +30,7 @@ RUN_CLASSES = ["zero", "one", "two"]  # digit order; the folders sort as one, tw
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread synchronisation costs more than it saves (and 10x more on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
 def _digit_folder(root: Path, names: list[str], start: int, n: int) -> Path:
