@@ -429,3 +429,13 @@ def test_extract_hostile_file_names(tmp_path, sample_images, monkeypatch, code_c
     assert created and all(p == out or out in p.parents for p in created), created
     stems = [Path(n).stem for listed in names.values() for n in listed]
     assert not [p for p in code_cache.rglob("*") if any(stem in p.name for stem in stems)]  # content-keyed only
+
+
+@pytest.mark.parametrize("pool", ["\u0663x\u0663", "\u0663", "2x\uff12"])
+def test_grid_pools_take_ascii_digits_only(pool):
+    """'٣x٣' (Arabic-Indic digits) passed as a 3x3 grid: int() reads any Unicode digit."""
+    from transferkit.codes.extractor import parse_pools
+    from transferkit.errors import ModelError
+
+    with pytest.raises(ModelError):
+        parse_pools(pool)

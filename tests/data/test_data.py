@@ -357,6 +357,22 @@ def test_idx_class_names_file(tmp_path, digits):
     (tmp_path / "classes.txt").write_text("a\nb\n")
     with pytest.raises(DataError, match=r"classes\.txt' lists 2 class names; the labels go up to 9"):
         open_dataset(tmp_path / "t")
+    (tmp_path / "classes.txt").write_text("\n".join([*names[:9], "name3"]) + "\n")
+    with pytest.raises(DataError, match="'name3' is listed twice"):
+        open_dataset(tmp_path / "t")
+    (tmp_path / "classes.txt").write_text("\n".join([*names[:4], " ", *names[5:]]) + "\n")
+    with pytest.raises(DataError, match="line 5 is empty"):
+        open_dataset(tmp_path / "t")
+
+
+def test_unreadable_dataset_folder_is_one_line(photo_folder, monkeypatch):
+    """As root no folder is unreadable, so the refusal is simulated where the folder is listed."""
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    with pytest.raises(DataError, match="cannot list dataset folder .*Permission denied"):
+        open_dataset(photo_folder)
 
 
 def test_bad_idx_files(tmp_path, digits):

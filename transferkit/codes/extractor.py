@@ -37,7 +37,7 @@ ORT_PAYS_OFF = 4000
 # to end against 162 for ONNX Runtime fp32 and 112 for torch bf16 (bench/extract_speed.py): it repays the 39.9 s
 # against fp32 after ~13,400 images and all 46.3 s against torch after ~8,100; 12,000 lies between
 INT8_PAYS_OFF = 12000
-_GRID = re.compile(r"^(?:grid)?(\d)(?:x(\d))?$")
+_GRID = re.compile(r"^(?:grid)?(\d)(?:x(\d))?$", re.ASCII)  # ASCII: int() would take '٣' for 3
 
 
 def parse_pools(spec: str | Sequence[str]) -> list[str]:

@@ -175,7 +175,10 @@ def open_dataset(
 
 def _scan_folder(root: Path, min_classes: int) -> _Parts:
     """One sorted subfolder per class; image files found recursively, sorted, hidden entries skipped."""
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError as exc:  # a folder that may not be read: the user's to fix, in one line
+        raise DataError(f"cannot list dataset folder '{root}': {exc.strerror or exc}") from exc
     if len(class_dirs) < min_classes:
         raise DataError(
             f"dataset folder '{root}' has {len(class_dirs)} class folder(s); need at least {min_classes} "
@@ -376,4 +379,9 @@ def _idx_class_names(names_file: Path, n_labels: int) -> list[str]:
     names = [n.strip() for n in names]
     if len(names) < n_labels:
         raise DataError(f"'{names_file}' lists {len(names)} class names; the labels go up to {n_labels - 1}")
+    empty = [k + 1 for k, n in enumerate(names) if not n]
+    twice = sorted({n for n in names if n and names.count(n) > 1})
+    if empty or twice:  # every report and every match by name needs one name per class
+        why = f"line {empty[0]} is empty" if empty else f"'{twice[0]}' is listed twice"
+        raise DataError(f"'{names_file}': {why}; give each class one name, one per line")
     return names
