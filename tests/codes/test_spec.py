@@ -139,3 +139,22 @@ def test_like_makes_the_same_spec_and_old_directories_still_compare(photo_folder
     report = train_probe(train_codes, tmp_path / "p", test=extract_features(
         photo_folder, tmp_path / "test", like=train_codes, progress=False), cv=2)
     assert report.evaluation.accuracy > 0.9
+
+
+def test_load_probe_dir_rebuilds_from_the_spec_also_of_old_probes(train_codes, tmp_path):
+    from transferkit.probe.saved import load_probe_dir
+
+    train_probe(train_codes, tmp_path / "p", cv=2)
+    _, extractor = load_probe_dir(tmp_path / "p")
+    stored = CodeSpec.from_meta(FeatureStore(train_codes).meta, KEY)
+    assert extractor.code_specs()[KEY] == stored
+    file = tmp_path / "p" / "probe" / "probe.json"
+    saved = json.loads(file.read_text())
+    del saved["extra"]["code_spec"]  # as saved before CodeSpec
+    file.write_text(json.dumps(saved))
+    _, old = load_probe_dir(tmp_path / "p")
+    assert old.code_specs()[KEY] == stored
+    saved["extra"]["transform"] = CHANGED["transform"]
+    file.write_text(json.dumps(saved))
+    with pytest.raises(DataError, match="transform.input_size"):
+        load_probe_dir(tmp_path / "p")
