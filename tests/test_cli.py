@@ -121,7 +121,7 @@ def test_probe_refuses_mismatched_test_codes(photo_folder, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run("extract", photo_folder, "-o", a, "--image-size", "32")
     run("extract", photo_folder, "-o", b, "--image-size", "48")
-    _bad(run("probe", a, "--test", b, "-o", tmp_path / "p", ok=False), "image_size", "--like")
+    _bad(run("probe", a, "--test", b, "-o", tmp_path / "p", ok=False), "transform.input_size", "--like")
     _bad(run("probe", a, "--layer", "best", "-o", tmp_path / "p", ok=False), "no sweep")
 
 

@@ -16,6 +16,7 @@ import torch
 
 from transferkit.codes.extract import extract
 from transferkit.codes.extractor import FeatureExtractor, autocast, default_device
+from transferkit.codes.spec import CodeSpec
 from transferkit.codes.store import KIND, FeatureStore
 from transferkit.data.datasets import IMAGE_EXTENSIONS, ImageDataset, open_dataset, scan_images
 from transferkit.data.decode import collate
@@ -67,18 +68,12 @@ def extract_features(
     """Extract codes to `out`. layer='auto' extracts every stage x pooling and runs the sweep
     (on a sample of `sweep_samples` images for larger sets, then only the winner for all images).
 
-    `like` copies model, weights, image size, precision and the chosen codes from another feature
-    directory, so a test set is encoded exactly as its training set was. With `cache`, codes already
+    `like` copies the CodeSpec of another feature directory's chosen codes (`like_options`), so a test set
+    is encoded exactly as its training set was. With `cache`, codes already
     in the code cache (same model, weights, layer, pooling, transform and image bytes) are reused.
     """
     if like is not None:
-        ref = FeatureStore(like)
-        model, image_size, precision = ref.meta["model"], ref.meta["image_size"], ref.meta["precision"]
-        weights = weights_argument(ref.meta["weights"])
-        best = read_sweep(ref)
-        keys = [best] if best else ref.keys
-        layer = ",".join(dict.fromkeys(k.split("|")[0] for k in keys))
-        pool = ",".join(dict.fromkeys(k.split("|")[1] for k in keys))
+        model, weights, layer, pool, image_size, precision, fold_bn = like_options(FeatureStore(like), fold_bn)
     auto = layer == "auto"
     if auto and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DataError("--layer auto sweeps in one process; under torchrun name the layer and pooling (or run "
@@ -96,6 +91,21 @@ def extract_features(
     if auto:
         sweep_features(store, progress=progress)
     return store
+
+
+def like_options(ref: FeatureStore, fold_bn: bool = True) -> tuple[str, str, str, str, int | None, str, bool]:
+    """(model, weights, layer, pool, image_size, precision, fold_bn) that make the codes of `ref` again: its
+    sweep's winner if it was swept, else all its codes, read from their CodeSpecs.
+
+    The weights argument and image size are the requests that led to the specs' weights sha256 and
+    transform; `fold_bn` is kept where `ref` predates CodeSpec and did not record it.
+    """
+    best = read_sweep(ref)
+    specs = [CodeSpec.from_meta(ref.meta, key) for key in ([best] if best else ref.keys)]
+    spec = specs[0]  # the codes of one directory share all but layer and pool
+    return (spec.model, weights_argument(ref.meta["weights"]), ",".join(dict.fromkeys(s.layer for s in specs)),
+            ",".join(dict.fromkeys(s.pool for s in specs)), ref.meta["image_size"], spec.precision,
+            fold_bn if spec.fold_bn is None else spec.fold_bn)
 
 
 def _extract_best(
@@ -187,8 +197,10 @@ def train_probe(
     if test is not None:
         check_compatible(train, test, key)
     probe = LinearProbe(C=C, Cs=Cs, scaling=scaling, cv=cv).fit(train.load(key), train.labels)
-    spec = {k: train.meta[k] for k in ("model", "weights", "image_size", "precision", "transform", "classes")}
-    spec.update(layer=key.split("|")[0], pool=key.split("|")[1], key=key)
+    code_spec = CodeSpec.from_meta(train.meta, key)  # load_probe_dir rebuilds the extractor from it
+    spec = {"model": code_spec.model, "weights": train.meta["weights"], "image_size": train.meta["image_size"],
+            "precision": code_spec.precision, "transform": code_spec.transform, "classes": train.meta["classes"],
+            "layer": code_spec.layer, "pool": code_spec.pool, "key": key, "code_spec": code_spec.to_dict()}
     evaluation = None
     metrics = {"key": key, "C": probe.best_C_, "cv_accuracy": probe.cv_score_, "n_train": len(train)}
     with building(out, PROBE_KIND, inputs=[train.path, test_path]) as tmp:
@@ -204,24 +216,20 @@ def train_probe(
 
 
 def check_compatible(train: FeatureStore, test: FeatureStore, key: str) -> None:
-    """Refuse to score test codes made differently from the training codes."""
-    for field in ("model", "image_size", "transform", "classes"):
-        if train.meta[field] != test.meta[field]:
-            raise DataError(
-                f"'{test.path}' was made with {field}={test.meta[field]!r} but '{train.path}' with "
-                f"{train.meta[field]!r}; extract the test set with --like {train.path}"
-            )
-    def calibration(meta: dict) -> str | None:  # None for unquantized codes
-        return (meta.get("int8") or {}).get("calibration")
-
-    if calibration(train.meta) != calibration(test.meta):
-        raise DataError(f"'{test.path}' has {test.meta['precision']} codes and '{train.path}' "
-                        f"{train.meta['precision']}: int8 codes are quantized and cannot be scored against "
-                        f"others; extract the test set with --like {train.path}")
-    if train.meta["weights"]["sha256"] != test.meta["weights"]["sha256"]:
-        raise DataError(f"'{test.path}' and '{train.path}' were extracted with different weights (sha256 differs)")
+    """Refuse to score test codes made differently from the training codes: their CodeSpecs must agree, and
+    their classes."""
+    mine = CodeSpec.from_meta(train.meta, key)
+    fix = f"extract the test set with --like {train.path}"
     if key not in test.keys:
-        raise DataError(f"'{test.path}' has no codes for '{key}' (it has {', '.join(test.keys)})")
+        closest = min((CodeSpec.from_meta(test.meta, k) for k in test.keys), key=lambda s: len(mine.differences(s)))
+        raise DataError(f"'{test.path}' has no codes for '{key}' (it has {', '.join(test.keys)}; the closest differ "
+                        f"in {mine.describe_differences(closest, ('train', 'test'))}); {fix}")
+    theirs = CodeSpec.from_meta(test.meta, key)
+    if mine.differences(theirs):
+        raise DataError(f"'{test.path}' and '{train.path}' hold different codes for '{key}': "
+                        f"{mine.describe_differences(theirs, ('train', 'test'))}; {fix}")
+    if train.classes != test.classes:
+        raise DataError(f"'{test.path}' has classes {test.classes!r} but '{train.path}' {train.classes!r}; {fix}")
 
 
 def image_files(paths: list[str | Path]) -> list[str]:

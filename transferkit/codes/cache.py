@@ -5,9 +5,9 @@ Layout under the cache root (``$TRANSFERKIT_CACHE``, else ``~/.cache/transferkit
     codes/<space>/spec.json          # what the codes are: model, weights sha256, layer, pool, transform, precision
     codes/<space>/part-<uuid>.npz    # 'hashes' (n, 16) uint8 image-content digests, 'codes' (n, D) float32
 
-A *space* is one kind of codes: the sha256 of its spec, so any change of model, weights, layer,
-pooling, preprocessing or precision lands in another space. Rows are keyed by the image's content
-hash (`ImageDataset.content_hashes`), so renaming or moving files keeps their codes, and adding 100
+A *space* is one kind of codes: the digest of its CodeSpec (transferkit.codes.spec), so any change of model,
+weights, layer, pooling, preprocessing, precision or folding lands in another space. Rows are keyed by the
+image's content hash (`ImageDataset.content_hashes`), so renaming or moving files keeps their codes, and adding 100
 images to a folder of 10,000 encodes only the 100. Parts are written under a temporary name and renamed,
 so a reader never sees half of one; a part that fails to read (zip CRC, shapes) is reported, deleted and
 its images are encoded again.
@@ -26,11 +26,15 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from transferkit.data.hashing import DIGEST
 from transferkit.runtime.atomic import atomic_write, write_json_atomic
+
+if TYPE_CHECKING:
+    from transferkit.codes.spec import CodeSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ def default_root() -> Path:
 
 
 def space_id(spec: Mapping) -> str:
+    """A stable 32-hex id of a JSON-able spec (CodeSpec.digest and the engine files use it)."""
     return hashlib.sha256(json.dumps({"version": VERSION, **spec}, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -127,8 +132,9 @@ class CodeCache:
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_root()
 
-    def space(self, spec: Mapping) -> CodeSpace:
-        return CodeSpace(self.root / "codes" / space_id(spec), spec)
+    def space(self, spec: CodeSpec) -> CodeSpace:
+        """The space of one kind of codes, named by the spec's digest (transferkit.codes.spec)."""
+        return CodeSpace(self.root / "codes" / spec.digest(), spec.to_dict())
 
     def info(self) -> list[CacheEntry]:
         """Every space: its spec, rows and bytes on disk."""

@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit.codes import ort_engine
 from transferkit.codes.cache import CodeCache, CodeSpace
-from transferkit.codes.extractor import FeatureExtractor, key_name, pooled_dim
+from transferkit.codes.extractor import FeatureExtractor, pooled_dim
+from transferkit.codes.spec import key_name
 from transferkit.codes.store import KIND, FeatureStore, FeatureWriter
 from transferkit.data.datasets import ImageDataset
 from transferkit.data.decode import collate
-from transferkit.data.transforms import describe_transform
 from transferkit.errors import DataError
 from transferkit.runtime.distributed import World, init_world
 from transferkit.runtime.outputs import check_output, new_tmp
@@ -107,8 +106,10 @@ def _meta(extractor: FeatureExtractor, data: ImageDataset, kept: list[int], skip
 
     from transferkit import __version__
 
+    specs = extractor.code_specs()
+    spec = next(iter(specs.values()))  # what every key shares: model, weights, transform, precision
     return {
-        "model": extractor.model,
+        "model": spec.model,
         "weights": extractor.backbone_.weights_info.to_dict(),
         "layers": [asdict(la) for la in dict.fromkeys(la for la, _ in extractor.pairs_)],
         "pools": extractor.pools_,
@@ -116,10 +117,11 @@ def _meta(extractor: FeatureExtractor, data: ImageDataset, kept: list[int], skip
             key_name(la.name, p): {"layer": la.name, "pool": p, "dim": pooled_dim(la, p)}
             for la, p in extractor.pairs_
         },
-        "transform": describe_transform(extractor.data_config_, extractor.image_size),
+        "code_spec": {key: s.to_dict() for key, s in specs.items()},  # CodeSpec.from_meta reads it
+        "transform": spec.transform,
         "image_size": extractor.image_size,
-        "precision": extractor.precision_,
-        "int8": _int8_meta(extractor),
+        "precision": spec.precision,
+        "int8": None if spec.int8 is None else {**spec.int8, "mean_cosine_to_fp32": extractor.int8_cosine_},
         "engine": extractor.engine_,  # None: every code came from the cache, the network never ran
         "folded_batchnorms": extractor.folded_,
         "batch_size": extractor.batch_size,
@@ -134,13 +136,6 @@ def _meta(extractor: FeatureExtractor, data: ImageDataset, kept: list[int], skip
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"transferkit": __version__, "timm": timm.__version__, "torch": torch.__version__},
     }
-
-
-def _int8_meta(extractor: FeatureExtractor) -> dict | None:
-    """How int8 codes were quantized, and how close they stayed to fp32 (None for other precisions)."""
-    if extractor.precision_ != "int8":
-        return None
-    return {**ort_engine.INT8, "mean_cosine_to_fp32": extractor.int8_cosine_}
 
 
 def _shared_tmp(out: Path, world: World) -> Path | None:
@@ -176,15 +171,10 @@ def _from_main(world: World, flag: bool) -> bool:
     return bool(box[0])
 
 def code_spaces(extractor: FeatureExtractor, cache: CodeCache | None) -> dict[str, CodeSpace]:
-    """The cache space of each 'layer|pool' the extractor makes ({} without a cache)."""
+    """The cache space of each 'layer|pool' the extractor makes ({} without a cache): one per CodeSpec."""
     if cache is None:
         return {}
-    base = {"model": extractor.model, "weights_sha256": extractor.backbone_.weights_info.sha256,
-            "transform": describe_transform(extractor.data_config_, extractor.image_size),
-            "precision": extractor.precision_, "fold_bn": bool(extractor.fold_bn)}
-    if extractor.precision_ == "int8":  # another calibration or quantizer is another kind of codes
-        base["int8"] = ort_engine.INT8
-    return {key_name(la.name, p): cache.space({**base, "layer": la.name, "pool": p}) for la, p in extractor.pairs_}
+    return {key: cache.space(spec) for key, spec in extractor.code_specs().items()}
 
 
 def _cached_batches(extractor: FeatureExtractor, data: ImageDataset, spaces: dict[str, CodeSpace], chunk: int,

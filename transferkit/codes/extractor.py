@@ -17,6 +17,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from torch import nn
 
 from transferkit.codes import ort_engine
+from transferkit.codes.spec import CodeSpec, engine_file, key_name
 from transferkit.data.datasets import ImageDataset
 from transferkit.data.decode import collate, decode_ahead, load_image
 from transferkit.data.transforms import build_transform, describe_transform
@@ -84,11 +85,6 @@ def pooled_dim(layer: Layer, pool: str) -> int:
     if grid_size(pool):
         return layer.channels * grid_size(pool) ** 2
     return layer.channels
-
-
-def key_name(layer: str, pool: str) -> str:
-    """How a (layer, pool) pair is named in feature files."""
-    return f"{layer}|{pool}"
 
 
 def compute_codes(model: nn.Module, x: torch.Tensor, pairs: Sequence[tuple[Layer, str]]) -> dict[str, torch.Tensor]:
@@ -366,19 +362,13 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self._fold()
         return ort_engine.CodesNet(self.backbone_, compute_codes, self.pairs_), self.folded_
 
+    def code_specs(self, precision: str | None = None) -> dict[str, CodeSpec]:
+        """{'layer|pool': CodeSpec} of the codes this fitted extractor makes (`precision`: another than its own)."""
+        return CodeSpec.per_key(self, precision)
+
     def engine_path(self, precision: str = "fp32") -> Path:
-        """Where the exported (fp32) or quantized (int8) engine of exactly this network, weights, codes and
-        input size is cached."""
-        from transferkit.codes.cache import default_root, space_id
-
-        spec = {"model": self.model, "weights_sha256": self.backbone_.weights_info.sha256, "keys": self.keys_,
-                "side": self.side_, "fold_bn": self.fold_bn, "torch": torch.__version__, "opset": ort_engine.OPSET}
-        if precision == "int8":
-            import onnxruntime
-
-            spec.update(int8=ort_engine.INT8, onnxruntime=onnxruntime.__version__)
-            return default_root() / "engines" / f"{space_id(spec)}-int8.onnx"
-        return default_root() / "engines" / f"{space_id(spec)}.onnx"
+        """Where the exported (fp32) or quantized (int8) engine of exactly these codes and input size is cached."""
+        return engine_file(self.code_specs(precision).values(), self.side_)
 
     def iter_batches(self, data) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list]]:
         """Yield (codes by key, labels, item indices, bad items) per batch, in item order.

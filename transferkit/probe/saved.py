@@ -3,9 +3,11 @@ makes its codes. Used by the jobs (predict, evaluate) and by network surgery ali
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from transferkit.codes.extractor import FeatureExtractor
+from transferkit.codes.spec import CodeSpec
 from transferkit.errors import DataError
 from transferkit.models.weights import weights_argument
 from transferkit.probe.linear import LinearProbe
@@ -25,12 +27,16 @@ def load_probe_dir(path: str | Path, *, batch_size: int = 64, progress: bool = F
     `exact`: an fp32 backbone without folding, whatever the codes were made with (for network surgery).
     """
     probe = LinearProbe.load(Path(path) / PROBE_DIR)
-    spec = probe.extra_
+    spec = CodeSpec.from_probe(probe.extra_)
     extractor = FeatureExtractor(
-        spec["model"], weights=weights_argument(spec["weights"]), layer=spec["layer"], pool=spec["pool"],
-        image_size=spec["image_size"], batch_size=batch_size, precision="fp32" if exact else spec["precision"],
-        fold_bn=not exact, engine="torch" if exact else "auto", progress=progress,
+        spec.model, weights=weights_argument(probe.extra_["weights"]), layer=spec.layer, pool=spec.pool,
+        image_size=probe.extra_["image_size"], batch_size=batch_size, precision="fp32" if exact else spec.precision,
+        fold_bn=not exact and spec.fold_bn is not False, engine="torch" if exact else "auto", progress=progress,
     ).fit()
-    if extractor.backbone_.weights_info.sha256 != spec["weights"]["sha256"]:
-        raise DataError(f"the backbone's weights differ from those probe '{path}' was trained with")
+    # precision and folding settle when the extractor runs (and `exact` overrides them): compare the rest
+    built = replace(CodeSpec.from_extractor(extractor, spec.layer, spec.pool), precision=spec.precision,
+                    int8=spec.int8, fold_bn=spec.fold_bn)
+    if built.differences(spec):
+        raise DataError(f"the extractor rebuilt for probe '{path}' makes other codes than the probe was trained "
+                        f"with: {built.describe_differences(spec, ('now', 'trained'))}")
     return probe, extractor
