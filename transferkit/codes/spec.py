@@ -97,7 +97,7 @@ class CodeSpec:
                        precision: str | None = None) -> CodeSpec:
         """The spec of a fitted extractor's `layer`/`pool` codes (`precision`: another than its own, e.g. the
         fp32 engine an int8 one is quantized from)."""
-        from transferkit.data.datasets import describe_transform
+        from transferkit.data.transforms import describe_transform
 
         precision = precision or extractor.precision_
         return cls(
