@@ -225,9 +225,9 @@ def check_compatible(train: FeatureStore, test: FeatureStore, key: str) -> None:
         raise DataError(f"'{test.path}' has no codes for '{key}' (it has {', '.join(test.keys)}; the closest differ "
                         f"in {mine.describe_differences(closest, ('train', 'test'))}); {fix}")
     theirs = CodeSpec.from_meta(test.meta, key)
-    if mine.differences(theirs):
+    if differ := mine.scoring_differences(theirs):  # float rounding (bf16 vs fp32, folding) scores as it always did
         raise DataError(f"'{test.path}' and '{train.path}' hold different codes for '{key}': "
-                        f"{mine.describe_differences(theirs, ('train', 'test'))}; {fix}")
+                        f"{mine.describe_differences(theirs, ('train', 'test'), only=differ)}; {fix}")
     if train.classes != test.classes:
         raise DataError(f"'{test.path}' has classes {test.classes!r} but '{train.path}' {train.classes!r}; {fix}")
 

@@ -114,15 +114,25 @@ def train_codes(photo_folder, tmp_path):
     return extract_features(photo_folder, tmp_path / "train", progress=False, **FAST).path
 
 
-@pytest.mark.parametrize("field", ["model", "weights_sha256", "transform", "precision", "int8"])
+@pytest.mark.parametrize("field", ["model", "weights_sha256", "transform", "int8"])
 def test_probe_refuses_codes_of_another_spec(train_codes, tmp_path, field):
     with pytest.raises(DataError, match=f"{field}.*--like") as err:
         train_probe(train_codes, tmp_path / "p", test=_variant(train_codes, tmp_path, field), cv=2)
     assert "different codes" in str(err.value)
 
 
-@pytest.mark.parametrize(("field", "option"), [("layer", {"layer": "blocks.4"}), ("pool", {"pool": "max"}),
-                                               ("fold_bn", {"fold_bn": False})])
+def test_probe_scores_codes_that_differ_only_by_float_rounding(photo_folder, train_codes, tmp_path):
+    """bf16 vs fp32, BatchNorm folded or not: other cache spaces, but a probe scores one with the other as it
+    always could (int8, a quantisation, is refused above)."""
+    bf16 = _variant(train_codes, tmp_path, "precision")
+    assert CodeSpec.from_meta(FeatureStore(bf16).meta, KEY).precision == "bf16"
+    train_probe(train_codes, tmp_path / "p1", test=bf16, cv=2)
+    no_fold = extract_features(photo_folder, tmp_path / "nofold", progress=False, fold_bn=False, **FAST)
+    report = train_probe(train_codes, tmp_path / "p2", test=no_fold, cv=2)
+    assert report.evaluation.accuracy > 0.5
+
+
+@pytest.mark.parametrize(("field", "option"), [("layer", {"layer": "blocks.4"}), ("pool", {"pool": "max"})])
 def test_probe_refuses_codes_extracted_otherwise(photo_folder, train_codes, tmp_path, field, option):
     test = extract_features(photo_folder, tmp_path / "test", progress=False, **{**FAST, **option})
     with pytest.raises(DataError, match=f"{field} .*--like"):

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from transferkit.codes.extractor import FeatureExtractor
 
 UNRECORDED = "fold_bn"  # the one field feature directories written before CodeSpec did not record (None there)
+# Fields whose difference only rounds the codes: a float precision (fp32, bf16, fp16) and BatchNorm folding (exact
+# algebra, parity-checked). The cache and the engines keep such codes apart; a probe may score one with the other,
+# as it always could. int8 is another matter: its own field (the quantisation recipe) always counts.
+ROUNDING = ("precision", "fold_bn")
 
 
 def key_name(layer: str, pool: str) -> str:
@@ -77,13 +81,19 @@ class CodeSpec:
                 diff.append(f.name)
         return diff
 
-    def describe_differences(self, other: CodeSpec, names: tuple[str, str] = ("here", "there")) -> str:
+    def scoring_differences(self, other: CodeSpec) -> list[str]:
+        """The fields in which `other` differs too much for a probe trained on these codes to score those:
+        `differences` less float rounding (ROUNDING)."""
+        return [f for f in self.differences(other) if f not in ROUNDING]
+
+    def describe_differences(self, other: CodeSpec, names: tuple[str, str] = ("here", "there"),
+                             only: Iterable[str] | None = None) -> str:
         """"precision 'fp32' (here) vs 'bf16' (there); ..." for error messages ('' when interchangeable).
 
         Dicts show only their differing entries, so a transform reads "transform.input_size [3, 32, 32] ...".
         """
         parts = []
-        for n in self.differences(other):
+        for n in self.differences(other) if only is None else only:
             mine, theirs = getattr(self, n), getattr(other, n)
             if isinstance(mine, dict) and isinstance(theirs, dict):
                 parts += [f"{n}.{k} {mine.get(k)!r} ({names[0]}) vs {theirs.get(k)!r} ({names[1]})"
