@@ -114,7 +114,7 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
         skip_bad=skip_bad, like=like, cache=cache, fold_bn=fold_bn, engine=engine,
         progress=click.get_current_context().obj["progress"],
     )
-    if _leave_world():
+    if _worker_rank():
         return  # under torchrun only rank 0 reports
     meta = store.meta
     cached = meta.get("cache") or {}
@@ -125,14 +125,11 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
     _print_sweep(out)  # skipped images: extract logs one warning, meta.json lists them all
 
 
-def _leave_world() -> bool:
-    """Close torchrun's process group if one was joined; True on ranks other than 0."""
-    import torch.distributed as dist
+def _worker_rank() -> bool:
+    """True on torchrun ranks other than 0 (extract has closed the process group it opened by now)."""
+    import os
 
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    return rank != 0
+    return int(os.environ.get("RANK", "0")) != 0
 
 
 def _print_sweep(features: Path) -> None:

@@ -26,7 +26,7 @@ from transferkit.codes.store import KIND, FeatureStore, FeatureWriter
 from transferkit.data.datasets import ImageDataset
 from transferkit.data.decode import collate
 from transferkit.errors import DataError
-from transferkit.runtime.distributed import World, init_world
+from transferkit.runtime.distributed import World, close_world, init_world
 from transferkit.runtime.outputs import check_output, new_tmp
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,15 @@ def extract(
     if not hasattr(extractor, "backbone_"):
         extractor.fit()
     world = init_world(extractor.device_)
+    try:
+        return _extract(data, out, extractor, world, skip_bad, shard_size, cache)
+    finally:
+        close_world(world)  # the process group opened here closes here
+
+
+def _extract(data: ImageDataset, out: Path, extractor: FeatureExtractor, world: World, skip_bad: bool,
+             shard_size: int, cache: CodeCache | bool) -> FeatureStore:
+    """extract's work, on each rank of `world`."""
     if not world.main:
         extractor.set_params(progress=False)  # one progress bar, rank 0's
     data = data.with_transform(None)

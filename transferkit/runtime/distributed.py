@@ -25,6 +25,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    owner: bool = False  # this World opened the process group, so closing it is its job (close_world)
 
     @property
     def main(self) -> bool:
@@ -40,8 +41,9 @@ def init_world(device: torch.device) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
-    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
+    owner = not dist.is_initialized()  # a group the caller opened is the caller's to close
+    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")), owner)
+    if owner:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cpu":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
@@ -51,7 +53,8 @@ def init_world(device: torch.device) -> World:
 
 
 def close_world(world: World) -> None:
-    if world.distributed and dist.is_initialized():
+    """Close the process group `init_world` opened (one opened by the caller stays open)."""
+    if world.owner and dist.is_initialized():
         dist.destroy_process_group()
 
 
