@@ -68,11 +68,14 @@ class Pair:
         return f"a pair (lo, hi) with {self.low:g} < lo <= hi" + (f" <= {self.high:g}" if self.high is not None else "")
 
     def sklearn(self):
-        from sklearn.utils._param_validation import _Constraint
+        from sklearn.utils._param_validation import Options
 
         pair = self
 
-        class _Pair(_Constraint):  # sklearn has no pair constraint; its base class is how one adds one
+        class _Pair(Options):  # sklearn has no pair constraint and takes only its own classes: an Options subclass
+            def __init__(self):
+                super().__init__(tuple, set())
+
             def is_satisfied_by(self, val):
                 return val in pair
 
@@ -101,7 +104,10 @@ def validate(table: Constraints, params: Mapping[str, Any], owner: str, *, error
         validate_parameter_constraints(sklearn_constraints(table), dict(params), caller_name=owner)
     except InvalidParameterError as e:
         text = str(e) if noun == "parameter" else str(e).replace(" parameter of ", f" {noun} of ", 1)
-        raise error(text) from None
+        must, _, got = text.rpartition(" Got ")
+        if len(got) > 100:  # a 5,000-digit number must not flood a one-line error
+            got = f"{got[:80]}... ({len(got) - len(' instead.')} characters) instead."
+        raise error(f"{must} Got {got}") from None
 
 
 def choices(allowed: Sequence[Any]) -> tuple[str, ...]:
