@@ -15,10 +15,10 @@ from transferkit import recipes
 from transferkit.cli import cli
 from transferkit.codes.extractor import FeatureExtractor
 from transferkit.codes.params import EXTRACTOR
+from transferkit.data.params import IMAGE_SIZE
 from transferkit.errors import DataError, ParameterError
 from transferkit.finetune.loop import FinetuneConfig, finetune
 from transferkit.finetune.params import FINETUNE
-from transferkit.models.params import IMAGE_SIZE
 from transferkit.probe.linear import LinearProbe
 from transferkit.probe.params import PROBE
 from transferkit.recipes import recipe as recipe_module
@@ -60,6 +60,13 @@ def test_feature_extractor_error_names_parameter_choices_and_value():
     assert str(err.value) == ("The 'precision' parameter of FeatureExtractor must be a str among "
                               "{'auto', 'fp32', 'bf16', 'fp16', 'int8'}. Got 'mean' instead.")
     assert isinstance(err.value, ValueError) and "--" not in str(err.value)  # no CLI flag in a library error
+
+
+def test_transforms_refuse_the_same_image_sizes():
+    from transferkit.data.datasets import build_transform
+
+    with pytest.raises(DataError, match=r"'image_size' parameter of build_transform must be an int in the range \[8"):
+        build_transform({}, image_size=7)
 
 
 def test_parameters_are_validated_in_fit_not_init():

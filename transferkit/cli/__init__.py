@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 
 from transferkit.codes.params import EXTRACTOR
+from transferkit.data.params import IMAGE_SIZE
 from transferkit.finetune.params import FINETUNE
-from transferkit.models.params import IMAGE_SIZE
 from transferkit.probe.params import PROBE
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from numbers import Integral
 from os import PathLike
 
-from transferkit.models.params import IMAGE_SIZE
+from transferkit.data.params import IMAGE_SIZE
 from transferkit.runtime.params import Interval, StrOptions
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")

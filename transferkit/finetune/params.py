@@ -7,7 +7,8 @@ from numbers import Integral, Real
 from os import PathLike
 
 from transferkit.codes.params import BATCH_SIZE, NUM_WORKERS
-from transferkit.models.params import HEAD, IMAGE_SIZE
+from transferkit.data.params import IMAGE_SIZE
+from transferkit.models.params import HEAD
 from transferkit.runtime.params import Interval, Pair, StrOptions
 
 OPTIMIZERS = ("adamw", "sgd")

@@ -1,12 +1,9 @@
-"""Limits of the parameters that shape a network, as plain data (transferkit.runtime.params): the extractor,
+"""Limits of the parameters that shape a network, as plain data (transferkit.runtime.params): `replace_head`,
 fine-tuning, the CLI and the recipe files read them. Light: no torch, no sklearn."""
 
 from __future__ import annotations
 
-from numbers import Integral
-
-from transferkit.runtime.params import Interval, StrOptions
+from transferkit.runtime.params import StrOptions
 
 HEADS = ("linear", "mlp", "local")
 HEAD = [StrOptions(HEADS)]
-IMAGE_SIZE = [Interval(Integral, 8, None, closed="left"), None]  # None: the model's pretrained input size
