@@ -15,3 +15,7 @@ class WeightsError(TransferkitError):
 
 class ModelError(TransferkitError, ValueError):
     """Unknown model name, layer, stage or pooling."""
+
+
+class ParameterError(ModelError):
+    """A parameter outside its limits (transferkit.runtime.params): names it, what it must be and what it got."""

@@ -115,7 +115,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ('model = "resnet18"\n', ["required field 'kind'"]),
     ('kind = "svm"\nmodel = "resnet18"\n', ["'kind' field", "'probe', 'finetune'", "'svm'"]),
     ('kind = "finetune"\nmodel = "resnet18"\noptimizer = "adam"\n', ["'optimizer'", "'adamw', 'sgd'", "'adam'"]),
-    ('kind = "finetune"\nmodel = "resnet18"\nlayer_decay = 1.5\n', ["'layer_decay'", "in (0, 1]", "1.5"]),
+    ('kind = "finetune"\nmodel = "resnet18"\nlayer_decay = 1.5\n', ["'layer_decay'", "in the range (0.0, 1.0]", "1.5"]),
     ('kind = "probe"\nmodel = "resnet18"\nC = -1\n', ["'C' field", "'auto'", "-1"]),
     ('kind = "probe"\nmodel = "resnet18"\nlayer = "auto"\npool = "avg"\n', ["'pool'", "'all'", "layer 'auto'"]),
     ('kind = "probe"\nmodel = "resnet18"\npool = "avg,max"\n', ["'pool'", "one pooling"]),
@@ -145,7 +145,8 @@ def test_replace_validates_like_a_file():
     assert recipe.replace(early_stop="none").settings.early_stop is None
     assert recipe.replace(lr_range=[1e-4, 1e-3]).settings.lr_range == (1e-4, 1e-3)
     assert recipe.replace(lr=1).settings.lr == 1.0  # TOML integers pass as numbers
-    with pytest.raises(DataError, match="'epochs' field of recipe 'large-similar' must be >= 1. Got 0"):
+    with pytest.raises(DataError, match=r"'epochs' field of recipe 'large-similar' must be an int in the range "
+                                        r"\[1, inf\). Got 0"):
         recipe.replace(epochs=0)
     with pytest.raises(DataError, match="unknown field 'layer'.*Fields of a finetune recipe"):
         recipe.replace(layer="auto")

@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
 import click
+
+from transferkit.codes.params import EXTRACTOR
+from transferkit.data.params import IMAGE_SIZE
+from transferkit.finetune.params import FINETUNE
+from transferkit.probe.params import PROBE
+from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"  # kept literal so `--help` does not import torch
 
@@ -44,16 +51,15 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
 
 
-def model_options(f=None, *, precision: str = "fp32", help_precision: str = "bf16 autocast on CPU/GPU; fp16 needs "
-                  "CUDA."):
-    """Options shared by every command that builds a backbone."""
+def model_options(f=None, *, table=FINETUNE, precision: str = "fp32",
+                  help_precision: str = "bf16 autocast on CPU/GPU; fp16 needs CUDA."):
+    """Options shared by every command that builds a backbone; their limits come from `table`."""
     if f is None:
-        return lambda g: model_options(g, precision=precision, help_precision=help_precision)
-    choices = ["auto", "fp32", "bf16", "fp16", "int8"] if precision == "auto" else ["fp32", "bf16", "fp16"]
-    f = click.option("--precision", type=click.Choice(choices), default=precision,
+        return lambda g: model_options(g, table=table, precision=precision, help_precision=help_precision)
+    f = click.option("--precision", type=click_type(table["precision"]), default=precision,
                      show_default=True, help=help_precision)(f)
-    f = click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)(f)
-    f = click.option("--image-size", type=click.IntRange(8), default=None,
+    f = click.option("--batch-size", type=click_type(table["batch_size"]), default=64, show_default=True)(f)
+    f = click.option("--image-size", type=click_type(table["image_size"]), default=None,
                      help="Resize whole images to N x N instead of the model's pretrained size and crop.")(f)
     f = click.option("--weights", default="auto", show_default=True,
                      help="A .safetensors/.pth file, 'auto' (installed package, then timm hub), 'package', "
@@ -65,7 +71,8 @@ def model_options(f=None, *, precision: str = "fp32", help_precision: str = "bf1
 @cli.command()
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Feature directory to write.")
-@model_options(precision="auto", help_precision="auto, on a CPU with ONNX Runtime: int8 there (quantized once, "
+@model_options(table=EXTRACTOR, precision="auto",
+               help_precision="auto, on a CPU with ONNX Runtime: int8 there (quantized once, "
                "calibrated on fixed photo crops, checked against fp32) when its file is cached or the data is large "
                "enough to repay it, else fp32 there likewise, else bf16 in torch on CPUs with native bf16 "
                "(AVX512-BF16/AMX); fp16 autocast on CUDA. fp32 turns reduced precision off.")
@@ -75,7 +82,8 @@ def model_options(f=None, *, precision: str = "fp32", help_precision: str = "bf1
 @click.option("--pool", default="avg", show_default=True,
               help="avg, max, avgmax, a grid like 2x2 that keeps location, a comma list, or 'all'.")
 @click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
-@click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader workers.")
+@click.option("--num-workers", type=click_type(EXTRACTOR["num_workers"]), default=0, show_default=True,
+              help="DataLoader workers.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images, list them at the end and in meta.json.")
 @click.option("--like", type=click.Path(exists=True, path_type=Path), default=None,
               help="Encode exactly like this feature directory (model, weights, size, best layer).")
@@ -83,7 +91,7 @@ def model_options(f=None, *, precision: str = "fp32", help_precision: str = "bf1
               help="Reuse codes of images already encoded the same way (see `transferkit cache`).")
 @click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
               help="Fold BatchNorm into the conv before it (checked against the unfolded output).")
-@click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+@click.option("--engine", type=click_type(EXTRACTOR["engine"]), default="auto", show_default=True,
               help="What runs the network. auto: ONNX Runtime (exported once, cached, checked against torch) on CPU "
                    "when it is installed and the data is large enough to repay the export (see --precision), "
                    "else torch.")
@@ -142,7 +150,7 @@ def _print_sweep(features: Path) -> None:
 
 @cli.command()
 @click.argument("features", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--cv", type=click.IntRange(2), default=3, show_default=True, help="Cross-validation folds.")
+@click.option("--cv", type=click_type(PROBE["cv"]), default=3, show_default=True, help="Cross-validation folds.")
 @click.option("--max-samples", type=click.IntRange(10), default=5000, show_default=True,
               help="Score on a stratified subset of at most this many training images.")
 def sweep(features: Path, cv: int, max_samples: int) -> None:
@@ -163,14 +171,14 @@ def sweep(features: Path, cv: int, max_samples: int) -> None:
 @click.option("--layer", default=None, help="Layer of the codes to use, or 'best' (from the sweep).")
 @click.option("--pool", default=None, help="Pooling of the codes to use.")
 @click.option("--C", "c", default="auto", show_default=True, help="SVM C, or 'auto' for cross-validation.")
-@click.option("--scaling", type=click.Choice(["standard", "l2", "none"]), default="standard", show_default=True)
-@click.option("--cv", type=click.IntRange(2), default=5, show_default=True, help="Folds for choosing C.")
+@click.option("--scaling", type=click_type(PROBE["scaling"]), default="standard", show_default=True)
+@click.option("--cv", type=click_type(PROBE["cv"]), default=5, show_default=True, help="Folds for choosing C.")
 def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: str | None, c: str,
           scaling: str, cv: int) -> None:
     """Train a linear SVM on the codes in TRAIN; report accuracy on TEST."""
     from transferkit.jobs import train_probe
 
-    C = c if c == "auto" else _positive_float(c, "--C")
+    C = c if c == "auto" else _number(c)  # LinearProbe checks its limits (PROBE["C"]) and names them
     report = train_probe(train, out, test=test, layer=layer, pool=pool, C=C, scaling=scaling, cv=cv)
     p = report.probe
     cv_text = "" if p.cv_score_ != p.cv_score_ else f", CV accuracy {100 * p.cv_score_:.2f}%"
@@ -182,20 +190,18 @@ def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: st
                    f"confusion matrix {out / 'confusion.png'}")
 
 
-def _positive_float(text: str, name: str) -> float:
+def _number(text: str) -> float | str:
+    """A number as a float; anything else stays text, for the library to refuse with its allowed values."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise click.BadParameter(f"must be a positive number or 'auto'. Got {text!r}.", param_hint=name)
-    return value
+        return text
 
 
 @cli.command()
 @click.argument("model_dir", metavar="MODEL")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch-size", type=click_type(EXTRACTOR["batch_size"]), default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
 @click.option("--dense", is_flag=True,
               help="Score map of each image at its own size (any size): npz + heat map per image in --out.")
@@ -244,7 +250,7 @@ def predict(model_dir: str, images: tuple[Path, ...], batch_size: int, as_json: 
 @click.argument("source", metavar="RUN_OR_MODEL")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for convert.json and fully_conv.safetensors.")
-@click.option("--input-size", type=click.IntRange(8), default=None,
+@click.option("--input-size", type=click_type(IMAGE_SIZE), default=None,
               help="The size the classifier was trained at (timm model names: their pretrained size).")
 @click.option("--window", is_flag=True, help="Keep every global pool as a training-size sliding window.")
 @click.option("--weights", default="auto", show_default=True, help="For a timm model name.")
@@ -300,7 +306,7 @@ def export(source: str, fmt: str, out: Path, weights: str, check: bool) -> None:
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Directory for report.txt, metrics.json and confusion.png.")
 @click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch-size", type=click_type(EXTRACTOR["batch_size"]), default=64, show_default=True)
 @click.option("--tta", is_flag=True, help="Fine-tuning runs: average each image with its mirror image.")
 def evaluate(model_dir: Path, data: Path, out: Path | None, per_class: int | None, batch_size: int,
              tta: bool) -> None:
@@ -324,38 +330,39 @@ def evaluate(model_dir: Path, data: Path, out: Path | None, per_class: int | Non
 @click.option("--freeze-until", default="none", show_default=True,
               help="Train only stages from this one up: a stage name or index, 'head' (head only), 'none' (all).")
 @click.option("--list-stages", "list_stages", is_flag=True, help="Print the stages of --model and exit.")
-@click.option("--epochs", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True,
+@click.option("--epochs", type=click_type(FINETUNE["epochs"]), default=5, show_default=True)
+@click.option("--lr", type=click_type(FINETUNE["lr"]), default=3e-3, show_default=True,
               help="Learning rate of the head; lower layers get less (--layer-decay or --lr-range).")
-@click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+@click.option("--layer-decay", type=click_type(FINETUNE["layer_decay"]), default=0.9, show_default=True,
               help="Geometric LR decay per layer group, from the head down (timm's param_groups_layer_decay).")
 @click.option("--lr-range", default=None, help="LO:HI spread over the trainable stages (fastai's slice(lo, hi)).")
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
-@click.option("--schedule", type=click.Choice(["cosine", "onecycle"]), default="cosine", show_default=True,
+@click.option("--optimizer", type=click_type(FINETUNE["optimizer"]), default="adamw", show_default=True)
+@click.option("--schedule", type=click_type(FINETUNE["schedule"]), default="cosine", show_default=True,
               help="Per-step: linear warmup then cosine, or one-cycle.")
-@click.option("--warmup-epochs", type=click.FloatRange(0), default=0.5, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(0), default=0.05, show_default=True,
+@click.option("--warmup-epochs", type=click_type(FINETUNE["warmup_epochs"]), default=0.5, show_default=True)
+@click.option("--weight-decay", type=click_type(FINETUNE["weight_decay"]), default=0.05, show_default=True,
               help="AdamW/SGD weight decay; never applied to norms and biases.")
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
-@click.option("--clip-grad", type=click.FloatRange(0), default=1.0, show_default=True,
+@click.option("--label-smoothing", type=click_type(FINETUNE["label_smoothing"]), default=0.1, show_default=True)
+@click.option("--clip-grad", type=click_type(FINETUNE["clip_grad"]), default=1.0, show_default=True,
               help="Max global gradient norm; 0 turns clipping off.")
-@click.option("--head", type=click.Choice(["linear", "mlp", "local"]), default="linear", show_default=True,
+@click.option("--head", type=click_type(FINETUNE["head"]), default="linear", show_default=True,
               help="local: LocallyConnected2d on the unpooled final map (then a fixed --image-size).")
 @click.option("--train-bn", is_flag=True, help="Let BatchNorm in frozen stages update its running statistics.")
 @click.option("--no-augment", is_flag=True, help="Train on the eval transform (no crop, flip or erasing).")
 @click.option("--crop-scale", default="0.35:1", show_default=True,
               help="LO:HI share of the image area a random resized crop keeps (0 < LO <= HI <= 1).")
-@click.option("--random-erasing", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+@click.option("--random-erasing", type=click_type(FINETUNE["random_erasing"]), default=0.25, show_default=True,
               help="Probability of timm's RandomErasing per training image.")
 @click.option("--no-cache", is_flag=True, help="Recompute the frozen stages every step instead of caching them.")
-@click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.1, show_default=True,
+@click.option("--val-fraction", type=click_type(FINETUNE["val_fraction"]), default=0.1, show_default=True,
               help="Stratified hold-out for validation when --val is not given.")
 @click.option("--val", "val_data", type=click.Path(path_type=Path), default=None,
               help="Validation data: a folder, CSV manifest or IDX prefix.")
 @click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
-@click.option("--early-stop", type=click.IntRange(1), default=None, help="Stop after N epochs without val gain.")
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--early-stop", type=click_type(FINETUNE["early_stop"]), default=None,
+              help="Stop after N epochs without val gain.")
+@click.option("--seed", type=click_type(FINETUNE["seed"]), default=0, show_default=True)
+@click.option("--num-workers", type=click_type(FINETUNE["num_workers"]), default=0, show_default=True)
 @click.option("--resume", "resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Continue the run in this directory from its last checkpoint; options not given are the run's.")
 @click.option("--find-lr", is_flag=True, help="Run the LR range test, save lr_find.png to --out and exit.")
@@ -404,8 +411,8 @@ def _finetune_config(ctx: click.Context, options: dict, saved: dict | None):
     values = dict(options)
     values["augment"] = not values.pop("no_augment")
     values["cache"] = not values.pop("no_cache")
-    values["lr_range"] = _lo_hi(values["lr_range"], "--lr-range")
-    values["crop_scale"] = _lo_hi(values["crop_scale"], "--crop-scale", high=1)
+    values["lr_range"] = _lo_hi(values["lr_range"], "--lr-range", FINETUNE["lr_range"][0])
+    values["crop_scale"] = _lo_hi(values["crop_scale"], "--crop-scale", FINETUNE["crop_scale"][0])
     values["clip_grad"] = values["clip_grad"] or None
     if saved is None:
         return FinetuneConfig(**values)
@@ -417,17 +424,18 @@ def _finetune_config(ctx: click.Context, options: dict, saved: dict | None):
     return dataclasses.replace(FinetuneConfig.from_dict(saved), **given)  # a given option that differs is refused
 
 
-def _lo_hi(text: str | None, option: str, high: float | None = None) -> tuple[float, float] | None:
-    """'LO:HI' -> (lo, hi) with 0 < lo <= hi (<= high); None stays None."""
+def _lo_hi(text: str | None, option: str, pair) -> tuple[float, float] | None:
+    """'LO:HI' -> (lo, hi) within `pair` (a runtime.params.Pair from the table); None stays None."""
     if text is None:
         return None
     try:
         lo, hi = (float(v) for v in text.split(":"))
     except ValueError:
-        lo = hi = -1.0
-    if not 0 < lo <= hi <= (high if high is not None else hi):
-        bound = f" <= {high:g}" if high is not None else ""
-        raise click.BadParameter(f"must be LO:HI with 0 < LO <= HI{bound}. Got {text!r}.", param_hint=option)
+        lo = hi = math.nan
+    if (lo, hi) not in pair:
+        bound = f" <= {pair.high:g}" if pair.high is not None else ""
+        raise click.BadParameter(f"must be LO:HI with {pair.low:g} < LO <= HI{bound}. Got {text!r}.",
+                                 param_hint=option)
     return lo, hi
 
 
@@ -460,7 +468,7 @@ def summary(model: str, image_size: tuple[int, int] | None) -> None:
               help="Folder with Fashion-MNIST's IDX files [default: the Debian package's].")
 @click.option("--per-class", type=click.IntRange(1), default=100, show_default=True,
               help="Training images per class (first N in file order).")
-@click.option("--image-size", type=click.IntRange(8), default=None, help="[default: the demo's tuned size]")
+@click.option("--image-size", type=click_type(IMAGE_SIZE), default=None, help="[default: the demo's tuned size]")
 def demo(out: Path, data: Path | None, per_class: int, image_size: int | None) -> None:
     """Offline demo: Fashion-MNIST + packaged EfficientNet-Lite0: extract -> sweep -> probe -> test accuracy."""
     from transferkit.recipes.demo import run_demo

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from transferkit.codes import ort_engine
+from transferkit.codes.params import EXTRACTOR
 from transferkit.codes.spec import CodeSpec, engine_file, key_name
 from transferkit.data.datasets import ImageDataset
 from transferkit.data.decode import collate, decode_ahead, load_image
@@ -24,13 +26,12 @@ from transferkit.data.transforms import build_transform, describe_transform
 from transferkit.errors import DataError, ModelError
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS, Layer, create_backbone, resolve_layers
 from transferkit.models.fold_bn import fold_checked
+from transferkit.runtime.params import sklearn_constraints, validate
 
 log = logging.getLogger(__name__)
 
 POOLS = ("avg", "max", "avgmax")  # plus grids "NxN" that keep location
 ALL_POOLS = ("avg", "max", "avgmax", "2x2", "4x4")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
-ENGINES = ("auto", "torch", "onnxruntime")
 # Images at 224 px (scaled by area) from which a first run with the ONNX export is no slower than torch:
 # the export took ~6 s and ONNX Runtime saved ~1.6 ms per 224 px image (bench/extract_speed.py, 2 cores)
 ORT_PAYS_OFF = 4000
@@ -134,8 +135,7 @@ def cpu_has_bf16() -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' -> what is fast and accurate enough for codes on `device` (bench/inference_variants.py)."""
-    if precision not in PRECISIONS:
-        raise ModelError(f"--precision must be one of {', '.join(PRECISIONS)}. Got '{precision}' instead.")
+    validate({"precision": EXTRACTOR["precision"]}, {"precision": precision}, "resolve_precision")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -149,10 +149,10 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "int8":
-        raise ModelError("--precision int8 runs in ONNX Runtime, for extracting codes on a CPU (extract, probe); "
+        raise ModelError("precision int8 runs in ONNX Runtime, for extracting codes on a CPU (extract, probe); "
                          "use fp32 or bf16 here")
     if precision == "fp16" and device.type != "cuda":
-        raise ModelError("--precision fp16 needs a CUDA device; use bf16 on CPU")
+        raise ModelError("precision fp16 needs a CUDA device; use bf16 on CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
 
@@ -193,6 +193,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     pools the codes are concatenated in (layer, pool) order.
     """
 
+    _parameter_constraints: dict = sklearn_constraints(EXTRACTOR)  # the limits live in transferkit.codes.params
+
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
@@ -228,20 +230,16 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         """
         import timm.data
 
-        if self.image_size is not None and int(self.image_size) < 8:
-            raise ModelError(f"The 'image_size' parameter must be >= 8. Got {self.image_size} instead.")
-        if self.engine not in ENGINES:
-            raise ModelError(f"The 'engine' parameter must be one of {', '.join(ENGINES)}. "
-                             f"Got '{self.engine}' instead.")
+        validate(self._parameter_constraints, self.get_params(deep=False), type(self).__name__)
         self.pools_ = parse_pools(self.pool)
         self.device_ = default_device()
         if self.precision == "int8" or self.engine == "onnxruntime":
-            ort = ("--precision int8" if self.precision == "int8" else "--engine onnxruntime")
+            ort = ("precision int8" if self.precision == "int8" else "engine onnxruntime")
             if self.device_.type != "cpu" or self.precision not in ("auto", "fp32", "int8"):
                 raise ModelError(f"{ort} runs ONNX Runtime on the CPU, in fp32 or int8; "
-                                 "use --precision auto, fp32 or int8 without a GPU")
+                                 "use precision auto, fp32 or int8 without a GPU")
             if self.engine == "torch":
-                raise ModelError("--precision int8 runs in ONNX Runtime; use --engine auto (or onnxruntime)")
+                raise ModelError("precision int8 runs in ONNX Runtime; use engine auto (or onnxruntime)")
             if not ort_engine.available():
                 raise ModelError(f"{ort} needs onnxruntime, onnx and onnxscript: "
                                  "pip install onnx onnxscript onnxruntime")
@@ -263,6 +261,11 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.folded_, self.engine_, self.input_dtype_, self._ort, self._planned = None, None, None, None, None
         self.int8_cosine_ = None  # for int8: mean cosine of its codes to fp32's, measured when it was quantized
         return self
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = []  # codes are float32, whatever the images' dtype
+        return tags
 
     def plan(self, n_images: int | None) -> FeatureExtractor:
         """Settle the engine and precision for a run over `n_images` images (None: unknown), before any runs.
@@ -421,6 +424,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def transform(self, X) -> np.ndarray:
         """(N, D) float32 codes of the images in X."""
+        check_is_fitted(self, "backbone_")
         parts = [np.concatenate([c[k] for k in self.keys_], axis=1) for c, *_ in self.iter_batches(X) if c]
         if not parts:
             return np.empty((0, self.n_features_out_), np.float32)

@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from transferkit.data.params import IMAGE_SIZE
 from transferkit.errors import DataError
+from transferkit.runtime.params import validate
 
 # What timm.data.create_transform assumes when a key is absent, so the description matches the transform.
 _CONFIG_DEFAULTS: dict[str, Any] = {
@@ -26,10 +28,7 @@ def _effective_config(data_config: dict, image_size: int | None) -> dict[str, An
     if isinstance(cfg["input_size"], int):
         cfg["input_size"] = (3, cfg["input_size"], cfg["input_size"])
     if image_size is not None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise DataError(
-                f"The 'image_size' parameter must be an integer >= 1 or None. Got {image_size!r} instead."
-            )
+        validate({"image_size": IMAGE_SIZE}, {"image_size": image_size}, "build_transform", error=DataError)
         # Resize the whole image: small centred subjects (Fashion-MNIST) must not lose their edges.
         cfg["input_size"] = (3, image_size, image_size)
         cfg["crop_pct"] = 1.0

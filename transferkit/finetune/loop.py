@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -27,8 +28,9 @@ from transferkit.codes.extractor import autocast, default_device
 from transferkit.data.datasets import ImageDataset
 from transferkit.data.decode import collate
 from transferkit.data.transforms import build_transform, describe_transform
-from transferkit.errors import DataError, ModelError, TransferkitError
+from transferkit.errors import DataError, TransferkitError
 from transferkit.finetune.checkpoint import load_checkpoint, save_checkpoint
+from transferkit.finetune.params import FINETUNE, OPTIMIZERS, SCHEDULES  # noqa: F401  (re-exported)
 from transferkit.finetune.prefix_cache import CachedDataset, PrefixCache, bypassed, collate_cached, frozen_prefix
 from transferkit.models.backbones import WeightsInfo, create_backbone
 from transferkit.models.stages import (  # noqa: F401  (re-exported: the fine-tuning API in one import)
@@ -48,11 +50,10 @@ from transferkit.models.weights import load_state_dict_file, state_dict_sha256
 from transferkit.runtime.atomic import atomic_write, write_json_atomic, write_text_atomic
 from transferkit.runtime.distributed import ShardSampler, World, all_true, close_world, init_world, sum_all
 from transferkit.runtime.outputs import check_output, claim
+from transferkit.runtime.params import validate
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "onecycle")
 METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr_head", "seconds", "img_per_s")
 FORMAT = "transferkit.finetune/1"
 RUN_KIND = "run"  # the output kind in its marker (transferkit.runtime.outputs)
@@ -62,6 +63,8 @@ RESULTS = ("best_epoch", "best_val_accuracy", "val")  # what a finished run adds
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Everything a fine-tuning run depends on; saved to config.json, compared on --resume."""
+
+    _parameter_constraints: ClassVar[dict] = FINETUNE  # the limits live in transferkit.finetune.params
 
     model: str = "tf_efficientnet_lite0"
     weights: str = "auto"
@@ -90,6 +93,13 @@ class FinetuneConfig:
     early_stop: int | None = None  # epochs without val improvement
     cache: bool = True  # frozen-prefix cache when it applies (frozen stages, no augmentation, one process)
     cache_memory_gb: float = 4.0  # larger caches are memory-mapped files in the run directory
+
+    def validate(self) -> FinetuneConfig:
+        """Fail on a setting outside its limits (naming it) before anything is built; return self."""
+        validate(self._parameter_constraints, {f.name: getattr(self, f.name) for f in fields(self)},
+                 type(self).__name__)
+        autocast(self.precision, default_device())  # fp16 needs CUDA
+        return self
 
     @classmethod
     def from_dict(cls, d: dict) -> FinetuneConfig:
@@ -136,7 +146,7 @@ def finetune(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFA
     `resume=True` continues the run in `out` from its last checkpoint; `config` and the data must be
     those of that run. Under torchrun every rank calls this with the same arguments.
     """
-    _check(config)
+    config.validate()
     device = default_device()
     world = init_world(device)
     try:
@@ -192,17 +202,6 @@ def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _check(config: FinetuneConfig) -> None:
-    """Fail on a bad setting before anything is built."""
-    if config.optimizer not in OPTIMIZERS:
-        raise ModelError(f"The 'optimizer' parameter must be one of 'adamw', 'sgd'. Got {config.optimizer!r} instead.")
-    if config.schedule not in SCHEDULES:
-        raise ModelError(f"The 'schedule' parameter must be one of 'cosine', 'onecycle'. Got {config.schedule!r}.")
-    if config.epochs < 1 or config.batch_size < 1 or not 0 <= config.val_fraction < 1:
-        raise ModelError(f"need epochs >= 1, batch_size >= 1 and 0 <= val_fraction < 1. Got {config} instead.")
-    autocast(config.precision, default_device())  # validates precision
 
 
 def _build(config: FinetuneConfig, classes: list[str], counts: np.ndarray | None) -> nn.Module:
@@ -561,7 +560,7 @@ def find_lr(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAU
     from transferkit.finetune.lr_finder import lr_range_test
     from transferkit.plots import plot_lr_find
 
-    _check(config)
+    config.validate()
     _seed(config.seed)
     check_output(out, RUN_KIND, inputs=[train.root])
     model = _build(config, train.classes, np.bincount(train.targets, minlength=len(train.classes)))

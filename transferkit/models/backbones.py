@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import timm
+import torch
 from torch import nn
 
 from transferkit.errors import ModelError, WeightsError
@@ -61,7 +62,11 @@ def create_backbone(name: str = DEFAULT_MODEL, weights: str | Path = "auto", **k
     if resolved.source == "hub":
         model = _from_hub(name, resolved.tried, **kwargs)
     else:
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        seeded = resolved.source == "random"  # 'random' weights are the same on every call: fit twice, same codes
+        with torch.random.fork_rng(devices=[], enabled=seeded):  # the caller's RNG is left as it was
+            if seeded:
+                torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False, **kwargs)
         if resolved.state_dict is not None:
             origin = f"'{resolved.location}'"
             state = match_state_dict(resolved.state_dict, model, origin)

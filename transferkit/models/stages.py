@@ -15,10 +15,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from transferkit.errors import ModelError
+from transferkit.models.params import HEAD, HEADS  # noqa: F401  (HEADS: re-exported)
+from transferkit.runtime.params import validate
 
 log = logging.getLogger(__name__)
 
-HEADS = ("linear", "mlp", "local")
 LOCAL_CHANNELS = 32  # filters per location of the local head
 
 
@@ -123,9 +124,7 @@ def replace_head(model: nn.Module, num_classes: int, class_counts: np.ndarray | 
     head='local' works on the unpooled final map, whose size depends on the input: `image_size` is the
     training image size (None: the model's pretrained input size).
     """
-    if head not in HEADS:
-        choices = ", ".join(repr(h) for h in HEADS)
-        raise ModelError(f"The 'head' parameter must be one of {choices}. Got {head!r} instead.")
+    validate({"head": HEAD}, {"head": head}, "replace_head")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"The 'num_classes' parameter must be an integer >= 1. Got {num_classes!r} instead.")
     model.reset_classifier(num_classes)

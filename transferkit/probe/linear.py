@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,14 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
-from transferkit.errors import DataError, ModelError, TransferkitError
+from transferkit.errors import DataError, ParameterError, TransferkitError
+from transferkit.probe.params import PROBE, SCALINGS  # noqa: F401  (SCALINGS: re-exported)
 from transferkit.runtime.atomic import write_bytes_atomic
+from transferkit.runtime.params import sklearn_constraints, validate
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0)  # tried upwards, stopping past the peak
-SCALINGS: tuple[str, ...] = ("standard", "l2", "none")
 _DUAL_RATIO = 10  # liblinear's dual solver beats the primal one until n_samples > ~10 x n_features
 _SWEEP_MAX_ITER = 1000  # a sweep only ranks views: a looser fit barely moves the ranking
 _SWEEP_TOL = 1e-2  # measured: same accuracy to 0.1-0.4 points as 1e-4, 2-3x faster
@@ -52,6 +53,8 @@ _META_KEYS = {"version", "params", "classes_dtype", "n_features_in", "best_C", "
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
     """Linear SVM on CNN codes, C chosen by stratified CV on the training set only."""
+
+    _parameter_constraints: dict = sklearn_constraints(PROBE)  # the limits live in transferkit.probe.params
 
     def __init__(
         self,
@@ -156,23 +159,17 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     # -- internals -------------------------------------------------------------------------------
 
     def _check_params(self) -> None:
-        """Reject bad parameters, naming the parameter, what it must be and what it got."""
-        scalings = ", ".join(repr(s) for s in SCALINGS)
-        is_auto = isinstance(self.C, str) and self.C == "auto"
+        """Reject bad parameters (the PROBE table), naming the parameter, what it must be and what it got."""
+        validate(self._parameter_constraints, self.get_params(deep=False), type(self).__name__)
         checks = [
-            ("scaling", isinstance(self.scaling, str) and self.scaling in SCALINGS, f"one of {scalings}"),
-            ("C", is_auto or _positive(self.C), "'auto' or a float > 0"),
             ("Cs", _positive_floats(self.Cs), "a non-empty sequence of floats > 0"),
-            ("cv", _int_at_least(self.cv, 2), "an int >= 2"),
-            ("max_iter", _int_at_least(self.max_iter, 1), "an int >= 1"),
-            ("tol", _positive(self.tol), "a float > 0"),
-            ("cv_max_samples", self.cv_max_samples is None or _int_at_least(self.cv_max_samples, 2 * self.cv),
+            ("cv_max_samples", self.cv_max_samples is None or self.cv_max_samples >= 2 * self.cv,
              "None or an int >= 2 x cv"),
         ]
         for param, ok, allowed in checks:
             if not ok:
-                raise ModelError(f"The {param!r} parameter of {type(self).__name__} must be {allowed}. "
-                                 f"Got {getattr(self, param)!r} instead.")
+                raise ParameterError(f"The {param!r} parameter of {type(self).__name__} must be {allowed}. "
+                                     f"Got {getattr(self, param)!r} instead.")
 
     def _make_pipeline(self, C: float, shape: tuple[int, int]) -> Pipeline:
         scale = {"standard": StandardScaler(), "l2": Normalizer(), "none": "passthrough"}[self.scaling]
@@ -279,10 +276,6 @@ def _positive_floats(values: Any) -> bool:
     if isinstance(values, str | bytes) or not hasattr(values, "__len__"):
         return False
     return len(values) > 0 and all(_positive(v) for v in values)
-
-
-def _int_at_least(value: Any, low: int) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool) and value >= low
 
 
 def _check_xy(X: Any, y: Any, *, for_cv: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -17,26 +17,28 @@ import contextlib
 import dataclasses
 import difflib
 import importlib.resources
-import math
 import sys
 import time
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from transferkit.codes.extractor import PRECISIONS, parse_pools
+from transferkit.codes.extractor import parse_pools
+from transferkit.codes.params import EXTRACTOR
 from transferkit.data.datasets import ImageDataset
 from transferkit.errors import DataError, ModelError
-from transferkit.finetune.loop import OPTIMIZERS, SCHEDULES, FinetuneConfig, finetune
+from transferkit.finetune.loop import FinetuneConfig, finetune
+from transferkit.finetune.params import FINETUNE
 from transferkit.jobs import evaluate_model, extract_features, load_data, train_probe
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS
-from transferkit.models.stages import HEADS
-from transferkit.probe.linear import SCALINGS, Evaluation
+from transferkit.probe.linear import Evaluation
+from transferkit.probe.params import PROBE
 from transferkit.runtime.atomic import write_json_atomic
 from transferkit.runtime.outputs import claim
+from transferkit.runtime.params import validate
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -295,7 +297,7 @@ def from_dict(data: Mapping[str, Any], *, where: str = "recipe", source: str = "
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise DataError(f"unknown field '{key}' in {where}.{hint} Fields of a {kind} recipe: {', '.join(allowed)}")
         hint_type = str if key in ("name", "kind", "description") else hints[key]
-        values[key] = _check_value(key, _coerce(key, value, hint_type, where), where)
+        values[key] = _check_value(key, _coerce(key, value, hint_type, where), where, _LIMITS[kind])
     settings = cls(**{k: v for k, v in values.items() if k not in ("name", "kind", "description")})
     if kind == "probe":
         _check_probe(settings, where)
@@ -360,50 +362,21 @@ def _describe(hint: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
-def _within(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-            high_open: bool = False) -> tuple[Callable[[Any], bool], str]:
-    """A range check and its text, e.g. '> 0', 'in [0, 1)'."""
-    def ok(v: Any) -> bool:
-        return ((low is None or (v > low if low_open else v >= low))
-                and (high is None or (v < high if high_open else v <= high)))
-    if high is None:
-        return ok, f"{'>' if low_open else '>='} {low:g}"
-    return ok, f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-
-def _pair(low: float, high: float | None = None) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: low < v[0] <= v[1] and (high is None or v[1] <= high),
-            f"[lo, hi] with {low:g} < lo <= hi" + (f" <= {high:g}" if high is not None else ""))
-
-
-_CHOICES: dict[str, Sequence[str]] = {
-    "precision": PRECISIONS, "scaling": SCALINGS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "head": HEADS,
-}
-_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "image_size": _within(8), "batch_size": _within(1), "num_workers": _within(0), "cv": _within(2),
-    "epochs": _within(1), "lr": _within(0, low_open=True), "layer_decay": _within(0, 1, low_open=True),
-    "lr_range": _pair(0), "weight_decay": _within(0), "warmup_epochs": _within(0),
-    "label_smoothing": _within(0, 1, high_open=True), "clip_grad": _within(0), "crop_scale": _pair(0, 1),
-    "random_erasing": _within(0, 1), "seed": _within(0), "val_fraction": _within(0, 1, high_open=True),
-    "early_stop": _within(1), "cache_memory_gb": _within(0, low_open=True),
+_LIMITS: dict[str, Mapping[str, Any]] = {  # the tables the library validates with: each limit written once
+    "probe": {f.name: {**EXTRACTOR, **PROBE}[f.name] for f in fields(ProbeSettings)
+              if f.name in EXTRACTOR or f.name in PROBE},
+    "finetune": FINETUNE,
 }
 
 
-def _check_value(key: str, value: Any, where: str) -> Any:
-    """Allowed values and ranges; None (an optional field left unset) always passes."""
+def _check_value(key: str, value: Any, where: str, limits: Mapping[str, Any]) -> Any:
+    """Allowed values and ranges, from the library's own tables; None (an optional field left unset) always passes."""
     if value is None:
         return value
     if key == "name":
         _check_name(value, where)
-    if key in _CHOICES and value not in _CHOICES[key]:
-        allowed = ", ".join(repr(c) for c in _CHOICES[key])
-        raise DataError(f"The '{key}' field of {where} must be one of {allowed}. Got {_shown(value)} instead.")
-    if key in _RANGES and not _RANGES[key][0](value):
-        raise DataError(f"The '{key}' field of {where} must be {_RANGES[key][1]}. Got {_shown(value)} instead.")
-    # the chained comparison also refuses NaN (every comparison with it is False) and infinity
-    if key == "C" and value != "auto" and (isinstance(value, str) or not 0 < value < math.inf):
-        raise DataError(f"The 'C' field of {where} must be a finite number > 0 or 'auto'. "
-                        f"Got {_shown(value)} instead.")
+    if key in limits:
+        validate({key: limits[key]}, {key: value}, where, error=DataError, noun="field")
     return value
 
 

@@ -1,0 +1,24 @@
+"""LinearProbe's parameter limits, as plain data (transferkit.runtime.params): its `_parameter_constraints`, the
+CLI's choices and the recipe validator all read this table. Light: no sklearn, so `transferkit --help` stays fast."""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+from transferkit.runtime.params import Interval, StrOptions
+
+SCALINGS = ("standard", "l2", "none")
+CV = [Interval(Integral, 2, None, closed="left")]
+
+PROBE = {
+    "C": [Interval(Real, 0, math.inf, closed="neither"), StrOptions(("auto",))],
+    "Cs": ["array-like"],  # each one a float > 0, checked in fit
+    "scaling": [StrOptions(SCALINGS)],
+    "cv": CV,
+    "max_iter": [Interval(Integral, 1, None, closed="left")],
+    "tol": [Interval(Real, 0, math.inf, closed="neither")],
+    "n_jobs": [Integral, None],
+    "random_state": ["random_state"],
+    "cv_max_samples": [Interval(Integral, 2, None, closed="left"), None],  # and >= 2 x cv, checked in fit
+}
