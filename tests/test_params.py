@@ -63,7 +63,7 @@ def test_feature_extractor_error_names_parameter_choices_and_value():
 
 
 def test_transforms_refuse_the_same_image_sizes():
-    from transferkit.data.datasets import build_transform
+    from transferkit.data.transforms import build_transform
 
     with pytest.raises(DataError, match=r"'image_size' parameter of build_transform must be an int in the range \[8"):
         build_transform({}, image_size=7)
