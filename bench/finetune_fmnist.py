@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine_lines, write_section  # noqa: E402
 
-from transferkit.finetune.loop import FinetuneConfig, finetune  # noqa: E402
+from transferkit.finetune.config import FinetuneConfig  # noqa: E402
+from transferkit.finetune.loop import finetune
 from transferkit.jobs import evaluate_model  # noqa: E402
 from transferkit.recipes.demo import fashion_mnist  # noqa: E402
 

@@ -25,7 +25,9 @@ import transferkit.finetune.loop as ft
 from transferkit.cli import cli
 from transferkit.data.datasets import open_dataset
 from transferkit.errors import DataError
-from transferkit.finetune.loop import RESULTS, FinetuneConfig, finetune
+from transferkit.finetune.config import FinetuneConfig
+from transferkit.finetune.loop import finetune
+from transferkit.finetune.rundir import RESULTS
 from transferkit.runtime.atomic import file_sha256
 
 CONFIG = FinetuneConfig(model="test_resnet", weights="random", image_size=32, batch_size=4, num_workers=0, epochs=2)

@@ -29,7 +29,7 @@ from transferkit import recipes
 from transferkit.cli import cli
 from transferkit.data.datasets import open_dataset
 from transferkit.errors import TransferkitError
-from transferkit.finetune.loop import FinetuneConfig
+from transferkit.finetune.config import FinetuneConfig
 from transferkit.jobs import image_files
 
 FUZZ = settings(

@@ -17,7 +17,8 @@ from transferkit.codes.extractor import FeatureExtractor
 from transferkit.codes.params import EXTRACTOR
 from transferkit.data.params import IMAGE_SIZE
 from transferkit.errors import DataError, ParameterError
-from transferkit.finetune.loop import FinetuneConfig, finetune
+from transferkit.finetune.config import FinetuneConfig
+from transferkit.finetune.loop import finetune
 from transferkit.finetune.params import FINETUNE
 from transferkit.probe.linear import LinearProbe
 from transferkit.probe.params import PROBE

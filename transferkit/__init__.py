@@ -26,10 +26,10 @@ _EXPORTS = {  # public name -> the module (under transferkit) that defines it
     "LinearProbe": "probe.linear",
     "evaluate": "probe.linear",
     "sweep": "probe.linear",
-    "FinetuneConfig": "finetune.loop",
+    "FinetuneConfig": "finetune.config",
     "freeze_until": "finetune.loop",
     "list_stages": "finetune.loop",
-    "load_finetuned": "finetune.loop",
+    "load_finetuned": "finetune.rundir",
     "Recipe": "recipes.recipe",
 }
 

@@ -330,7 +330,7 @@ def model_kind(model_dir: str | Path) -> str:
 
 def _load_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     """The best model of a fine-tuning run, on the default device, and its config.json."""
-    from transferkit.finetune.loop import load_finetuned  # the training machinery is only needed here
+    from transferkit.finetune.rundir import load_finetuned  # the training machinery is only needed here
 
     model, meta = load_finetuned(run_dir)
     return model.to(default_device()), meta

@@ -16,12 +16,11 @@ from torch import nn
 
 from transferkit.data.datasets import open_dataset
 from transferkit.errors import ModelError, TransferkitError
+from transferkit.finetune.config import FinetuneConfig
 from transferkit.finetune.loop import (
-    FinetuneConfig,
     finetune,
     freeze_until,
     list_stages,
-    load_finetuned,
     lr_table,
     param_groups,
     replace_head,
@@ -30,6 +29,7 @@ from transferkit.finetune.loop import (
     stage_table,
     warmup_cosine,
 )
+from transferkit.finetune.rundir import load_finetuned
 
 TINY = dict(model="test_resnet", weights="random", image_size=32, batch_size=4, num_workers=0, warmup_epochs=0.5)
 

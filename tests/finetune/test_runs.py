@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from transferkit.cli import cli
 from transferkit.data.datasets import open_dataset
 from transferkit.errors import DataError
-from transferkit.finetune.loop import FinetuneConfig, find_lr, finetune
+from transferkit.finetune.config import FinetuneConfig
+from transferkit.finetune.loop import find_lr, finetune
 from transferkit.finetune.prefix_cache import frozen_prefix
 from transferkit.runtime.distributed import steps_per_epoch
 

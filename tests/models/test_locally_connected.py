@@ -179,7 +179,9 @@ def test_finetune_local_head_reloads_predicts_and_summarises(tmp_path, photo_fol
     """Frozen packaged lite0 + local head on real photo crops; the run reloads to the same logits."""
     from transferkit.cli import cli
     from transferkit.data.datasets import open_dataset
-    from transferkit.finetune.loop import FinetuneConfig, finetune, load_finetuned
+    from transferkit.finetune.config import FinetuneConfig
+    from transferkit.finetune.loop import finetune
+    from transferkit.finetune.rundir import load_finetuned
     from transferkit.jobs import predict_images
 
     config = FinetuneConfig(model="tf_efficientnet_lite0", weights="package", head="local", freeze_until="head",

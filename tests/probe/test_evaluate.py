@@ -181,7 +181,7 @@ def test_evaluate_help():
 def test_evaluate_a_run_with_flip_tta(run_dir, folders):
     """--tta: the prediction is the argmax of the mean softmax of each image and its mirror image."""
     from transferkit.data.transforms import build_transform
-    from transferkit.finetune.loop import load_finetuned
+    from transferkit.finetune.rundir import load_finetuned
 
     out = run_dir[0]
     model, meta = load_finetuned(out)

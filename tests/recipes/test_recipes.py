@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from transferkit import recipes
 from transferkit.cli import cli
 from transferkit.errors import DataError, ModelError
-from transferkit.finetune.loop import FinetuneConfig
+from transferkit.finetune.config import FinetuneConfig
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"

@@ -249,7 +249,9 @@ def test_convert_keeps_receptive_field_path_for_strided_odd_inputs():
 def test_finetuned_run_converts(tmp_path, photo_folder, head):
     """A transferkit fine-tuning run (real photos, packaged weights): the converted net equals the run's model."""
     from transferkit.data.datasets import open_dataset
-    from transferkit.finetune.loop import FinetuneConfig, finetune, load_finetuned
+    from transferkit.finetune.config import FinetuneConfig
+    from transferkit.finetune.loop import finetune
+    from transferkit.finetune.rundir import load_finetuned
 
     config = FinetuneConfig(weights="package", image_size=64, epochs=1, batch_size=8, freeze_until="head",
                             augment=False, head=head, val_fraction=0.25)

@@ -389,9 +389,10 @@ def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stage
     if data is None or out is None:
         raise click.UsageError("DATA and --out are required (or use --list-stages)")
     from transferkit.finetune import loop as ft
+    from transferkit.finetune.rundir import read_run
     from transferkit.jobs import load_data
 
-    config = _finetune_config(ctx, options, ft.read_run(resume)["config"] if resume else None)
+    config = _finetune_config(ctx, options, read_run(resume)["config"] if resume else None)
     train = load_data(data, per_class=per_class)
     progress = ctx.obj["progress"]
     if find_lr:
@@ -406,7 +407,7 @@ def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stage
 
 def _finetune_config(ctx: click.Context, options: dict, saved: dict | None):
     """FinetuneConfig from the options; on --resume, from the run's config with the options given on top."""
-    from transferkit.finetune.loop import FinetuneConfig
+    from transferkit.finetune.config import FinetuneConfig
 
     values = dict(options)
     values["augment"] = not values.pop("no_augment")

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import json
 import logging
 import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -30,9 +27,18 @@ from transferkit.data.decode import collate
 from transferkit.data.transforms import build_transform, describe_transform
 from transferkit.errors import DataError, TransferkitError
 from transferkit.finetune.checkpoint import load_checkpoint, save_checkpoint
+from transferkit.finetune.config import DEFAULT_CONFIG, FinetuneConfig, build_model
 from transferkit.finetune.params import FINETUNE, OPTIMIZERS, SCHEDULES  # noqa: F401  (re-exported)
 from transferkit.finetune.prefix_cache import CachedDataset, PrefixCache, bypassed, collate_cached, frozen_prefix
-from transferkit.models.backbones import WeightsInfo, create_backbone
+from transferkit.finetune.rundir import (
+    FORMAT,
+    RESULTS,
+    RUN_KIND,
+    check_run_dir,
+    check_start_weights,
+    create_run_dir,
+    fingerprint,
+)
 from transferkit.models.stages import (  # noqa: F401  (re-exported: the fine-tuning API in one import)
     HEADS,
     Stage,
@@ -46,69 +52,14 @@ from transferkit.models.stages import (  # noqa: F401  (re-exported: the fine-tu
     stage_table,
     warmup_cosine,
 )
-from transferkit.models.weights import load_state_dict_file, state_dict_sha256
+from transferkit.models.weights import load_state_dict_file
 from transferkit.runtime.atomic import atomic_write, write_json_atomic, write_text_atomic
 from transferkit.runtime.distributed import ShardSampler, World, all_true, close_world, init_world, sum_all
 from transferkit.runtime.outputs import check_output, claim
-from transferkit.runtime.params import validate
 
 log = logging.getLogger(__name__)
 
 METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr_head", "seconds", "img_per_s")
-FORMAT = "transferkit.finetune/1"
-RUN_KIND = "run"  # the output kind in its marker (transferkit.runtime.outputs)
-RESULTS = ("best_epoch", "best_val_accuracy", "val")  # what a finished run adds to config.json
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Everything a fine-tuning run depends on; saved to config.json, compared on --resume."""
-
-    _parameter_constraints: ClassVar[dict] = FINETUNE  # the limits live in transferkit.finetune.params
-
-    model: str = "tf_efficientnet_lite0"
-    weights: str = "auto"
-    freeze_until: str = "none"  # 'none', 'head', a stage index or name (see stage_table)
-    epochs: int = 5
-    batch_size: int = 64  # per process under torchrun
-    image_size: int | None = None  # None: the model's pretrained input size
-    lr: float = 3e-3  # head LR; lower stages get less via layer_decay or lr_range
-    layer_decay: float | None = 0.9  # per fine timm group_matcher layer (18 on lite0): stem gets 0.9^17 = 17%
-    lr_range: tuple[float, float] | None = None  # (first trainable stage, head), geometric; replaces layer_decay
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"  # or "sgd" (momentum 0.9, nesterov)
-    schedule: str = "cosine"  # linear warmup then cosine to 0, or "onecycle" (torch OneCycleLR); per batch
-    warmup_epochs: float = 0.5  # cosine: warmup length; onecycle: the rising part
-    label_smoothing: float = 0.1
-    clip_grad: float | None = 1.0  # max global grad norm
-    head: str = "linear"  # or "mlp" (512 hidden, ReLU, dropout 0.2), "local" (LocallyConnected2d, unpooled map)
-    train_bn: bool = False  # False: BatchNorms of frozen stages keep their running statistics
-    augment: bool = True  # random resized crop (crop_scale), horizontal flip, random erasing
-    crop_scale: tuple[float, float] = (0.35, 1.0)  # fastai's min_scale; timm's 0.08 destroys small images
-    random_erasing: float = 0.25  # probability per image (timm RandomErasing, per-pixel noise)
-    precision: str = "fp32"
-    num_workers: int = 0
-    seed: int = 0
-    val_fraction: float = 0.1  # stratified hold-out when no val set is given; 0: none
-    early_stop: int | None = None  # epochs without val improvement
-    cache: bool = True  # frozen-prefix cache when it applies (frozen stages, no augmentation, one process)
-    cache_memory_gb: float = 4.0  # larger caches are memory-mapped files in the run directory
-
-    def validate(self) -> FinetuneConfig:
-        """Fail on a setting outside its limits (naming it) before anything is built; return self."""
-        validate(self._parameter_constraints, {f.name: getattr(self, f.name) for f in fields(self)},
-                 type(self).__name__)
-        autocast(self.precision, default_device())  # fp16 needs CUDA
-        return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
-        return cls(**d)
-
-
-DEFAULT_CONFIG = FinetuneConfig()
 
 
 @dataclass
@@ -162,13 +113,13 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
     _seed(config.seed)
     train, val = _split(train, val, config)
     meta = {"format": FORMAT, "config": asdict(config), "classes": list(train.classes),
-            "data": _fingerprint(train, val)}
+            "data": fingerprint(train, val)}
     inputs = [train.root, None if val is None else val.root]  # the run directory is never inside the data
-    old = _check_out(out, meta, resume, inputs)  # before the model is built: a wrong --resume fails at once
-    model = _build(config, train.classes, np.bincount(train.targets, minlength=len(train.classes)))
+    old = check_run_dir(out, meta, resume, inputs)  # before the model is built: a wrong --resume fails at once
+    model = build_model(config, train.classes, np.bincount(train.targets, minlength=len(train.classes)))
     model.to(device, memory_format=torch.channels_last)  # ~2x faster convs on CPU (oneDNN)
     meta["weights"] = model.weights_info.to_dict()
-    _check_weights(out, config, old, meta["weights"])
+    check_start_weights(out, config, old, meta["weights"])
     loader, val_loader, data_meta = _loaders(model, train, val, config, world)
     meta.update(data_meta)
     run = _start(model, config, out, train.sources, device, world, steps=config.epochs * len(loader))
@@ -181,7 +132,7 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
         meta = {**{k: old[k] for k in RESULTS if k in old}, **meta}  # kept until this run replaces them
     else:  # the model, its weights and the data are checked: only now does the run directory appear
         loop = _fresh_loop()
-        _prepare(out, world, inputs)
+        create_run_dir(out, world, inputs)
     loader, val_loader, bypass = _maybe_cache(model, config, train, val, loader, val_loader, out, device, world,
                                               progress)
     run.bypass = bypass["modules"]
@@ -202,72 +153,6 @@ def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _build(config: FinetuneConfig, classes: list[str], counts: np.ndarray | None) -> nn.Module:
-    """Backbone + new head + frozen stages, exactly as a run (or its reload) needs it."""
-    model = create_backbone(config.model, config.weights)
-    replace_head(model, len(classes), counts, config.head, image_size=config.image_size)  # None: pretrained size
-    freeze_until(model, resolve_stage(model, config.freeze_until))
-    return model
-
-
-def _fingerprint(train: ImageDataset, val: ImageDataset | None) -> dict:
-    """What --resume checks the data against: sizes and a hash of every (source, label)."""
-    h = hashlib.sha256()
-    for part in (train, val):
-        for src, y in zip(part.sources, part.targets) if part is not None else ():
-            h.update(f"{src}\t{y}\n".encode())
-        h.update(b"--\n")
-    return {"n_train": len(train), "n_val": len(val or []), "sha256": h.hexdigest()}
-
-
-def _check_out(out: Path, meta: dict, resume: bool, inputs: list) -> dict | None:
-    """A fresh run needs a directory without a run (and that transferkit may write: transferkit.runtime.outputs);
-    a resumed one the same config and data (returned)."""
-    if not resume:
-        check_output(out, RUN_KIND, inputs=inputs)
-        if (out / "config.json").exists():
-            raise DataError(f"'{out}' already holds a fine-tuning run; pass --resume to continue it "
-                            f"or choose another --out")
-        return None
-    old = read_run(out)
-    diff = config_diff(old, meta)
-    if diff:
-        raise DataError(f"cannot resume '{out}': it was started with different settings:\n" + "\n".join(diff))
-    return old
-
-
-def _check_weights(out: Path, config: FinetuneConfig, old: dict | None, weights: dict) -> None:
-    """A resumed run must start from the weights it started from: the checkpoint only holds what training changed."""
-    if old is None:
-        return
-    was = old.get("weights") if isinstance(old.get("weights"), dict) else {}
-    if was.get("sha256") != weights["sha256"]:
-        raise DataError(f"cannot resume '{out}': --weights {config.weights} now gives other starting weights "
-                        f"(sha256 {weights['sha256'][:12]}, run has {str(was.get('sha256'))[:12]})")
-
-
-def _prepare(out: Path, world: World, inputs: list) -> None:
-    """Create the run directory: only once the model, its weights and the data have been checked."""
-    if world.main:
-        claim(out, RUN_KIND, inputs=inputs)
-
-
-def config_diff(old: dict, new: dict) -> list[str]:
-    """Lines 'key: run has X, now Y' for the config, classes and data that differ."""
-    lines = []
-    for key in sorted(set(old.get("config", {})) | set(new["config"])):
-        a, b = old.get("config", {}).get(key), new["config"].get(key)
-        if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
-            lines.append(f"  {key}: run has {a!r}, now {b!r}")
-    for key, part in (("classes", None), ("data", "n_train"), ("data", "n_val"), ("data", "sha256")):
-        a, b = old.get(key), new.get(key)
-        if part is not None:
-            a, b = (a or {}).get(part), (b or {}).get(part)
-        if a != b:
-            lines.append(f"  {key if part is None else f'{key}.{part}'}: run has {a!r}, now {b!r}")
-    return lines
 
 
 def _split(train: ImageDataset, val: ImageDataset | None, config: FinetuneConfig):
@@ -563,7 +448,7 @@ def find_lr(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAU
     config.validate()
     _seed(config.seed)
     check_output(out, RUN_KIND, inputs=[train.root])
-    model = _build(config, train.classes, np.bincount(train.targets, minlength=len(train.classes)))
+    model = build_model(config, train.classes, np.bincount(train.targets, minlength=len(train.classes)))
     out = claim(out, RUN_KIND, inputs=[train.root])  # once the model is built: bad weights leave no folder
     device = default_device()
     model.to(device, memory_format=torch.channels_last)
@@ -602,36 +487,3 @@ def find_lr(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAU
     plot_lr_find(result.lrs, result.losses, out / "lr_find.png", suggestion=result.suggestion,
                  title=f"LR finder: {config.model}, freeze until {config.freeze_until}")
     return result
-
-
-def read_run(run_dir: str | Path) -> dict:
-    """config.json of a fine-tuning run directory; a clear error for anything else."""
-    run_dir = Path(run_dir)
-    path = run_dir / "config.json"
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
-        raise DataError(f"'{run_dir}' is not a fine-tuning run directory (config.json: {e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        what = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise DataError(f"'{path}' is not a transferkit fine-tuning run (format {what!r})")
-    if not isinstance(meta.get("config"), dict):
-        raise DataError(f"'{path}': field 'config' is missing or not an object")
-    return meta
-
-
-def load_finetuned(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, dict]:
-    """The best (or last) model of a run directory, in eval mode and channels_last, and its config.json."""
-    import timm
-
-    run_dir = Path(run_dir)
-    meta = read_run(run_dir)
-    model = timm.create_model(meta["config"]["model"], pretrained=False)  # weights come from the run
-    size = tuple(meta["transform"]["input_size"][-2:])  # what a local head was built for
-    replace_head(model, len(meta["classes"]), head=meta["config"]["head"], image_size=size)
-    path = run_dir / f"model-{which}.safetensors"
-    model.load_state_dict(load_state_dict_file(path))
-    norm = meta["transform"]  # the backbone's normalisation, e.g. 0.5/0.5 for packaged EfficientNet-Lite
-    model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(norm["mean"]), "std": tuple(norm["std"])}
-    model.weights_info = WeightsInfo("file", str(path), state_dict_sha256(model))
-    return model.to(memory_format=torch.channels_last).eval(), meta

@@ -31,7 +31,7 @@ from transferkit.data.datasets import ImageDataset
 from transferkit.data.decode import collate
 from transferkit.data.transforms import build_transform, describe_transform
 from transferkit.errors import DataError
-from transferkit.finetune.loop import FinetuneConfig
+from transferkit.finetune.config import FinetuneConfig
 from transferkit.jobs import SWEEP_SAMPLES, load_data
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS, create_backbone
 from transferkit.models.stages import freeze_until, replace_head, resolve_stage, set_train_mode

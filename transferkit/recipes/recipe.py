@@ -30,7 +30,8 @@ from transferkit.codes.extractor import parse_pools
 from transferkit.codes.params import EXTRACTOR
 from transferkit.data.datasets import ImageDataset
 from transferkit.errors import DataError, ModelError
-from transferkit.finetune.loop import FinetuneConfig, finetune
+from transferkit.finetune.config import FinetuneConfig
+from transferkit.finetune.loop import finetune
 from transferkit.finetune.params import FINETUNE
 from transferkit.jobs import evaluate_model, extract_features, load_data, train_probe
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS

@@ -88,7 +88,7 @@ def _from_timm(name: str, input_size: int | None, window: bool, weights: str) ->
 
 
 def _from_run(path: Path, window: bool) -> DenseClassifier:
-    from transferkit.finetune.loop import load_finetuned
+    from transferkit.finetune.rundir import load_finetuned
 
     model, meta = load_finetuned(path)
     size = meta["transform"]["input_size"][-1]

@@ -225,7 +225,8 @@ def load_for_summary(model: str) -> tuple[nn.Module, str, tuple[int, int]]:
     import timm.data
 
     if Path(model).is_dir():
-        from transferkit.finetune.loop import freeze_until, load_finetuned, resolve_stage
+        from transferkit.finetune.loop import freeze_until, resolve_stage
+        from transferkit.finetune.rundir import load_finetuned
         from transferkit.probe.saved import is_probe_dir
 
         if is_probe_dir(model):

@@ -1,0 +1,87 @@
+"""What a fine-tuning run depends on (FinetuneConfig, validated against finetune.params), and building its
+network from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import numpy as np
+from torch import nn
+
+from transferkit.codes.extractor import autocast, default_device
+from transferkit.finetune.params import FINETUNE, OPTIMIZERS, SCHEDULES  # noqa: F401  (re-exported)
+from transferkit.models.backbones import create_backbone
+from transferkit.models.stages import (  # noqa: F401  (re-exported: the fine-tuning API in one import)
+    HEADS,
+    Stage,
+    freeze_until,
+    list_stages,
+    lr_table,
+    param_groups,
+    replace_head,
+    resolve_stage,
+    set_train_mode,
+    stage_table,
+    warmup_cosine,
+)
+from transferkit.runtime.params import validate
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything a fine-tuning run depends on; saved to config.json, compared on --resume."""
+
+    _parameter_constraints: ClassVar[dict] = FINETUNE  # the limits live in transferkit.finetune.params
+
+    model: str = "tf_efficientnet_lite0"
+    weights: str = "auto"
+    freeze_until: str = "none"  # 'none', 'head', a stage index or name (see stage_table)
+    epochs: int = 5
+    batch_size: int = 64  # per process under torchrun
+    image_size: int | None = None  # None: the model's pretrained input size
+    lr: float = 3e-3  # head LR; lower stages get less via layer_decay or lr_range
+    layer_decay: float | None = 0.9  # per fine timm group_matcher layer (18 on lite0): stem gets 0.9^17 = 17%
+    lr_range: tuple[float, float] | None = None  # (first trainable stage, head), geometric; replaces layer_decay
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9, nesterov)
+    schedule: str = "cosine"  # linear warmup then cosine to 0, or "onecycle" (torch OneCycleLR); per batch
+    warmup_epochs: float = 0.5  # cosine: warmup length; onecycle: the rising part
+    label_smoothing: float = 0.1
+    clip_grad: float | None = 1.0  # max global grad norm
+    head: str = "linear"  # or "mlp" (512 hidden, ReLU, dropout 0.2), "local" (LocallyConnected2d, unpooled map)
+    train_bn: bool = False  # False: BatchNorms of frozen stages keep their running statistics
+    augment: bool = True  # random resized crop (crop_scale), horizontal flip, random erasing
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # fastai's min_scale; timm's 0.08 destroys small images
+    random_erasing: float = 0.25  # probability per image (timm RandomErasing, per-pixel noise)
+    precision: str = "fp32"
+    num_workers: int = 0
+    seed: int = 0
+    val_fraction: float = 0.1  # stratified hold-out when no val set is given; 0: none
+    early_stop: int | None = None  # epochs without val improvement
+    cache: bool = True  # frozen-prefix cache when it applies (frozen stages, no augmentation, one process)
+    cache_memory_gb: float = 4.0  # larger caches are memory-mapped files in the run directory
+
+    def validate(self) -> FinetuneConfig:
+        """Fail on a setting outside its limits (naming it) before anything is built; return self."""
+        validate(self._parameter_constraints, {f.name: getattr(self, f.name) for f in fields(self)},
+                 type(self).__name__)
+        autocast(self.precision, default_device())  # fp16 needs CUDA
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        known = {f.name for f in fields(cls)}
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+        return cls(**d)
+
+
+DEFAULT_CONFIG = FinetuneConfig()
+
+
+def build_model(config: FinetuneConfig, classes: list[str], counts: np.ndarray | None) -> nn.Module:
+    """Backbone + new head + frozen stages, exactly as a run (or its reload) needs it."""
+    model = create_backbone(config.model, config.weights)
+    replace_head(model, len(classes), counts, config.head, image_size=config.image_size)  # None: pretrained size
+    freeze_until(model, resolve_stage(model, config.freeze_until))
+    return model
