@@ -24,7 +24,7 @@ _EXPORTS = {  # public name -> the module (under transferkit) that defines it
     "extract": "codes.extract",
     "FeatureStore": "codes.store",
     "LinearProbe": "probe.linear",
-    "evaluate": "probe.linear",
+    "evaluate": "probe.metrics",
     "sweep": "probe.linear",
     "FinetuneConfig": "finetune.config",
     "freeze_until": "finetune.loop",

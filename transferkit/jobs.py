@@ -24,7 +24,8 @@ from transferkit.data.transforms import build_transform
 from transferkit.errors import DataError
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.weights import weights_argument
-from transferkit.probe.linear import DEFAULT_CS, Evaluation, LinearProbe, SweepResult, evaluate, sweep
+from transferkit.probe.linear import DEFAULT_CS, LinearProbe, SweepResult, sweep
+from transferkit.probe.metrics import Evaluation, evaluate
 from transferkit.probe.saved import is_probe_dir, load_probe_dir
 from transferkit.runtime.atomic import write_json_atomic, write_text_atomic
 from transferkit.runtime.outputs import add_files, building, check_output, new_tmp
@@ -286,7 +287,7 @@ def evaluate_model(
     softmax of each image and its mirror image, as the run was trained with horizontal flips.
     """
     from transferkit.plots import plot_confusion
-    from transferkit.probe.linear import score_predictions
+    from transferkit.probe.metrics import score_predictions
 
     dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class)
     if out is not None:

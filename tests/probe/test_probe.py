@@ -18,7 +18,8 @@ from sklearn.pipeline import Pipeline
 
 from transferkit.errors import DataError, ModelError, TransferkitError
 from transferkit.plots import plot_confusion, plot_sweep
-from transferkit.probe.linear import DEFAULT_CS, Evaluation, LinearProbe, SweepResult, evaluate, sweep
+from transferkit.probe.linear import DEFAULT_CS, LinearProbe, SweepResult, sweep
+from transferkit.probe.metrics import Evaluation, evaluate
 
 NAMES = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
 

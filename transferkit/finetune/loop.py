@@ -382,7 +382,7 @@ def _step(run: _Run, loss: torch.Tensor, epoch: int, batch: int, files: list[str
 def _final_eval(run: _Run, val_loader, classes: list[str]) -> dict:
     """Best model on the validation set: confusion.png and per-class scores (rank 0, whole val set)."""
     from transferkit.plots import plot_confusion
-    from transferkit.probe.linear import score_predictions
+    from transferkit.probe.metrics import score_predictions
 
     run.model.eval()
     ys, preds = [], []

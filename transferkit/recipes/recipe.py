@@ -35,7 +35,7 @@ from transferkit.finetune.loop import finetune
 from transferkit.finetune.params import FINETUNE
 from transferkit.jobs import evaluate_model, extract_features, load_data, train_probe
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS
-from transferkit.probe.linear import Evaluation
+from transferkit.probe.metrics import Evaluation
 from transferkit.probe.params import PROBE
 from transferkit.runtime.atomic import write_json_atomic
 from transferkit.runtime.outputs import claim
