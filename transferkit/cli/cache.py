@@ -1,0 +1,45 @@
+"""`cache info` and `cache clean`: the code cache and the exported engines."""
+
+from __future__ import annotations
+
+import click
+
+from transferkit.cli import cli
+
+
+@cli.group()
+def cache() -> None:
+    """The code cache: codes of images already encoded, keyed by model, weights, layer, pooling, transform
+    and image content ($TRANSFERKIT_CACHE, default ~/.cache/transferkit)."""
+
+
+@cache.command("info")
+def cache_info() -> None:
+    """List what is cached: one line per kind of codes, with rows and size."""
+    from transferkit.codes.cache import CodeCache
+
+    store = CodeCache()
+    entries = store.info()
+    for e in entries:
+        s = e.spec
+        click.echo(f"{e.path.name[:12]}  {s.get('model', '?')}  {s.get('layer', '?')}|{s.get('pool', '?')}  "
+                   f"{(s.get('transform') or {}).get('input_size', '?')}  {s.get('precision', '?')}  "
+                   f"{e.rows} images  {e.bytes / 2**20:.1f} MiB")
+    click.echo(f"{len(entries)} kind(s) of codes, {sum(e.rows for e in entries)} rows, "
+               f"{sum(e.bytes for e in entries) / 2**20:.1f} MiB in {store.root}")
+    engines = store.engines()
+    click.echo(f"{len(engines)} exported ONNX Runtime engine(s), "
+               f"{sum(p.stat().st_size for p in engines) / 2**20:.1f} MiB in {store.root / 'engines'}")
+
+
+@cache.command("clean")
+@click.option("--model", default=None, help="Only the codes of this model.")
+def cache_clean(model: str | None) -> None:
+    """Delete cached codes (all, or one model's); without --model the exported engines too."""
+    from transferkit.codes.cache import CodeCache
+
+    store = CodeCache()
+    engines = [] if model else store.engines()
+    gone = store.clear(model)
+    click.echo(f"deleted {len(gone)} kind(s) of codes, {sum(e.bytes for e in gone) / 2**20:.1f} MiB, and "
+               f"{len(engines)} engine(s) from {store.root}")

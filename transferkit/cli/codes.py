@@ -1,0 +1,120 @@
+"""`extract`, `sweep` and `layers`: CNN codes from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from transferkit.cli import DEFAULT_MODEL, cli, model_options
+from transferkit.codes.params import EXTRACTOR
+from transferkit.probe.params import PROBE
+from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
+
+
+@cli.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Feature directory to write.")
+@model_options(table=EXTRACTOR, precision="auto",
+               help_precision="auto, on a CPU with ONNX Runtime: int8 there (quantized once, "
+               "calibrated on fixed photo crops, checked against fp32) when its file is cached or the data is large "
+               "enough to repay it, else fp32 there likewise, else bf16 in torch on CPUs with native bf16 "
+               "(AVX512-BF16/AMX); fp16 autocast on CUDA. fp32 turns reduced precision off.")
+@click.option("--layer", default="pre_logits", show_default=True,
+              help="pre_logits, a stage index or timm module name (see `transferkit layers`), 'all', "
+                   "or 'auto' (every stage x pooling, then a sweep picks the best).")
+@click.option("--pool", default="avg", show_default=True,
+              help="avg, max, avgmax, a grid like 2x2 that keeps location, a comma list, or 'all'.")
+@click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
+@click.option("--num-workers", type=click_type(EXTRACTOR["num_workers"]), default=0, show_default=True,
+              help="DataLoader workers.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images, list them at the end and in meta.json.")
+@click.option("--like", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Encode exactly like this feature directory (model, weights, size, best layer).")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Reuse codes of images already encoded the same way (see `transferkit cache`).")
+@click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
+              help="Fold BatchNorm into the conv before it (checked against the unfolded output).")
+@click.option("--engine", type=click_type(EXTRACTOR["engine"]), default="auto", show_default=True,
+              help="What runs the network. auto: ONNX Runtime (exported once, cached, checked against torch) on CPU "
+                   "when it is installed and the data is large enough to repay the export (see --precision), "
+                   "else torch.")
+@click.option("--profile", is_flag=True, help="First time decoding alone and the model alone on 256 images.")
+def extract(data: Path, out: Path, model: str, weights: str, image_size: int | None, batch_size: int,
+            precision: str, layer: str, pool: str, per_class: int | None, num_workers: int, skip_bad: bool,
+            like: Path | None, cache: bool, fold_bn: bool, engine: str, profile: bool) -> None:
+    """Write CNN codes of every image in DATA (folder, CSV manifest or IDX) to a feature directory."""
+    from transferkit.jobs import extract_features
+
+    if profile:
+        from transferkit.codes.extract import profile as profile_extraction
+        from transferkit.codes.extractor import FeatureExtractor
+        from transferkit.jobs import load_data
+
+        p = profile_extraction(FeatureExtractor(model, weights=weights, layer="all" if layer == "auto" else layer,
+                                                pool="all" if layer == "auto" else pool, image_size=image_size,
+                                                batch_size=batch_size, precision=precision, num_workers=num_workers,
+                                                fold_bn=fold_bn, engine=engine), load_data(data, per_class=per_class))
+        slower = "decoding" if p["decode_images_per_second"] < p["model_images_per_second"] else "the model"
+        click.echo(f"profile on {p['images']} images: decoding {p['decode_images_per_second']:.0f} img/s "
+                   f"({p['num_workers']} DataLoader workers), model {p['model_images_per_second']:.0f} img/s "
+                   f"({p['engine']}, {p['precision']}); {slower} is the bottleneck")
+
+    store = extract_features(
+        data, out, model=model, weights=weights, layer=layer, pool=pool, image_size=image_size,
+        batch_size=batch_size, precision=precision, num_workers=num_workers, per_class=per_class,
+        skip_bad=skip_bad, like=like, cache=cache, fold_bn=fold_bn, engine=engine,
+        progress=click.get_current_context().obj["progress"],
+    )
+    if _worker_rank():
+        return  # under torchrun only rank 0 reports
+    meta = store.meta
+    cached = meta.get("cache") or {}
+    reuse = f"; {cached['cached']} from the code cache, {cached['computed']} encoded" if cached.get("cached") else ""
+    click.echo(f"{len(store)} images -> {out} ({', '.join(store.keys[:4])}{', ...' if len(store.keys) > 4 else ''}) "
+               f"at {meta['images_per_second']} img/s{reuse}; weights {meta['weights']['source']} "
+               f"sha256 {meta['weights']['sha256'][:12]}")
+    _print_sweep(out)  # skipped images: extract logs one warning, meta.json lists them all
+
+
+def _worker_rank() -> bool:
+    """True on torchrun ranks other than 0 (extract has closed the process group it opened by now)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) != 0
+
+
+def _print_sweep(features: Path) -> None:
+    file = features / "sweep.json"
+    if file.is_file():
+        best = json.loads(file.read_text())["best"]
+        click.echo(f"sweep: best codes {best['layer']}|{best['pool']} (dim {best['dim']}) "
+                   f"at {100 * best['cv_accuracy']:.2f}% CV accuracy; plot {features / 'sweep.png'}")
+
+
+@cli.command()
+@click.argument("features", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--cv", type=click_type(PROBE["cv"]), default=3, show_default=True, help="Cross-validation folds.")
+@click.option("--max-samples", type=click.IntRange(10), default=5000, show_default=True,
+              help="Score on a stratified subset of at most this many training images.")
+def sweep(features: Path, cv: int, max_samples: int) -> None:
+    """Score every layer x pooling in FEATURES by cross-validated linear-SVM accuracy (training data only)."""
+    from transferkit.codes.store import FeatureStore
+    from transferkit.jobs import sweep_features
+
+    result = sweep_features(FeatureStore(features), cv=cv, max_samples=max_samples)
+    click.echo(result.table())
+    _print_sweep(features)
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+def layers(model: str) -> None:
+    """List the layers of MODEL that --layer accepts."""
+    import timm
+
+    from transferkit.models.backbones import check_model_name, layer_table
+
+    check_model_name(model)
+    click.echo(layer_table(timm.create_model(model, pretrained=False)))

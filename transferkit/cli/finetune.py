@@ -1,0 +1,129 @@
+"""`finetune`: fine-tuning runs from the command line."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+
+from transferkit.cli import cli, model_options
+from transferkit.finetune.params import FINETUNE
+from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
+
+
+@cli.command()
+@click.argument("data", type=click.Path(path_type=Path), required=False)
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Run directory for checkpoints and metrics.")
+@model_options
+@click.option("--freeze-until", default="none", show_default=True,
+              help="Train only stages from this one up: a stage name or index, 'head' (head only), 'none' (all).")
+@click.option("--list-stages", "list_stages", is_flag=True, help="Print the stages of --model and exit.")
+@click.option("--epochs", type=click_type(FINETUNE["epochs"]), default=5, show_default=True)
+@click.option("--lr", type=click_type(FINETUNE["lr"]), default=3e-3, show_default=True,
+              help="Learning rate of the head; lower layers get less (--layer-decay or --lr-range).")
+@click.option("--layer-decay", type=click_type(FINETUNE["layer_decay"]), default=0.9, show_default=True,
+              help="Geometric LR decay per layer group, from the head down (timm's param_groups_layer_decay).")
+@click.option("--lr-range", default=None, help="LO:HI spread over the trainable stages (fastai's slice(lo, hi)).")
+@click.option("--optimizer", type=click_type(FINETUNE["optimizer"]), default="adamw", show_default=True)
+@click.option("--schedule", type=click_type(FINETUNE["schedule"]), default="cosine", show_default=True,
+              help="Per-step: linear warmup then cosine, or one-cycle.")
+@click.option("--warmup-epochs", type=click_type(FINETUNE["warmup_epochs"]), default=0.5, show_default=True)
+@click.option("--weight-decay", type=click_type(FINETUNE["weight_decay"]), default=0.05, show_default=True,
+              help="AdamW/SGD weight decay; never applied to norms and biases.")
+@click.option("--label-smoothing", type=click_type(FINETUNE["label_smoothing"]), default=0.1, show_default=True)
+@click.option("--clip-grad", type=click_type(FINETUNE["clip_grad"]), default=1.0, show_default=True,
+              help="Max global gradient norm; 0 turns clipping off.")
+@click.option("--head", type=click_type(FINETUNE["head"]), default="linear", show_default=True,
+              help="local: LocallyConnected2d on the unpooled final map (then a fixed --image-size).")
+@click.option("--train-bn", is_flag=True, help="Let BatchNorm in frozen stages update its running statistics.")
+@click.option("--no-augment", is_flag=True, help="Train on the eval transform (no crop, flip or erasing).")
+@click.option("--crop-scale", default="0.35:1", show_default=True,
+              help="LO:HI share of the image area a random resized crop keeps (0 < LO <= HI <= 1).")
+@click.option("--random-erasing", type=click_type(FINETUNE["random_erasing"]), default=0.25, show_default=True,
+              help="Probability of timm's RandomErasing per training image.")
+@click.option("--no-cache", is_flag=True, help="Recompute the frozen stages every step instead of caching them.")
+@click.option("--val-fraction", type=click_type(FINETUNE["val_fraction"]), default=0.1, show_default=True,
+              help="Stratified hold-out for validation when --val is not given.")
+@click.option("--val", "val_data", type=click.Path(path_type=Path), default=None,
+              help="Validation data: a folder, CSV manifest or IDX prefix.")
+@click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
+@click.option("--early-stop", type=click_type(FINETUNE["early_stop"]), default=None,
+              help="Stop after N epochs without val gain.")
+@click.option("--seed", type=click_type(FINETUNE["seed"]), default=0, show_default=True)
+@click.option("--num-workers", type=click_type(FINETUNE["num_workers"]), default=0, show_default=True)
+@click.option("--resume", "resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Continue the run in this directory from its last checkpoint; options not given are the run's.")
+@click.option("--find-lr", is_flag=True, help="Run the LR range test, save lr_find.png to --out and exit.")
+@click.pass_context
+def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stages: bool, resume: Path | None,
+             find_lr: bool, per_class: int | None, val_data: Path | None, **options) -> None:
+    """Fine-tune --model on DATA, partly (--freeze-until) or whole, with per-layer learning rates.
+
+    Runs as is under `torchrun --nproc-per-node N` (DistributedDataParallel; --batch-size is per process).
+    """
+    import timm
+
+    from transferkit.finetune.loop import stage_table
+    from transferkit.models.backbones import check_model_name
+
+    if list_stages:
+        check_model_name(options["model"])
+        click.echo(stage_table(timm.create_model(options["model"], pretrained=False)))
+        return
+    if resume is not None:
+        if out is not None and out.resolve() != resume.resolve():
+            raise click.UsageError(f"--out '{out}' and --resume '{resume}' name different runs; give one")
+        out = resume
+    if data is None or out is None:
+        raise click.UsageError("DATA and --out are required (or use --list-stages)")
+    from transferkit.finetune import loop as ft
+    from transferkit.finetune.rundir import read_run
+    from transferkit.jobs import load_data
+
+    config = _finetune_config(ctx, options, read_run(resume)["config"] if resume else None)
+    train = load_data(data, per_class=per_class)
+    progress = ctx.obj["progress"]
+    if find_lr:
+        result = ft.find_lr(train, out, config, progress=progress)
+        click.echo(f"suggested --lr {result.suggestion:.2g} (a tenth of the lowest-loss LR); "
+                   f"plot: {out / 'lr_find.png'}")
+        return
+    val = load_data(val_data) if val_data is not None else None
+    result = ft.finetune(train, out, config, val=val, progress=progress, resume=resume is not None)
+    click.echo(f"best epoch {result.best_epoch}: validation accuracy {100 * result.best_val_accuracy:.2f}% -> {out}")
+
+
+def _finetune_config(ctx: click.Context, options: dict, saved: dict | None):
+    """FinetuneConfig from the options; on --resume, from the run's config with the options given on top."""
+    from transferkit.finetune.config import FinetuneConfig
+
+    values = dict(options)
+    values["augment"] = not values.pop("no_augment")
+    values["cache"] = not values.pop("no_cache")
+    values["lr_range"] = _lo_hi(values["lr_range"], "--lr-range", FINETUNE["lr_range"][0])
+    values["crop_scale"] = _lo_hi(values["crop_scale"], "--crop-scale", FINETUNE["crop_scale"][0])
+    values["clip_grad"] = values["clip_grad"] or None
+    if saved is None:
+        return FinetuneConfig(**values)
+    import dataclasses
+
+    param = {"augment": "no_augment", "cache": "no_cache"}
+    given = {k: v for k, v in values.items()
+             if ctx.get_parameter_source(param.get(k, k)) == click.core.ParameterSource.COMMANDLINE}
+    return dataclasses.replace(FinetuneConfig.from_dict(saved), **given)  # a given option that differs is refused
+
+
+def _lo_hi(text: str | None, option: str, pair) -> tuple[float, float] | None:
+    """'LO:HI' -> (lo, hi) within `pair` (a runtime.params.Pair from the table); None stays None."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(":"))
+    except ValueError:
+        lo = hi = math.nan
+    if (lo, hi) not in pair:
+        bound = f" <= {pair.high:g}" if pair.high is not None else ""
+        raise click.BadParameter(f"must be LO:HI with {pair.low:g} < LO <= HI{bound}. Got {text!r}.",
+                                 param_hint=option)
+    return lo, hi

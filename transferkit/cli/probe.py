@@ -1,0 +1,119 @@
+"""`probe`, `predict` and `evaluate`: linear probes and any model folder from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from transferkit.cli import cli
+from transferkit.codes.params import EXTRACTOR
+from transferkit.probe.params import PROBE
+from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
+
+
+@cli.command()
+@click.argument("train", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Directory for the probe.")
+@click.option("--test", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Feature directory to evaluate on (extract it with --like TRAIN).")
+@click.option("--layer", default=None, help="Layer of the codes to use, or 'best' (from the sweep).")
+@click.option("--pool", default=None, help="Pooling of the codes to use.")
+@click.option("--C", "c", default="auto", show_default=True, help="SVM C, or 'auto' for cross-validation.")
+@click.option("--scaling", type=click_type(PROBE["scaling"]), default="standard", show_default=True)
+@click.option("--cv", type=click_type(PROBE["cv"]), default=5, show_default=True, help="Folds for choosing C.")
+def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: str | None, c: str,
+          scaling: str, cv: int) -> None:
+    """Train a linear SVM on the codes in TRAIN; report accuracy on TEST."""
+    from transferkit.jobs import train_probe
+
+    C = c if c == "auto" else _number(c)  # LinearProbe checks its limits (PROBE["C"]) and names them
+    report = train_probe(train, out, test=test, layer=layer, pool=pool, C=C, scaling=scaling, cv=cv)
+    p = report.probe
+    cv_text = "" if p.cv_score_ != p.cv_score_ else f", CV accuracy {100 * p.cv_score_:.2f}%"
+    click.echo(f"probe on {report.key}: C={p.best_C_:g}{cv_text} -> {out}")
+    if report.evaluation is not None:
+        ev = report.evaluation
+        click.echo(ev.report)
+        click.echo(f"test accuracy: {100 * ev.accuracy:.2f}% ({int(ev.confusion.sum())} images); "
+                   f"confusion matrix {out / 'confusion.png'}")
+
+
+def _number(text: str) -> float | str:
+    """A number as a float; anything else stays text, for the library to refuse with its allowed values."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+@cli.command()
+@click.argument("model_dir", metavar="MODEL")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--batch-size", type=click_type(EXTRACTOR["batch_size"]), default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
+@click.option("--dense", is_flag=True,
+              help="Score map of each image at its own size (any size): npz + heat map per image in --out.")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --dense: directory for IMAGE.npz and IMAGE-heatmap.png.")
+@click.option("--window", is_flag=True, help="With --dense: each cell is the head on one training-size window.")
+@click.option("--weights", default="auto", show_default=True, help="With --dense and a timm model name as MODEL.")
+def predict(model_dir: str, images: tuple[Path, ...], batch_size: int, as_json: bool, dense: bool, out: Path | None,
+            window: bool, weights: str) -> None:
+    """Classify IMAGES (files or folders) with MODEL: a probe directory or a fine-tuning run directory.
+
+    The score is the probe's SVM score, or the fine-tuned network's softmax probability. With --dense,
+    MODEL may also be a converted directory (`transferkit convert`) or a timm model name (its ImageNet head),
+    and each image is scored at every location: see docs/surgery.md.
+    """
+    if dense:
+        from transferkit.jobs import image_files
+        from transferkit.surgery.dense import dense_predict, load_classifier
+
+        if out is not None:  # before the network loads: never into the images' folders
+            from transferkit.runtime.outputs import check_output
+            from transferkit.surgery.dense import DENSE_KIND
+
+            check_output(out, DENSE_KIND, inputs=images)
+        clf = load_classifier(model_dir, window=window, weights=weights)
+        for path in image_files(list(images)):
+            row = dense_predict(clf, path, out)
+            if as_json:
+                click.echo(json.dumps(row))
+                continue
+            best = ", ".join(f"{t['label']} {t['score']:.3f}" for t in row["top"][:3])
+            f = row["field"]
+            click.echo(f"{path}\t{row['map_size'][0]}x{row['map_size'][1]} cells (stride {f['jump'][0]:g} px, "
+                       f"field {f['size'][0]:g} px)\t{best}")
+        return
+    from transferkit.jobs import predict_images
+
+    if not Path(model_dir).is_dir():
+        raise click.BadParameter(f"'{model_dir}' is not a directory (a timm model name needs --dense)",
+                                 param_hint="MODEL")
+    for row in predict_images(model_dir, list(images), batch_size=batch_size):
+        click.echo(json.dumps(row) if as_json else f"{row['source']}\t{row['label']}\t{row['score']:.3f}")
+
+
+@cli.command()
+@click.argument("model_dir", metavar="MODEL", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Directory for report.txt, metrics.json and confusion.png.")
+@click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
+@click.option("--batch-size", type=click_type(EXTRACTOR["batch_size"]), default=64, show_default=True)
+@click.option("--tta", is_flag=True, help="Fine-tuning runs: average each image with its mirror image.")
+def evaluate(model_dir: Path, data: Path, out: Path | None, per_class: int | None, batch_size: int,
+             tta: bool) -> None:
+    """Score MODEL (a probe or a fine-tuning run directory) on labelled DATA (folder, CSV manifest or IDX).
+
+    Classes are matched by name: DATA may lack some of the model's classes, but not add new ones.
+    """
+    from transferkit.jobs import evaluate_model
+
+    ev = evaluate_model(model_dir, data, out=out, per_class=per_class, batch_size=batch_size,
+                        progress=click.get_current_context().obj["progress"], tta=tta)
+    click.echo(ev.report)
+    plot = f"; confusion matrix {out / 'confusion.png'}" if out is not None else ""
+    click.echo(f"accuracy: {100 * ev.accuracy:.2f}% ({int(ev.confusion.sum())} images){plot}")

@@ -1,0 +1,76 @@
+"""`convert`, `export` and `summary`: network surgery from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from transferkit.cli import DEFAULT_MODEL, cli
+from transferkit.data.params import IMAGE_SIZE
+from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
+
+
+@cli.command()
+@click.argument("source", metavar="RUN_OR_MODEL")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for convert.json and fully_conv.safetensors.")
+@click.option("--input-size", type=click_type(IMAGE_SIZE), default=None,
+              help="The size the classifier was trained at (timm model names: their pretrained size).")
+@click.option("--window", is_flag=True, help="Keep every global pool as a training-size sliding window.")
+@click.option("--weights", default="auto", show_default=True, help="For a timm model name.")
+def convert(source: str, out: Path, input_size: int | None, window: bool, weights: str) -> None:
+    """Convert a classifier's FC layers to convolutions, so it takes images of any size and returns score maps.
+
+    RUN_OR_MODEL: a fine-tuning run, a probe directory or a timm model name.
+    """
+    from transferkit.runtime.outputs import check_output
+    from transferkit.surgery.dense import CONVERTED_KIND, load_classifier, save_converted
+
+    check_output(out, CONVERTED_KIND, inputs=[source])  # before the work
+    clf = load_classifier(source, input_size=input_size, window=window, weights=weights)
+    save_converted(clf, out)
+    click.echo(f"{out}: {len(clf.classes)} classes, trained at {clf.net.input_size[0]}x{clf.net.input_size[1]}, "
+               f"parity error {clf.net.parity_error:.2g}; map mean = original logits at "
+               f"{'every size' if clf.net.mean_is_logits else 'the training size'}")
+    click.echo(str(clf.net.head))
+
+
+@cli.command()
+@click.argument("source", metavar="RUN_OR_MODEL")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="File to write.")
+@click.option("--weights", default="auto", show_default=True, help="For a timm model name.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Compare onnxruntime with torch at two input sizes.")
+def export(source: str, fmt: str, out: Path, weights: str, check: bool) -> None:
+    """Export the fully convolutional form of RUN_OR_MODEL (run, probe, converted dir, timm name), dynamic H x W."""
+    from transferkit.runtime.outputs import check_output_file
+    from transferkit.surgery.dense import load_classifier
+    from transferkit.surgery.export import check_onnx, export_onnx, written_here
+
+    check_output_file(out, written_here)  # before the work: replace only a file transferkit exported
+    clf = load_classifier(source, weights=weights)
+    export_onnx(clf, out)
+    click.echo(f"wrote {out}")
+    if check:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            click.echo("onnxruntime is not installed: not checked")
+            return
+        h, w = clf.net.input_size
+        for row in check_onnx(clf, out, [(h, w), (h + 2 * h // 3 + 1, 2 * w - 3)]):
+            click.echo(f"onnxruntime vs torch at {row['size'][0]}x{row['size'][1]} (map {row['map'][0]}x"
+                       f"{row['map'][1]}): max |diff| {row['max_abs_diff']:.2g}")
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--image-size", type=(click.IntRange(1), click.IntRange(1)), default=None, metavar="H W",
+              help="Input height and width [default: the model's pretrained size, or the run's image size].")
+def summary(model: str, image_size: tuple[int, int] | None) -> None:
+    """Per layer of MODEL (a timm name or a fine-tuning run directory): output shape, parameters, MACs."""
+    from transferkit.surgery.summary import summarize_model
+
+    click.echo(summarize_model(model, image_size).table())
