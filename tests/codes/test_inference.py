@@ -111,7 +111,6 @@ def test_torch_auto_precision_is_bf16_weights_where_the_cpu_runs_bf16(photo_fold
     assert store.meta["engine"] == "torch"
 
 
-@pytest.mark.skipif(not ort_engine.available(), reason="needs onnxruntime, onnx and onnxscript (the onnx extra)")
 def test_onnxruntime_engine_matches_eager_fp32_and_is_reused(photo_folder, tmp_path, code_cache, caplog):
     """The exported engine gives the eager fp32 codes (tolerance: 1e-4 of the largest code), every key;
     the file is cached, and 'auto' then uses it even for a few images; 'auto' on a few images and no
@@ -183,7 +182,6 @@ def test_cli_profile_times_decoding_and_the_model(photo_folder, tmp_path):
     assert "0 DataLoader workers" in line and "bottleneck" in line and all(r > 0 for r in rates), line
 
 
-@pytest.mark.skipif(not ort_engine.available(), reason="needs onnxruntime, onnx and onnxscript (the onnx extra)")
 def test_int8_engine_stays_near_fp32_on_real_images_and_is_shared(tmp_path, code_cache, caplog):
     """--precision int8: quantized once from the fp32 export, calibrated on fixed photo crops (not the data).
     Tolerances, against eager fp32 on scikit-learn's handwritten digits (a domain far from the photos):
@@ -223,7 +221,6 @@ def test_int8_engine_stays_near_fp32_on_real_images_and_is_shared(tmp_path, code
     np.testing.assert_allclose(rebuilt, codes[:64], rtol=0, atol=1e-5 * np.abs(codes).max())  # deterministic
 
 
-@pytest.mark.skipif(not ort_engine.available(), reason="needs onnxruntime, onnx and onnxscript (the onnx extra)")
 def test_int8_falls_back_to_fp32_when_quantization_strays(photo_folder, code_cache, monkeypatch, caplog):
     """A quantized file whose codes stray from fp32 (here: a bar no int8 file can meet) is not kept: 'auto'
     warns and runs unquantized, an explicit --precision int8 stops with the reason."""

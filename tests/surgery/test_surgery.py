@@ -203,7 +203,6 @@ def test_clear_errors(tmp_path, sample_images):
 
 
 def test_cli_convert_predict_dense_export(tmp_path, sample_images, caplog):
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnx onnxscript onnxruntime)")
     image = tmp_path / "flower.jpg"
     sample_images["flower.jpg"].save(image)
     runner = CliRunner()

@@ -54,11 +54,6 @@ def export(source: str, fmt: str, out: Path, weights: str, check: bool) -> None:
     export_onnx(clf, out)
     click.echo(f"wrote {out}")
     if check:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            click.echo("onnxruntime is not installed: not checked")
-            return
         h, w = clf.net.input_size
         for row in check_onnx(clf, out, [(h, w), (h + 2 * h // 3 + 1, 2 * w - 3)]):
             click.echo(f"onnxruntime vs torch at {row['size'][0]}x{row['size'][1]} (map {row['map'][0]}x"

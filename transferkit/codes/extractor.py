@@ -240,9 +240,6 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                                  "use precision auto, fp32 or int8 without a GPU")
             if self.engine == "torch":
                 raise ModelError("precision int8 runs in ONNX Runtime; use engine auto (or onnxruntime)")
-            if not ort_engine.available():
-                raise ModelError(f"{ort} needs onnxruntime, onnx and onnxscript: "
-                                 "pip install onnx onnxscript onnxruntime")
         else:
             autocast(self.precision, self.device_)  # validates
         self.precision_ = "int8" if self.precision == "int8" else resolve_precision(self.precision, self.device_)
@@ -292,7 +289,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         return self
 
     def _ort_runs(self) -> bool:
-        return self.device_.type == "cpu" and self.engine != "torch" and ort_engine.available()
+        return self.device_.type == "cpu" and self.engine != "torch"  # onnxruntime is a core dependency
 
     def _ort_pays(self, n_images: int | None) -> bool:
         if not self._ort_runs() or self.precision not in ("auto", "fp32"):

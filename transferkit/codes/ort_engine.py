@@ -18,7 +18,6 @@ A new int8 file is kept only if its codes on other crops point the way the fp32 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import logging
@@ -54,11 +53,6 @@ FP32_TOLERANCE, INT8_TOLERANCE = 1e-3, 2e-2
 def _why(exc: Exception) -> str:
     """'Type: first line of the message', short enough for a one-line warning."""
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-
-
-def available() -> bool:
-    """Whether onnxruntime and the exporter's onnxscript are installed (the `onnx` extra)."""
-    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript", "onnx"))
 
 
 class CodesNet(nn.Module):

@@ -27,11 +27,6 @@ PRODUCER = "transferkit.version"  # metadata key: the file was exported by trans
 
 def export_onnx(clf: DenseClassifier, path: str | Path, *, opset: int = 18) -> Path:
     """Write `clf.net` as ONNX (input 'image' (B, 3, H, W), output 'scores' (B, K, h, w)); return the path."""
-    try:
-        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
-    except ImportError as e:
-        raise ModelError("ONNX export needs the 'onnxscript' and 'onnx' packages: "
-                         "pip install onnx onnxscript onnxruntime") from e
     path = check_output_file(path, written_here)
     h, w = clf.net.input_size
     x = torch.zeros(1, 3, 2 * h, 2 * w)  # an example larger than the minimum, so no size is special-cased
