@@ -10,21 +10,9 @@ import numpy as np
 from torch import nn
 
 from transferkit.codes.extractor import autocast, default_device
-from transferkit.finetune.params import FINETUNE, OPTIMIZERS, SCHEDULES  # noqa: F401  (re-exported)
+from transferkit.finetune.params import FINETUNE
 from transferkit.models.backbones import create_backbone
-from transferkit.models.stages import (  # noqa: F401  (re-exported: the fine-tuning API in one import)
-    HEADS,
-    Stage,
-    freeze_until,
-    list_stages,
-    lr_table,
-    param_groups,
-    replace_head,
-    resolve_stage,
-    set_train_mode,
-    stage_table,
-    warmup_cosine,
-)
+from transferkit.models.stages import freeze_until, replace_head, resolve_stage
 from transferkit.runtime.params import validate
 
 

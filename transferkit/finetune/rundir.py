@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -14,34 +13,14 @@ from torch import nn
 from transferkit.data.datasets import ImageDataset
 from transferkit.errors import DataError
 from transferkit.finetune.config import FinetuneConfig
-from transferkit.finetune.params import FINETUNE, OPTIMIZERS, SCHEDULES  # noqa: F401  (re-exported)
 from transferkit.models.backbones import WeightsInfo
-from transferkit.models.stages import (  # noqa: F401  (re-exported: the fine-tuning API in one import)
-    HEADS,
-    Stage,
-    freeze_until,
-    list_stages,
-    lr_table,
-    param_groups,
-    replace_head,
-    resolve_stage,
-    set_train_mode,
-    stage_table,
-    warmup_cosine,
-)
+from transferkit.models.stages import replace_head
 from transferkit.models.weights import load_state_dict_file, state_dict_sha256
 from transferkit.runtime.distributed import World
 from transferkit.runtime.outputs import check_output, claim
 
-log = logging.getLogger(__name__)
-
-
 FORMAT = "transferkit.finetune/1"
-
-
 RUN_KIND = "run"  # the output kind in its marker (transferkit.runtime.outputs)
-
-
 RESULTS = ("best_epoch", "best_val_accuracy", "val")  # what a finished run adds to config.json
 
 
