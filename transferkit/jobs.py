@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from transferkit.codes.extract import extract
-from transferkit.codes.extractor import FeatureExtractor, autocast, default_device
+from transferkit.codes.extractor import FeatureExtractor
 from transferkit.codes.spec import CodeSpec
 from transferkit.codes.store import KIND, FeatureStore
 from transferkit.data.datasets import IMAGE_EXTENSIONS, ImageDataset, open_dataset, scan_images
@@ -28,6 +28,7 @@ from transferkit.probe.linear import DEFAULT_CS, LinearProbe, SweepResult, sweep
 from transferkit.probe.metrics import Evaluation, evaluate
 from transferkit.probe.saved import is_probe_dir, load_probe_dir
 from transferkit.runtime.atomic import write_json_atomic, write_text_atomic
+from transferkit.runtime.device import autocast, default_device
 from transferkit.runtime.outputs import add_files, building, check_output, new_tmp
 
 log = logging.getLogger(__name__)

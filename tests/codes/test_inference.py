@@ -92,8 +92,8 @@ def test_extractor_codes_with_and_without_folding(photo_folder):
 
 
 def test_torch_auto_precision_is_bf16_weights_where_the_cpu_runs_bf16(photo_folder, tmp_path):
-    from transferkit.codes.extractor import cpu_has_bf16
     from transferkit.jobs import extract_features
+    from transferkit.runtime.device import cpu_has_bf16
 
     data = open_dataset(photo_folder)
     auto = FeatureExtractor(weights="package", image_size=64, engine="torch").fit()
@@ -115,8 +115,8 @@ def test_onnxruntime_engine_matches_eager_fp32_and_is_reused(photo_folder, tmp_p
     """The exported engine gives the eager fp32 codes (tolerance: 1e-4 of the largest code), every key;
     the file is cached, and 'auto' then uses it even for a few images; 'auto' on a few images and no
     file stays with torch (an export would cost more than it saves)."""
-    from transferkit.codes.extractor import resolve_precision
     from transferkit.jobs import extract_features
+    from transferkit.runtime.device import resolve_precision
 
     data = open_dataset(photo_folder)
     kw = {"weights": "package", "layer": "blocks.2,pre_logits", "pool": "avg,2x2", "image_size": 48}

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from transferkit.codes.cache import CodeCache, CodeSpace
-from transferkit.codes.extractor import FeatureExtractor, pooled_dim
+from transferkit.codes.extractor import FeatureExtractor
+from transferkit.codes.pooling import pooled_dim
 from transferkit.codes.spec import key_name
 from transferkit.codes.store import KIND, FeatureStore, FeatureWriter
 from transferkit.data.datasets import ImageDataset

@@ -4,34 +4,30 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
-from torch import nn
 
 from transferkit.codes import ort_engine
 from transferkit.codes.params import EXTRACTOR
+from transferkit.codes.pooling import compute_codes, parse_pools, pooled_dim, select_pairs
 from transferkit.codes.spec import CodeSpec, engine_file, key_name
 from transferkit.data.datasets import ImageDataset
 from transferkit.data.decode import collate, decode_ahead, load_image
 from transferkit.data.transforms import build_transform, describe_transform
 from transferkit.errors import DataError, ModelError
-from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS, Layer, create_backbone, resolve_layers
+from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS, create_backbone, resolve_layers
 from transferkit.models.fold_bn import fold_checked
+from transferkit.runtime.device import autocast, default_device, resolve_precision
 from transferkit.runtime.params import sklearn_constraints, validate
 
 log = logging.getLogger(__name__)
 
-POOLS = ("avg", "max", "avgmax")  # plus grids "NxN" that keep location
-ALL_POOLS = ("avg", "max", "avgmax", "2x2", "4x4")
 # Images at 224 px (scaled by area) from which a first run with the ONNX export is no slower than torch:
 # the export took ~6 s and ONNX Runtime saved ~1.6 ms per 224 px image (bench/extract_speed.py, 2 cores)
 ORT_PAYS_OFF = 4000
@@ -39,126 +35,6 @@ ORT_PAYS_OFF = 4000
 # to end against 162 for ONNX Runtime fp32 and 112 for torch bf16 (bench/extract_speed.py): it repays the 39.9 s
 # against fp32 after ~13,400 images and all 46.3 s against torch after ~8,100; 12,000 lies between
 INT8_PAYS_OFF = 12000
-_GRID = re.compile(r"^(?:grid)?(\d)(?:x(\d))?$", re.ASCII)  # ASCII: int() would take '٣' for 3
-
-
-def parse_pools(spec: str | Sequence[str]) -> list[str]:
-    """Validate --pool: 'avg', 'max', 'avgmax' (alias 'avg+max'), a grid 'NxN' (N <= 8), comma lists, 'all'."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    pools: list[str] = []
-    for item in (p.strip().lower() for p in items):
-        if item == "all":
-            pools += ALL_POOLS
-            continue
-        item = "avgmax" if item in ("avg+max", "avg-max") else item
-        grid = _GRID.match(item)
-        if grid and (grid.group(2) is None or grid.group(1) == grid.group(2)) and 1 <= int(grid.group(1)) <= 8:
-            item = f"{grid.group(1)}x{grid.group(1)}"
-        elif item not in POOLS:
-            raise ModelError(
-                f"The 'pool' parameter must be one of 'avg', 'max', 'avgmax', a grid such as '2x2', or 'all'. "
-                f"Got '{item}' instead."
-            )
-        pools.append(item)
-    return list(dict.fromkeys(pools))
-
-
-def grid_size(pool: str) -> int:
-    """N for an 'NxN' grid pool, 0 for the global pools."""
-    return int(pool.split("x")[0]) if pool[0].isdigit() else 0
-
-
-def pool_map(x: torch.Tensor, pool: str) -> torch.Tensor:
-    """Pool a feature map (B, C, H, W) -> (B, D); a grid keeps a coarse layout of where things are."""
-    if pool == "avg":
-        return x.mean((2, 3))
-    if pool == "max":
-        return x.amax((2, 3))
-    if pool == "avgmax":
-        return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)
-    return F.adaptive_avg_pool2d(x, grid_size(pool)).flatten(1)  # (B, C, n, n) -> (B, C*n*n), channel-major
-
-
-def pooled_dim(layer: Layer, pool: str) -> int:
-    """Width of the codes one (layer, pool) pair produces."""
-    if pool == "avgmax":
-        return 2 * layer.channels
-    if grid_size(pool):
-        return layer.channels * grid_size(pool) ** 2
-    return layer.channels
-
-
-def compute_codes(model: nn.Module, x: torch.Tensor, pairs: Sequence[tuple[Layer, str]]) -> dict[str, torch.Tensor]:
-    """One forward pass -> {'layer|pool': (B, D)} for every requested (layer, pool) pair.
-
-    Stages come from timm's `forward_intermediates`; pre_logits with 'avg' is timm's own
-    `forward_head(pre_logits=True)`, other pools pool the final feature map.
-    """
-    stages = {la.index: la.name for la, _ in pairs if la.index is not None}
-    want_final = any(la.name == PRE_LOGITS for la, _ in pairs)
-    maps: dict[str, torch.Tensor] = {}
-    if stages:
-        idx = sorted(stages)
-        out = model.forward_intermediates(x, indices=idx, intermediates_only=not want_final, stop_early=not want_final)
-        final, inter = out if want_final else (None, out)
-        maps = {stages[i]: fmap for i, fmap in zip(idx, inter)}
-    else:
-        final = model.forward_features(x)
-    codes: dict[str, torch.Tensor] = {}
-    for layer, pool in pairs:
-        if layer.name == PRE_LOGITS and pool == "avg":
-            codes[key_name(layer.name, pool)] = model.forward_head(final, pre_logits=True)
-        else:
-            codes[key_name(layer.name, pool)] = pool_map(final if layer.name == PRE_LOGITS else maps[layer.name], pool)
-    return {k: v.float() for k, v in codes.items()}
-
-
-def select_pairs(layers: Sequence[Layer], pools: Sequence[str], side: int) -> list[tuple[Layer, str]]:
-    """Every (layer, pool) pair, minus grids finer than the layer's feature map at this input size.
-
-    A 4x4 grid over a 2x2 map only repeats values: it adds width, not information.
-    """
-    pairs = [(la, p) for la in layers for p in pools if grid_size(p) <= math.ceil(side / la.reduction)]
-    dropped = [key_name(la.name, p) for la in layers for p in pools if (la, p) not in pairs]
-    if not pairs:
-        raise ModelError(f"grid pooling {', '.join(pools)} is finer than the feature map of {dropped[0].split('|')[0]} "
-                         f"at input size {side}; use a coarser grid or a larger --image-size")
-    if dropped:
-        log.info("input %dpx: skipping grids finer than their feature map: %s", side, ", ".join(dropped))
-    return pairs
-
-
-def cpu_has_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> what is fast and accurate enough for codes on `device` (bench/inference_variants.py)."""
-    validate({"precision": EXTRACTOR["precision"]}, {"precision": precision}, "resolve_precision")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "fp16"
-    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision context for --precision; fp32 runs as is."""
-    precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "int8":
-        raise ModelError("precision int8 runs in ONNX Runtime, for extracting codes on a CPU (extract, probe); "
-                         "use fp32 or bf16 here")
-    if precision == "fp16" and device.type != "cuda":
-        raise ModelError("precision fp16 needs a CUDA device; use bf16 on CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class _Images(torch.utils.data.Dataset):

@@ -8,9 +8,8 @@ from numbers import Integral
 from os import PathLike
 
 from transferkit.data.params import IMAGE_SIZE
-from transferkit.runtime.params import Interval, StrOptions
+from transferkit.runtime.params import PRECISIONS, Interval, StrOptions
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 ENGINES = ("auto", "torch", "onnxruntime")
 BATCH_SIZE = [Interval(Integral, 1, None, closed="left")]
 NUM_WORKERS = [Interval(Integral, 0, None, closed="left")]

@@ -9,10 +9,10 @@ from typing import ClassVar
 import numpy as np
 from torch import nn
 
-from transferkit.codes.extractor import autocast, default_device
 from transferkit.finetune.params import FINETUNE
 from transferkit.models.backbones import create_backbone
 from transferkit.models.stages import freeze_until, replace_head, resolve_stage
+from transferkit.runtime.device import autocast, default_device
 from transferkit.runtime.params import validate
 
 

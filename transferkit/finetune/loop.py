@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferkit.codes.extractor import autocast, default_device
 from transferkit.data.datasets import ImageDataset
 from transferkit.data.decode import collate
 from transferkit.data.transforms import build_transform, describe_transform
@@ -54,6 +53,7 @@ from transferkit.models.stages import (  # noqa: F401  (re-exported: the fine-tu
 )
 from transferkit.models.weights import load_state_dict_file
 from transferkit.runtime.atomic import atomic_write, write_json_atomic, write_text_atomic
+from transferkit.runtime.device import autocast, default_device
 from transferkit.runtime.distributed import ShardSampler, World, all_true, close_world, init_world, sum_all
 from transferkit.runtime.outputs import check_output, claim
 

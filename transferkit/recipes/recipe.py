@@ -26,8 +26,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from transferkit.codes.extractor import parse_pools
 from transferkit.codes.params import EXTRACTOR
+from transferkit.codes.pooling import parse_pools
 from transferkit.data.datasets import ImageDataset
 from transferkit.errors import DataError, ModelError
 from transferkit.finetune.config import FinetuneConfig

@@ -18,6 +18,9 @@ from typing import Any
 
 from transferkit.errors import ParameterError
 
+# every precision transferkit knows: codes take them all (int8 in ONNX Runtime), fine-tuning fp32, bf16 and fp16
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+
 
 @dataclass(frozen=True)
 class Interval:

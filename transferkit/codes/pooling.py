@@ -1,0 +1,109 @@
+"""Pooling a layer's activations into codes: the pool names (parse_pools), what each does (pool_map), and the
+codes of a batch for every (layer, pool) pair (compute_codes)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transferkit.codes.spec import key_name
+from transferkit.errors import ModelError
+from transferkit.models.backbones import PRE_LOGITS, Layer
+
+log = logging.getLogger(__name__)
+
+POOLS = ("avg", "max", "avgmax")  # plus grids "NxN" that keep location
+ALL_POOLS = ("avg", "max", "avgmax", "2x2", "4x4")
+_GRID = re.compile(r"^(?:grid)?(\d)(?:x(\d))?$", re.ASCII)  # ASCII: int() would take '٣' for 3
+
+
+def parse_pools(spec: str | Sequence[str]) -> list[str]:
+    """Validate --pool: 'avg', 'max', 'avgmax' (alias 'avg+max'), a grid 'NxN' (N <= 8), comma lists, 'all'."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    pools: list[str] = []
+    for item in (p.strip().lower() for p in items):
+        if item == "all":
+            pools += ALL_POOLS
+            continue
+        item = "avgmax" if item in ("avg+max", "avg-max") else item
+        grid = _GRID.match(item)
+        if grid and (grid.group(2) is None or grid.group(1) == grid.group(2)) and 1 <= int(grid.group(1)) <= 8:
+            item = f"{grid.group(1)}x{grid.group(1)}"
+        elif item not in POOLS:
+            raise ModelError(
+                f"The 'pool' parameter must be one of 'avg', 'max', 'avgmax', a grid such as '2x2', or 'all'. "
+                f"Got '{item}' instead."
+            )
+        pools.append(item)
+    return list(dict.fromkeys(pools))
+
+
+def grid_size(pool: str) -> int:
+    """N for an 'NxN' grid pool, 0 for the global pools."""
+    return int(pool.split("x")[0]) if pool[0].isdigit() else 0
+
+
+def pool_map(x: torch.Tensor, pool: str) -> torch.Tensor:
+    """Pool a feature map (B, C, H, W) -> (B, D); a grid keeps a coarse layout of where things are."""
+    if pool == "avg":
+        return x.mean((2, 3))
+    if pool == "max":
+        return x.amax((2, 3))
+    if pool == "avgmax":
+        return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)
+    return F.adaptive_avg_pool2d(x, grid_size(pool)).flatten(1)  # (B, C, n, n) -> (B, C*n*n), channel-major
+
+
+def pooled_dim(layer: Layer, pool: str) -> int:
+    """Width of the codes one (layer, pool) pair produces."""
+    if pool == "avgmax":
+        return 2 * layer.channels
+    if grid_size(pool):
+        return layer.channels * grid_size(pool) ** 2
+    return layer.channels
+
+
+def compute_codes(model: nn.Module, x: torch.Tensor, pairs: Sequence[tuple[Layer, str]]) -> dict[str, torch.Tensor]:
+    """One forward pass -> {'layer|pool': (B, D)} for every requested (layer, pool) pair.
+
+    Stages come from timm's `forward_intermediates`; pre_logits with 'avg' is timm's own
+    `forward_head(pre_logits=True)`, other pools pool the final feature map.
+    """
+    stages = {la.index: la.name for la, _ in pairs if la.index is not None}
+    want_final = any(la.name == PRE_LOGITS for la, _ in pairs)
+    maps: dict[str, torch.Tensor] = {}
+    if stages:
+        idx = sorted(stages)
+        out = model.forward_intermediates(x, indices=idx, intermediates_only=not want_final, stop_early=not want_final)
+        final, inter = out if want_final else (None, out)
+        maps = {stages[i]: fmap for i, fmap in zip(idx, inter)}
+    else:
+        final = model.forward_features(x)
+    codes: dict[str, torch.Tensor] = {}
+    for layer, pool in pairs:
+        if layer.name == PRE_LOGITS and pool == "avg":
+            codes[key_name(layer.name, pool)] = model.forward_head(final, pre_logits=True)
+        else:
+            codes[key_name(layer.name, pool)] = pool_map(final if layer.name == PRE_LOGITS else maps[layer.name], pool)
+    return {k: v.float() for k, v in codes.items()}
+
+
+def select_pairs(layers: Sequence[Layer], pools: Sequence[str], side: int) -> list[tuple[Layer, str]]:
+    """Every (layer, pool) pair, minus grids finer than the layer's feature map at this input size.
+
+    A 4x4 grid over a 2x2 map only repeats values: it adds width, not information.
+    """
+    pairs = [(la, p) for la in layers for p in pools if grid_size(p) <= math.ceil(side / la.reduction)]
+    dropped = [key_name(la.name, p) for la in layers for p in pools if (la, p) not in pairs]
+    if not pairs:
+        raise ModelError(f"grid pooling {', '.join(pools)} is finer than the feature map of {dropped[0].split('|')[0]} "
+                         f"at input size {side}; use a coarser grid or a larger --image-size")
+    if dropped:
+        log.info("input %dpx: skipping grids finer than their feature map: %s", side, ", ".join(dropped))
+    return pairs
