@@ -76,3 +76,15 @@ def test_every_room_says_what_lives_there():
 def test_modules_import_on_their_own(path):
     parts = path.relative_to(PACKAGE).with_suffix("").parts
     importlib.import_module(".".join(("transferkit", *(parts[:-1] if parts[-1] == "__init__" else parts))))
+
+
+def test_functions_stay_short():
+    """nanoGPT's budget: functions of ~10-40 lines, none over 60 (split it, or say why in a comment above it)."""
+    long = []
+    for path in modules():
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                if not lines[node.lineno - 2].lstrip().startswith("#"):
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}")
+    assert not long, long

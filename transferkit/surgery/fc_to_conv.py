@@ -261,36 +261,40 @@ def convert_ops(ops: list[nn.Module], fmap: torch.Tensor, window: bool = False) 
             out.append(conv)
             fmap = conv(fmap)
             continue
-        if type(op) is nn.LayerNorm and tuple(op.normalized_shape) == (fmap.shape[1],):  # timm's LayerNorm2d
-            # subclasses it but already normalises maps over channels: it takes the generic path below
-            out.append(ChannelNorm(op))
-            fmap = out[-1](fmap)
-            continue
-        if isinstance(op, L2Normalize):
-            out.append(ChannelNorm(None))
-            fmap = out[-1](fmap)
-            continue
-        if type(op).__name__ == "LocallyConnected2d":
-            raise ModelError("a LocallyConnected2d head has one filter per location of the training-size map: "
-                             "it has no sliding (shared-weight) equivalent on larger inputs")
-        if flat is not None:
-            raise ModelError(f"cannot express {type(op).__name__} between Flatten and Linear as a convolution")
-        try:
-            y = op(fmap)
-        except RuntimeError as e:  # torch's "output size is too small" and kin
-            raise ModelError(f"{type(op).__name__} fails on the {tuple(fmap.shape[-2:])} feature map (input too "
-                             f"small for this network?): {str(e).splitlines()[0]}") from e
-        except Exception as e:  # noqa: BLE001 - the layer's own error says why it rejects a map
-            raise ModelError(f"cannot express the head layer {type(op).__name__} as a convolution: it does not "
-                             f"accept a feature map ({type(e).__name__}: {e})") from e
-        if y.dim() != 4:
-            raise ModelError(f"cannot express the head layer {type(op).__name__} as a convolution: it turns a map "
-                             f"into shape {tuple(y.shape)}")
-        out.append(op)
-        fmap = y
+        module, fmap = _map_op(op, fmap, flat)
+        out.append(module)
     if flat is not None:
         raise ModelError("the head ends with a Flatten and no Linear after it: nothing to convert")
     return nn.Sequential(*out), movable
+
+
+def _map_op(op: nn.Module, fmap: torch.Tensor, flat: tuple | None) -> tuple[nn.Module, torch.Tensor]:
+    """A head layer that is not a pool, Flatten or Linear, as a module that works on feature maps, and its
+    output on `fmap`: norms over features become norms over channels; anything else must already take maps."""
+    if type(op) is nn.LayerNorm and tuple(op.normalized_shape) == (fmap.shape[1],):  # timm's LayerNorm2d
+        # subclasses it but already normalises maps over channels: it takes the generic path below
+        module = ChannelNorm(op)
+        return module, module(fmap)
+    if isinstance(op, L2Normalize):
+        module = ChannelNorm(None)
+        return module, module(fmap)
+    if type(op).__name__ == "LocallyConnected2d":
+        raise ModelError("a LocallyConnected2d head has one filter per location of the training-size map: "
+                         "it has no sliding (shared-weight) equivalent on larger inputs")
+    if flat is not None:
+        raise ModelError(f"cannot express {type(op).__name__} between Flatten and Linear as a convolution")
+    try:
+        y = op(fmap)
+    except RuntimeError as e:  # torch's "output size is too small" and kin
+        raise ModelError(f"{type(op).__name__} fails on the {tuple(fmap.shape[-2:])} feature map (input too "
+                         f"small for this network?): {str(e).splitlines()[0]}") from e
+    except Exception as e:  # noqa: BLE001 - the layer's own error says why it rejects a map
+        raise ModelError(f"cannot express the head layer {type(op).__name__} as a convolution: it does not "
+                         f"accept a feature map ({type(e).__name__}: {e})") from e
+    if y.dim() != 4:
+        raise ModelError(f"cannot express the head layer {type(op).__name__} as a convolution: it turns a map "
+                         f"into shape {tuple(y.shape)}")
+    return op, y
 
 
 @torch.no_grad()
