@@ -84,7 +84,7 @@ def test_functions_stay_short():
     for path in modules():
         lines = path.read_text().splitlines()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
-                if not lines[node.lineno - 2].lstrip().startswith("#"):
-                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}")
+            too_long = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60
+            if too_long and not lines[node.lineno - 2].lstrip().startswith("#"):  # a comment above says why
+                long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}")
     assert not long, long
