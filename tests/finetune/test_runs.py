@@ -17,7 +17,8 @@ from transferkit.cli import cli
 from transferkit.data.datasets import open_dataset
 from transferkit.errors import DataError
 from transferkit.finetune.config import FinetuneConfig
-from transferkit.finetune.loop import find_lr, finetune
+from transferkit.finetune.loop import finetune
+from transferkit.finetune.lr_finder import find_lr
 from transferkit.finetune.prefix_cache import frozen_prefix
 from transferkit.runtime.distributed import steps_per_epoch
 

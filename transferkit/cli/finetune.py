@@ -78,6 +78,7 @@ def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stage
     if data is None or out is None:
         raise click.UsageError("DATA and --out are required (or use --list-stages)")
     from transferkit.finetune import loop as ft
+    from transferkit.finetune import lr_finder
     from transferkit.finetune.rundir import read_run
     from transferkit.jobs import load_data
 
@@ -85,7 +86,7 @@ def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stage
     train = load_data(data, per_class=per_class)
     progress = ctx.obj["progress"]
     if find_lr:
-        result = ft.find_lr(train, out, config, progress=progress)
+        result = lr_finder.find_lr(train, out, config, progress=progress)
         click.echo(f"suggested --lr {result.suggestion:.2g} (a tenth of the lowest-loss LR); "
                    f"plot: {out / 'lr_find.png'}")
         return

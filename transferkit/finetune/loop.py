@@ -32,7 +32,6 @@ from transferkit.finetune.prefix_cache import CachedDataset, PrefixCache, bypass
 from transferkit.finetune.rundir import (
     FORMAT,
     RESULTS,
-    RUN_KIND,
     check_run_dir,
     check_start_weights,
     create_run_dir,
@@ -55,7 +54,6 @@ from transferkit.models.weights import load_state_dict_file
 from transferkit.runtime.atomic import atomic_write, write_json_atomic, write_text_atomic
 from transferkit.runtime.device import autocast, default_device
 from transferkit.runtime.distributed import ShardSampler, World, all_true, close_world, init_world, sum_all
-from transferkit.runtime.outputs import check_output, claim
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +71,7 @@ class FinetuneResult:
 
 
 @dataclass
-class _Run:
+class Run:
     """The live state of one run, passed between the loop's steps."""
 
     model: nn.Module  # unwrapped: what is saved
@@ -110,7 +108,7 @@ def finetune(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFA
 
 
 def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, resume: bool, device, world: World):
-    _seed(config.seed)
+    seed_everything(config.seed)
     train, val = _split(train, val, config)
     meta = {"format": FORMAT, "config": asdict(config), "classes": list(train.classes),
             "data": fingerprint(train, val)}
@@ -120,7 +118,7 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
     model.to(device, memory_format=torch.channels_last)  # ~2x faster convs on CPU (oneDNN)
     meta["weights"] = model.weights_info.to_dict()
     check_start_weights(out, config, old, meta["weights"])
-    loader, val_loader, data_meta = _loaders(model, train, val, config, world)
+    loader, val_loader, data_meta = make_loaders(model, train, val, config, world)
     meta.update(data_meta)
     run = _start(model, config, out, train.sources, device, world, steps=config.epochs * len(loader))
     if resume:  # the whole checkpoint is checked, and restored, before anything is written
@@ -149,7 +147,7 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
     return FinetuneResult(out, best[0], best[1], history, model.eval(), cached=bool(run.bypass))
 
 
-def _seed(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -180,7 +178,7 @@ def _transforms(model: nn.Module, config: FinetuneConfig):
     return data_config, train_tf, eval_tf
 
 
-def _loaders(model: nn.Module, train: ImageDataset, val: ImageDataset | None, config: FinetuneConfig, world: World):
+def make_loaders(model: nn.Module, train: ImageDataset, val: ImageDataset | None, config: FinetuneConfig, world: World):
     """Train loader (shuffled per epoch by DistributedSampler, sharded per rank); val loader; transforms."""
     data_config, train_tf, eval_tf = _transforms(model, config)
     train_set = train.with_transform(train_tf)
@@ -250,7 +248,7 @@ def _fresh_loop() -> dict:
     return {"epoch": 0, "step": 0, "history": [], "best_key": [-math.inf, -math.inf], "best": [0, math.nan]}
 
 
-def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
     layer_decay = None if config.lr_range else config.layer_decay
     groups = param_groups(model, config.lr, layer_decay=layer_decay, lr_range=config.lr_range,
                           weight_decay=config.weight_decay)
@@ -270,25 +268,25 @@ def _scheduler(optimizer, config: FinetuneConfig, steps: int) -> torch.optim.lr_
 
 
 def _start(model: nn.Module, config: FinetuneConfig, out: Path, sources: list[str], device, world: World,
-           steps: int) -> _Run:
+           steps: int) -> Run:
     """Optimizer over the per-stage groups, the schedule, and the DDP wrapper under torchrun."""
-    optimizer = _optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     if world.main:
         log.info("learning rates:\n%s", lr_table(optimizer.param_groups))
     scheduler = _scheduler(optimizer, config, steps)
     net = model
     if world.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return _Run(model, net, optimizer, scheduler, config, out, sources, device, world)
+    return Run(model, net, optimizer, scheduler, config, out, sources, device, world)
 
 
-def _fit(run: _Run, loader, val_loader, progress: bool, loop: dict) -> tuple[list[dict], tuple[int, float]]:
+def _fit(run: Run, loader, val_loader, progress: bool, loop: dict) -> tuple[list[dict], tuple[int, float]]:
     """Epochs with validation, checkpoints, metrics.csv and early stopping; returns (history, (epoch, acc))."""
     history, best_key, best = loop["history"], tuple(loop["best_key"]), tuple(loop["best"])
     for epoch in range(loop["epoch"] + 1, run.config.epochs + 1):
         if run.config.early_stop and epoch - 1 - best[0] >= run.config.early_stop:
             break  # a resumed run that had already stopped early
-        _seed(run.config.seed * 100_003 + epoch * 1_009 + run.world.rank)  # resumable, distinct per rank
+        seed_everything(run.config.seed * 100_003 + epoch * 1_009 + run.world.rank)  # resumable, distinct per rank
         loader.sampler.set_epoch(epoch)
         start = time.perf_counter()
         loss, acc, seen = _epoch(run, loader, epoch, progress)
@@ -321,11 +319,11 @@ def _fit(run: _Run, loader, val_loader, progress: bool, loop: dict) -> tuple[lis
     return history, best
 
 
-def _to(x: torch.Tensor, device) -> torch.Tensor:
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
     return x.to(device, memory_format=torch.channels_last) if x.ndim == 4 else x.to(device)
 
 
-def _epoch(run: _Run, loader, epoch: int = 0, progress: bool = False) -> tuple[float, float, int]:
+def _epoch(run: Run, loader, epoch: int = 0, progress: bool = False) -> tuple[float, float, int]:
     """One pass over `loader`: training for epoch >= 1, evaluation (no grad, eval mode) for epoch 0.
 
     Loss, accuracy and count are summed over all ranks.
@@ -340,7 +338,7 @@ def _epoch(run: _Run, loader, epoch: int = 0, progress: bool = False) -> tuple[f
         for batch, (x, y, idx, _) in enumerate(bar, 1):
             if x is None:
                 continue
-            x, y = _to(x, run.device), y.to(run.device)
+            x, y = to_device(x, run.device), y.to(run.device)
             with torch.set_grad_enabled(training), autocast(run.config.precision, run.device):
                 logits = (run.net if training else run.model)(x).float()
                 loss = nn.functional.cross_entropy(logits, y, label_smoothing=run.config.label_smoothing)
@@ -357,7 +355,7 @@ def _epoch(run: _Run, loader, epoch: int = 0, progress: bool = False) -> tuple[f
     return total / seen, correct / seen, int(seen)
 
 
-def _step(run: _Run, loss: torch.Tensor, epoch: int, batch: int, files: list[str]) -> None:
+def _step(run: Run, loss: torch.Tensor, epoch: int, batch: int, files: list[str]) -> None:
     """One optimizer and scheduler step; a non-finite loss (or grad norm) stops before the weights change."""
     run.step += 1
     where = f"at step {run.step} (epoch {epoch}, batch {batch}; first files: {', '.join(files)})"
@@ -379,7 +377,7 @@ def _step(run: _Run, loss: torch.Tensor, epoch: int, batch: int, files: list[str
 
 
 @torch.no_grad()
-def _final_eval(run: _Run, val_loader, classes: list[str]) -> dict:
+def _final_eval(run: Run, val_loader, classes: list[str]) -> dict:
     """Best model on the validation set: confusion.png and per-class scores (rank 0, whole val set)."""
     from transferkit.plots import plot_confusion
     from transferkit.probe.metrics import score_predictions
@@ -395,7 +393,7 @@ def _final_eval(run: _Run, val_loader, classes: list[str]) -> dict:
             if x is None:
                 continue
             with autocast(run.config.precision, run.device):
-                preds.append(run.model(_to(x, run.device)).float().argmax(1).cpu())
+                preds.append(run.model(to_device(x, run.device)).float().argmax(1).cpu())
             ys.append(y)
     y, pred = torch.cat(ys).numpy(), torch.cat(preds).numpy()
     ev = score_predictions(y, pred, np.arange(len(classes)), classes)
@@ -434,56 +432,3 @@ def flush_denormals() -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
-def find_lr(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAULT_CONFIG, *, start: float = 1e-6,
-            end: float = 1.0, steps: int = 100, progress: bool = True):
-    """LR range test on the model, head, freezing and per-layer ratios `config` describes.
-
-    Writes lr_find.png and lr_find.json to `out` and trains nothing: the run starts from scratch after.
-    """
-    from tqdm import tqdm
-
-    from transferkit.finetune.lr_finder import lr_range_test
-    from transferkit.plots import plot_lr_find
-
-    config.validate()
-    _seed(config.seed)
-    check_output(out, RUN_KIND, inputs=[train.root])
-    model = build_model(config, train.classes, np.bincount(train.targets, minlength=len(train.classes)))
-    out = claim(out, RUN_KIND, inputs=[train.root])  # once the model is built: bad weights leave no folder
-    device = default_device()
-    model.to(device, memory_format=torch.channels_last)
-    loader = _loaders(model, train, None, config, World())[0]
-    run = _Run(model, model, _optimizer(model, config), None, config, out, train.sources, device, World())
-    set_train_mode(model, config.train_bn)
-    bar = tqdm(total=steps, desc="lr finder", disable=not progress, leave=False)
-
-    def batches():
-        epoch = 0
-        while True:
-            epoch += 1
-            loader.sampler.set_epoch(epoch)
-            yield from ((x, y) for x, y, _, _ in loader if x is not None)
-
-    it = batches()
-
-    def step() -> float:
-        x, y = next(it)
-        with autocast(config.precision, device):
-            loss = nn.functional.cross_entropy(model(_to(x, device)).float(), y.to(device),
-                                               label_smoothing=config.label_smoothing)
-        if torch.isfinite(loss):
-            run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_grad:
-                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.clip_grad)
-            run.optimizer.step()
-        bar.update()
-        return loss.item()
-
-    with flush_denormals():
-        result = lr_range_test(run.optimizer, step, start=start, end=end, steps=steps)
-    bar.close()
-    write_json_atomic(out / "lr_find.json", {"config": asdict(config), **result.to_dict()})
-    plot_lr_find(result.lrs, result.losses, out / "lr_find.png", suggestion=result.suggestion,
-                 title=f"LR finder: {config.model}, freeze until {config.freeze_until}")
-    return result
