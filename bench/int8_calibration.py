@@ -58,7 +58,7 @@ def main() -> None:
     kw = {} if layer == "pre_logits" else {"layer": layer, "pool": pool}
     os.makedirs(WORK, exist_ok=True)
     fe = FeatureExtractor(image_size=size, precision="fp32", engine="onnxruntime", **kw).fit().prepare()
-    fp32 = fe._ort
+    fp32 = fe._engine.ort
     print("fp32 engine", fp32.path, fe.keys_)
     pre = f"{WORK}/pre.onnx"
     quant_pre_process(str(fp32.path), pre, skip_symbolic_shape=True)
@@ -89,7 +89,7 @@ def main() -> None:
         print(name, "model-only img/s", round(64 / np.median(ts)), flush=True)
     codes = {}
     for name, e in engines.items():
-        fe._ort = e
+        fe._engine.ort = e
         t = time.perf_counter()
         tr, te = fe.transform(train), fe.transform(test)
         cos = ""

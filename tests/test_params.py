@@ -196,9 +196,6 @@ def expected_failures(estimator) -> dict[str, str]:
                                      "transform than in fit is valid input",
         "check_transformer_data_not_an_array": f"{_IMAGES}: transform indexes a sequence; sklearn's _NotAnArray "
                                                "has no len()",
-        "check_dict_unchanged": "transform prepares the network on first use (BatchNorm folding, bf16 weights, the "
-                                "ONNX Runtime engine), so a run served from the code cache never pays for it; the "
-                                "codes are the same (fold_checked compares them)",
     }
 
 

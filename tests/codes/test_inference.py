@@ -101,7 +101,8 @@ def test_torch_auto_precision_is_bf16_weights_where_the_cpu_runs_bf16(photo_fold
     want = "bf16" if cpu_has_bf16() else "fp32"
     assert auto.precision_ == want and fp32.precision_ == "fp32"
     a, b = auto.transform(data), fp32.transform(data)
-    assert next(auto.backbone_.parameters()).dtype == (torch.bfloat16 if want == "bf16" else torch.float32)
+    assert next(auto._engine.net.parameters()).dtype == (torch.bfloat16 if want == "bf16" else torch.float32)
+    assert next(auto.backbone_.parameters()).dtype == torch.float32  # the run casts a copy: fitted state stays
     assert a.dtype == np.float32
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.99  # bf16 keeps ~3 significant digits; the codes point the same way
@@ -224,17 +225,17 @@ def test_int8_engine_stays_near_fp32_on_real_images_and_is_shared(tmp_path, code
 def test_int8_falls_back_to_fp32_when_quantization_strays(photo_folder, code_cache, monkeypatch, caplog):
     """A quantized file whose codes stray from fp32 (here: a bar no int8 file can meet) is not kept: 'auto'
     warns and runs unquantized, an explicit --precision int8 stops with the reason."""
-    from transferkit.codes import extractor as features
+    from transferkit.codes import engine
     from transferkit.errors import ModelError
 
     monkeypatch.setattr(ort_engine, "MIN_COSINE", 1.01)
-    monkeypatch.setattr(features, "INT8_PAYS_OFF", 0)  # any run 'repays' a quantization
+    monkeypatch.setattr(engine, "INT8_PAYS_OFF", 0)  # any run 'repays' a quantization
     kw = {"weights": "package", "image_size": 32}
     with caplog.at_level(logging.WARNING):
         auto = FeatureExtractor(**kw).fit().plan(16)
     assert "int8 codes point away from fp32" in caplog.text and auto.precision_ != "int8"
     assert not list(code_cache.rglob("*-int8.onnx"))
-    with pytest.raises(ModelError, match="could not be quantized.*--precision fp32"):
+    with pytest.raises(ModelError, match="could not be quantized.*precision 'fp32'"):
         FeatureExtractor(**kw, precision="int8").fit().plan(16)
-    with pytest.raises(ModelError, match="int8 runs in ONNX Runtime"):
+    with pytest.raises(ModelError, match="'int8' runs in ONNX Runtime"):
         FeatureExtractor(**kw, precision="int8", engine="torch").fit()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -13,28 +12,19 @@ from PIL import Image
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from transferkit.codes import ort_engine
+from transferkit.codes.engine import Engine, check_choice
 from transferkit.codes.params import EXTRACTOR
-from transferkit.codes.pooling import compute_codes, parse_pools, pooled_dim, select_pairs
-from transferkit.codes.spec import CodeSpec, engine_file, key_name
+from transferkit.codes.pooling import parse_pools, pooled_dim, select_pairs
+from transferkit.codes.spec import CodeSpec, key_name
 from transferkit.data.datasets import ImageDataset
 from transferkit.data.decode import collate, decode_ahead, load_image
 from transferkit.data.transforms import build_transform, describe_transform
-from transferkit.errors import DataError, ModelError
+from transferkit.errors import DataError
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS, create_backbone, resolve_layers
-from transferkit.models.fold_bn import fold_checked
-from transferkit.runtime.device import autocast, default_device, resolve_precision
+from transferkit.runtime.device import default_device
 from transferkit.runtime.params import sklearn_constraints, validate
 
 log = logging.getLogger(__name__)
-
-# Images at 224 px (scaled by area) from which a first run with the ONNX export is no slower than torch:
-# the export took ~6 s and ONNX Runtime saved ~1.6 ms per 224 px image (bench/extract_speed.py, 2 cores)
-ORT_PAYS_OFF = 4000
-# Likewise for the int8 engine: export 6.4 s + calibration and quantization 39.9 s at 224 px, then 313 img/s end
-# to end against 162 for ONNX Runtime fp32 and 112 for torch bf16 (bench/extract_speed.py): it repays the 39.9 s
-# against fp32 after ~13,400 images and all 46.3 s against torch after ~8,100; 12,000 lies between
-INT8_PAYS_OFF = 12000
 
 
 class _Images(torch.utils.data.Dataset):
@@ -109,18 +99,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         validate(self._parameter_constraints, self.get_params(deep=False), type(self).__name__)
         self.pools_ = parse_pools(self.pool)
         self.device_ = default_device()
-        if self.precision == "int8" or self.engine == "onnxruntime":
-            ort = ("precision int8" if self.precision == "int8" else "engine onnxruntime")
-            if self.device_.type != "cpu" or self.precision not in ("auto", "fp32", "int8"):
-                raise ModelError(f"{ort} runs ONNX Runtime on the CPU, in fp32 or int8; "
-                                 "use precision auto, fp32 or int8 without a GPU")
-            if self.engine == "torch":
-                raise ModelError("precision int8 runs in ONNX Runtime; use engine auto (or onnxruntime)")
-        else:
-            autocast(self.precision, self.device_)  # validates
-        self.precision_ = "int8" if self.precision == "int8" else resolve_precision(self.precision, self.device_)
-        if self.engine == "onnxruntime":
-            self.precision_ = "fp32"
+        check_choice(self.precision, self.engine, self.device_)  # before the (slow) backbone is built
         self.backbone_ = create_backbone(self.model, self.weights)
         self.data_config_ = timm.data.resolve_model_data_config(self.backbone_)
         self.transform_ = build_transform(self.data_config_, self.image_size)
@@ -131,8 +110,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.pairs_ = select_pairs(resolve_layers(self.backbone_, self.layer), self.pools_, self.side_)
         self.keys_ = [key_name(la.name, p) for la, p in self.pairs_]
         self.n_features_out_ = sum(pooled_dim(la, p) for la, p in self.pairs_)
-        self.folded_, self.engine_, self.input_dtype_, self._ort, self._planned = None, None, None, None, None
-        self.int8_cosine_ = None  # for int8: mean cosine of its codes to fp32's, measured when it was quantized
+        self._engine = Engine(self)  # how runs execute the network: planned and prepared per run, not fitted
         return self
 
     def __sklearn_tags__(self):
@@ -141,102 +119,38 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         return tags
 
     def plan(self, n_images: int | None) -> FeatureExtractor:
-        """Settle the engine and precision for a run over `n_images` images (None: unknown), before any runs.
-
-        On a CPU with ONNX Runtime installed, precision 'auto' runs int8 there when its file is cached or
-        the run repays calibrating it (INT8_PAYS_OFF); else fp32 there when that file is cached or the run
-        repays the export (ORT_PAYS_OFF); else torch, in `resolve_precision`'s choice (bf16 weights on CPUs
-        with native bf16). Measured in bench/extract_speed.py. Called by extract before the code cache is
-        consulted, since the precision is part of the cache key; a missing int8 file is built here, so a
-        failed quantization can still fall back to fp32 (with a warning) before any code is keyed.
-        """
+        """Settle the engine and precision for a run over `n_images` images (None: unknown); see `Engine.plan`."""
         if not hasattr(self, "backbone_"):
             self.fit()
-        if self.engine_ is None and self._planned is None:
-            ort = self.engine == "onnxruntime" or (self.engine == "auto" and self._ort_pays(n_images))
-            self._planned = "onnxruntime" if ort else "torch"
-            if ort:
-                self.precision_ = "fp32"
-            if self._int8_pays(n_images) and (self.engine_path("int8").is_file() or self._int8_engine()):
-                self._planned, self.precision_ = "int8", "int8"
-            elif self.precision == "int8":
-                raise ModelError(f"--precision int8: {self.model} could not be quantized (see the warning); "
-                                 "use --precision fp32")
+        self._engine.plan(n_images)
         return self
-
-    def _ort_runs(self) -> bool:
-        return self.device_.type == "cpu" and self.engine != "torch"  # onnxruntime is a core dependency
-
-    def _ort_pays(self, n_images: int | None) -> bool:
-        if not self._ort_runs() or self.precision not in ("auto", "fp32"):
-            return False
-        return self.engine_path().is_file() or (n_images or 0) * self.side_ ** 2 >= ORT_PAYS_OFF * 224 ** 2
-
-    def _int8_pays(self, n_images: int | None) -> bool:
-        if self.precision != "auto" or not self._ort_runs():
-            return self.precision == "int8"
-        return self.engine_path("int8").is_file() or (n_images or 0) * self.side_ ** 2 >= INT8_PAYS_OFF * 224 ** 2
-
-    def _int8_engine(self) -> ort_engine.OrtEngine | None:
-        """The cached int8 engine, or one quantized now from the fp32 engine (exported first if need be)."""
-        path, threads = self.engine_path("int8"), torch.get_num_threads()
-        if self._ort is None and path.is_file():
-            self._ort = ort_engine.open_verified(path, self.keys_, threads, self.side_)
-        if self._ort is None:
-            fp32 = ort_engine.load_or_export(self._export_net, self.keys_, self.side_, self.engine_path(), threads)
-            if fp32 is not None:
-                n = ort_engine.INT8["crops"]
-                crops = ort_engine.calibration_crops(n + 32, ort_engine.INT8["seed"])  # the last 32: the check
-                x = self.normalize(torch.stack([self.decode_(c) for c in crops])).numpy()
-                self._ort = ort_engine.quantize(fp32, path, x[:n], x[n:], threads)
-        return self._ort
 
     def prepare(self, n_images: int | None = None) -> FeatureExtractor:
-        """Make the fitted backbone fast to run, for about `n_images` images (see `plan`).
-
-        Folds BatchNorm (kept only if the output is unchanged, transferkit.models.fold_bn), casts to bf16 where
-        that is the precision, and loads (or exports once) the ONNX Runtime engine where `plan` chose it.
-        """
+        """Make the network fast to run, for about `n_images` images; see `Engine.prepare`."""
         self.plan(n_images)  # fits first if needed
-        if self.engine_ is not None:
-            return self
-        self.engine_ = "torch"
-        if self._planned == "int8":  # its file exists (plan built it); rebuilt if it no longer loads
-            if self._int8_engine() is None:
-                raise ModelError(f"the int8 engine of {self.model} could not be loaded or rebuilt (see the warning); "
-                                 "use --precision fp32")
-            self.engine_, self.folded_, self.int8_cosine_ = "onnxruntime", self._ort.folded, self._ort.cosine
-            return self
-        if self._planned == "onnxruntime":
-            self._ort = ort_engine.load_or_export(self._export_net, self.keys_, self.side_, self.engine_path(),
-                                                  torch.get_num_threads())
-            if self._ort is not None:  # the torch network stays as built: a cached engine never needs it
-                self.engine_, self.folded_ = "onnxruntime", self._ort.folded
-                return self
-            if self.engine == "onnxruntime":
-                raise ModelError(f"--engine onnxruntime: {self.model} could not be exported (see the warning); "
-                                 "use --engine torch")
-        self._fold()
-        # bf16 on CPU: cast the weights once; autocast would re-cast them on every call (10% slower here)
-        if self.precision_ == "bf16" and self.device_.type == "cpu":
-            self.input_dtype_ = torch.bfloat16
-            self.backbone_ = self.backbone_.to(torch.bfloat16)
-        self.backbone_ = self.backbone_.to(self.device_).to(memory_format=torch.channels_last)  # oneDNN layout
+        self._engine.prepare(n_images)
         return self
 
-    def _fold(self) -> None:
-        """Fold BatchNorm into the convs once: exact algebra, kept only if the network's output is unchanged."""
-        if self.folded_ is not None:
-            return
-        self.folded_ = 0
-        if self.fold_bn:
-            example = torch.randn(2, 3, self.side_, self.side_, generator=torch.Generator().manual_seed(0))
-            self.backbone_, self.folded_ = fold_checked(self.backbone_, example)
+    # What a run settled (transferkit.codes.engine): read through, so transform leaves the fitted attributes alone
+    @property
+    def precision_(self) -> str:
+        """The precision of the codes: the resolved one, after `plan` the run's ('fp32', 'bf16', 'fp16', 'int8')."""
+        return self._engine.precision
 
-    def _export_net(self) -> tuple[ort_engine.CodesNet, int]:
-        """The folded network as one graph of codes, for ONNX export (only when no engine file is cached)."""
-        self._fold()
-        return ort_engine.CodesNet(self.backbone_, compute_codes, self.pairs_), self.folded_
+    @property
+    def engine_(self) -> str | None:
+        """'torch' or 'onnxruntime' once prepared; None before (e.g. when every code came from the cache)."""
+        return self._engine.name
+
+    @property
+    def folded_(self) -> int | None:
+        """BatchNorms folded into the network that runs (None until prepared)."""
+        return self._engine.folded
+
+    @property
+    def int8_cosine_(self) -> float | None:
+        """For int8: the mean cosine of its codes to fp32's, measured when it was quantized."""
+        return self._engine.int8_cosine
 
     def code_specs(self, precision: str | None = None) -> dict[str, CodeSpec]:
         """{'layer|pool': CodeSpec} of the codes this fitted extractor makes (`precision`: another than its own)."""
@@ -244,7 +158,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def engine_path(self, precision: str = "fp32") -> Path:
         """Where the exported (fp32) or quantized (int8) engine of exactly these codes and input size is cached."""
-        return engine_file(self.code_specs(precision).values(), self.side_)
+        return self._engine.path(precision)
 
     def iter_batches(self, data) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list]]:
         """Yield (codes by key, labels, item indices, bad items) per batch, in item order.
@@ -265,7 +179,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
             pin_memory=self.device_.type == "cuda",
         )
-        if self.num_workers == 0 and self._ort is not None:  # measured: helps ONNX Runtime, not torch
+        if self.num_workers == 0 and self._engine.ort is not None:  # measured: helps ONNX Runtime, not torch
             loader = decode_ahead(loader)
         for x, y, idx, bad in _progress(loader, len(dataset), self.progress):
             if bad and strict:
@@ -285,15 +199,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def model_codes(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         """Codes of one preprocessed float batch (B, 3, H, W): the model's share of the work."""
-        if self.engine_ is None:
-            self.prepare()
-        if self._ort is not None:
-            return self._ort(x)
-        mixed = autocast(self.precision_, self.device_) if self.input_dtype_ is None else contextlib.nullcontext()
-        with torch.inference_mode(), mixed:
-            x = x.to(self.device_, dtype=self.input_dtype_, memory_format=torch.channels_last, non_blocking=True)
-            codes = compute_codes(self.backbone_, x, self.pairs_)
-        return {k: v.cpu().numpy() for k, v in codes.items()}
+        return self._engine(x)
 
     def transform(self, X) -> np.ndarray:
         """(N, D) float32 codes of the images in X."""
@@ -319,7 +225,7 @@ def _check_finite(codes: dict[str, np.ndarray], index: np.ndarray, data, engine:
     i = int(index[np.argmin(finite)])
     name = data.sources[i] if isinstance(data, ImageDataset) else f"item {i}"
     raise DataError(f"the codes of '{name}' are not finite (NaN or inf; engine {engine}, precision {precision}); "
-                    f"nothing was written. Try --precision fp32 --engine torch")
+                    f"nothing was written. Try precision 'fp32' and engine 'torch'")
 
 
 def _progress(loader, total: int, enabled: bool):
