@@ -128,7 +128,7 @@ def table(rows: list[dict], args) -> str:
         "- probe: StandardScaler + LinearSVC, C by stratified CV on the training set only (5-fold over "
         f"1e-4..1, tried upwards, stopping once CV accuracy drops; above {BIG:,} images 3-fold over {BIG_CS}). "
         "'best swept codes': "
-        "`extract --layer auto` (every stage x avg/max/avgmax/2x2/4x4, ranked by 3-fold CV on at most 2,000 "
+        "`extract --layer auto` (every stage x avg/max/catavgmax/2x2/4x4, ranked by 3-fold CV on at most 2,000 "
         "training images).\n\n" + acc + speed
     )
 

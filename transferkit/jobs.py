@@ -16,6 +16,7 @@ import torch
 
 from transferkit.codes.extract import extract
 from transferkit.codes.extractor import FeatureExtractor
+from transferkit.codes.pooling import POOL_NAMES
 from transferkit.codes.spec import CodeSpec
 from transferkit.codes.store import KIND, FeatureStore
 from transferkit.data.datasets import IMAGE_EXTENSIONS, ImageDataset, open_dataset, scan_images
@@ -158,7 +159,7 @@ def read_sweep(store: FeatureStore) -> str | None:
     if not file.is_file():
         return None
     best = json.loads(file.read_text())["best"]
-    return f"{best['layer']}|{best['pool']}"
+    return f"{best['layer']}|{store.pool_name(best['pool'])}"
 
 
 @dataclass
@@ -202,7 +203,8 @@ def train_probe(
     code_spec = CodeSpec.from_meta(train.meta, key)  # load_probe_dir rebuilds the extractor from it
     spec = {"model": code_spec.model, "weights": train.meta["weights"], "image_size": train.meta["image_size"],
             "precision": code_spec.precision, "transform": code_spec.transform, "classes": train.meta["classes"],
-            "layer": code_spec.layer, "pool": code_spec.pool, "key": key, "code_spec": code_spec.to_dict()}
+            "layer": code_spec.layer, "pool": code_spec.pool, "key": key, "code_spec": code_spec.to_dict(),
+            "pool_names": POOL_NAMES}
     evaluation = None
     metrics = {"key": key, "C": probe.best_C_, "cv_accuracy": probe.cv_score_, "n_train": len(train)}
     with building(out, PROBE_KIND, inputs=[train.path, test_path]) as tmp:

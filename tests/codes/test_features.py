@@ -24,8 +24,8 @@ from transferkit.runtime.outputs import OutputError
 
 def test_parse_pools():
     assert parse_pools("avg") == ["avg"]
-    assert parse_pools("avg+max, 2x2,grid3") == ["avgmax", "2x2", "3x3"]
-    assert parse_pools("all") == ["avg", "max", "avgmax", "2x2", "4x4"]
+    assert parse_pools("avg+max, 2x2,grid3,avgmax") == ["catavgmax", "2x2", "3x3", "avgmax"]
+    assert parse_pools("all") == ["avg", "max", "catavgmax", "2x2", "4x4"]  # the codes 'all' always meant
     with pytest.raises(ModelError, match="Got 'mean' instead"):
         parse_pools("mean")
     with pytest.raises(ModelError, match="Got '2x3' instead"):
@@ -36,9 +36,20 @@ def test_pool_map_values():
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
     torch.testing.assert_close(pool_map(x, "avg"), x.mean((2, 3)))
     torch.testing.assert_close(pool_map(x, "max"), x[:, :, 3, 3])
-    assert pool_map(x, "avgmax").shape == (2, 6)
+    torch.testing.assert_close(pool_map(x, "avgmax"), 0.5 * (x.mean((2, 3)) + x[:, :, 3, 3]))
+    assert pool_map(x, "catavgmax").shape == (2, 6)
     grid = pool_map(x, "2x2").reshape(2, 3, 2, 2)
     torch.testing.assert_close(grid[:, :, 0, 1], x[:, :, :2, 2:].mean((2, 3)))  # top-right quadrant
+
+
+def test_global_pools_mean_what_timm_means():
+    """avgmax is timm's mean of avg and max, catavgmax its concatenation (timm.layers.adaptive_avgmax_pool)."""
+    from timm.layers import SelectAdaptivePool2d
+
+    x = torch.randn(3, 5, 7, 6, generator=torch.Generator().manual_seed(0))
+    for pool in ("avg", "max", "avgmax", "catavgmax"):
+        timm_pool = SelectAdaptivePool2d(pool_type=pool, flatten=True)
+        torch.testing.assert_close(pool_map(x, pool), timm_pool(x), msg=pool)
 
 
 def test_codes_match_timm_and_hooks(lite0):
@@ -67,7 +78,7 @@ def test_grids_finer_than_the_map_are_skipped(lite0):
 
 
 def test_extractor_is_a_sklearn_transformer(photo_folder):
-    fe = FeatureExtractor(layer="blocks.4", pool="avgmax", image_size=64, batch_size=5)
+    fe = FeatureExtractor(layer="blocks.4", pool="catavgmax", image_size=64, batch_size=5)
     assert clone(fe).get_params() == fe.get_params()
     data = open_dataset(photo_folder)
     model = make_pipeline(fe, LinearProbe(C=0.01)).fit(data, data.targets)
@@ -75,7 +86,7 @@ def test_extractor_is_a_sklearn_transformer(photo_folder):
     codes = fe.transform([data.sources[0], data.image(0), np.asarray(data.image(0))])
     assert codes.shape == (3, 224) and codes.dtype == np.float32
     np.testing.assert_allclose(codes[0], codes[1], rtol=1e-5, atol=1e-5)
-    assert fe.get_feature_names_out()[0] == "blocks.4|avgmax:0"
+    assert fe.get_feature_names_out()[0] == "blocks.4|catavgmax:0"
 
 
 def test_extract_writes_shards_and_metadata(photo_folder, tmp_path):

@@ -25,7 +25,8 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
               help="pre_logits, a stage index or timm module name (see `transferkit layers`), 'all', "
                    "or 'auto' (every stage x pooling, then a sweep picks the best).")
 @click.option("--pool", default="avg", show_default=True,
-              help="avg, max, avgmax, a grid like 2x2 that keeps location, a comma list, or 'all'.")
+              help="avg, max, avgmax (their mean), catavgmax (both, concatenated), a grid like 2x2 that keeps "
+                   "location, a comma list, or 'all'.")
 @click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
 @click.option("--num-workers", type=click_type(EXTRACTOR["num_workers"]), default=0, show_default=True,
               help="DataLoader workers.")

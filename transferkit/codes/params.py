@@ -18,7 +18,7 @@ EXTRACTOR = {
     "model": [str],
     "weights": [str, PathLike],  # 'auto', 'package', 'hub', 'random' or a weights file
     "layer": [str, Integral, list, tuple],  # resolved against the network in fit
-    "pool": [str, list, tuple],  # parsed by parse_pools: 'avg', 'max', 'avgmax', grids 'NxN', comma lists, 'all'
+    "pool": [str, list, tuple],  # parsed by parse_pools: 'avg', 'max', '[cat]avgmax', 'NxN', lists, 'all'
     "image_size": IMAGE_SIZE,
     "batch_size": BATCH_SIZE,
     "precision": [StrOptions(PRECISIONS)],

@@ -18,26 +18,35 @@ from transferkit.models.backbones import PRE_LOGITS, Layer
 
 log = logging.getLogger(__name__)
 
-POOLS = ("avg", "max", "avgmax")  # plus grids "NxN" that keep location
-ALL_POOLS = ("avg", "max", "avgmax", "2x2", "4x4")
+# timm's names and meanings: 'avgmax' is the mean of avg and max, 'catavgmax' their concatenation; plus grids
+# "NxN" that keep location
+POOLS = ("avg", "max", "avgmax", "catavgmax")
+# 'all': avgmax is left out, a linear probe on catavgmax can weigh avg and max as it likes (avgmax among them)
+ALL_POOLS = ("avg", "max", "catavgmax", "2x2", "4x4")
+# Files written before transferkit followed timm's names (codes directories of format 1, probes of format 1)
+# say 'avgmax' for the concatenation: their readers map the old names with this
+RENAMED = {"avgmax": "catavgmax"}
+POOL_NAMES = "timm"  # saved probes record it (their 'pool_names'); one without it is older and uses RENAMED
 _GRID = re.compile(r"^(?:grid)?(\d)(?:x(\d))?$", re.ASCII)  # ASCII: int() would take '٣' for 3
 
 
 def parse_pools(spec: str | Sequence[str]) -> list[str]:
-    """Validate --pool: 'avg', 'max', 'avgmax' (alias 'avg+max'), a grid 'NxN' (N <= 8), comma lists, 'all'."""
+    """Validate a pool list: 'avg', 'max', 'avgmax', 'catavgmax' (alias 'avg+max'), a grid 'NxN' (N <= 8),
+    comma lists, 'all'."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     pools: list[str] = []
     for item in (p.strip().lower() for p in items):
         if item == "all":
             pools += ALL_POOLS
             continue
-        item = "avgmax" if item in ("avg+max", "avg-max") else item
+        item = "catavgmax" if item in ("avg+max", "avg-max") else item
         grid = _GRID.match(item)
         if grid and (grid.group(2) is None or grid.group(1) == grid.group(2)) and 1 <= int(grid.group(1)) <= 8:
             item = f"{grid.group(1)}x{grid.group(1)}"
         elif item not in POOLS:
             raise ModelError(
-                f"The 'pool' parameter must be one of 'avg', 'max', 'avgmax', a grid such as '2x2', or 'all'. "
+                "The 'pool' parameter must be one of 'avg', 'max', 'avgmax', 'catavgmax', a grid such as '2x2', "
+                f"or 'all'. "
                 f"Got '{item}' instead."
             )
         pools.append(item)
@@ -55,14 +64,16 @@ def pool_map(x: torch.Tensor, pool: str) -> torch.Tensor:
         return x.mean((2, 3))
     if pool == "max":
         return x.amax((2, 3))
-    if pool == "avgmax":
+    if pool == "avgmax":  # as timm's adaptive_avgmax_pool2d
+        return 0.5 * (x.mean((2, 3)) + x.amax((2, 3)))
+    if pool == "catavgmax":
         return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)
     return F.adaptive_avg_pool2d(x, grid_size(pool)).flatten(1)  # (B, C, n, n) -> (B, C*n*n), channel-major
 
 
 def pooled_dim(layer: Layer, pool: str) -> int:
     """Width of the codes one (layer, pool) pair produces."""
-    if pool == "avgmax":
+    if pool == "catavgmax":
         return 2 * layer.channels
     if grid_size(pool):
         return layer.channels * grid_size(pool) ** 2
@@ -103,7 +114,7 @@ def select_pairs(layers: Sequence[Layer], pools: Sequence[str], side: int) -> li
     dropped = [key_name(la.name, p) for la in layers for p in pools if (la, p) not in pairs]
     if not pairs:
         raise ModelError(f"grid pooling {', '.join(pools)} is finer than the feature map of {dropped[0].split('|')[0]} "
-                         f"at input size {side}; use a coarser grid or a larger --image-size")
+                         f"at input size {side}; use a coarser grid or a larger image_size")
     if dropped:
         log.info("input %dpx: skipping grids finer than their feature map: %s", side, ", ".join(dropped))
     return pairs

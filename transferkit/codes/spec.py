@@ -53,6 +53,13 @@ class CodeSpec:
         """The 'layer|pool' name of these codes in feature files."""
         return key_name(self.layer, self.pool)
 
+    @property
+    def pool_id(self) -> str:
+        """The pool as the cache and engine keys name it. 'avgmax' (timm's mean of avg and max) is named apart
+        from the concatenation that name meant before transferkit followed timm (now 'catavgmax'): caches and
+        engine files of those codes still exist and must never answer for the mean."""
+        return "avgmax=mean" if self.pool == "avgmax" else self.pool
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, as the code cache's spec.json stores it (no 'int8' entry unless int8: the space ids
         of caches written before CodeSpec stay the same)."""
@@ -68,7 +75,7 @@ class CodeSpec:
 
     def digest(self) -> str:
         """The code cache's space id of these codes (transferkit.codes.cache)."""
-        return space_id(self.to_dict())
+        return space_id({**self.to_dict(), "pool": self.pool_id})
 
     def differences(self, other: CodeSpec) -> list[str]:
         """The fields in which `other` makes different codes; an unrecorded fold_bn differs from nothing."""
@@ -165,8 +172,9 @@ def engine_file(specs: Iterable[CodeSpec], side: int) -> Path:
     if any((s.model, s.weights_sha256, s.precision, s.fold_bn) != (first.model, first.weights_sha256,
                                                                     first.precision, first.fold_bn) for s in specs):
         raise ValueError("one engine graph makes codes of one model, weights, precision and folding")
-    key = {"model": first.model, "weights_sha256": first.weights_sha256, "keys": [s.key for s in specs],
-           "side": side, "fold_bn": first.fold_bn, "torch": torch.__version__, "opset": ort_engine.OPSET}
+    key = {"model": first.model, "weights_sha256": first.weights_sha256,
+           "keys": [key_name(s.layer, s.pool_id) for s in specs], "side": side, "fold_bn": first.fold_bn,
+           "torch": torch.__version__, "opset": ort_engine.OPSET}
     if first.precision == "int8":
         import onnxruntime
 

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.codes.pooling import RENAMED
 from transferkit.errors import DataError
 from transferkit.runtime.atomic import naming, write_json_atomic
 from transferkit.runtime.outputs import check_output, new_tmp, publish
 
-FORMAT = "transferkit.features/1"
+FORMAT = "transferkit.features/2"  # 2: pools named as in timm (format 1's 'avgmax' is 'catavgmax')
+FORMAT_1 = "transferkit.features/1"  # still read, its pools renamed on load (transferkit.codes.pooling.RENAMED)
 META = "meta.json"
 KIND = "features"  # the output kind in the directory's marker (transferkit.runtime.outputs)
 
@@ -102,11 +104,31 @@ class FeatureStore:
             self.meta = json.loads(meta_file.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"feature metadata '{meta_file}' is corrupt: {e}") from e
-        if self.meta.get("format") != FORMAT:
+        if self.meta.get("format") not in (FORMAT, FORMAT_1):
             raise DataError(f"'{meta_file}' has format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        self._arrays: dict[str, str] = {}  # key -> its array's name in the shards, where the two differ
+        if self.meta["format"] == FORMAT_1:
+            self._rename_pools()
         self.keys: list[str] = list(self.meta["keys"])
         self.classes: list[str] = list(self.meta["classes"])
         self._labels: np.ndarray | None = None
+
+    def _rename_pools(self) -> None:
+        """Read a format-1 directory in today's pool names: its keys, code specs and pool list."""
+        keys, specs = {}, self.meta.get("code_spec", {})
+        for key, entry in self.meta["keys"].items():
+            new = f"{entry['layer']}|{self.pool_name(entry['pool'])}"
+            keys[new] = {**entry, "pool": self.pool_name(entry["pool"])}
+            if key in specs:
+                specs[new] = {**specs.pop(key), "pool": keys[new]["pool"]}
+            if new != key:
+                self._arrays[new] = key
+        self.meta["keys"] = keys
+        self.meta["pools"] = [self.pool_name(p) for p in self.meta.get("pools", [])]
+
+    def pool_name(self, pool: str) -> str:
+        """Today's name of a pool as this directory's files (meta.json, sweep.json) name it."""
+        return RENAMED.get(pool, pool) if self.meta["format"] == FORMAT_1 else pool
 
     def __len__(self) -> int:
         return sum(s["rows"] for s in self.meta["shards"])
@@ -117,7 +139,7 @@ class FeatureStore:
             file = self.path / shard["file"]
             try:
                 with np.load(file, allow_pickle=False) as z:
-                    parts.append(z[key])
+                    parts.append(z[self._arrays.get(key, key)])
             except (OSError, ValueError, KeyError) as e:
                 raise DataError(f"feature shard '{file}' is missing or corrupt ({type(e).__name__}: {e})") from e
             if len(parts[-1]) != shard["rows"]:

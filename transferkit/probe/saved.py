@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from transferkit.codes.extractor import FeatureExtractor
+from transferkit.codes.pooling import POOL_NAMES, RENAMED
 from transferkit.codes.spec import CodeSpec
 from transferkit.errors import DataError
 from transferkit.models.weights import weights_argument
@@ -27,6 +28,8 @@ def load_probe_dir(path: str | Path, *, batch_size: int = 64, progress: bool = F
     `exact`: an fp32 backbone without folding, whatever the codes were made with (for network surgery).
     """
     probe = LinearProbe.load(Path(path) / PROBE_DIR)
+    if probe.extra_.get("pool_names") != POOL_NAMES:
+        probe.extra_ = _renamed_pools(probe.extra_)
     spec = CodeSpec.from_probe(probe.extra_)
     extractor = FeatureExtractor(
         spec.model, weights=weights_argument(probe.extra_["weights"]), layer=spec.layer, pool=spec.pool,
@@ -40,3 +43,12 @@ def load_probe_dir(path: str | Path, *, batch_size: int = 64, progress: bool = F
         raise DataError(f"the extractor rebuilt for probe '{path}' makes other codes than the probe was trained "
                         f"with: {built.describe_differences(spec, ('now', 'trained'))}")
     return probe, extractor
+
+
+def _renamed_pools(extra: dict) -> dict:
+    """A probe saved before transferkit named pools as timm does, in today's names (codes.pooling.RENAMED)."""
+    pool = RENAMED.get(extra["pool"], extra["pool"])
+    extra = {**extra, "pool": pool, "key": f"{extra['layer']}|{pool}", "pool_names": POOL_NAMES}
+    if "code_spec" in extra:
+        extra["code_spec"] = {**extra["code_spec"], "pool": pool}
+    return extra

@@ -408,8 +408,8 @@ def _check_probe(s: ProbeSettings, where: str) -> None:
                             f"pooling). Got {s.pool!r} instead.")
         return
     if len(pools) != 1:
-        raise DataError(f"The 'pool' field of {where} must name one pooling ('avg', 'max', 'avgmax' or a grid "
-                        f"like '2x2'), or set layer 'auto' to sweep them. Got {s.pool!r} instead.")
+        raise DataError(f"The 'pool' field of {where} must name one pooling ('avg', 'max', 'avgmax', 'catavgmax' or a "
+                        f"grid like '2x2'), or set layer 'auto' to sweep them. Got {s.pool!r} instead.")
     if str(s.layer) == "all" or "," in str(s.layer):
         raise DataError(f"The 'layer' field of {where} must be one layer (a stage name or index, 'pre_logits') "
                         f"or 'auto' (the sweep picks one). Got {s.layer!r} instead.")

@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transferkit.codes.pooling import RENAMED
 from transferkit.errors import DataError, ModelError
 from transferkit.runtime.atomic import write_bytes_atomic, write_json_atomic
 from transferkit.runtime.outputs import building, claim
 from transferkit.surgery.fc_to_conv import FullyConvNet, fc_to_conv, probe_head, probe_to_conv, timm_head_ops
 
-FORMAT = "transferkit.convert/1"
+FORMAT = "transferkit.convert/2"  # 2: pools named as in timm (format 1's 'avgmax' is 'catavgmax')
+FORMAT_1 = "transferkit.convert/1"
 CONVERT_JSON = "convert.json"
 CONVERTED_KIND, DENSE_KIND = "converted", "dense maps"  # output kinds (transferkit.runtime.outputs)
 WEIGHTS = "fully_conv.safetensors"
@@ -149,8 +151,10 @@ def load_converted(path: str | Path) -> DenseClassifier:
         meta = json.loads((path / CONVERT_JSON).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"'{path}' is not a converted model directory: {e}") from e
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, FORMAT_1):
         raise DataError(f"'{path / CONVERT_JSON}' has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta["format"] == FORMAT_1 and "pool" in meta["spec"]:
+        meta["spec"]["pool"] = RENAMED.get(meta["spec"]["pool"], meta["spec"]["pool"])
     net = _skeleton(meta["spec"])
     net.load_state_dict(load_state_dict_file(path / WEIGHTS))
     return DenseClassifier(net.eval(), meta["classes"], tuple(meta["mean"]), tuple(meta["std"]), meta["spec"],

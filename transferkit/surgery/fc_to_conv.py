@@ -22,7 +22,7 @@ from torch import nn
 
 from transferkit.errors import ModelError
 
-GLOBAL_KINDS = ("avg", "max", "avgmax", "catavgmax")  # timm's pool types; transferkit's probe 'avgmax' = catavgmax
+GLOBAL_KINDS = ("avg", "max", "avgmax", "catavgmax")  # timm's pool types, as transferkit.codes.pooling names them
 PARITY_ATOL = 1e-4
 
 
@@ -365,10 +365,7 @@ def probe_head(coef: np.ndarray, intercept: np.ndarray, pool: str, scale_mean: n
     with torch.no_grad():
         linear.weight.copy_(torch.from_numpy(w))
         linear.bias.copy_(torch.from_numpy(b))
-    if pool[0].isdigit():
-        pooling = [GridPool(int(pool.split("x")[0]))]
-    else:
-        pooling = [GlobalPool("catavgmax" if pool == "avgmax" else pool)]
+    pooling = [GridPool(int(pool.split("x")[0]))] if pool[0].isdigit() else [GlobalPool(pool)]
     return [*pooling, *([L2Normalize()] if l2 else []), linear]
 
 
