@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,6 +67,7 @@ def extract_features(
     cache: bool = True,
     fold_bn: bool = True,
     engine: str = "auto",
+    exact_decode: bool = False,
     progress: bool = True,
 ) -> FeatureStore:
     """Extract codes to `out`. layer='auto' extracts every stage x pooling and runs the sweep
@@ -74,9 +76,13 @@ def extract_features(
     `like` copies the CodeSpec of another feature directory's chosen codes (`like_options`), so a test set
     is encoded exactly as its training set was. With `cache`, codes already
     in the code cache (same model, weights, layer, pooling, transform and image bytes) are reused.
+    `exact_decode` decodes every image in full instead of no larger than the transform needs.
     """
     if like is not None:
-        model, weights, layer, pool, image_size, precision, fold_bn = like_options(FeatureStore(like), fold_bn)
+        same = like_options(FeatureStore(like), fold_bn)
+        model, weights, layer, pool = same["model"], same["weights"], same["layer"], same["pool"]
+        image_size, precision, fold_bn, exact_decode = (same[k] for k in ("image_size", "precision", "fold_bn",
+                                                                          "exact_decode"))
     auto = layer == "auto"
     if auto and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DataError("--layer auto sweeps in one process; under torchrun name the layer and pooling (or run "
@@ -86,7 +92,7 @@ def extract_features(
     extractor = FeatureExtractor(
         model, weights=weights, layer="all" if auto else layer, pool="all" if auto else pool,
         image_size=image_size, batch_size=batch_size, precision=precision, num_workers=num_workers,
-        fold_bn=fold_bn, engine=engine, progress=progress,
+        fold_bn=fold_bn, engine=engine, exact_decode=exact_decode, progress=progress,
     )
     if auto and len(dataset) > sweep_samples:
         return _extract_best(dataset, Path(out), extractor, sweep_samples, skip_bad, progress, cache)
@@ -96,9 +102,10 @@ def extract_features(
     return store
 
 
-def like_options(ref: FeatureStore, fold_bn: bool = True) -> tuple[str, str, str, str, int | None, str, bool]:
-    """(model, weights, layer, pool, image_size, precision, fold_bn) that make the codes of `ref` again: its
-    sweep's winner if it was swept, else all its codes, read from their CodeSpecs.
+def like_options(ref: FeatureStore, fold_bn: bool = True) -> dict[str, Any]:
+    """The FeatureExtractor parameters (model, weights, layer, pool, image_size, precision, fold_bn,
+    exact_decode) that make the codes of `ref` again: its sweep's winner if it was swept, else all its codes,
+    read from their CodeSpecs.
 
     The weights argument and image size are the requests that led to the specs' weights sha256 and
     transform; `fold_bn` is kept where `ref` predates CodeSpec and did not record it.
@@ -106,9 +113,11 @@ def like_options(ref: FeatureStore, fold_bn: bool = True) -> tuple[str, str, str
     best = read_sweep(ref)
     specs = [CodeSpec.from_meta(ref.meta, key) for key in ([best] if best else ref.keys)]
     spec = specs[0]  # the codes of one directory share all but layer and pool
-    return (spec.model, weights_argument(ref.meta["weights"]), ",".join(dict.fromkeys(s.layer for s in specs)),
-            ",".join(dict.fromkeys(s.pool for s in specs)), ref.meta["image_size"], spec.precision,
-            fold_bn if spec.fold_bn is None else spec.fold_bn)
+    return {"model": spec.model, "weights": weights_argument(ref.meta["weights"]),
+            "layer": ",".join(dict.fromkeys(s.layer for s in specs)),
+            "pool": ",".join(dict.fromkeys(s.pool for s in specs)), "image_size": ref.meta["image_size"],
+            "precision": spec.precision, "fold_bn": fold_bn if spec.fold_bn is None else spec.fold_bn,
+            "exact_decode": spec.exact_decode}
 
 
 def _extract_best(

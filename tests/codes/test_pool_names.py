@@ -80,7 +80,8 @@ def test_a_format_1_directory_reads_in_todays_names(photo_folder, tmp_path, cat_
     np.testing.assert_array_equal(old.load(CAT), want)
     assert CodeSpec.from_meta(old.meta, CAT).pool == "catavgmax"
     (cat_codes.path / "sweep.json").write_text(json.dumps({"best": {"layer": "blocks.4", "pool": "avgmax"}}))
-    assert like_options(old)[2:4] == ("blocks.4", "catavgmax")  # its sweep's winner, renamed
+    same = like_options(old)
+    assert (same["layer"], same["pool"]) == ("blocks.4", "catavgmax")  # its sweep's winner, renamed
     like = extract_features(photo_folder, tmp_path / "like", like=cat_codes.path, progress=False)
     assert like.keys == [CAT]
     report = train_probe(cat_codes.path, tmp_path / "probe", layer="blocks.4", pool="catavgmax", test=like, cv=2)

@@ -243,7 +243,7 @@ def profile(extractor: FeatureExtractor, data: ImageDataset, n: int = 256) -> di
     only a faster model path does. The engine is the one extract would pick for all of `data`.
     """
     extractor.prepare(len(data))
-    sample = data.select(np.arange(min(n, len(data)))).with_transform(extractor.decode_)
+    sample = data.select(np.arange(min(n, len(data)))).with_transform(extractor.decode_, extractor.decode_target_)
     sample.skip_bad = True
     loader = torch.utils.data.DataLoader(sample, batch_size=extractor.batch_size, num_workers=extractor.num_workers,
                                          collate_fn=collate)
@@ -257,4 +257,4 @@ def profile(extractor: FeatureExtractor, data: ImageDataset, n: int = 256) -> di
     model = sum(len(x) for x in batches) / (time.perf_counter() - start)
     return {"images": sum(len(x) for x in batches), "decode_images_per_second": decode,
             "model_images_per_second": model, "num_workers": extractor.num_workers, "engine": extractor.engine_,
-            "precision": extractor.precision_}
+            "precision": extractor.precision_, "exact_decode": extractor.exact_decode}

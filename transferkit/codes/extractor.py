@@ -17,8 +17,8 @@ from transferkit.codes.params import EXTRACTOR
 from transferkit.codes.pooling import parse_pools, pooled_dim, select_pairs
 from transferkit.codes.spec import CodeSpec, key_name
 from transferkit.data.datasets import ImageDataset
-from transferkit.data.decode import collate, decode_ahead, load_image
-from transferkit.data.transforms import build_transform, describe_transform
+from transferkit.data.decode import DecodeTarget, collate, decode_ahead, load_image
+from transferkit.data.transforms import build_transform, decode_target, describe_transform
 from transferkit.errors import DataError
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS, create_backbone, resolve_layers
 from transferkit.runtime.device import default_device
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 class _Images(torch.utils.data.Dataset):
     """In-memory images (paths, PIL images or uint8 arrays) behind the same interface as ImageDataset."""
 
-    def __init__(self, items: Sequence, transform) -> None:
-        self.items, self.transform = items, transform
+    def __init__(self, items: Sequence, transform, target: DecodeTarget | None) -> None:
+        self.items, self.transform, self.target = items, transform, target
 
     def __len__(self) -> int:
         return len(self.items)
@@ -40,7 +40,7 @@ class _Images(torch.utils.data.Dataset):
         item = self.items[i]
         if isinstance(item, (str, Path)):
             try:
-                img = load_image(item)
+                img = load_image(item, self.target)
             except DataError as e:
                 return None, -1, i, str(e)
         elif isinstance(item, Image.Image):
@@ -48,6 +48,8 @@ class _Images(torch.utils.data.Dataset):
         else:
             arr = np.asarray(item)
             img = Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+        if self.target is not None and not isinstance(item, (str, Path)):
+            img = self.target.reduce(img)  # decoded already: only the box reduction is left to save
         return self.transform(img), -1, i, ""
 
 
@@ -74,6 +76,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         num_workers: int = 0,
         fold_bn: bool = True,
         engine: str = "auto",
+        exact_decode: bool = False,
         progress: bool = False,
     ) -> None:
         self.model = model
@@ -86,6 +89,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.num_workers = num_workers
         self.fold_bn = fold_bn
         self.engine = engine
+        self.exact_decode = exact_decode
         self.progress = progress
 
     def fit(self, X=None, y=None) -> FeatureExtractor:
@@ -104,6 +108,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.data_config_ = timm.data.resolve_model_data_config(self.backbone_)
         self.transform_ = build_transform(self.data_config_, self.image_size)
         self.decode_ = build_transform(self.data_config_, self.image_size, uint8=True)
+        # decode image files no larger than decode_ needs (JPEG DCT scaling, then box reduction); None: exactly
+        self.decode_target_ = None if self.exact_decode else decode_target(self.data_config_, self.image_size)
         cfg = describe_transform(self.data_config_, self.image_size)
         self.side_ = cfg["input_size"][-1]
         self.mean_, self.std_ = (torch.tensor(cfg[k]).reshape(1, -1, 1, 1) for k in ("mean", "std"))
@@ -171,10 +177,10 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.prepare(len(data))
         strict = not getattr(data, "skip_bad", False)
         if isinstance(data, ImageDataset):
-            dataset = data.with_transform(self.decode_)
+            dataset = data.with_transform(self.decode_, self.decode_target_)
             dataset.skip_bad = True  # errors travel back as data, so a worker's failure is raised here, in one line
         else:
-            dataset = _Images(data, self.decode_)
+            dataset = _Images(data, self.decode_, self.decode_target_)
         loader = torch.utils.data.DataLoader(  # pinned pages: the host-to-GPU copy can overlap the compute
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
             pin_memory=self.device_.type == "cuda",

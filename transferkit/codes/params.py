@@ -25,5 +25,6 @@ EXTRACTOR = {
     "num_workers": NUM_WORKERS,
     "fold_bn": ["boolean"],
     "engine": [StrOptions(ENGINES)],
+    "exact_decode": ["boolean"],
     "progress": ["boolean"],
 }

@@ -54,6 +54,11 @@ class CodeSpec:
         return key_name(self.layer, self.pool)
 
     @property
+    def exact_decode(self) -> bool:
+        """Whether the images were decoded in full (else no larger than the transform needs: data.decode)."""
+        return "decode" not in self.transform
+
+    @property
     def pool_id(self) -> str:
         """The pool as the cache and engine keys name it. 'avgmax' (timm's mean of avg and max) is named apart
         from the concatenation that name meant before transferkit followed timm (now 'catavgmax'): caches and
@@ -119,7 +124,8 @@ class CodeSpec:
         precision = precision or extractor.precision_
         return cls(
             model=extractor.model, weights_sha256=extractor.backbone_.weights_info.sha256, layer=layer, pool=pool,
-            transform=describe_transform(extractor.data_config_, extractor.image_size), precision=precision,
+            transform=describe_transform(extractor.data_config_, extractor.image_size,
+                                         exact_decode=extractor.exact_decode), precision=precision,
             int8=dict(ort_engine.INT8) if precision == "int8" else None, fold_bn=bool(extractor.fold_bn),
         )
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from transferkit.data.decode import load_image
+from transferkit.data.decode import DecodeTarget, load_image
 from transferkit.data.hashing import content_hash
 from transferkit.errors import DataError
 
@@ -62,6 +62,7 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.skip_bad = skip_bad
         self._pixels = pixels  # IDX only: (n, H, W) uint8, kept in memory instead of files
+        self.decode_target: DecodeTarget | None = None  # decode no larger than the transform needs (None: exactly)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -72,11 +73,13 @@ class ImageDataset(Dataset):
             f"classes={len(self.classes)})"
         )
 
-    def image(self, i: int) -> Image.Image:
-        """The RGB image of item `i`, before any transform."""
+    def image(self, i: int, target: DecodeTarget | None = None) -> Image.Image:
+        """The RGB image of item `i`, before any transform; with a `target`, no larger than that needs
+        (transferkit.data.decode.load_image)."""
         if self._pixels is not None:
-            return Image.fromarray(self._pixels[i]).convert("RGB")
-        return load_image(self.sources[i])
+            img = Image.fromarray(self._pixels[i]).convert("RGB")
+            return img if target is None else target.reduce(img)
+        return load_image(self.sources[i], target)
 
     def content_hashes(self) -> list[bytes | None]:
         """A 16-byte blake2b digest of each item's bytes (file or IDX pixels); None for a file that cannot be read.
@@ -97,7 +100,7 @@ class ImageDataset(Dataset):
         """(tensor, label, index, error); with skip_bad a bad file gives (None, label, index, message)."""
         label = int(self.targets[i])
         try:
-            img = self.image(i)
+            img = self.image(i, self.decode_target)
         except DataError as exc:
             if self.skip_bad:
                 return None, label, i, str(exc)
@@ -117,10 +120,11 @@ class ImageDataset(Dataset):
         rank = np.arange(len(order)) - np.searchsorted(grouped, grouped, side="left")
         return self.select(np.sort(order[rank < per_class]))
 
-    def with_transform(self, transform: Callable | None) -> ImageDataset:
-        """A shallow copy that applies `transform` instead (e.g. train vs eval preprocessing)."""
+    def with_transform(self, transform: Callable | None, decode_target: DecodeTarget | None = None) -> ImageDataset:
+        """A shallow copy that applies `transform` instead (e.g. train vs eval preprocessing), decoding images
+        no larger than `decode_target` (None: exactly)."""
         other = copy.copy(self)
-        other.transform = transform
+        other.transform, other.decode_target = transform, decode_target
         return other
 
     def select(self, idx: np.ndarray) -> ImageDataset:
@@ -134,7 +138,7 @@ class ImageDataset(Dataset):
             transform=self.transform,
             skip_bad=self.skip_bad,
             pixels=None if self._pixels is None else self._pixels[idx],
-        )
+        ).with_transform(self.transform, self.decode_target)
 
 
 # ---------------------------------------------------------------------------------------------- opening

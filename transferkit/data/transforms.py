@@ -3,9 +3,11 @@ recorded beside every set of codes so that two sets can be compared."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
+from transferkit.data.decode import DECODE, DecodeTarget
 from transferkit.data.params import IMAGE_SIZE
 from transferkit.errors import DataError
 from transferkit.runtime.params import validate
@@ -49,10 +51,19 @@ def build_transform(data_config: dict, image_size: int | None = None, train: boo
                             use_prefetcher=uint8, **(augment if train else {}))
 
 
-def describe_transform(data_config: dict, image_size: int | None = None) -> dict:
-    """JSON-serialisable effective preprocessing, recorded beside extracted features."""
+def decode_target(data_config: dict, image_size: int | None = None) -> DecodeTarget:
+    """How small an image may be decoded for the eval transform: the side its resize maps to `floor(size /
+    crop_pct)` (timm's transforms_imagenet_eval), the shorter one, or the longer in crop mode 'border'."""
     cfg = _effective_config(data_config, image_size)
-    return {
+    side = math.floor(max(cfg["input_size"][1:]) / cfg["crop_pct"])
+    return DecodeTarget(side, longest=cfg["crop_mode"] == "border")
+
+
+def describe_transform(data_config: dict, image_size: int | None = None, *, exact_decode: bool = True) -> dict:
+    """JSON-serialisable effective preprocessing, recorded beside extracted codes; decoding at the size needed
+    (`exact_decode` False) adds how (decode.DECODE), so exact decoding keeps the description it always had."""
+    cfg = _effective_config(data_config, image_size)
+    description = {
         "input_size": [int(v) for v in cfg["input_size"]],
         "interpolation": str(cfg["interpolation"]),
         "mean": [float(v) for v in cfg["mean"]],
@@ -60,3 +71,6 @@ def describe_transform(data_config: dict, image_size: int | None = None) -> dict
         "crop_pct": float(cfg["crop_pct"]),
         "crop_mode": str(cfg["crop_mode"]),
     }
+    if not exact_decode:
+        description["decode"] = DECODE
+    return description
