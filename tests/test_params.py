@@ -22,7 +22,7 @@ from transferkit.finetune.loop import finetune
 from transferkit.finetune.params import FINETUNE
 from transferkit.probe.linear import LinearProbe
 from transferkit.probe.params import PROBE
-from transferkit.recipes import recipe as recipe_module
+from transferkit.recipes import schema
 from transferkit.runtime.params import Interval, Pair, StrOptions, click_type, sklearn_constraints
 
 TINY = {"model": "test_resnet", "weights": "random", "image_size": 32, "precision": "fp32", "engine": "torch"}
@@ -142,16 +142,16 @@ def test_cli_reads_pair_limits_from_the_table(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "param"), [("large-similar", p) for p in limited(FINETUNE)]
-                         + [("small-similar", p) for p in limited(recipe_module._LIMITS["probe"])])
+                         + [("small-similar", p) for p in limited(schema._LIMITS["probe"])])
 def test_recipes_refuse_what_the_library_refuses(name, param):
-    table = recipe_module._LIMITS[recipes.get(name).kind]
+    table = schema._LIMITS[recipes.get(name).kind]
     with pytest.raises(DataError, match=rf"^The '{param}' field of recipe '{name}' must be .* Got "):
         recipes.get(name).replace(**{param: outside(table[param])})
 
 
 def test_one_table_per_limit():
-    assert FinetuneConfig._parameter_constraints is FINETUNE and recipe_module._LIMITS["finetune"] is FINETUNE
-    for param, allowed in recipe_module._LIMITS["probe"].items():
+    assert FinetuneConfig._parameter_constraints is FINETUNE and schema._LIMITS["finetune"] is FINETUNE
+    for param, allowed in schema._LIMITS["probe"].items():
         assert allowed is EXTRACTOR.get(param, PROBE.get(param))
     assert EXTRACTOR["image_size"] is IMAGE_SIZE and FINETUNE["image_size"] is IMAGE_SIZE
     assert FINETUNE["batch_size"] is EXTRACTOR["batch_size"]
