@@ -49,10 +49,8 @@ def lite0():
     return create_backbone()
 
 
-@pytest.fixture()
-def photo_folder(tmp_path: Path, sample_images) -> Path:
+def _write_photo_folder(root: Path, sample_images) -> Path:
     """An ImageFolder tree with two classes of real photo crops (8 per class), as JPEG and PNG."""
-    root = tmp_path / "photos"
     rng = np.random.default_rng(0)
     for cls, name in (("temple", "china.jpg"), ("flower", "flower.jpg")):
         img = sample_images[name]
@@ -62,6 +60,18 @@ def photo_folder(tmp_path: Path, sample_images) -> Path:
             crop = img.crop((x, y, x + 200, y + 200)).resize((64, 64))
             crop.save(root / cls / f"{i}.{'jpg' if i % 2 else 'png'}")
     return root
+
+
+@pytest.fixture()
+def photo_folder(tmp_path: Path, sample_images) -> Path:
+    """An ImageFolder tree with two classes of real photo crops (8 per class), as JPEG and PNG."""
+    return _write_photo_folder(tmp_path / "photos", sample_images)
+
+
+@pytest.fixture(scope="module")
+def shared_photo_folder(tmp_path_factory, sample_images) -> Path:
+    """photo_folder, made once per module for module-scoped fixtures (a finished run to resume): only read it."""
+    return _write_photo_folder(tmp_path_factory.mktemp("shared") / "photos", sample_images)
 
 
 @pytest.fixture()
@@ -76,3 +86,23 @@ def digits_folder(tmp_path: Path) -> Path:
         for i, img in enumerate(digits.images[digits.target == label][:20]):
             Image.fromarray((img * 255 / 16).astype(np.uint8)).save(root / str(label) / f"{i:02d}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def cli_run():
+    """Run the transferkit CLI in-process: `cli_run(*args, ok=True, catch=False)` -> click's Result.
+
+    Each argument is passed as str(arg). `ok` asserts exit code 0 (showing the output if not). `catch=True` keeps an
+    uncaught exception in the result (exit code 1, `result.exception`) instead of raising it in the test.
+    """
+    from click.testing import CliRunner
+
+    from transferkit.cli import cli
+
+    def run(*args, ok: bool = True, catch: bool = False):
+        result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=catch)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return run

@@ -20,9 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from transferkit.cli import cli
 from transferkit.codes.store import FeatureStore
 from transferkit.errors import TransferkitError
 from transferkit.runtime.outputs import MARKER, OutputError, check_output, read_marker
@@ -38,8 +36,10 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def run(*args: str):
-    return CliRunner().invoke(cli, ["-q", *map(str, args)])
+@pytest.fixture(scope="module")
+def run(cli_run):
+    """The CLI as these faults meet it: quiet (-q), any exit code, an uncaught exception kept in the result."""
+    return lambda *args: cli_run("-q", *args, ok=False, catch=True)
 
 
 def subprocess_env(cache: Path) -> dict[str, str]:
@@ -57,7 +57,7 @@ def user_project(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def codes_dir(tmp_path_factory) -> Path:
+def codes_dir(tmp_path_factory, run) -> Path:
     """A small real feature directory (2 classes of photo crops, 32 px) for commands that read one."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
@@ -77,7 +77,7 @@ def codes_dir(tmp_path_factory) -> Path:
 # -- never delete a user's files ---------------------------------------------------------------------------
 
 
-def test_extract_refuses_a_folder_it_did_not_write_and_leaves_it_byte_identical(user_project, photo_folder):
+def test_extract_refuses_a_folder_it_did_not_write_and_leaves_it_byte_identical(user_project, photo_folder, run):
     """The reported reproduction: a folder with a meta.json was replaced, its other files deleted."""
     before = snapshot(user_project)
     result = run("extract", photo_folder, *FAST, "-o", user_project)
@@ -87,7 +87,7 @@ def test_extract_refuses_a_folder_it_did_not_write_and_leaves_it_byte_identical(
 
 
 @pytest.mark.parametrize("where", ["data", "inside", "parent"])
-def test_extract_refuses_the_data_folder_itself_inside_it_and_above_it(photo_folder, where):
+def test_extract_refuses_the_data_folder_itself_inside_it_and_above_it(photo_folder, where, run):
     (photo_folder / "meta.json").write_text("{}")  # the second reproduction: the images were all deleted
     out = {"data": photo_folder, "inside": photo_folder / "flower" / "codes", "parent": photo_folder.parent}[where]
     before = snapshot(photo_folder.parent)
@@ -99,7 +99,7 @@ def test_extract_refuses_the_data_folder_itself_inside_it_and_above_it(photo_fol
 
 @pytest.mark.parametrize("where", ["data", "inside", "parent"])
 @pytest.mark.parametrize("command", ["finetune", "run", "evaluate", "dense"])
-def test_other_writers_refuse_the_data_folder_too(tmp_path, photo_folder, codes_dir, command, where):
+def test_other_writers_refuse_the_data_folder_too(tmp_path, photo_folder, codes_dir, command, where, run):
     out = {"data": photo_folder, "inside": photo_folder / "flower" / "out", "parent": photo_folder.parent}[where]
     if command == "evaluate":
         assert run("probe", codes_dir, "-o", tmp_path / "model").exit_code == 0
@@ -117,7 +117,7 @@ def test_other_writers_refuse_the_data_folder_too(tmp_path, photo_folder, codes_
 
 @pytest.mark.parametrize("planted", ["meta.json", "shard-00000.npz", "checkpoint.json", "config.json", "notes.txt"])
 @pytest.mark.parametrize("command", ["extract", "probe", "evaluate", "convert", "finetune", "run", "demo", "dense"])
-def test_every_writer_refuses_a_folder_it_did_not_write(tmp_path, photo_folder, codes_dir, command, planted):
+def test_every_writer_refuses_a_folder_it_did_not_write(tmp_path, photo_folder, codes_dir, command, planted, run):
     out = tmp_path / "mine"
     out.mkdir()
     (out / planted).write_bytes(b'{"format": "transferkit.features/1"}')  # even a look-alike of ours
@@ -142,7 +142,7 @@ def test_every_writer_refuses_a_folder_it_did_not_write(tmp_path, photo_folder, 
     assert snapshot(out) == before
 
 
-def test_own_output_is_replaced_but_not_when_the_user_added_files(tmp_path, codes_dir):
+def test_own_output_is_replaced_but_not_when_the_user_added_files(tmp_path, codes_dir, run):
     out = tmp_path / "probe"
     assert run("probe", codes_dir, "-o", out).exit_code == 0
     assert read_marker(out)["kind"] == "probe" and "probe/probe.json" in read_marker(out)["files"]
@@ -156,14 +156,14 @@ def test_own_output_is_replaced_but_not_when_the_user_added_files(tmp_path, code
     assert result.exit_code == 1 and snapshot(out) == before
 
 
-def test_probe_and_extract_like_never_overwrite_their_inputs(codes_dir):
+def test_probe_and_extract_like_never_overwrite_their_inputs(codes_dir, run):
     before = snapshot(codes_dir)
     assert run("probe", codes_dir, "-o", codes_dir).exit_code == 1
     assert run("extract", codes_dir.parent / "photos", "--like", codes_dir, "-o", codes_dir).exit_code == 1
     assert snapshot(codes_dir) == before
 
 
-def test_export_replaces_only_a_file_it_exported(tmp_path):
+def test_export_replaces_only_a_file_it_exported(tmp_path, run):
     mine = tmp_path / "model.onnx"
     mine.write_bytes(b"someone else's model")
     result = run("export", "test_resnet", "--weights", "random", "-o", mine)
@@ -171,7 +171,7 @@ def test_export_replaces_only_a_file_it_exported(tmp_path):
     assert mine.read_bytes() == b"someone else's model"
 
 
-def test_stale_build_folders_of_dead_processes_are_removed_and_nothing_else(tmp_path, photo_folder):
+def test_stale_build_folders_of_dead_processes_are_removed_and_nothing_else(tmp_path, photo_folder, run):
     out = tmp_path / "codes"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -243,7 +243,7 @@ def test_damaged_engine_is_detected_rebuilt_and_never_gives_wrong_codes(photo_fo
     np.testing.assert_array_equal(cached.load(cached.keys[0]), want)
 
 
-def test_nan_codes_are_never_cached_or_written(photo_folder, tmp_path, code_cache, monkeypatch):
+def test_nan_codes_are_never_cached_or_written(photo_folder, tmp_path, code_cache, monkeypatch, run):
     from transferkit.codes.extractor import FeatureExtractor
 
     real = FeatureExtractor.model_codes
@@ -259,7 +259,7 @@ def test_nan_codes_are_never_cached_or_written(photo_folder, tmp_path, code_cach
     assert not list(tmp_path.glob(".codes.*"))
 
 
-def test_cache_part_with_nan_is_dropped_and_recomputed(photo_folder, tmp_path, code_cache, caplog):
+def test_cache_part_with_nan_is_dropped_and_recomputed(photo_folder, tmp_path, code_cache, caplog, run):
     assert run("extract", photo_folder, *FAST, "-o", tmp_path / "a").exit_code == 0
     part = next(code_cache.rglob("part-*.npz"))
     with np.load(part) as z:
@@ -306,7 +306,7 @@ def test_sigkill_during_extract_then_rerun_gives_bit_identical_codes(tmp_path):
 
 
 @pytest.mark.skipif(not FMNIST.joinpath("train-images-idx3-ubyte.gz").exists(), reason="needs dataset-fashion-mnist")
-def test_concurrent_extracts_to_one_output_and_one_cache(tmp_path):
+def test_concurrent_extracts_to_one_output_and_one_cache(tmp_path, monkeypatch, cli_run):
     cache, out = tmp_path / "cache", tmp_path / "codes"
     procs = [subprocess.Popen(_extract_cmd(out), env=subprocess_env(cache), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -314,7 +314,8 @@ def test_concurrent_extracts_to_one_output_and_one_cache(tmp_path):
     assert all(code == 0 for code, _ in results), results
     store = FeatureStore(out)
     assert len(store) == 1000 and not list(tmp_path.glob(".codes.*"))
-    info = CliRunner(env={"TRANSFERKIT_CACHE": str(cache)}).invoke(cli, ["cache", "info"])
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(cache))
+    info = cli_run("cache", "info", ok=False, catch=True)
     assert info.exit_code == 0 and " 1000 images" in info.output, info.output  # each image once, not twice
 
 
@@ -344,7 +345,7 @@ def test_full_output_disk_names_the_path_and_leaves_nothing(small_disk, tmp_path
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
 
 
-def test_read_only_output_and_cache_disks(small_disk, photo_folder, monkeypatch, caplog):
+def test_read_only_output_and_cache_disks(small_disk, photo_folder, monkeypatch, caplog, run):
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     result = run("extract", photo_folder, *FAST, "-o", small_disk / "codes")
     assert result.exit_code == 1 and str(small_disk) in result.output and "Read-only" in result.output
@@ -369,7 +370,7 @@ class _Payload:
         return (Path.touch, (self.flag,))
 
 
-def test_untrusted_pickles_are_never_executed(tmp_path, codes_dir, photo_folder, code_cache):
+def test_untrusted_pickles_are_never_executed(tmp_path, codes_dir, photo_folder, code_cache, run):
     import shutil
 
     import torch
@@ -413,7 +414,7 @@ def test_library_errors_are_transferkit_errors():
     assert issubclass(OutputError, TransferkitError)
 
 
-def test_skip_bad_reports_many_bad_files_in_one_line(photo_folder, tmp_path, caplog):
+def test_skip_bad_reports_many_bad_files_in_one_line(photo_folder, tmp_path, caplog, run):
     for i in range(8):
         (photo_folder / "flower" / f"bad{i}.png").write_bytes(b"not a png")
     with caplog.at_level(logging.WARNING):
@@ -425,7 +426,7 @@ def test_skip_bad_reports_many_bad_files_in_one_line(photo_folder, tmp_path, cap
     assert len(FeatureStore(tmp_path / "codes").meta["skipped"]) == 8  # the full list
 
 
-def test_cache_clean_removes_temp_files_of_dead_processes_only(code_cache):
+def test_cache_clean_removes_temp_files_of_dead_processes_only(code_cache, cli_run):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     space = code_cache / "codes" / "0123"
@@ -433,5 +434,5 @@ def test_cache_clean_removes_temp_files_of_dead_processes_only(code_cache):
     stale, live = space / f".part-a.npz.{dead.pid}.x1y2.tmp", space / f".part-b.npz.{os.getpid()}.x3y4.tmp"
     for f in (stale, live):
         f.write_bytes(b"half a part")
-    result = CliRunner().invoke(cli, ["cache", "clean", "--model", "none-such"])
+    result = cli_run("cache", "clean", "--model", "none-such", ok=False, catch=True)
     assert result.exit_code == 0 and not stale.exists() and live.exists(), result.output

@@ -17,12 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import transferkit
 import transferkit.finetune.loop as ft
-from transferkit.cli import cli
 from transferkit.data.datasets import open_dataset
 from transferkit.errors import DataError
 from transferkit.finetune.config import FinetuneConfig
@@ -37,24 +35,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory, sample_images) -> Path:
-    """Two classes of 8 real photo crops each (conftest's photo_folder, once per module)."""
-    root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for cls, name in (("temple", "china.jpg"), ("flower", "flower.jpg")):
-        img = sample_images[name]
-        (root / cls).mkdir(parents=True)
-        for i in range(8):
-            x, y = rng.integers(0, img.width - 200), rng.integers(0, img.height - 200)
-            img.crop((x, y, x + 200, y + 200)).resize((64, 64)).save(root / cls / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, photos) -> Path:
+def finished(tmp_path_factory, shared_photo_folder) -> Path:
     """A finished two-epoch run: config.json with its results, checkpoint of epoch 2."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    finetune(open_dataset(photos), out, CONFIG, progress=False)
+    finetune(open_dataset(shared_photo_folder), out, CONFIG, progress=False)
     return out
 
 
@@ -64,11 +48,11 @@ def run(tmp_path, finished) -> Path:
     return Path(shutil.copytree(finished, tmp_path / "run"))
 
 
-def _resume_fails(run: Path, photos: Path) -> str:
+def _resume_fails(run: Path, shared_photo_folder: Path) -> str:
     """Resume `run`: a one-line DataError, and config.json byte for byte as it was."""
     before = (run / "config.json").read_bytes()
     with pytest.raises(DataError) as err:
-        finetune(open_dataset(photos), run, CONFIG, progress=False, resume=True)
+        finetune(open_dataset(shared_photo_folder), run, CONFIG, progress=False, resume=True)
     assert (run / "config.json").read_bytes() == before
     message = str(err.value)
     assert "\n" not in message
@@ -136,18 +120,18 @@ SCHEMA_CASES = {  # id: (edit of checkpoint.json, what the message must name)
 
 
 @pytest.mark.parametrize("case", SCHEMA_CASES, ids=list(SCHEMA_CASES))
-def test_resume_with_a_damaged_checkpoint_json_names_the_field(run, photos, case):
+def test_resume_with_a_damaged_checkpoint_json_names_the_field(run, shared_photo_folder, case):
     edit, expected = SCHEMA_CASES[case]
     _edit_json(run, edit)
-    message = _resume_fails(run, photos)
+    message = _resume_fails(run, shared_photo_folder)
     assert expected in message and str(run / "checkpoint.json") in message
 
 
-def test_checkpoint_json_that_is_no_object_or_no_json(run, photos):
+def test_checkpoint_json_that_is_no_object_or_no_json(run, shared_photo_folder):
     (run / "checkpoint.json").write_text("[1, 2]")
-    assert "is not a transferkit checkpoint (format 'list')" in _resume_fails(run, photos)
+    assert "is not a transferkit checkpoint (format 'list')" in _resume_fails(run, shared_photo_folder)
     (run / "checkpoint.json").write_bytes(b"\xff\xfe{")
-    assert "checkpoint.json' is not valid JSON" in _resume_fails(run, photos)
+    assert "checkpoint.json' is not valid JSON" in _resume_fails(run, shared_photo_folder)
 
 
 def _rewrite_tensors(run: Path, edit) -> Path:
@@ -184,15 +168,15 @@ TENSOR_CASES = {  # id: (edit of the tensor dict, what the message must say)
 
 
 @pytest.mark.parametrize("case", TENSOR_CASES, ids=list(TENSOR_CASES))
-def test_resume_with_tensors_that_do_not_fit_names_the_tensor(run, photos, case):
+def test_resume_with_tensors_that_do_not_fit_names_the_tensor(run, shared_photo_folder, case):
     edit, expected = TENSOR_CASES[case]
     path = _rewrite_tensors(run, edit)
-    message = _resume_fails(run, photos)
+    message = _resume_fails(run, shared_photo_folder)
     assert expected in message and str(path) in message
 
 
 @pytest.mark.parametrize("damage", ["deleted", "corrupted", "truncated", "not-safetensors"])
-def test_resume_with_a_missing_or_corrupt_tensor_file_changes_nothing(run, photos, damage):
+def test_resume_with_a_missing_or_corrupt_tensor_file_changes_nothing(run, shared_photo_folder, damage):
     meta = json.loads((run / "checkpoint.json").read_text())
     path = run / meta["tensors"]
     data = path.read_bytes()
@@ -205,17 +189,17 @@ def test_resume_with_a_missing_or_corrupt_tensor_file_changes_nothing(run, photo
     else:  # garbage whose hash is recorded: the file itself must be refused
         path.write_bytes(b"not a safetensors file")
         _edit_json(run, _set("sha256", file_sha256(path)))
-    message = _resume_fails(run, photos)
+    message = _resume_fails(run, shared_photo_folder)
     expected = "not a readable safetensors file" if damage == "not-safetensors" else "does not match the sha256"
     assert expected in message and str(path) in message
 
 
-def test_resume_without_model_best_changes_nothing(run, photos):
+def test_resume_without_model_best_changes_nothing(run, shared_photo_folder):
     (run / "model-best.safetensors").unlink()
-    assert "model-best.safetensors" in _resume_fails(run, photos)
+    assert "model-best.safetensors" in _resume_fails(run, shared_photo_folder)
 
 
-def test_resume_keeps_the_results_of_the_run_until_it_has_new_ones(run, photos, monkeypatch):
+def test_resume_keeps_the_results_of_the_run_until_it_has_new_ones(run, shared_photo_folder, monkeypatch):
     """A resume that dies after rewriting config.json still has the old run's best epoch and val scores."""
     before = json.loads((run / "config.json").read_text())
     assert all(key in before for key in RESULTS)
@@ -225,19 +209,20 @@ def test_resume_keeps_the_results_of_the_run_until_it_has_new_ones(run, photos, 
 
     monkeypatch.setattr(ft, "_fit", killed)
     with pytest.raises(KeyboardInterrupt):
-        finetune(open_dataset(photos), run, CONFIG, progress=False, resume=True)
+        finetune(open_dataset(shared_photo_folder), run, CONFIG, progress=False, resume=True)
     after = json.loads((run / "config.json").read_text())
     assert {k: after[k] for k in RESULTS} == {k: before[k] for k in RESULTS}
     monkeypatch.undo()
-    result = finetune(open_dataset(photos), run, CONFIG, progress=False, resume=True)  # nothing left to train
+    # nothing left to train
+    result = finetune(open_dataset(shared_photo_folder), run, CONFIG, progress=False, resume=True)
     assert result.best_epoch == before["best_epoch"]
     assert json.loads((run / "config.json").read_text()) == before
 
 
-def test_cli_resume_with_a_damaged_checkpoint_is_one_line_and_exit_1(run, photos):
+def test_cli_resume_with_a_damaged_checkpoint_is_one_line_and_exit_1(run, shared_photo_folder, cli_run):
     _edit_json(run, _drop("loop.epoch"))
     before = (run / "config.json").read_bytes()
-    result = CliRunner().invoke(cli, ["-q", "finetune", "--resume", str(run), str(photos)])
+    result = cli_run("-q", "finetune", "--resume", run, shared_photo_folder, ok=False, catch=True)
     assert result.exit_code == 1, result.output
     (line,) = result.output.strip().splitlines()  # -q: the error alone, on one line
     assert line.startswith("Error: ") and "checkpoint.json': field 'loop.epoch' is missing" in line
@@ -245,7 +230,7 @@ def test_cli_resume_with_a_damaged_checkpoint_is_one_line_and_exit_1(run, photos
 
 
 @pytest.mark.parametrize("weights", ["missing", "garbage.safetensors", "garbage.pth", "other-model", "text"])
-def test_cli_bad_weights_leave_no_output_directory(tmp_path, photos, weights):
+def test_cli_bad_weights_leave_no_output_directory(tmp_path, shared_photo_folder, weights, cli_run):
     path = {"missing": Path("/nonexistent.safetensors"), "text": tmp_path / "notes.txt",
             "other-model": tmp_path / "other.safetensors"}.get(weights, tmp_path / weights)
     if weights.startswith("garbage"):
@@ -255,8 +240,8 @@ def test_cli_bad_weights_leave_no_output_directory(tmp_path, photos, weights):
     elif weights == "text":
         path.write_text("not weights")
     out = tmp_path / "new" / "run"
-    result = CliRunner().invoke(cli, ["-q", "finetune", str(photos), "-o", str(out), "--model", "test_resnet",
-                                      "--weights", str(path), "--image-size", "32", "--epochs", "1"])
+    result = cli_run("-q", "finetune", shared_photo_folder, "-o", out, "--model", "test_resnet", "--weights", path,
+                     "--image-size", "32", "--epochs", "1", ok=False, catch=True)
     assert result.exit_code == 1, result.output
     (line,) = result.output.strip().splitlines()
     assert line.startswith("Error: ") and "weights" in line and str(path) in line
@@ -306,8 +291,8 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path, digits_folder
     assert {k: done[0][k] for k in RESULTS} == {k: done[1][k] for k in RESULTS}
 
 
-def test_finetune_leaves_the_process_able_to_hold_denormal_floats(tmp_path, photos):
+def test_finetune_leaves_the_process_able_to_hold_denormal_floats(tmp_path, shared_photo_folder):
     """Training flushes denormals for speed; after it, numpy (and hypothesis) must see IEEE floats again."""
     tiny = np.float32(1e-38)
-    finetune(open_dataset(photos), tmp_path / "run", dataclasses.replace(CONFIG, epochs=1), progress=False)
+    finetune(open_dataset(shared_photo_folder), tmp_path / "run", dataclasses.replace(CONFIG, epochs=1), progress=False)
     assert tiny * np.float32(1e-3) != 0  # a denormal result survives

@@ -21,12 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from transferkit import recipes
-from transferkit.cli import cli
 from transferkit.data.datasets import open_dataset
 from transferkit.errors import TransferkitError
 from transferkit.finetune.config import FinetuneConfig
@@ -321,7 +319,7 @@ def test_recipe_name_must_be_a_plain_name(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
-def test_run_refuses_a_recipe_named_like_a_path(tmp_path, photo_folder, monkeypatch, name):
+def test_run_refuses_a_recipe_named_like_a_path(tmp_path, photo_folder, monkeypatch, name, cli_run):
     name = name.format(elsewhere=tmp_path / "elsewhere")
     work = tmp_path / "a" / "b"  # '../../x' would land in tmp_path
     work.mkdir(parents=True)
@@ -329,7 +327,7 @@ def test_run_refuses_a_recipe_named_like_a_path(tmp_path, photo_folder, monkeypa
     recipe.write_text(recipe_text({"name": name, "kind": "probe", "model": "test_resnet", "image_size": 32}))
     monkeypatch.chdir(work)
     before = sorted(tmp_path.rglob("*"))
-    result = CliRunner().invoke(cli, ["run", str(recipe), str(photo_folder)])
+    result = cli_run("run", recipe, photo_folder, ok=False, catch=True)
     assert result.exit_code == 1, result.output
     assert f"The 'name' field of recipe file '{recipe}' must be a plain name" in result.output
     assert sorted(tmp_path.rglob("*")) == before, "nothing is written, in the working directory or elsewhere"
@@ -400,7 +398,7 @@ HOSTILE_NAMES = ["with space.png", "café ☕.png", "-rf.png", "100%.png", "50%s
                  "semi;colon,comma.png", "back\\slash.png", "new\nline.png", "tab\there.png", "x" * 196 + ".png"]
 
 
-def test_extract_hostile_file_names(tmp_path, sample_images, monkeypatch, code_cache):
+def test_extract_hostile_file_names(tmp_path, sample_images, monkeypatch, code_cache, cli_run):
     """Every image gets a row whatever its name; meta.json lists the sources exactly; nothing lands elsewhere."""
     root = tmp_path / "data"
     names = {}
@@ -418,9 +416,8 @@ def test_extract_hostile_file_names(tmp_path, sample_images, monkeypatch, code_c
     monkeypatch.chdir(work)  # '-rf.png' or '%' must not turn into options, or files in the working directory
     before = sorted(tmp_path.rglob("*"))
     out = tmp_path / "codes"
-    result = CliRunner().invoke(cli, ["extract", str(root), "-o", str(out), "--image-size", "32", "--precision",
-                                      "fp32", "--engine", "torch", "--batch-size", "8"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    result = cli_run("extract", root, "-o", out, "--image-size", "32", "--precision", "fp32", "--engine", "torch",
+                     "--batch-size", "8")
     expected = [str(root / cls / name) for cls in ("flower", "temple") for name in sorted(names[cls])]
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     assert meta["sources"] == expected and meta["classes"] == ["flower", "temple"]

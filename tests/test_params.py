@@ -8,7 +8,6 @@ from numbers import Integral
 import click
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from transferkit import recipes
@@ -22,7 +21,7 @@ from transferkit.finetune.loop import finetune
 from transferkit.finetune.params import FINETUNE
 from transferkit.probe.linear import LinearProbe
 from transferkit.probe.params import PROBE
-from transferkit.recipes import recipe as recipe_module
+from transferkit.recipes import schema
 from transferkit.runtime.params import Interval, Pair, StrOptions, click_type, sklearn_constraints
 
 TINY = {"model": "test_resnet", "weights": "random", "image_size": 32, "precision": "fp32", "engine": "torch"}
@@ -121,20 +120,18 @@ def test_cli_options_read_the_tables(command, option, table, param):
     assert described(params[option].type) == described(click_type(table[param]))
 
 
-def test_cli_lists_the_choices_in_help_and_errors():
-    runner = CliRunner()
-    help_text = runner.invoke(cli, ["finetune", "--help"]).output
+def test_cli_lists_the_choices_in_help_and_errors(cli_run):
+    help_text = cli_run("finetune", "--help", ok=False, catch=True).output
     for param in ("optimizer", "schedule", "head", "precision"):
         assert "[" + "|".join(FINETUNE[param][0].options) + "]" in help_text
-    bad = runner.invoke(cli, ["extract", "data", "-o", "out", "--engine", "fast"])
+    bad = cli_run("extract", "data", "-o", "out", "--engine", "fast", ok=False, catch=True)
     assert bad.exit_code == 2 and ", ".join(repr(e) for e in EXTRACTOR["engine"][0].options) in bad.output
-    small = runner.invoke(cli, ["extract", "data", "-o", "out", "--image-size", "7"])
+    small = cli_run("extract", "data", "-o", "out", "--image-size", "7", ok=False, catch=True)
     assert small.exit_code == 2 and "x>=8" in small.output
 
 
-def test_cli_reads_pair_limits_from_the_table(tmp_path):
-    args = ["finetune", str(tmp_path), "-o", str(tmp_path / "run"), "--crop-scale", "0.5:0.2"]
-    result = CliRunner().invoke(cli, args)
+def test_cli_reads_pair_limits_from_the_table(tmp_path, cli_run):
+    result = cli_run("finetune", tmp_path, "-o", tmp_path / "run", "--crop-scale", "0.5:0.2", ok=False, catch=True)
     assert result.exit_code == 2 and "0 < LO <= HI <= 1" in result.output
 
 
@@ -142,16 +139,16 @@ def test_cli_reads_pair_limits_from_the_table(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "param"), [("large-similar", p) for p in limited(FINETUNE)]
-                         + [("small-similar", p) for p in limited(recipe_module._LIMITS["probe"])])
+                         + [("small-similar", p) for p in limited(schema._LIMITS["probe"])])
 def test_recipes_refuse_what_the_library_refuses(name, param):
-    table = recipe_module._LIMITS[recipes.get(name).kind]
+    table = schema._LIMITS[recipes.get(name).kind]
     with pytest.raises(DataError, match=rf"^The '{param}' field of recipe '{name}' must be .* Got "):
         recipes.get(name).replace(**{param: outside(table[param])})
 
 
 def test_one_table_per_limit():
-    assert FinetuneConfig._parameter_constraints is FINETUNE and recipe_module._LIMITS["finetune"] is FINETUNE
-    for param, allowed in recipe_module._LIMITS["probe"].items():
+    assert FinetuneConfig._parameter_constraints is FINETUNE and schema._LIMITS["finetune"] is FINETUNE
+    for param, allowed in schema._LIMITS["probe"].items():
         assert allowed is EXTRACTOR.get(param, PROBE.get(param))
     assert EXTRACTOR["image_size"] is IMAGE_SIZE and FINETUNE["image_size"] is IMAGE_SIZE
     assert FINETUNE["batch_size"] is EXTRACTOR["batch_size"]

@@ -25,7 +25,7 @@ _EXPORTS = {  # public name -> the module (under transferkit) that defines it
     "FeatureStore": "codes.store",
     "LinearProbe": "probe.linear",
     "evaluate": "probe.metrics",
-    "sweep": "probe.linear",
+    "sweep": "probe.sweep",
     "FinetuneConfig": "finetune.config",
     "freeze_until": "finetune.loop",
     "list_stages": "finetune.loop",

@@ -26,9 +26,10 @@ from transferkit.data.transforms import build_transform
 from transferkit.errors import DataError
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.weights import weights_argument
-from transferkit.probe.linear import DEFAULT_CS, LinearProbe, SweepResult, sweep
+from transferkit.probe.linear import DEFAULT_CS, LinearProbe
 from transferkit.probe.metrics import Evaluation, evaluate
 from transferkit.probe.saved import is_probe_dir, load_probe_dir
+from transferkit.probe.sweep import SweepResult, sweep
 from transferkit.runtime.atomic import write_json_atomic, write_text_atomic
 from transferkit.runtime.device import autocast, default_device
 from transferkit.runtime.outputs import add_files, building, check_output, new_tmp

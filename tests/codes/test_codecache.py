@@ -7,9 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from transferkit.cli import cli
 from transferkit.codes.cache import CodeCache
 from transferkit.codes.store import FeatureStore
 from transferkit.jobs import extract_features
@@ -88,21 +86,19 @@ def test_corrupt_or_truncated_parts_are_detected_and_redone(fmnist, tmp_path, co
     assert extract_features(data, tmp_path / "c", **OPTS).meta["cache"]["cached"] == 40  # redone and re-cached
 
 
-def test_cli_no_cache_info_and_clean(photo_folder, tmp_path, code_cache):
-    runner = CliRunner()
-    args = ["extract", str(photo_folder), "--weights", "package", "--image-size", "32"]
-    out = runner.invoke(cli, [*args, "-o", str(tmp_path / "a")])
-    assert out.exit_code == 0, out.output
-    out = runner.invoke(cli, [*args, "-o", str(tmp_path / "b")])
+def test_cli_no_cache_info_and_clean(photo_folder, tmp_path, code_cache, cli_run):
+    args = ["extract", photo_folder, "--weights", "package", "--image-size", "32"]
+    cli_run(*args, "-o", tmp_path / "a", catch=True)
+    out = cli_run(*args, "-o", tmp_path / "b", ok=False, catch=True)
     assert out.exit_code == 0 and "16 from the code cache, 0 encoded" in out.output, out.output
-    out = runner.invoke(cli, [*args, "-o", str(tmp_path / "c"), "--no-cache"])
+    out = cli_run(*args, "-o", tmp_path / "c", "--no-cache", ok=False, catch=True)
     assert out.exit_code == 0 and "code cache" not in out.output
     assert json.loads((tmp_path / "c" / "meta.json").read_text())["cache"] is None
-    info = runner.invoke(cli, ["cache", "info"])
+    info = cli_run("cache", "info", ok=False, catch=True)
     assert info.exit_code == 0 and "tf_efficientnet_lite0  pre_logits|avg" in info.output and "16 images" in info.output
-    clean = runner.invoke(cli, ["cache", "clean", "--model", "resnet18"])
+    clean = cli_run("cache", "clean", "--model", "resnet18", ok=False, catch=True)
     assert "deleted 0" in clean.output and len(CodeCache().info()) == 1
-    clean = runner.invoke(cli, ["cache", "clean"])
+    clean = cli_run("cache", "clean", ok=False, catch=True)
     assert clean.exit_code == 0 and "deleted 1" in clean.output and CodeCache().info() == []
 
 

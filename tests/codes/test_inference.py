@@ -112,7 +112,7 @@ def test_torch_auto_precision_is_bf16_weights_where_the_cpu_runs_bf16(photo_fold
     assert store.meta["engine"] == "torch"
 
 
-def test_onnxruntime_engine_matches_eager_fp32_and_is_reused(photo_folder, tmp_path, code_cache, caplog):
+def test_onnxruntime_engine_matches_eager_fp32_and_is_reused(photo_folder, tmp_path, code_cache, caplog, cli_run):
     """The exported engine gives the eager fp32 codes (tolerance: 1e-4 of the largest code), every key;
     the file is cached, and 'auto' then uses it even for a few images; 'auto' on a few images and no
     file stays with torch (an export would cost more than it saves)."""
@@ -138,11 +138,7 @@ def test_onnxruntime_engine_matches_eager_fp32_and_is_reused(photo_folder, tmp_p
     assert store.meta["folded_batchnorms"] == 49  # read from the file: a cached engine folds nothing itself
     np.testing.assert_allclose(np.concatenate([store.load(k) for k in ort.keys_], 1), want, rtol=1e-4,
                                atol=1e-4 * np.abs(want).max())
-    from click.testing import CliRunner
-
-    from transferkit.cli import cli
-
-    info = CliRunner().invoke(cli, ["cache", "info"])
+    info = cli_run("cache", "info", ok=False, catch=True)
     assert info.exit_code == 0 and "1 exported ONNX Runtime engine(s)" in info.output, info.output
     # a broken file is reported, deleted and built again (tests/test_faults.py damages it in subtler ways)
     files[0].write_bytes(b"not an onnx file")
@@ -152,7 +148,7 @@ def test_onnxruntime_engine_matches_eager_fp32_and_is_reused(photo_folder, tmp_p
     assert broken.engine_ == "onnxruntime" and "failed verification" in caplog.text and files[0].stat().st_size > 1000
     np.testing.assert_allclose(codes, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     files[0].write_bytes(b"an engine left behind")
-    out = CliRunner().invoke(cli, ["cache", "clean"])
+    out = cli_run("cache", "clean", ok=False, catch=True)
     assert out.exit_code == 0 and "1 engine(s)" in out.output and not list(code_cache.rglob("*.onnx")), out.output
 
 
@@ -170,14 +166,9 @@ def test_batch_normalisation_equals_the_per_image_transform(photo_folder):
             torch.testing.assert_close(fe.normalize(fe.decode_(img)[None])[0], fe.transform_(img), rtol=0, atol=0)
 
 
-def test_cli_profile_times_decoding_and_the_model(photo_folder, tmp_path):
-    from click.testing import CliRunner
-
-    from transferkit.cli import cli
-
-    out = CliRunner().invoke(cli, ["extract", str(photo_folder), "-o", str(tmp_path / "c"), "--weights", "package",
-                                   "--image-size", "32", "--profile"])
-    assert out.exit_code == 0, out.output
+def test_cli_profile_times_decoding_and_the_model(photo_folder, tmp_path, cli_run):
+    out = cli_run("extract", photo_folder, "-o", tmp_path / "c", "--weights", "package", "--image-size", "32",
+                  "--profile", catch=True)
     line = next(x for x in out.output.splitlines() if x.startswith("profile on 16 images"))
     rates = [float(w) for w in line.replace(",", " ").split() if w.replace(".", "").isdigit()][1:]
     assert "0 DataLoader workers" in line and "bottleneck" in line and all(r > 0 for r in rates), line

@@ -11,10 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from click.testing import CliRunner
 from PIL import Image
-
-from transferkit.cli import cli
 
 REFERENCE = Path(__file__).with_name("reference_codes.npz")
 
@@ -31,13 +28,11 @@ def photos(root: Path, sample_images) -> Path:
     return root
 
 
-def test_cli_codes_equal_the_reference_made_before_the_reorganisation(tmp_path, sample_images):
+def test_cli_codes_equal_the_reference_made_before_the_reorganisation(tmp_path, sample_images, cli_run):
     data = photos(tmp_path / "photos", sample_images)
     out = tmp_path / "codes"
-    result = CliRunner().invoke(cli, ["-q", "extract", str(data), "--weights", "package", "--image-size", "32",
-                                      "--layer", "blocks.2,pre_logits", "--pool", "avg,2x2", "--precision", "fp32",
-                                      "--engine", "torch", "--no-cache", "-o", str(out)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    cli_run("-q", "extract", data, "--weights", "package", "--image-size", "32", "--layer", "blocks.2,pre_logits",
+            "--pool", "avg,2x2", "--precision", "fp32", "--engine", "torch", "--no-cache", "-o", out)
     meta = json.loads((out / "meta.json").read_text())
     with np.load(out / meta["shards"][0]["file"]) as z:
         got = {k.replace("|", "__"): z[k] for k in z.files}

@@ -9,9 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from transferkit.cli import cli
 from transferkit.codes import ort_engine
 from transferkit.codes.cache import space_id
 from transferkit.codes.extractor import FeatureExtractor
@@ -31,12 +29,6 @@ CHANGED = {  # one other value of every field
     "transform": {**TRANSFORM, "input_size": [3, 48, 48]}, "precision": "bf16", "int8": dict(ort_engine.INT8),
     "fold_bn": False,
 }
-
-
-def run(*args) -> str:
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def test_every_field_is_covered():
@@ -78,12 +70,12 @@ def replace_fit(fe: FeatureExtractor, **params) -> FeatureExtractor:
     return FeatureExtractor(**{**fe.get_params(), **params}).fit()
 
 
-def test_cli_extractor_and_meta_agree(photo_folder, tmp_path, code_cache):
+def test_cli_extractor_and_meta_agree(photo_folder, tmp_path, code_cache, cli_run):
     """The spec of `transferkit extract -o D`, read back from D's meta.json (also as written before CodeSpec),
     equals the FeatureExtractor's, and names the code cache's space."""
     out = tmp_path / "codes"
-    run("extract", photo_folder, "-o", out, "--weights", "package", "--image-size", "32", "--precision", "fp32",
-        "--engine", "torch")
+    cli_run("extract", photo_folder, "-o", out, "--weights", "package", "--image-size", "32", "--precision", "fp32",
+            "--engine", "torch")
     meta = FeatureStore(out).meta
     from_cli = CodeSpec.from_meta(meta, KEY)
     from_extractor = FeatureExtractor(**FAST).fit().code_specs()[KEY]

@@ -10,10 +10,8 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from transferkit.cli import cli
 from transferkit.data.datasets import open_dataset
 from transferkit.errors import DataError
 from transferkit.finetune.config import FinetuneConfig
@@ -63,7 +61,7 @@ def test_resume_after_kill_gives_bit_identical_weights(tmp_path, photo_folder, m
     assert len(list((tmp_path / "killed").glob("checkpoint-*.safetensors"))) == 1  # older ones are removed
 
 
-def test_resume_refuses_another_config_and_names_the_difference(tmp_path, photo_folder):
+def test_resume_refuses_another_config_and_names_the_difference(tmp_path, photo_folder, cli_run):
     data = open_dataset(photo_folder)
     finetune(data, tmp_path / "run", FinetuneConfig(**LITE0, epochs=1), progress=False)
     with pytest.raises(DataError) as err:
@@ -71,8 +69,8 @@ def test_resume_refuses_another_config_and_names_the_difference(tmp_path, photo_
     assert "image_size: run has 32, now 48" in str(err.value)
     with pytest.raises(DataError, match="already holds a fine-tuning run"):
         finetune(data, tmp_path / "run", FinetuneConfig(**LITE0, epochs=1), progress=False)
-    result = CliRunner().invoke(cli, ["-q", "finetune", str(photo_folder), "--resume", str(tmp_path / "run"),
-                                      "--model", "test_resnet"])
+    result = cli_run("-q", "finetune", photo_folder, "--resume", tmp_path / "run", "--model", "test_resnet", ok=False,
+                     catch=True)
     assert result.exit_code != 0 and "model: run has 'tf_efficientnet_lite0', now 'test_resnet'" in result.output
 
 

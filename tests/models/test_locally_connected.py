@@ -10,7 +10,6 @@ import pytest
 import timm
 import timm.data
 import torch
-from click.testing import CliRunner
 from torch import nn
 from torch.nn import functional as F
 
@@ -175,9 +174,8 @@ def test_local_head_default_size_and_unsupported_models():
         replace_head(timm.create_model("test_resnet", pretrained=False), 3, head="local", image_size=0)
 
 
-def test_finetune_local_head_reloads_predicts_and_summarises(tmp_path, photo_folder, sample_images):
+def test_finetune_local_head_reloads_predicts_and_summarises(tmp_path, photo_folder, sample_images, cli_run):
     """Frozen packaged lite0 + local head on real photo crops; the run reloads to the same logits."""
-    from transferkit.cli import cli
     from transferkit.data.datasets import open_dataset
     from transferkit.finetune.config import FinetuneConfig
     from transferkit.finetune.loop import finetune
@@ -196,8 +194,7 @@ def test_finetune_local_head_reloads_predicts_and_summarises(tmp_path, photo_fol
         torch.testing.assert_close(model(x), result.model.eval()(x), atol=1e-6, rtol=1e-6)
     rows = predict_images(tmp_path / "run", [photo_folder])
     assert len(rows) == 16 and {r["label"] for r in rows} <= {"flower", "temple"}
-    out = CliRunner().invoke(cli, ["summary", str(tmp_path / "run")], catch_exceptions=False)
-    assert out.exit_code == 0, out.output
+    out = cli_run("summary", tmp_path / "run")
     local_row = next(line for line in out.output.splitlines() if "LocallyConnected2d" in line)
     assert re.search(r"1x32x2x2\s+1,474,688\s+0\s+1,474,560", local_row), local_row  # 4 x 32 x 11,520 MACs
     assert "frozen until head" in out.output and "input: 1x3x64x64" in out.output

@@ -12,14 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix
 
-from transferkit.cli import cli
 from transferkit.codes.extractor import FeatureExtractor
 from transferkit.data.datasets import open_dataset
 from transferkit.data.transforms import describe_transform
@@ -134,10 +132,6 @@ def test_evaluate_a_probe_equals_train_probe(folders, tmp_path):
     assert len(rows) == 8 and {r["label"] for r in rows} <= set(RUN_CLASSES)
 
 
-def _cli(*args) -> object:
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
 def _one_line_error(result, *needles: str) -> None:
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
@@ -146,35 +140,35 @@ def _one_line_error(result, *needles: str) -> None:
         assert needle in lines[0], result.output
 
 
-def test_cli_predict_and_evaluate_a_run(run_dir, folders, tmp_path):
+def test_cli_predict_and_evaluate_a_run(run_dir, folders, tmp_path, cli_run):
     out = run_dir[0]
-    result = _cli("predict", out, folders["test"] / "one", "--json")
-    assert result.exit_code == 0, result.output
+    result = cli_run("predict", out, folders["test"] / "one", "--json")
     rows = [json.loads(line) for line in result.output.splitlines()]
     assert len(rows) == 8 and all(r["label"] in RUN_CLASSES and 0 < r["score"] <= 1 for r in rows)
-    result = _cli("-q", "evaluate", out, folders["test"], "-o", tmp_path / "eval", "--per-class", "4")
-    assert result.exit_code == 0, result.output
+    result = cli_run("-q", "evaluate", out, folders["test"], "-o", tmp_path / "eval", "--per-class", "4")
     assert "accuracy: " in result.output and "(12 images)" in result.output and "zero" in result.output
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 12
 
 
-def test_cli_errors_name_the_culprit(run_dir, folders, tmp_path):
+def test_cli_errors_name_the_culprit(run_dir, folders, tmp_path, cli_run):
     (tmp_path / "empty").mkdir()
     for command in ("predict", "evaluate"):
-        _one_line_error(_cli(command, tmp_path / "empty", folders["test"]), str(tmp_path / "empty"), "probe", "run")
+        _one_line_error(cli_run(command, tmp_path / "empty", folders["test"], ok=False), str(tmp_path / "empty"),
+                        "probe", "run")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"format": "something-else"}))
-    _one_line_error(_cli("evaluate", tmp_path / "other", folders["test"]), "config.json", "fine-tuning run")
+    _one_line_error(cli_run("evaluate", tmp_path / "other", folders["test"], ok=False), "config.json",
+                    "fine-tuning run")
     extra = _digit_folder(tmp_path / "extra", ["zero", "one"], 0, 2)
     (extra / "three").mkdir()
     Image.new("L", (SIZE, SIZE)).save(extra / "three" / "0.png")
-    _one_line_error(_cli("evaluate", run_dir[0], extra), "'three'", "zero, one, two")
+    _one_line_error(cli_run("evaluate", run_dir[0], extra, ok=False), "'three'", "zero, one, two")
     with pytest.raises(DataError, match="'three'"):
         evaluate_model(run_dir[0], extra, progress=False)
 
 
-def test_evaluate_help():
-    result = _cli("evaluate", "--help")
+def test_evaluate_help(cli_run):
+    result = cli_run("evaluate", "--help", ok=False)
     assert result.exit_code == 0 and "MODEL DATA" in result.output and "--per-class" in result.output
 
 

@@ -18,8 +18,9 @@ from sklearn.pipeline import Pipeline
 
 from transferkit.errors import DataError, ModelError, TransferkitError
 from transferkit.plots import plot_confusion, plot_sweep
-from transferkit.probe.linear import DEFAULT_CS, LinearProbe, SweepResult, sweep
+from transferkit.probe.linear import DEFAULT_CS, LinearProbe
 from transferkit.probe.metrics import Evaluation, evaluate
+from transferkit.probe.sweep import SweepResult, sweep
 
 NAMES = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
 
@@ -237,7 +238,7 @@ def test_sweep_ties_go_to_the_smaller_dim():
 
 def test_sweep_subsamples_stratified(caplog):
     X, y = load_digits(return_X_y=True)
-    with caplog.at_level("INFO", logger="transferkit.probe.linear"):
+    with caplog.at_level("INFO", logger="transferkit.probe.sweep"):
         codes = {("full", "raw"): X, ("first16", "raw"): X[:, :16]}
         result = sweep(codes, y, max_samples=500, progress=False)
     assert "subset of 500 of 1797" in caplog.text

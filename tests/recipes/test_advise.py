@@ -7,21 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from transferkit import recipes
-from transferkit.cli import cli
 from transferkit.errors import DataError
 from transferkit.recipes.advise import Advice, Thresholds, advise, parse_thresholds
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-def cli_run(*args, ok: bool = True):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +79,7 @@ def test_thresholds_name_what_is_wrong():
         Thresholds().replace(max_softmax="high")
 
 
-def test_cli_prints_and_runs_the_recommendation(photos, tmp_path):
+def test_cli_prints_and_runs_the_recommendation(photos, tmp_path, cli_run):
     out = cli_run("-q", "advise", photos, "--run", "--test", photos, "-o", tmp_path / "run").output
     assert "recommended recipe:" in out and "mean max-softmax" in out and "test accuracy" in out
     assert (tmp_path / "run" / "result.json").is_file()

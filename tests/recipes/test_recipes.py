@@ -6,10 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from transferkit import recipes
-from transferkit.cli import cli
 from transferkit.errors import DataError, ModelError
 from transferkit.finetune.config import FinetuneConfig
 
@@ -18,13 +16,6 @@ REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 NAMES = ("large-different", "large-similar", "small-different", "small-similar")
 SMALL_RUN = {"image_size": 32}  # ~30x fewer pixels than 224: the whole file runs in well under a minute
 SMALL_FINETUNE = {**SMALL_RUN, "epochs": 1, "batch_size": 32}
-
-
-def cli_run(*args, ok: bool = True):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +66,7 @@ def test_each_recipe_runs_to_the_end(name, fmnist_slice, tmp_path):
         assert (tmp_path / name / "test" / "metrics.json").is_file()
 
 
-def test_run_from_the_cli_with_a_users_file(photo_folder, tmp_path):
+def test_run_from_the_cli_with_a_users_file(photo_folder, tmp_path, cli_run):
     mine = tmp_path / "mine.toml"
     mine.write_text('name = "mine"\nkind = "probe"\nmodel = "tf_efficientnet_lite0"\nlayer = "blocks.4"\n'
                     'pool = "avg"\nimage_size = 32\ncv = 2\n')
@@ -85,13 +76,13 @@ def test_run_from_the_cli_with_a_users_file(photo_folder, tmp_path):
     assert saved["C"] == 0.01 and saved["layer"] == "blocks.4"
 
 
-def test_recipes_command_lists_them():
+def test_recipes_command_lists_them(cli_run):
     lines = cli_run("recipes").output.strip().splitlines()
     assert [line.split()[0] for line in lines] == list(NAMES)
 
 
 @pytest.mark.parametrize("command", ["run", "recipes", "advise"])
-def test_help(command):
+def test_help(command, cli_run):
     assert "Usage:" in cli_run(command, "--help").output
 
 
@@ -161,7 +152,7 @@ def test_overrides_parse_as_toml_scalars():
         recipes.parse_overrides(["epochs"])
 
 
-def test_set_with_an_unknown_key_fails_naming_it(tmp_path):
+def test_set_with_an_unknown_key_fails_naming_it(tmp_path, cli_run):
     result = cli_run("run", "large-similar", tmp_path, "--set", "epoch=5", ok=False)
     assert result.exit_code == 1
     assert "unknown field 'epoch'" in result.output and "Did you mean 'epochs'" in result.output

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from click.testing import CliRunner
 from timm.layers import Conv2dSame, create_conv2d
 from timm.layers.padding import get_same_padding
 from torch import nn
@@ -17,15 +16,6 @@ from torch.nn import functional as F
 from transferkit.errors import ModelError
 from transferkit.models.locally_connected import LocallyConnected2d
 from transferkit.surgery.summary import conv_output_size, same_output_size, same_padding, summarize
-
-
-def run(*args: str, ok: bool = True):
-    from transferkit.cli import cli
-
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 def test_conv_output_size_matches_nn_conv2d_and_pooling():
@@ -126,19 +116,19 @@ def test_too_small_image_names_image_size():
         summarize(alexnet_like, 31)  # 31 -> 6 -> 2: no room for the 5x5 conv
 
 
-def test_cli_summary():
-    assert "Usage:" in run("summary", "--help").output
-    out = run("summary", "tf_efficientnet_lite0", "--image-size", "224", "224").output
+def test_cli_summary(cli_run):
+    assert "Usage:" in cli_run("summary", "--help").output
+    out = cli_run("summary", "tf_efficientnet_lite0", "--image-size", "224", "224").output
     assert "weights: random" in out and "blocks.6.0.conv_pwl" in out
     assert "params: 4,652,008 total, 4,652,008 trainable, 0 frozen" in out
     macs = int(out.split("MACs: ")[-1].split(" ")[0].replace(",", ""))
     assert macs == 385_187_552 and "(0.385 G)" in out and "FLOPs (2 x MACs): 770,375,104" in out
-    wide = run("summary", "tf_efficientnet_lite0", "--image-size", "160", "224").output
+    wide = cli_run("summary", "tf_efficientnet_lite0", "--image-size", "160", "224").output
     assert "1x1280x5x7" in wide and "input: 1x3x160x224" in wide
-    bad = run("summary", "inception_v3", "--image-size", "16", "16", ok=False)
+    bad = cli_run("summary", "inception_v3", "--image-size", "16", "16", ok=False)
     assert bad.exit_code == 1 and "--image-size 16 16 does not fit inception_v3" in bad.output
     assert "Try a larger --image-size" in bad.output
-    assert run("summary", "resnet_18", ok=False).exit_code == 1
+    assert cli_run("summary", "resnet_18", ok=False).exit_code == 1
 
 
 def test_summary_rows_follow_execution_order():

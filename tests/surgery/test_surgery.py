@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 import timm
 import torch
-from click.testing import CliRunner
 from torch import nn
 
-from transferkit.cli import cli
 from transferkit.errors import DataError, ModelError
 from transferkit.surgery.dense import dense_predict, load_classifier, load_converted, save_converted
 from transferkit.surgery.fc_to_conv import fc_to_conv
@@ -202,23 +200,19 @@ def test_clear_errors(tmp_path, sample_images):
         dense_predict(clf, tiny)
 
 
-def test_cli_convert_predict_dense_export(tmp_path, sample_images, caplog):
+def test_cli_convert_predict_dense_export(tmp_path, sample_images, caplog, cli_run):
     image = tmp_path / "flower.jpg"
     sample_images["flower.jpg"].save(image)
-    runner = CliRunner()
     conv = tmp_path / "conv"
-    result = runner.invoke(cli, ["convert", "tf_efficientnet_lite0", "--weights", "package", "-o", str(conv)])
-    assert result.exit_code == 0, result.output
+    result = cli_run("convert", "tf_efficientnet_lite0", "--weights", "package", "-o", conv, catch=True)
     assert "every size" in result.output
-    result = runner.invoke(cli, ["predict", str(conv), str(image), "--dense", "-o", str(tmp_path / "d"), "--json"])
-    assert result.exit_code == 0, result.output
+    result = cli_run("predict", conv, image, "--dense", "-o", tmp_path / "d", "--json", catch=True)
     row = json.loads(result.output.strip().splitlines()[-1])
     assert row["map_size"] == [14, 20] and len(row["top"]) == 5 and row["mean_is_logits"]
     assert (tmp_path / "d" / "flower.npz").is_file() and (tmp_path / "d" / "flower-heatmap.png").is_file()
     onnx_file = tmp_path / "lite0.onnx"
     with caplog.at_level(logging.INFO):
-        result = runner.invoke(cli, ["export", str(conv), "--format", "onnx", "-o", str(onnx_file)])
-    assert result.exit_code == 0, result.output
+        cli_run("export", conv, "--format", "onnx", "-o", onnx_file, catch=True)
     assert not [r for r in caplog.records if r.name.startswith("onnx")]  # the exporter's ~100 INFO lines stay quiet
     from transferkit.surgery.export import check_onnx, written_here
 
@@ -229,10 +223,10 @@ def test_cli_convert_predict_dense_export(tmp_path, sample_images, caplog):
     assert all(r["max_abs_diff"] < 1e-3 for r in rows), rows
 
 
-def test_cli_predict_needs_dense_for_a_model_name(tmp_path, sample_images):
+def test_cli_predict_needs_dense_for_a_model_name(tmp_path, sample_images, cli_run):
     image = tmp_path / "x.jpg"
     sample_images["flower.jpg"].save(image)
-    result = CliRunner().invoke(cli, ["predict", "tf_efficientnet_lite0", str(image)])
+    result = cli_run("predict", "tf_efficientnet_lite0", image, ok=False, catch=True)
     assert result.exit_code != 0 and "--dense" in result.output
 
 

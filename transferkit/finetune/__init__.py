@@ -1,4 +1,5 @@
-"""Fine-tuning: the training loop and its config (`loop`), resumable checkpoints (`checkpoint`), the frozen-prefix
+"""Fine-tuning: the training loop (`loop`) and its config (`config`), what a run trains on (`loaders`: hold-out,
+transforms, loaders), resumable checkpoints (`checkpoint`), the run directory (`rundir`), the frozen-prefix
 activation cache (`prefix_cache`) and the LR range test (`lr_finder`).
 
 May import `runtime`, `data`, `models`, `codes` (device and precision), `probe` (metrics) and `errors`.

@@ -19,7 +19,8 @@ from torch import nn
 from transferkit.data.datasets import ImageDataset
 from transferkit.errors import ModelError
 from transferkit.finetune.config import DEFAULT_CONFIG, FinetuneConfig, build_model
-from transferkit.finetune.loop import Run, flush_denormals, make_loaders, make_optimizer, seed_everything, to_device
+from transferkit.finetune.loaders import make_loaders
+from transferkit.finetune.loop import Run, flush_denormals, make_optimizer, seed_everything, to_device
 from transferkit.finetune.rundir import RUN_KIND
 from transferkit.models.stages import set_train_mode
 from transferkit.runtime.atomic import write_json_atomic

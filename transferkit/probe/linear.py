@@ -1,4 +1,4 @@
-"""Linear SVM on CNN codes: cross-validated C, evaluation, and a layer/pooling sweep.
+"""Linear SVM on CNN codes (LinearProbe): standardise, fit, and choose C by cross-validation.
 
 The probe is the classic "CNN features off-the-shelf" recipe: standardise the codes, fit a
 one-vs-rest linear SVM, and choose C by stratified cross-validation on the training set only.
@@ -6,16 +6,10 @@ one-vs-rest linear SVM, and choose C by stratified cross-validation on the train
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 import math
-import sys
-import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -23,7 +17,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.model_selection import StratifiedKFold, cross_validate, train_test_split
+from sklearn.model_selection import StratifiedKFold, cross_validate
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
@@ -31,22 +25,14 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
 from transferkit.errors import DataError, ParameterError, TransferkitError
+from transferkit.probe.fileformat import ARRAYS_FILE, META_FILE, read_probe, write_probe
 from transferkit.probe.params import PROBE, SCALINGS  # noqa: F401  (SCALINGS: re-exported)
-from transferkit.runtime.atomic import write_bytes_atomic
 from transferkit.runtime.params import sklearn_constraints, validate
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0)  # tried upwards, stopping past the peak
 _DUAL_RATIO = 10  # liblinear's dual solver beats the primal one until n_samples > ~10 x n_features
-_SWEEP_MAX_ITER = 1000  # a sweep only ranks views: a looser fit barely moves the ranking
-_SWEEP_TOL = 1e-2  # measured: same accuracy to 0.1-0.4 points as 1e-4, 2-3x faster
-_FORMAT = "transferkit.probe"
-_FORMAT_VERSION = 1
-_ARRAYS_FILE = "arrays.npz"
-_META_FILE = "probe.json"
-_META_KEYS = {"version", "params", "classes_dtype", "n_features_in", "best_C", "cv_score", "cv_results",
-              "n_iter", "arrays_sha256", "extra"}
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
@@ -81,7 +67,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         """Choose C by stratified CV on X, y if C='auto' (smallest C first, stopping once accuracy drops),
         then fit on all of X, y."""
         self._check_params()
-        X, y = _check_xy(X, y, for_cv=self.C == "auto")
+        X, y = check_xy(X, y, for_cv=self.C == "auto")
         self.classes_ = np.unique(y)
         self.n_features_in_ = X.shape[1]
         self.cv_results_, n_bad, n_fits = [], 0, 0
@@ -100,7 +86,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             self.pipeline_ = self._make_pipeline(self.best_C_, X.shape).fit(X, y)
         self.n_iter_ = int(self.pipeline_.named_steps["svm"].n_iter_)
         self.converged_ = self.n_iter_ < self.max_iter
-        _warn_unconverged(n_bad + (not self.converged_), n_fits + 1, self.max_iter)
+        warn_unconverged(n_bad + (not self.converged_), n_fits + 1, self.max_iter)
         return self
 
     def predict(self, X: Any) -> np.ndarray:
@@ -114,43 +100,20 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return self.pipeline_.decision_function(X)
 
     def save(self, path: str | Path, *, extra: Mapping[str, Any] | None = None) -> Path:
-        """Write the fitted probe to directory `path` as .npz arrays + JSON metadata (no pickle)."""
+        """Write the fitted probe to directory `path` as .npz arrays + JSON metadata (no pickle; see `fileformat`)."""
         check_is_fitted(self, "pipeline_")
-        path = Path(path)
-        npz_bytes = _npz_bytes(self.arrays())
-        meta = {
-            "format": _FORMAT,
-            "version": _FORMAT_VERSION,
-            "params": {**self.get_params(), "Cs": [float(c) for c in self.Cs]},
-            "classes_dtype": self.classes_.dtype.str if self.classes_.dtype.kind in "iufb" else "str",
-            "n_features_in": int(self.n_features_in_),
-            "best_C": self.best_C_,
-            "cv_score": None if math.isnan(self.cv_score_) else self.cv_score_,
-            "cv_results": self.cv_results_,
-            "n_iter": self.n_iter_,
-            "arrays_sha256": hashlib.sha256(npz_bytes).hexdigest(),
-            "extra": dict(extra or {}),
-        }
-        try:
-            meta_text = json.dumps(meta, indent=2, allow_nan=False)
-        except (TypeError, ValueError) as err:
-            raise TransferkitError(f"Cannot save probe to {path}: {err} (is `extra` JSON-able?)") from err
-        path.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path / _ARRAYS_FILE, npz_bytes)
-        write_bytes_atomic(path / _META_FILE, meta_text.encode())  # written last: it vouches for the arrays
-        return path
+        return write_probe(self, Path(path), extra)
 
     @classmethod
     def load(cls, path: str | Path) -> LinearProbe:
         """Read a probe written by `save`; predictions are bit-identical to the saved one's."""
         path = Path(path)
-        meta = _read_meta(path / _META_FILE)
-        arrays = _read_arrays(path / _ARRAYS_FILE, meta["arrays_sha256"])
+        meta, arrays = read_probe(path)
         try:
             probe = cls(**{**meta["params"], "Cs": tuple(meta["params"]["Cs"])})
             probe._restore(arrays, meta)
         except (KeyError, TypeError, ValueError) as err:
-            raise TransferkitError(f"Probe {path} is corrupt ({_META_FILE} and {_ARRAYS_FILE} disagree: "
+            raise TransferkitError(f"Probe {path} is corrupt ({META_FILE} and {ARRAYS_FILE} disagree: "
                                    f"{err}); save it again.") from err
         return probe
 
@@ -276,7 +239,7 @@ def _positive_floats(values: Any) -> bool:
     return len(values) > 0 and all(_positive(v) for v in values)
 
 
-def _check_xy(X: Any, y: Any, *, for_cv: bool) -> tuple[np.ndarray, np.ndarray]:
+def check_xy(X: Any, y: Any, *, for_cv: bool) -> tuple[np.ndarray, np.ndarray]:
     """Validate codes and labels; stratified CV needs two samples of every class."""
     try:
         X, y = check_X_y(X, y, dtype=(np.float64, np.float32))
@@ -297,141 +260,7 @@ def _converged(pipe: Pipeline) -> bool:
     return bool(svm.n_iter_ < svm.max_iter)
 
 
-def _warn_unconverged(n_bad: int, n_fits: int, max_iter: int) -> None:
+def warn_unconverged(n_bad: int, n_fits: int, max_iter: int) -> None:
     if n_bad:
         logger.warning("%d of %d LinearSVC fits did not converge within max_iter=%d; accuracy may be "
                        "slightly off (raise max_iter or lower C).", n_bad, n_fits, max_iter)
-
-
-# -- persistence -------------------------------------------------------------------------------------
-
-
-def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise TransferkitError(f"Probe file {path} not found (was the probe saved there?).") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TransferkitError(f"Probe file {path} is corrupt: {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT or not meta.keys() >= _META_KEYS:
-        raise TransferkitError(f"Probe file {path} is corrupt: not a {_FORMAT} file or fields are missing.")
-    if not isinstance(meta["version"], int) or meta["version"] > _FORMAT_VERSION:
-        raise TransferkitError(f"Probe file {path} has format version {meta['version']}; this transferkit "
-                               f"reads up to {_FORMAT_VERSION}. Upgrade transferkit.")
-    return meta
-
-
-def _read_arrays(path: Path, sha256: str) -> dict[str, np.ndarray]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as err:
-        raise TransferkitError(f"Probe file {path} not found.") from err
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise TransferkitError(f"Probe file {path} is corrupt: its checksum does not match {_META_FILE}.")
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError) as err:
-        raise TransferkitError(f"Probe file {path} is corrupt: {err}") from err
-
-
-# -- evaluation ----------------------------------------------------------------------------------------
-
-
-# -- layer / pooling sweep -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SweepResult:
-    """CV accuracy of a linear probe on each (layer, pooling) view of the same images."""
-
-    rows: list[dict[str, Any]]  # {layer, pool, dim, cv_accuracy, cv_std, C, seconds}, in key order
-    best: dict[str, Any]  # highest cv_accuracy; ties go to the smaller dim
-
-    def table(self) -> str:
-        """Aligned text table; the best row is marked with '*'."""
-        header = ["", "layer", "pool", "dim", "cv acc %", "± std", "C", "seconds"]
-        body = [
-            ["*" if row == self.best else "", str(row["layer"]), str(row["pool"]), str(row["dim"]),
-             f"{100 * row['cv_accuracy']:.2f}", f"{100 * row['cv_std']:.2f}", f"{row['C']:g}",
-             f"{row['seconds']:.1f}"]
-            for row in self.rows
-        ]
-        widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-        left = {1, 2}  # text columns align left, numbers right
-        return "\n".join(
-            "  ".join(cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in
-                      enumerate(zip(line, widths, strict=True))).rstrip()
-            for line in [header, *body]
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form."""
-        return {"rows": [dict(r) for r in self.rows], "best": dict(self.best)}
-
-
-def sweep(
-    codes: Mapping[tuple[str, str], Any],
-    y: Any,
-    *,
-    Cs: Sequence[float] = DEFAULT_CS,
-    cv: int = 3,
-    max_samples: int | None = 5000,
-    random_state: int = 0,
-    progress: bool = True,
-    n_jobs: int | None = None,
-) -> SweepResult:
-    """Rank (layer, pooling) views of the training images by cross-validated linear-probe accuracy.
-
-    Every view is scored on the same rows and the same folds, so the ranking compares views, not luck.
-    """
-    from tqdm.auto import tqdm  # keep `import transferkit.probe.linear` light
-
-    if not codes:
-        raise DataError("sweep() needs at least one (layer, pool) view of the codes.")
-    y = np.asarray(y)
-    rows_idx = _sweep_subset(y, max_samples, random_state)
-    probe = LinearProbe(Cs=Cs, cv=cv, max_iter=_SWEEP_MAX_ITER, tol=_SWEEP_TOL, n_jobs=n_jobs,
-                        random_state=random_state)
-    probe._check_params()
-    rows, n_bad, n_fits = [], 0, 0
-    for key in tqdm(list(codes), desc="sweep", unit="view", disable=not progress, file=sys.stderr):
-        start = time.perf_counter()
-        X = np.asarray(codes[key])
-        if X.ndim != 2 or len(X) != len(y):
-            raise DataError(f"Codes for {key} have shape {X.shape}; expected ({len(y)}, dim).")
-        X, y_sub = _check_xy(X[rows_idx] if len(rows_idx) < len(y) else X, y[rows_idx], for_cv=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            path, bad, fits = probe._cv_path(X, y_sub, log_each=False)
-        n_bad, n_fits = n_bad + bad, n_fits + fits
-        best = max(path, key=lambda r: r["mean"])  # ties: the first, i.e. smaller C
-        layer, pool = key
-        rows.append({"layer": layer, "pool": pool, "dim": int(X.shape[1]), "cv_accuracy": best["mean"],
-                     "cv_std": best["std"], "C": best["C"], "seconds": time.perf_counter() - start})
-        logger.debug("sweep: %s/%s %s", layer, pool, rows[-1])
-    _warn_unconverged(n_bad, n_fits, _SWEEP_MAX_ITER)
-    best_row = max(rows, key=lambda r: (r["cv_accuracy"], -r["dim"]))
-    logger.info("sweep: best view %s/%s (dim %d) at %.2f%% CV accuracy", best_row["layer"], best_row["pool"],
-                best_row["dim"], 100 * best_row["cv_accuracy"])
-    return SweepResult(rows=rows, best=best_row)
-
-
-def _sweep_subset(y: np.ndarray, max_samples: int | None, random_state: int) -> np.ndarray:
-    """Row indices to score on: all rows, or a stratified random subset of `max_samples`."""
-    all_rows = np.arange(len(y))
-    if max_samples is None or len(y) <= max_samples:
-        return all_rows
-    try:
-        subset, _ = train_test_split(all_rows, train_size=max_samples, stratify=y, random_state=random_state)
-    except ValueError as err:  # too few rows left out to stratify, or a class of one (reported later)
-        logger.info("sweep: cannot subsample %d of %d rows (%s); scoring all rows", max_samples, len(y), err)
-        return all_rows
-    logger.info("sweep: scoring a stratified random subset of %d of %d samples", max_samples, len(y))
-    return np.sort(subset)

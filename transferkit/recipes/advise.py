@@ -35,7 +35,8 @@ from transferkit.finetune.config import FinetuneConfig
 from transferkit.jobs import SWEEP_SAMPLES, load_data
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS, create_backbone
 from transferkit.models.stages import freeze_until, replace_head, resolve_stage, set_train_mode
-from transferkit.probe.linear import LinearProbe, sweep
+from transferkit.probe.linear import LinearProbe
+from transferkit.probe.sweep import sweep
 
 TOP = f"{PRE_LOGITS}|avg"  # the top-layer codes small-similar probes
 
@@ -262,7 +263,7 @@ def _paired(views: dict, y: np.ndarray, top: dict, earlier: dict, cv: int) -> tu
     folds = StratifiedKFold(n_splits=cv, shuffle=True, random_state=0)
     right = []
     for row in (top, earlier):
-        probe = LinearProbe(C=row["C"], max_iter=1000, tol=1e-2)  # the sweep's looser fit (transferkit.probe.linear)
+        probe = LinearProbe(C=row["C"], max_iter=1000, tol=1e-2)  # the sweep's looser fit (transferkit.probe.sweep)
         right.append(cross_val_predict(probe, views[row["layer"], row["pool"]], y, cv=folds) == y)
     return int((right[1] & ~right[0]).sum()), int((right[0] & ~right[1]).sum())
 

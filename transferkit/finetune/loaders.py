@@ -1,0 +1,112 @@
+"""What a fine-tuning run trains on: the validation hold-out, transforms, loaders, the frozen-prefix cache swap."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from transferkit.data.datasets import ImageDataset
+from transferkit.data.decode import collate
+from transferkit.data.transforms import build_transform, describe_transform
+from transferkit.errors import DataError
+from transferkit.finetune.config import FinetuneConfig
+from transferkit.finetune.prefix_cache import CachedDataset, PrefixCache, collate_cached, frozen_prefix
+from transferkit.runtime.distributed import ShardSampler, World
+
+log = logging.getLogger(__name__)
+
+
+def split_train_val(train: ImageDataset, val: ImageDataset | None, config: FinetuneConfig):
+    """The given val set, or a stratified hold-out of `train` (at least one image per class)."""
+    if val is not None or config.val_fraction == 0:
+        return train, val
+    from sklearn.model_selection import train_test_split
+
+    n_val = max(round(config.val_fraction * len(train)), len(train.classes))
+    try:
+        fit_idx, val_idx = train_test_split(np.arange(len(train)), test_size=n_val, stratify=train.targets,
+                                            random_state=config.seed)
+    except ValueError as e:
+        raise DataError(f"cannot hold out a stratified validation split of '{train.root}': {e}") from e
+    return train.select(np.sort(fit_idx)), train.select(np.sort(val_idx))
+
+
+def _transforms(model: nn.Module, config: FinetuneConfig):
+    import timm.data
+
+    data_config = timm.data.resolve_model_data_config(model)
+    eval_tf = build_transform(data_config, config.image_size)
+    augment = dict(scale=tuple(config.crop_scale), hflip=0.5, color_jitter=None, re_prob=config.random_erasing)
+    train_tf = build_transform(data_config, config.image_size, train=True, **augment) if config.augment else eval_tf
+    return data_config, train_tf, eval_tf
+
+
+def make_loaders(model: nn.Module, train: ImageDataset, val: ImageDataset | None, config: FinetuneConfig, world: World):
+    """Train loader (shuffled per epoch by DistributedSampler, sharded per rank); val loader; transforms."""
+    data_config, train_tf, eval_tf = _transforms(model, config)
+    train_set = train.with_transform(train_tf)
+    loader = _train_loader(train_set, config, world, collate)
+    val_loader = None
+    if val is not None:
+        val_set = val.with_transform(eval_tf)
+        val_loader = torch.utils.data.DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate,
+                                                 num_workers=config.num_workers,
+                                                 sampler=ShardSampler(len(val_set), world))
+    train_steps = [str(t) for t in getattr(train_tf, "transforms", [train_tf])]
+    return loader, val_loader, {"transform": describe_transform(data_config, config.image_size),
+                                "train_transform": train_steps, "n_train": len(train), "n_val": len(val or [])}
+
+
+def _train_loader(dataset, config: FinetuneConfig, world: World, collate_fn) -> torch.utils.data.DataLoader:
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True,
+                                                  seed=config.seed)
+    per_rank = len(sampler)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+        collate_fn=collate_fn, drop_last=per_rank > config.batch_size,  # a 1-image batch breaks BatchNorm
+    )
+
+
+def maybe_cache(model, config: FinetuneConfig, train, val, loader, val_loader, out: Path, device, world: World,
+                 progress: bool):
+    """Swap the loaders for cached frozen-prefix activations when that gives the same training."""
+    none = {"names": [], "modules": []}
+    prefix = frozen_prefix(model)
+    if not (config.cache and prefix):
+        return loader, val_loader, none
+    why_not = ("augmentation is on (--no-augment)" if config.augment else
+               "--train-bn updates frozen BatchNorms" if config.train_bn else
+               "several processes" if world.distributed else None)
+    if why_not:
+        log.info("frozen-prefix cache off: %s", why_not)
+        return loader, val_loader, none
+    cache = PrefixCache(model, prefix)
+    _, _, eval_tf = _transforms(model, config)
+    probe_x = collate([train.with_transform(eval_tf)[i] for i in range(min(4, len(train)))])[0]
+    try:
+        err = cache.check(probe_x.to(device, memory_format=torch.channels_last))
+    except ValueError as e:
+        log.warning("frozen-prefix cache off: %s", e)
+        return loader, val_loader, none
+    log.info("frozen-prefix cache: %s..%s (%d units), max split error %.2g", cache.names[0], cache.names[-1],
+             len(prefix), err)
+
+    def activations(dataset, name):
+        plain = torch.utils.data.DataLoader(dataset.with_transform(eval_tf), batch_size=max(config.batch_size, 128),
+                                            collate_fn=collate, num_workers=config.num_workers)
+        return cache.compute(plain, len(dataset), out / f"prefix-cache-{name}.npy", config.cache_memory_gb, device,
+                             progress)
+
+    start = time.perf_counter()
+    cached_train = CachedDataset(activations(train, "train"), train.targets)
+    loader = _train_loader(cached_train, config, world, collate_cached)
+    if val is not None:
+        cached_val = CachedDataset(activations(val, "val"), val.targets)
+        val_loader = torch.utils.data.DataLoader(cached_val, batch_size=config.batch_size, collate_fn=collate_cached)
+    log.info("frozen-prefix cache built in %.1f s", time.perf_counter() - start)
+    return loader, val_loader, {"names": cache.names, "modules": [m for _, m in prefix]}
