@@ -69,6 +69,7 @@ def extract_features(
     fold_bn: bool = True,
     engine: str = "auto",
     exact_decode: bool = False,
+    decode_threads: int | None = None,
     progress: bool = True,
 ) -> FeatureStore:
     """Extract codes to `out`. layer='auto' extracts every stage x pooling and runs the sweep
@@ -93,7 +94,7 @@ def extract_features(
     extractor = FeatureExtractor(
         model, weights=weights, layer="all" if auto else layer, pool="all" if auto else pool,
         image_size=image_size, batch_size=batch_size, precision=precision, num_workers=num_workers,
-        fold_bn=fold_bn, engine=engine, exact_decode=exact_decode, progress=progress,
+        fold_bn=fold_bn, engine=engine, exact_decode=exact_decode, decode_threads=decode_threads, progress=progress,
     )
     if auto and len(dataset) > sweep_samples:
         return _extract_best(dataset, Path(out), extractor, sweep_samples, skip_bad, progress, cache)

@@ -44,10 +44,14 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.option("--exact-decode", is_flag=True,
               help="Decode every image in full. By default a JPEG decodes at the smallest DCT scale still at least "
                    "the size the transform resizes to, and large images are box-reduced to twice that first.")
+@click.option("--decode-threads", type=click_type(EXTRACTOR["decode_threads"]), default=None,
+              help="Threads that decode images. Default: one per core when decoding the first batch took longer "
+                   "than the model on it, else decoding in turn.")
 @click.option("--profile", is_flag=True, help="First time decoding alone and the model alone on 256 images.")
 def extract(data: Path, out: Path, model: str, weights: str, image_size: int | None, batch_size: int,
             precision: str, layer: str, pool: str, per_class: int | None, num_workers: int, skip_bad: bool,
-            like: Path | None, cache: bool, fold_bn: bool, engine: str, exact_decode: bool, profile: bool) -> None:
+            like: Path | None, cache: bool, fold_bn: bool, engine: str, exact_decode: bool, decode_threads: int | None,
+            profile: bool) -> None:
     """Write CNN codes of every image in DATA (folder, CSV manifest or IDX) to a feature directory."""
     from transferkit.jobs import extract_features
 
@@ -59,18 +63,23 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
         p = profile_extraction(FeatureExtractor(model, weights=weights, layer="all" if layer == "auto" else layer,
                                                 pool="all" if layer == "auto" else pool, image_size=image_size,
                                                 batch_size=batch_size, precision=precision, num_workers=num_workers,
-                                                fold_bn=fold_bn, engine=engine, exact_decode=exact_decode),
+                                                fold_bn=fold_bn, engine=engine, exact_decode=exact_decode,
+                                                decode_threads=decode_threads),
                                load_data(data, per_class=per_class))
         slower = "decoding" if p["decode_images_per_second"] < p["model_images_per_second"] else "the model"
-        click.echo(f"profile on {p['images']} images: decoding {p['decode_images_per_second']:.0f} img/s "
-                   f"({p['num_workers']} DataLoader workers), model {p['model_images_per_second']:.0f} img/s "
-                   f"({p['engine']}, {p['precision']}); {slower} is the bottleneck")
+        how = (f"so extract decodes in {p['decode_threads']} threads" if slower == "decoding"
+               else "so extract decodes in turn")
+        click.echo(f"profile on {p['images']} images: decoding {p['decode_images_per_second']:.0f} img/s in one "
+                   f"thread, {p['parallel_decode_images_per_second']:.0f} in {p['decode_threads']} "
+                   f"({'exactly' if p['exact_decode'] else 'at the size needed'}); model "
+                   f"{p['model_images_per_second']:.0f} img/s ({p['engine']}, {p['precision']}); {slower} is the "
+                   f"bottleneck, {how}")
 
     store = extract_features(
         data, out, model=model, weights=weights, layer=layer, pool=pool, image_size=image_size,
         batch_size=batch_size, precision=precision, num_workers=num_workers, per_class=per_class,
         skip_bad=skip_bad, like=like, cache=cache, fold_bn=fold_bn, engine=engine, exact_decode=exact_decode,
-        progress=click.get_current_context().obj["progress"],
+        decode_threads=decode_threads, progress=click.get_current_context().obj["progress"],
     )
     if _worker_rank():
         return  # under torchrun only rank 0 reports

@@ -68,6 +68,7 @@ class Engine:
         self.net: torch.nn.Module | None = None
         self.input_dtype: torch.dtype | None = None
         self._unfolded: torch.nn.Module | None = None
+        self.decode_threads: int | None = None  # how the last run decoded (FeatureExtractor._decoded)
 
     def path(self, precision: str = "fp32") -> Path:
         """Where the exported (fp32) or quantized (int8) engine of exactly these codes and input size is cached."""

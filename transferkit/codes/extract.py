@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -25,7 +26,7 @@ from transferkit.codes.pooling import pooled_dim
 from transferkit.codes.spec import key_name
 from transferkit.codes.store import KIND, FeatureStore, FeatureWriter
 from transferkit.data.datasets import ImageDataset
-from transferkit.data.decode import collate
+from transferkit.data.decode import collate, threaded_batches
 from transferkit.errors import DataError
 from transferkit.runtime.distributed import World, close_world, init_world
 from transferkit.runtime.outputs import check_output, new_tmp
@@ -134,6 +135,7 @@ def _meta(extractor: FeatureExtractor, data: ImageDataset, kept: list[int], skip
         "int8": None if spec.int8 is None else {**spec.int8, "mean_cosine_to_fp32": extractor.int8_cosine_},
         "engine": extractor.engine_,  # None: every code came from the cache, the network never ran
         "folded_batchnorms": extractor.folded_,
+        "decode_threads": extractor.decode_threads_,  # after the first batch; 0: DataLoader workers
         "batch_size": extractor.batch_size,
         "dataset": {"root": str(data.root), "kind": data.kind, "n_items": len(data)},
         "classes": list(data.classes),
@@ -237,24 +239,32 @@ def _cached_batches(extractor: FeatureExtractor, data: ImageDataset, spaces: dic
 
 
 def profile(extractor: FeatureExtractor, data: ImageDataset, n: int = 256) -> dict:
-    """Images/s of decoding alone (the DataLoader, as extract runs it) and of the model alone, on `n` images.
+    """Images/s of decoding alone (in one thread, and in one thread per core) and of the model alone, on `n`
+    images, and what extract would do with them.
 
-    When decoding is the slower one, more DataLoader workers (--num-workers) help; when the model is,
-    only a faster model path does. The engine is the one extract would pick for all of `data`.
+    When decoding is the slower one, extract decodes in parallel threads (FeatureExtractor._decoded); when
+    the model is, only a faster model path helps. The engine is the one extract would pick for all of `data`.
     """
     extractor.prepare(len(data))
     sample = data.select(np.arange(min(n, len(data)))).with_transform(extractor.decode_, extractor.decode_target_)
     sample.skip_bad = True
-    loader = torch.utils.data.DataLoader(sample, batch_size=extractor.batch_size, num_workers=extractor.num_workers,
-                                         collate_fn=collate)
+    size = extractor.batch_size
+    index = [range(i, min(i + size, len(sample))) for i in range(0, len(sample), size)]
+    threads = extractor.decode_threads or os.cpu_count() or 1
     start = time.perf_counter()
-    batches = [extractor.normalize(x) for x, *_ in loader if x is not None]
+    batches = [extractor.normalize(b[0]) for b in (collate([sample[i] for i in idx]) for idx in index)
+               if b[0] is not None]
     decode = sum(len(x) for x in batches) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in threaded_batches(sample, index, threads):
+        pass
+    parallel = sum(len(x) for x in batches) / (time.perf_counter() - start)
     extractor.model_codes(batches[0])  # warm-up
     start = time.perf_counter()
     for x in batches:
         extractor.model_codes(x)
     model = sum(len(x) for x in batches) / (time.perf_counter() - start)
     return {"images": sum(len(x) for x in batches), "decode_images_per_second": decode,
-            "model_images_per_second": model, "num_workers": extractor.num_workers, "engine": extractor.engine_,
-            "precision": extractor.precision_, "exact_decode": extractor.exact_decode}
+            "parallel_decode_images_per_second": parallel, "decode_threads": threads,
+            "model_images_per_second": model, "engine": extractor.engine_, "precision": extractor.precision_,
+            "exact_decode": extractor.exact_decode}

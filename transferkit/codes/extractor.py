@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from transferkit.codes.params import EXTRACTOR
 from transferkit.codes.pooling import parse_pools, pooled_dim, select_pairs
 from transferkit.codes.spec import CodeSpec, key_name
 from transferkit.data.datasets import ImageDataset
-from transferkit.data.decode import DecodeTarget, collate, decode_ahead, load_image
+from transferkit.data.decode import DecodeTarget, collate, decode_ahead, load_image, threaded_batches
 from transferkit.data.transforms import build_transform, decode_target, describe_transform
 from transferkit.errors import DataError
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS, create_backbone, resolve_layers
@@ -77,6 +79,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         fold_bn: bool = True,
         engine: str = "auto",
         exact_decode: bool = False,
+        decode_threads: int | None = None,
         progress: bool = False,
     ) -> None:
         self.model = model
@@ -90,6 +93,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.fold_bn = fold_bn
         self.engine = engine
         self.exact_decode = exact_decode
+        self.decode_threads = decode_threads
         self.progress = progress
 
     def fit(self, X=None, y=None) -> FeatureExtractor:
@@ -169,10 +173,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     def iter_batches(self, data) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list]]:
         """Yield (codes by key, labels, item indices, bad items) per batch, in item order.
 
-        Workers only decode and resize to uint8; scaling and normalising happen once per batch. Without
-        workers, ONNX Runtime runs one batch while a thread decodes the next (decode_ahead); the torch
-        engine decodes in turn, as its thread pool lost more to the decoding thread than it gained
-        (bench/extract_speed.py).
+        Workers (or threads) only decode and resize to uint8; scaling and normalising happen once per batch.
+        How images are decoded: see `_decoded`.
         """
         self.prepare(len(data))
         strict = not getattr(data, "skip_bad", False)
@@ -181,12 +183,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             dataset.skip_bad = True  # errors travel back as data, so a worker's failure is raised here, in one line
         else:
             dataset = _Images(data, self.decode_, self.decode_target_)
-        loader = torch.utils.data.DataLoader(  # pinned pages: the host-to-GPU copy can overlap the compute
-            dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
-            pin_memory=self.device_.type == "cuda",
-        )
-        if self.num_workers == 0 and self._engine.ort is not None:  # measured: helps ONNX Runtime, not torch
-            loader = decode_ahead(loader)
+        loader = self._decoded(dataset)
         for x, y, idx, bad in _progress(loader, len(dataset), self.progress):
             if bad and strict:
                 raise DataError(bad[0][1])
@@ -198,6 +195,43 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             codes = self.model_codes(self.normalize(x))
             _check_finite(codes, idx.numpy(), data, self.engine_, self.precision_)
             yield codes, y.numpy(), idx.numpy(), bad
+
+    def _decoded(self, dataset) -> Iterator:
+        """Collated batches of `dataset`, decoded as fast as this machine allows.
+
+        DataLoader workers when `num_workers` asks for them (or on a GPU: pinned pages let the host-to-device
+        copy overlap the compute). Else the first batch is decoded here, and the time the caller then spends on
+        it (the model) decides the rest: slower than decoding, and `decode_threads` threads decode in parallel
+        (default one per core: Pillow releases the GIL); faster, and ONNX Runtime runs one batch while a thread
+        decodes the next (decode_ahead), the torch engine decodes in turn, as its thread pool lost more to the
+        decoding thread than it gained (bench/extract_speed.py). The choice is `decode_threads_`.
+        """
+        if self.num_workers > 0 or self.device_.type == "cuda":
+            self._engine.decode_threads = 0
+            yield from torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                                   collate_fn=collate, pin_memory=self.device_.type == "cuda")
+            return
+        size = self.batch_size
+        batches = [range(i, min(i + size, len(dataset))) for i in range(0, len(dataset), size)]
+        if not batches:
+            return
+        start = time.perf_counter()
+        first = collate([dataset[i] for i in batches[0]])
+        decoding = time.perf_counter() - start
+        start = time.perf_counter()
+        yield first
+        threads = self.decode_threads or ((os.cpu_count() or 1) if decoding > time.perf_counter() - start else 1)
+        self._engine.decode_threads = threads
+        if threads > 1:
+            yield from threaded_batches(dataset, batches[1:], threads)
+            return
+        rest = (collate([dataset[i] for i in b]) for b in batches[1:])
+        yield from decode_ahead(rest) if self._engine.ort is not None else rest  # measured: helps ORT, not torch
+
+    @property
+    def decode_threads_(self) -> int | None:
+        """Threads that decoded the last run's images after its first batch (0: DataLoader; None: no run yet)."""
+        return self._engine.decode_threads
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) from `decode_` -> the float input `transform_` would give, bit for bit."""

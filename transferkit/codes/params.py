@@ -26,5 +26,6 @@ EXTRACTOR = {
     "fold_bn": ["boolean"],
     "engine": [StrOptions(ENGINES)],
     "exact_decode": ["boolean"],
+    "decode_threads": [Interval(Integral, 1, None, closed="left"), None],  # None: measured per run
     "progress": ["boolean"],
 }
