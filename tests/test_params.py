@@ -61,6 +61,7 @@ def test_feature_extractor_error_names_parameter_choices_and_value():
     assert str(err.value) == ("The 'precision' parameter of FeatureExtractor must be a str among "
                               "{'auto', 'fp32', 'bf16', 'fp16', 'int8'}. Got 'mean' instead.")
     assert isinstance(err.value, ValueError) and "--" not in str(err.value)  # no CLI flag in a library error
+    assert err.value.param == "precision"  # the CLI names the flag bound to it
 
 
 def test_transforms_refuse_the_same_image_sizes():

@@ -21,7 +21,7 @@ from transferkit.codes.store import KIND, FeatureStore
 from transferkit.data.datasets import IMAGE_EXTENSIONS, ImageDataset, open_dataset, scan_images
 from transferkit.data.decode import collate
 from transferkit.data.transforms import build_transform
-from transferkit.errors import DataError
+from transferkit.errors import DataError, ParameterError
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.weights import weights_argument
 from transferkit.probe.linear import DEFAULT_CS, LinearProbe, SweepResult, sweep
@@ -78,8 +78,9 @@ def extract_features(
         model, weights, layer, pool, image_size, precision, fold_bn = like_options(FeatureStore(like), fold_bn)
     auto = layer == "auto"
     if auto and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise DataError("--layer auto sweeps in one process; under torchrun name the layer and pooling (or run "
-                        "the sweep first without torchrun and then `extract --like` its output)")
+        raise ParameterError("The 'layer' parameter must not be 'auto' under torchrun: the sweep runs in one "
+                             "process. Name the layer and pooling, or sweep first without torchrun and then extract "
+                             "like its output", param="layer")
     dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class, skip_bad=skip_bad)
     check_output(out, KIND, inputs=[like, dataset.root])  # before the backbone loads: never the user's folders
     extractor = FeatureExtractor(
@@ -143,7 +144,7 @@ def sweep_features(
     from transferkit.plots import plot_sweep
 
     if len(store.keys) < 2:
-        raise DataError(f"'{store.path}' holds one kind of codes; extract with --layer all --pool all to sweep")
+        raise DataError(f"'{store.path}' holds one kind of codes; extract with layer='all', pool='all' to sweep")
     codes = {tuple(k.split("|")): store.load(k) for k in store.keys}
     result = sweep(codes, store.labels, cv=cv, max_samples=max_samples, progress=progress)
     write_json_atomic(store.path / SWEEP_FILE, result.to_dict())
@@ -192,7 +193,8 @@ def train_probe(
     if layer == "best":
         key = read_sweep(train)
         if key is None:
-            raise DataError(f"no sweep in '{train.path}': run `transferkit sweep {train.path}` or extract --layer auto")
+            raise DataError(f"no sweep in '{train.path}': run `transferkit sweep {train.path}` or extract with "
+                            f"layer='auto'")
     else:
         key = train.key(layer, pool)
     test = test if test is None or isinstance(test, FeatureStore) else FeatureStore(test)
@@ -221,7 +223,7 @@ def check_compatible(train: FeatureStore, test: FeatureStore, key: str) -> None:
     """Refuse to score test codes made differently from the training codes: their CodeSpecs must agree, and
     their classes."""
     mine = CodeSpec.from_meta(train.meta, key)
-    fix = f"extract the test set with --like {train.path}"
+    fix = f"extract the test set with like='{train.path}'"
     if key not in test.keys:
         closest = min((CodeSpec.from_meta(test.meta, k) for k in test.keys), key=lambda s: len(mine.differences(s)))
         raise DataError(f"'{test.path}' has no codes for '{key}' (it has {', '.join(test.keys)}; the closest differ "
@@ -302,7 +304,7 @@ def evaluate_model(
         evaluation = score_predictions(y, probs.argmax(1), np.arange(len(classes)), classes)
     else:
         if tta:
-            raise DataError("test-time augmentation (--tta) is for fine-tuning runs; a probe scores fixed codes")
+            raise DataError("test-time augmentation (tta) is for fine-tuning runs; a probe scores fixed codes")
         probe, extractor = load_probe_dir(model_dir, batch_size=batch_size, progress=progress)
         classes = probe.extra_["classes"]
         y = _targets_by_name(dataset, classes, model_dir)
