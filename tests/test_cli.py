@@ -32,6 +32,15 @@ def test_help(command):
     assert "Usage:" in run(command, "--help").output
 
 
+def test_help_says_codes():
+    """One word for the pooled activations: codes, in a codes directory (what `extract` writes)."""
+    helps = {c: run(*c.split(), "--help").output for c in [*COMMANDS, "evaluate", "convert", "cache", "cache info"]}
+    assert not [c for c, text in helps.items() if "feature" in text.lower()]
+    assert "Usage: cli sweep [OPTIONS] CODES" in helps["sweep"] and "CODES (a codes directory)" in helps["sweep"]
+    assert "Codes directory to write." in helps["extract"] and "like this codes directory" in helps["extract"]
+    assert "Codes directory to evaluate on" in helps["probe"]
+
+
 def test_layers():
     out = run("layers").output
     assert "blocks.4" in out and "pre_logits" in out and "1280" in out

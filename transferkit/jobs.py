@@ -34,7 +34,7 @@ from transferkit.runtime.outputs import add_files, building, check_output, new_t
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
-SWEEP_FILES = (SWEEP_FILE, "sweep.png")  # what a sweep adds to a feature directory
+SWEEP_FILES = (SWEEP_FILE, "sweep.png")  # what a sweep adds to a codes directory
 PROBE_KIND, EVALUATION_KIND = "probe", "evaluation"  # output kinds (transferkit.runtime.outputs)
 RUN_CONFIG = "config.json"  # what marks a fine-tuning run directory (transferkit.finetune.loop)
 SWEEP_SAMPLES = 2000  # --layer auto on more images sweeps a stratified sample, then extracts only the winner

@@ -17,7 +17,7 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.argument("train", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Directory for the probe.")
 @click.option("--test", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Feature directory to evaluate on (extract it with --like TRAIN).")
+              help="Codes directory to evaluate on (extract it with --like TRAIN).")
 @click.option("--layer", default=None, help="Layer of the codes to use, or 'best' (from the sweep).")
 @click.option("--pool", default=None, help="Pooling of the codes to use.")
 @click.option("--C", "C", default="auto", show_default=True, help="SVM C, or 'auto' for cross-validation.")
