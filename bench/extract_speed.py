@@ -235,7 +235,7 @@ def main() -> None:
         "",
         *machine_lines(),
     ]
-    body = "## Feature extraction speed\n\n" + "\n".join(lines)
+    body = "## Code extraction speed\n\n" + "\n".join(lines)
     (args.work / "result.json").write_text(json.dumps({
         "rows": {k: [v[0], v[1], v[3], v[4], v[7]] for k, v in rows.items()}, "engines": engines, "gemm": gemm,
         "acc": acc,

@@ -6,8 +6,15 @@ import json
 import logging
 from pathlib import Path
 
+import click
 import pytest
+import torch
+from click.testing import CliRunner
 from PIL import Image
+
+from transferkit.cli import cli
+from transferkit.errors import ParameterError
+from transferkit.finetune.config import FinetuneConfig
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 COMMANDS = ["extract", "sweep", "probe", "predict", "layers", "demo", "finetune"]
@@ -16,6 +23,15 @@ COMMANDS = ["extract", "sweep", "probe", "predict", "layers", "demo", "finetune"
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help(command, cli_run):
     assert "Usage:" in cli_run(command, "--help").output
+
+
+def test_help_says_codes(cli_run):
+    """One word for the pooled activations: codes, in a codes directory (what `extract` writes)."""
+    helps = {c: cli_run(*c.split(), "--help").output for c in [*COMMANDS, "evaluate", "convert", "cache", "cache info"]}
+    assert not [c for c, text in helps.items() if "feature" in text.lower()]
+    assert "Usage: cli sweep [OPTIONS] CODES" in helps["sweep"] and "CODES (a codes directory)" in helps["sweep"]
+    assert "Codes directory to write." in helps["extract"] and "like this codes directory" in helps["extract"]
+    assert "Codes directory to evaluate on" in helps["probe"]
 
 
 def test_layers(cli_run):
@@ -36,6 +52,10 @@ def test_extract_sweep_probe_predict(photo_folder, tmp_path, sample_images, cli_
     out = cli_run("probe", codes, "--layer", "best", "--test", test_codes, "-o", probe, "--cv", "2").output
     assert "test accuracy: 100.00%" in out
     assert (probe / "confusion.png").is_file() and (probe / "metrics.json").is_file()
+    bad = cli_run("probe", codes, "--layer", "best", "-o", tmp_path / "bad", "--C", "-1", ok=False)
+    _bad(bad,  # LinearProbe's 'C' parameter is the flag --C
+         "Error: Invalid value for '--C': must be a float in the range (0.0, inf) or a str among {'auto'}. "
+         "Got -1.0 instead.")
     report = (probe / "report.txt").read_text()
     assert "flower" in report and "temple" in report  # class names, not label indices
     # unseen crops of the two photos are classified as what they show
@@ -72,10 +92,10 @@ def test_errors_name_the_culprit(photo_folder, tmp_path, cli_run):
     _bad(cli_run("extract", photo_folder, "-o", out, "--layer", "blocks.99", ok=False), "unknown layer 'blocks.99'")
     _bad(cli_run("extract", photo_folder, "-o", out, "--pool", "mean", ok=False), "'mean'")
     wrong = tmp_path / "wrong.pth"
-    import torch
-
     torch.save({"w": torch.zeros(3)}, wrong)
     _bad(cli_run("extract", photo_folder, "-o", out, "--weights", wrong, ok=False), "wrong.pth", "do not match")
+    _bad(cli_run("extract", photo_folder, "-o", out, "--weights", "banana", ok=False),
+         "Error: Invalid value for '--weights': must be a file (.safetensors, ", "Got 'banana' instead.")
     assert not out.exists()
     bad = cli_run("finetune", photo_folder, "-o", tmp_path / "run", "--crop-scale", "0.6", ok=False)
     assert bad.exit_code == 2 and "--crop-scale" in bad.output and "'0.6'" in bad.output
@@ -111,7 +131,7 @@ def test_probe_refuses_mismatched_test_codes(photo_folder, tmp_path, cli_run):
     a, b = tmp_path / "a", tmp_path / "b"
     cli_run("extract", photo_folder, "-o", a, "--image-size", "32")
     cli_run("extract", photo_folder, "-o", b, "--image-size", "48")
-    _bad(cli_run("probe", a, "--test", b, "-o", tmp_path / "p", ok=False), "transform.input_size", "--like")
+    _bad(cli_run("probe", a, "--test", b, "-o", tmp_path / "p", ok=False), "transform.input_size", f"with like='{a}'")
     _bad(cli_run("probe", a, "--layer", "best", "-o", tmp_path / "p", ok=False), "no sweep")
 
 
@@ -126,7 +146,7 @@ def test_int8_from_the_cli_and_like(photo_folder, tmp_path, cli_run):
     cli_run("extract", photo_folder, "-o", like, "--like", train)
     assert json.loads((like / "meta.json").read_text())["precision"] == "int8"
     cli_run("extract", photo_folder, "-o", fp32, "--image-size", "32", "--precision", "fp32")
-    _bad(cli_run("probe", train, "--test", fp32, "-o", tmp_path / "p", ok=False), "int8", "--like")
+    _bad(cli_run("probe", train, "--test", fp32, "-o", tmp_path / "p", ok=False), "int8", f"with like='{train}'")
     assert "test accuracy: 100.00%" in cli_run("probe", train, "--test", like, "-o", tmp_path / "p", "--cv", "2").output
 
 
@@ -134,9 +154,51 @@ def test_finetune_thin_slice(photo_folder, tmp_path, cli_run):
     stages = cli_run("finetune", "--list-stages").output
     assert "blocks.6" in stages and "head" in stages
     _bad(cli_run("finetune", photo_folder, "-o", tmp_path / "r", "--freeze-until", "blocks.99", ok=False),
-         "blocks.99", "blocks.4")
+         "Error: Invalid value for '--freeze-until': must be 'none', 'head', a stage index or a stage name: ",
+         "blocks.4", "Got 'blocks.99' instead.")
     out = cli_run("finetune", photo_folder, "-o", tmp_path / "run", "--model", "test_resnet", "--weights", "random",
-                  "--freeze-until", "layer3", "--epochs", "1", "--batch-size", "4", "--image-size", "32",
-                  "--val-fraction", "0.25").output
+              "--freeze-until", "layer3", "--epochs", "1", "--batch-size", "4", "--image-size", "32",
+              "--val-fraction", "0.25").output
     assert "validation accuracy" in out
     assert {"config.json", "metrics.csv", "model-best.safetensors"} <= {p.name for p in (tmp_path / "run").iterdir()}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without CUDA")
+def test_library_errors_name_the_parameter_and_the_cli_the_flag(photo_folder, tmp_path, cli_run):
+    config = FinetuneConfig(model="test_resnet", weights="random", precision="fp16")
+    with pytest.raises(ParameterError, match="^The 'precision' parameter must not be fp16 here: fp16 needs a CUDA") \
+            as err:
+        config.validate()
+    assert err.value.param == "precision"
+    _bad(cli_run("finetune", photo_folder, "-o", tmp_path / "run", "--model", "test_resnet", "--weights", "random",
+             "--precision", "fp16", ok=False),
+         "Error: Invalid value for '--precision': must not be fp16 here: fp16 needs a CUDA device; use bf16 on CPU")
+    assert not (tmp_path / "run").exists()
+
+
+def test_nested_groups_name_the_flag_too():
+    """`transferkit cache ...`: the group that ran the command maps the parameter to its flag."""
+    assert isinstance(cli.commands["cache"], type(cli))
+
+    @click.group(cls=type(cli))
+    def top() -> None: ...
+
+    @top.group()
+    def inner() -> None: ...
+
+    @inner.command()
+    @click.option("-n", "--max-rows")
+    def leaf(max_rows: str) -> None:
+        raise ParameterError(f"The 'max_rows' parameter of leaf must be >= 1. Got {max_rows} instead.",
+                             param="max_rows")
+
+    @inner.command()
+    def other() -> None:
+        raise ParameterError("The 'rows' parameter of other must be >= 1. Got 0 instead.", param="rows")
+
+    result = CliRunner().invoke(top, ["inner", "leaf", "-n", "0"], catch_exceptions=False)
+    assert (result.exit_code, result.output) == (1, "Error: Invalid value for '--max-rows': must be >= 1. "
+                                                    "Got 0 instead.\n")
+    result = CliRunner().invoke(top, ["inner", "other"], catch_exceptions=False)  # no flag binds it: as raised
+    assert (result.exit_code, result.output) == (1, "Error: The 'rows' parameter of other must be >= 1. "
+                                                    "Got 0 instead.\n")

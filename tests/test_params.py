@@ -60,6 +60,7 @@ def test_feature_extractor_error_names_parameter_choices_and_value():
     assert str(err.value) == ("The 'precision' parameter of FeatureExtractor must be a str among "
                               "{'auto', 'fp32', 'bf16', 'fp16', 'int8'}. Got 'mean' instead.")
     assert isinstance(err.value, ValueError) and "--" not in str(err.value)  # no CLI flag in a library error
+    assert err.value.param == "precision"  # the CLI names the flag bound to it
 
 
 def test_transforms_refuse_the_same_image_sizes():
@@ -98,7 +99,8 @@ CLI_LIMITS = [  # (command, option, table, parameter)
     ("extract", "image_size", EXTRACTOR, "image_size"), ("extract", "batch_size", EXTRACTOR, "batch_size"),
     ("extract", "num_workers", EXTRACTOR, "num_workers"), ("probe", "scaling", PROBE, "scaling"),
     ("probe", "cv", PROBE, "cv"), ("sweep", "cv", PROBE, "cv"), ("predict", "batch_size", EXTRACTOR, "batch_size"),
-    ("evaluate", "batch_size", EXTRACTOR, "batch_size"), ("convert", "input_size", {"s": IMAGE_SIZE}, "s"),
+    ("evaluate", "batch_size", EXTRACTOR, "batch_size"), ("convert", "image_size", {"s": IMAGE_SIZE}, "s"),
+    ("convert", "input_size", {"s": IMAGE_SIZE}, "s"),
     ("demo", "image_size", {"s": IMAGE_SIZE}, "s"),
     *[("finetune", p, FINETUNE, p) for p in ("precision", "image_size", "batch_size", "epochs", "lr", "layer_decay",
                                              "optimizer", "schedule", "warmup_epochs", "weight_decay",

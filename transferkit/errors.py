@@ -18,4 +18,12 @@ class ModelError(TransferkitError, ValueError):
 
 
 class ParameterError(ModelError):
-    """A parameter outside its limits (transferkit.runtime.params): names it, what it must be and what it got."""
+    """A parameter's value is wrong: "The 'pool' parameter of FeatureExtractor must be ... Got 'mean' instead."
+
+    `param` is the Python parameter's name, when the message names one: the CLI names the flag bound to it instead
+    ("Invalid value for '--pool': must be ..."). Limits are checked by transferkit.runtime.params.validate.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

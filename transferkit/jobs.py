@@ -23,7 +23,7 @@ from transferkit.codes.store import KIND, FeatureStore
 from transferkit.data.datasets import IMAGE_EXTENSIONS, ImageDataset, open_dataset, scan_images
 from transferkit.data.decode import collate
 from transferkit.data.transforms import build_transform
-from transferkit.errors import DataError
+from transferkit.errors import DataError, ParameterError
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.weights import weights_argument
 from transferkit.probe.linear import DEFAULT_CS, LinearProbe
@@ -37,7 +37,7 @@ from transferkit.runtime.outputs import add_files, building, check_output, new_t
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
-SWEEP_FILES = (SWEEP_FILE, "sweep.png")  # what a sweep adds to a feature directory
+SWEEP_FILES = (SWEEP_FILE, "sweep.png")  # what a sweep adds to a codes directory
 PROBE_KIND, EVALUATION_KIND = "probe", "evaluation"  # output kinds (transferkit.runtime.outputs)
 RUN_CONFIG = "config.json"  # what marks a fine-tuning run directory (transferkit.finetune.loop)
 SWEEP_SAMPLES = 2000  # --layer auto on more images sweeps a stratified sample, then extracts only the winner
@@ -87,8 +87,9 @@ def extract_features(
                                                                           "exact_decode"))
     auto = layer == "auto"
     if auto and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise DataError("--layer auto sweeps in one process; under torchrun name the layer and pooling (or run "
-                        "the sweep first without torchrun and then `extract --like` its output)")
+        raise ParameterError("The 'layer' parameter must not be 'auto' under torchrun: the sweep runs in one "
+                             "process. Name the layer and pooling, or sweep first without torchrun and then extract "
+                             "like its output", param="layer")
     dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class, skip_bad=skip_bad)
     check_output(out, KIND, inputs=[like, dataset.root])  # before the backbone loads: never the user's folders
     extractor = FeatureExtractor(
@@ -155,7 +156,7 @@ def sweep_features(
     from transferkit.plots import plot_sweep
 
     if len(store.keys) < 2:
-        raise DataError(f"'{store.path}' holds one kind of codes; extract with --layer all --pool all to sweep")
+        raise DataError(f"'{store.path}' holds one kind of codes; extract with layer='all', pool='all' to sweep")
     codes = {tuple(k.split("|")): store.load(k) for k in store.keys}
     result = sweep(codes, store.labels, cv=cv, max_samples=max_samples, progress=progress)
     write_json_atomic(store.path / SWEEP_FILE, result.to_dict())
@@ -204,7 +205,8 @@ def train_probe(
     if layer == "best":
         key = read_sweep(train)
         if key is None:
-            raise DataError(f"no sweep in '{train.path}': run `transferkit sweep {train.path}` or extract --layer auto")
+            raise DataError(f"no sweep in '{train.path}': run `transferkit sweep {train.path}` or extract with "
+                            f"layer='auto'")
     else:
         key = train.key(layer, pool)
     test = test if test is None or isinstance(test, FeatureStore) else FeatureStore(test)
@@ -234,7 +236,7 @@ def check_compatible(train: FeatureStore, test: FeatureStore, key: str) -> None:
     """Refuse to score test codes made differently from the training codes: their CodeSpecs must agree, and
     their classes."""
     mine = CodeSpec.from_meta(train.meta, key)
-    fix = f"extract the test set with --like {train.path}"
+    fix = f"extract the test set with like='{train.path}'"
     if key not in test.keys:
         closest = min((CodeSpec.from_meta(test.meta, k) for k in test.keys), key=lambda s: len(mine.differences(s)))
         raise DataError(f"'{test.path}' has no codes for '{key}' (it has {', '.join(test.keys)}; the closest differ "
@@ -315,7 +317,7 @@ def evaluate_model(
         evaluation = score_predictions(y, probs.argmax(1), np.arange(len(classes)), classes)
     else:
         if tta:
-            raise DataError("test-time augmentation (--tta) is for fine-tuning runs; a probe scores fixed codes")
+            raise DataError("test-time augmentation (tta) is for fine-tuning runs; a probe scores fixed codes")
         probe, extractor = load_probe_dir(model_dir, batch_size=batch_size, progress=progress)
         classes = probe.extra_["classes"]
         y = _targets_by_name(dataset, classes, model_dir)

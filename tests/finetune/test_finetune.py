@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from transferkit.data.datasets import open_dataset
-from transferkit.errors import ModelError, TransferkitError
+from transferkit.errors import ModelError, ParameterError, TransferkitError
 from transferkit.finetune.config import FinetuneConfig
 from transferkit.finetune.loop import (
     finetune,
@@ -76,9 +76,10 @@ def test_resolve_stage(lite0):
     assert resolve_stage(lite0, "blocks.3") == 4
     assert resolve_stage(lite0, 5) == 5
     assert resolve_stage(lite0, "2") == 2
-    with pytest.raises(ModelError) as err:
+    with pytest.raises(ParameterError, match=r"^The 'freeze_until' parameter must be 'none', 'head', a stage index "
+                       r"or a stage name: .* Got 'blocks.9' instead\.$") as err:
         resolve_stage(lite0, "blocks.9")
-    assert "blocks.9" in str(err.value) and "stem" in str(err.value) and "blocks.6" in str(err.value)
+    assert "stem" in str(err.value) and "blocks.6" in str(err.value) and err.value.param == "freeze_until"
     with pytest.raises(ModelError):
         resolve_stage(lite0, 9)
 

@@ -67,7 +67,7 @@ def test_resume_refuses_another_config_and_names_the_difference(tmp_path, photo_
     with pytest.raises(DataError) as err:
         finetune(data, tmp_path / "run", FinetuneConfig(**{**LITE0, "image_size": 48}, epochs=1), resume=True)
     assert "image_size: run has 32, now 48" in str(err.value)
-    with pytest.raises(DataError, match="already holds a fine-tuning run"):
+    with pytest.raises(DataError, match=r"already holds a fine-tuning run; resume it \(resume=True\) or choose"):
         finetune(data, tmp_path / "run", FinetuneConfig(**LITE0, epochs=1), progress=False)
     result = cli_run("-q", "finetune", photo_folder, "--resume", tmp_path / "run", "--model", "test_resnet", ok=False,
                      catch=True)

@@ -7,7 +7,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from transferkit.errors import ModelError, WeightsError
+from transferkit.errors import ModelError, ParameterError, WeightsError
 from transferkit.models.backbones import create_backbone, layer_table, model_layers, resolve_layers
 from transferkit.models.weights import PACKAGED_WEIGHTS, packaged_weights_file, resolve_weights
 
@@ -88,14 +88,15 @@ def test_no_weights_lists_what_was_tried():
     msg = str(info.value)
     assert "no package ships weights for 'test_resnet'" in msg
     assert "timm hub download failed" in msg
-    assert "--weights random" in msg
+    assert "Set the 'weights' parameter to a file, or to 'random'" in msg and "--" not in msg
 
 
 def test_random_weights_only_on_request():
     model = create_backbone("test_resnet", weights="random")
     assert model.weights_info.source == "random"
-    with pytest.raises(WeightsError, match="'banana'"):
+    with pytest.raises(ParameterError, match="^The 'weights' parameter must be a file .* Got 'banana' instead") as err:
         create_backbone("test_resnet", weights="banana")
+    assert err.value.param == "weights"
 
 
 def test_packaged_table_has_siblings():

@@ -13,7 +13,7 @@ from timm.layers.padding import get_same_padding
 from torch import nn
 from torch.nn import functional as F
 
-from transferkit.errors import ModelError
+from transferkit.errors import ModelError, ParameterError
 from transferkit.models.locally_connected import LocallyConnected2d
 from transferkit.surgery.summary import conv_output_size, same_output_size, same_padding, summarize
 
@@ -112,8 +112,10 @@ def test_macs_of_locally_connected_and_grouped_convs():
 def test_too_small_image_names_image_size():
     alexnet_like = nn.Sequential(nn.Conv2d(3, 8, 11, stride=4), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(8, 16, 5))
     assert summarize(alexnet_like, 67).rows[-1].output_shape == (1, 16, 3, 3)
-    with pytest.raises(ModelError, match=r"--image-size 31 31 does not fit Sequential: layer '3' failed: .*kernel 5"):
+    with pytest.raises(ParameterError, match=r"^The 'image_size' parameter 31 x 31 does not fit Sequential: "
+                       r"layer '3' failed: .*kernel 5.*Try a larger size\.$") as err:
         summarize(alexnet_like, 31)  # 31 -> 6 -> 2: no room for the 5x5 conv
+    assert err.value.param == "image_size" and "--" not in str(err.value)
 
 
 def test_cli_summary(cli_run):
@@ -126,8 +128,9 @@ def test_cli_summary(cli_run):
     wide = cli_run("summary", "tf_efficientnet_lite0", "--image-size", "160", "224").output
     assert "1x1280x5x7" in wide and "input: 1x3x160x224" in wide
     bad = cli_run("summary", "inception_v3", "--image-size", "16", "16", ok=False)
-    assert bad.exit_code == 1 and "--image-size 16 16 does not fit inception_v3" in bad.output
-    assert "Try a larger --image-size" in bad.output
+    assert bad.exit_code == 1 and bad.output.startswith(
+        "Error: Invalid value for '--image-size': 16 x 16 does not fit inception_v3: ")
+    assert bad.output.rstrip().endswith("Try a larger size.") and len(bad.output.strip().splitlines()) == 1
     assert cli_run("summary", "resnet_18", ok=False).exit_code == 1
 
 

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import timm
 import torch
+from click.testing import CliRunner
 from torch import nn
 
+from transferkit.cli import cli
 from transferkit.errors import DataError, ModelError
 from transferkit.surgery.dense import dense_predict, load_classifier, load_converted, save_converted
 from transferkit.surgery.fc_to_conv import fc_to_conv
@@ -255,3 +257,20 @@ def test_finetuned_run_converts(tmp_path, photo_folder, head):
     with torch.no_grad():
         torch.testing.assert_close(clf.net.logits(x), model(x), **TOL)
     assert clf.classes == ["flower", "temple"] and clf.net.mean_is_logits == (head == "linear")
+
+
+def test_cli_convert_takes_image_size_and_the_old_input_size(tmp_path):
+    """`convert --image-size` as every other command says it; `--input-size` still works, hidden, with one warning."""
+    runner = CliRunner()
+    args = ["convert", "test_resnet", "--weights", "random"]
+    result = runner.invoke(cli, [*args, "--image-size", "64", "-o", str(tmp_path / "new")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "trained at 64x64" in result.output and "deprecated" not in result.output
+    old = runner.invoke(cli, [*args, "--input-size", "64", "-o", str(tmp_path / "old")], catch_exceptions=False)
+    assert old.exit_code == 0, old.output
+    assert "trained at 64x64" in old.output
+    assert old.stderr.count("deprecated") == 1 and "use --image-size" in old.stderr
+    both = runner.invoke(cli, [*args, "--input-size", "64", "--image-size", "64", "-o", str(tmp_path / "both")])
+    assert both.exit_code == 2 and "give only --image-size" in both.output and not (tmp_path / "both").exists()
+    help_text = runner.invoke(cli, ["convert", "--help"]).output
+    assert "--image-size" in help_text and "--input-size" not in help_text

@@ -8,6 +8,7 @@ that `--help` stays fast; nothing imports it.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import click
@@ -21,15 +22,33 @@ DEFAULT_MODEL = "tf_efficientnet_lite0"  # kept literal so `--help` does not imp
 class _Group(click.Group):
     """Turn transferkit's own errors into one-line messages and exit code 1."""
 
+    group_class = type  # nested groups (`transferkit cache ...`) are _Groups too: the innermost names the flag
+
     def invoke(self, ctx: click.Context):
-        from transferkit.errors import TransferkitError
+        from transferkit.errors import ParameterError, TransferkitError
 
         try:
             return super().invoke(ctx)
+        except ParameterError as e:
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            raise click.ClickException(_in_flags(e, command)) from e
         except TransferkitError as e:
             raise click.ClickException(str(e)) from e
         except OSError as e:
             raise click.ClickException(f"{e.strerror or e}: '{e.filename}'" if e.filename else str(e)) from e
+
+
+def _in_flags(error, command: click.Command | None) -> str:
+    """A ParameterError in the terms of the command that ran: "The 'precision' parameter of X must be ..." ->
+    "Invalid value for '--precision': must be ..." when one of its options binds that parameter."""
+    params = command.params if command is not None and error.param else []
+    bound = next((p for p in params if p.name == error.param), None)
+    if bound is None:
+        return str(error)
+    longs = [o for o in bound.opts if o.startswith("--")]  # '--out', not '-o'
+    name = (longs or bound.opts)[0] if isinstance(bound, click.Option) else bound.human_readable_name
+    problem = re.sub(rf"^The '{re.escape(error.param)}' parameter( of [\w.]+)? ", "", str(error))
+    return f"Invalid value for '{name}': {problem}"
 
 
 @click.group(cls=_Group)

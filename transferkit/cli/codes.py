@@ -15,7 +15,7 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 
 @cli.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Feature directory to write.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Codes directory to write.")
 @model_options(table=EXTRACTOR, precision="auto",
                help_precision="auto, on a CPU with ONNX Runtime: int8 there (quantized once, "
                "calibrated on fixed photo crops, checked against fp32) when its file is cached or the data is large "
@@ -32,7 +32,7 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
               help="DataLoader workers.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images, list them at the end and in meta.json.")
 @click.option("--like", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Encode exactly like this feature directory (model, weights, size, best layer).")
+              help="Encode exactly like this codes directory (model, weights, size, best layer).")
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="Reuse codes of images already encoded the same way (see `transferkit cache`).")
 @click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
@@ -52,7 +52,7 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
             precision: str, layer: str, pool: str, per_class: int | None, num_workers: int, skip_bad: bool,
             like: Path | None, cache: bool, fold_bn: bool, engine: str, exact_decode: bool, decode_threads: int | None,
             profile: bool) -> None:
-    """Write CNN codes of every image in DATA (folder, CSV manifest or IDX) to a feature directory."""
+    """Write CNN codes of every image in DATA (folder, CSV manifest or IDX) to a codes directory."""
     from transferkit.jobs import extract_features
 
     if profile:
@@ -108,12 +108,13 @@ def _print_sweep(features: Path) -> None:
 
 
 @cli.command()
-@click.argument("features", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("features", metavar="CODES", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--cv", type=click_type(PROBE["cv"]), default=3, show_default=True, help="Cross-validation folds.")
 @click.option("--max-samples", type=click.IntRange(10), default=5000, show_default=True,
               help="Score on a stratified subset of at most this many training images.")
 def sweep(features: Path, cv: int, max_samples: int) -> None:
-    """Score every layer x pooling in FEATURES by cross-validated linear-SVM accuracy (training data only)."""
+    """Score every layer x pooling in CODES (a codes directory) by cross-validated linear-SVM accuracy (training
+    data only)."""
     from transferkit.codes.store import FeatureStore
     from transferkit.jobs import sweep_features
 

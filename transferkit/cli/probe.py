@@ -17,18 +17,18 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.argument("train", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Directory for the probe.")
 @click.option("--test", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Feature directory to evaluate on (extract it with --like TRAIN).")
+              help="Codes directory to evaluate on (extract it with --like TRAIN).")
 @click.option("--layer", default=None, help="Layer of the codes to use, or 'best' (from the sweep).")
 @click.option("--pool", default=None, help="Pooling of the codes to use.")
-@click.option("--C", "c", default="auto", show_default=True, help="SVM C, or 'auto' for cross-validation.")
+@click.option("--C", "C", default="auto", show_default=True, help="SVM C, or 'auto' for cross-validation.")
 @click.option("--scaling", type=click_type(PROBE["scaling"]), default="standard", show_default=True)
 @click.option("--cv", type=click_type(PROBE["cv"]), default=5, show_default=True, help="Folds for choosing C.")
-def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: str | None, c: str,
+def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: str | None, C: str,
           scaling: str, cv: int) -> None:
     """Train a linear SVM on the codes in TRAIN; report accuracy on TEST."""
     from transferkit.jobs import train_probe
 
-    C = c if c == "auto" else _number(c)  # LinearProbe checks its limits (PROBE["C"]) and names them
+    C = C if C == "auto" else _number(C)  # LinearProbe checks its limits (PROBE["C"]); its error names the flag
     report = train_probe(train, out, test=test, layer=layer, pool=pool, C=C, scaling=scaling, cv=cv)
     p = report.probe
     cv_text = "" if p.cv_score_ != p.cv_score_ else f", CV accuracy {100 * p.cv_score_:.2f}%"

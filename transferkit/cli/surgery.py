@@ -15,11 +15,14 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.argument("source", metavar="RUN_OR_MODEL")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for convert.json and fully_conv.safetensors.")
-@click.option("--input-size", type=click_type(IMAGE_SIZE), default=None,
+@click.option("--image-size", type=click_type(IMAGE_SIZE), default=None,
               help="The size the classifier was trained at (timm model names: their pretrained size).")
+@click.option("--input-size", type=click_type(IMAGE_SIZE), default=None, hidden=True,
+              help="Deprecated name of --image-size.")
 @click.option("--window", is_flag=True, help="Keep every global pool as a training-size sliding window.")
 @click.option("--weights", default="auto", show_default=True, help="For a timm model name.")
-def convert(source: str, out: Path, input_size: int | None, window: bool, weights: str) -> None:
+def convert(source: str, out: Path, image_size: int | None, input_size: int | None, window: bool,
+            weights: str) -> None:
     """Convert a classifier's FC layers to convolutions, so it takes images of any size and returns score maps.
 
     RUN_OR_MODEL: a fine-tuning run, a probe directory or a timm model name.
@@ -27,8 +30,13 @@ def convert(source: str, out: Path, input_size: int | None, window: bool, weight
     from transferkit.runtime.outputs import check_output
     from transferkit.surgery.dense import CONVERTED_KIND, load_classifier, save_converted
 
+    if input_size is not None:  # the old name of the option, as every other command now says it
+        if image_size is not None:
+            raise click.UsageError("--input-size is the deprecated name of --image-size; give only --image-size")
+        click.echo("Warning: --input-size is deprecated; use --image-size.", err=True)
+        image_size = input_size
     check_output(out, CONVERTED_KIND, inputs=[source])  # before the work
-    clf = load_classifier(source, input_size=input_size, window=window, weights=weights)
+    clf = load_classifier(source, image_size=image_size, window=window, weights=weights)
     save_converted(clf, out)
     click.echo(f"{out}: {len(clf.classes)} classes, trained at {clf.net.input_size[0]}x{clf.net.input_size[1]}, "
                f"parity error {clf.net.parity_error:.2g}; map mean = original logits at "

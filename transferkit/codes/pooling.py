@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferkit.codes.spec import key_name
-from transferkit.errors import ModelError
+from transferkit.errors import ModelError, ParameterError
 from transferkit.models.backbones import PRE_LOGITS, Layer
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,10 @@ def parse_pools(spec: str | Sequence[str]) -> list[str]:
         if grid and (grid.group(2) is None or grid.group(1) == grid.group(2)) and 1 <= int(grid.group(1)) <= 8:
             item = f"{grid.group(1)}x{grid.group(1)}"
         elif item not in POOLS:
-            raise ModelError(
+            raise ParameterError(
                 "The 'pool' parameter must be one of 'avg', 'max', 'avgmax', 'catavgmax', a grid such as '2x2', "
                 f"or 'all'. "
-                f"Got '{item}' instead."
+                f"Got '{item}' instead.", param="pool",
             )
         pools.append(item)
     return list(dict.fromkeys(pools))

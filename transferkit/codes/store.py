@@ -99,7 +99,7 @@ class FeatureStore:
         self.path = Path(path)
         meta_file = self.path / META
         if not meta_file.is_file():
-            raise DataError(f"'{self.path}' is not a feature directory (no {META}); see `transferkit extract`")
+            raise DataError(f"'{self.path}' is not a codes directory (no {META}); see `transferkit extract`")
         try:
             self.meta = json.loads(meta_file.read_text())
         except json.JSONDecodeError as e:
@@ -167,7 +167,7 @@ class FeatureStore:
         what = "matches" if not matches else "is ambiguous among"
         raise DataError(
             f"layer={layer!r} pool={pool!r} {what} the codes in '{self.path}': {', '.join(self.keys)}; "
-            "pass --layer and --pool"
+            "name the layer and the pool"
         )
 
     def load(self, key: str) -> np.ndarray:

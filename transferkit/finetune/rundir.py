@@ -40,8 +40,8 @@ def check_run_dir(out: Path, meta: dict, resume: bool, inputs: list) -> dict | N
     if not resume:
         check_output(out, RUN_KIND, inputs=inputs)
         if (out / "config.json").exists():
-            raise DataError(f"'{out}' already holds a fine-tuning run; pass --resume to continue it "
-                            f"or choose another --out")
+            raise DataError(f"'{out}' already holds a fine-tuning run; resume it (resume=True) "
+                            f"or choose another 'out' directory")
         return None
     old = read_run(out)
     diff = config_diff(old, meta)
@@ -56,7 +56,7 @@ def check_start_weights(out: Path, config: FinetuneConfig, old: dict | None, wei
         return
     was = old.get("weights") if isinstance(old.get("weights"), dict) else {}
     if was.get("sha256") != weights["sha256"]:
-        raise DataError(f"cannot resume '{out}': --weights {config.weights} now gives other starting weights "
+        raise DataError(f"cannot resume '{out}': weights={config.weights!r} now gives other starting weights "
                         f"(sha256 {weights['sha256'][:12]}, run has {str(was.get('sha256'))[:12]})")
 
 

@@ -89,7 +89,7 @@ def _from_hub(name: str, tried: list[str], **kwargs) -> nn.Module:
         tried = [*tried, f"timm hub download failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"]
         raise WeightsError(
             f"no pretrained weights found for '{name}': " + "; ".join(tried)
-            + ". Pass --weights FILE, or --weights random to start from random weights."
+            + ". Set the 'weights' parameter to a file, or to 'random' to start from random weights."
         ) from e
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from transferkit.errors import ModelError
+from transferkit.errors import ModelError, ParameterError
 from transferkit.models.params import HEAD, HEADS  # noqa: F401  (HEADS: re-exported)
 from transferkit.runtime.params import validate
 
@@ -84,13 +84,14 @@ def stage_table(model: nn.Module) -> str:
 
 
 def resolve_stage(model: nn.Module, spec: str | int) -> int:
-    """Parse --freeze-until: 'none' (train all), 'head' (head only), a stage index or a stage name."""
+    """Parse `freeze_until`: 'none' (train all), 'head' (head only), a stage index or a stage name."""
     stages = list_stages(model)
     known = {"none": 0, **{str(s.index): s.index for s in stages}, **{s.name: s.index for s in stages}}
     if str(spec).strip() in known:
         return known[str(spec).strip()]
     valid = ", ".join(f"{s.index} ({s.name})" for s in stages)
-    raise ModelError(f"unknown stage '{spec}' for --freeze-until; choose 'none', 'head', an index or a name: {valid}")
+    raise ParameterError(f"The 'freeze_until' parameter must be 'none', 'head', a stage index or a stage name: "
+                         f"{valid}. Got '{spec}' instead.", param="freeze_until")
 
 
 def freeze_until(model: nn.Module, stage: int) -> nn.Module:
@@ -126,7 +127,8 @@ def replace_head(model: nn.Module, num_classes: int, class_counts: np.ndarray | 
     """
     validate({"head": HEAD}, {"head": head}, "replace_head")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ModelError(f"The 'num_classes' parameter must be an integer >= 1. Got {num_classes!r} instead.")
+        raise ParameterError(f"The 'num_classes' parameter must be an integer >= 1. Got {num_classes!r} instead.",
+                             param="num_classes")
     model.reset_classifier(num_classes)
     final = model.get_classifier()
     if head == "mlp":
@@ -157,8 +159,9 @@ def _local_head(model: nn.Module, num_classes: int, image_size: int | tuple[int,
     arch = model.pretrained_cfg.get("architecture", type(model).__name__)
     where, pool = model.pretrained_cfg.get("classifier"), getattr(model, "global_pool", None)
     if not isinstance(where, str) or not isinstance(pool, nn.Module) or not hasattr(model, "forward_head"):
-        raise ModelError(f"The 'head' parameter 'local' needs a timm CNN with a top-level global_pool and one "
-                         f"classifier module (EfficientNet, ResNet, ...); {arch} has none. Use 'linear' or 'mlp'.")
+        raise ParameterError(f"The 'head' parameter 'local' needs a timm CNN with a top-level global_pool and one "
+                             f"classifier module (EfficientNet, ResNet, ...); {arch} has none. Use 'linear' or 'mlp'.",
+                             param="head")
     size = _pair_size(model, image_size)
     with _eval_no_grad(model):
         device = next(model.parameters()).device
@@ -173,8 +176,9 @@ def _local_head(model: nn.Module, num_classes: int, image_size: int | tuple[int,
     if not _reaches_unpooled(model, local, features):
         model.global_pool = pool
         setattr(old[0], attr, old[1])
-        raise ModelError(f"The 'head' parameter 'local' cannot be placed on {arch}: its final map "
-                         f"{tuple(features.shape)} does not reach the classifier unpooled. Use 'linear' or 'mlp'.")
+        raise ParameterError(f"The 'head' parameter 'local' cannot be placed on {arch}: its final map "
+                             f"{tuple(features.shape)} does not reach the classifier unpooled. Use 'linear' or 'mlp'.",
+                             param="head")
     log.info("local head on the %dx%d final map of %s: %s parameters", *map_size, arch,
              f"{sum(p.numel() for p in local.parameters()) + sum(p.numel() for p in final.parameters()):,}")
     return final
@@ -203,8 +207,8 @@ def _pair_size(model: nn.Module, image_size: int | tuple[int, int] | None) -> tu
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
     size = tuple(size) if isinstance(size, (tuple, list)) else ()
     if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
-        raise ModelError(f"The 'image_size' parameter must be an integer >= 1, (H, W) or None. "
-                         f"Got {image_size!r} instead.")
+        raise ParameterError(f"The 'image_size' parameter must be an integer >= 1, (H, W) or None. "
+                             f"Got {image_size!r} instead.", param="image_size")
     return size
 
 
@@ -249,7 +253,8 @@ def param_groups(model: nn.Module, lr: float, *, layer_decay: float | None = Non
     if lr_range is not None:
         lo, hi = lr_range
         if not 0 < lo <= hi:
-            raise ModelError(f"The 'lr_range' parameter must be (lo, hi) with 0 < lo <= hi. Got {lr_range!r} instead.")
+            raise ParameterError(f"The 'lr_range' parameter must be (lo, hi) with 0 < lo <= hi. Got {lr_range!r} "
+                                 f"instead.", param="lr_range")
         last = max(len(trainable) - 1, 1)
         stage_lr = {s: hi * (lo / hi) ** ((len(trainable) - 1 - j) / last) for j, s in enumerate(trainable)}
     groups: dict[str, dict] = {}
@@ -267,7 +272,8 @@ def param_groups(model: nn.Module, lr: float, *, layer_decay: float | None = Non
 def _layer_decay_groups(model: nn.Module, lr: float, layer_decay: float, weight_decay: float) -> list[dict]:
     """timm's layer-decay groups with lr_scale folded into lr, named after their first parameter's block."""
     if not 0 < layer_decay <= 1:
-        raise ModelError(f"The 'layer_decay' parameter must be in (0, 1]. Got {layer_decay!r} instead.")
+        raise ParameterError(f"The 'layer_decay' parameter must be in (0, 1]. Got {layer_decay!r} instead.",
+                             param="layer_decay")
     from timm.optim import param_groups_layer_decay
 
     label = _param_labels(model, coarse=False)[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferkit.errors import WeightsError
+from transferkit.errors import ParameterError, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +134,9 @@ def resolve_weights(model_name: str, weights: str | Path = "auto") -> ResolvedWe
     if isinstance(weights, Path) or (isinstance(weights, str) and Path(weights).suffix in WEIGHT_SUFFIXES):
         return ResolvedWeights("file", str(weights), load_state_dict_file(weights))
     if weights not in ("auto", "package", "hub", "random"):
-        raise WeightsError(
-            f"--weights must be a file ({', '.join(WEIGHT_SUFFIXES)}), 'auto', 'package', 'hub' or 'random'. "
-            f"Got '{weights}' instead."
+        raise ParameterError(
+            f"The 'weights' parameter must be a file ({', '.join(WEIGHT_SUFFIXES)}), 'auto', 'package', 'hub' or "
+            f"'random'. Got '{weights}' instead.", param="weights"
         )
     if weights == "random":
         return ResolvedWeights("random")

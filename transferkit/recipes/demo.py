@@ -23,7 +23,7 @@ def fashion_mnist(split: str, data: Path | None = None, per_class: int | None = 
     if not any(root.glob(f"{split}-images-idx3-ubyte*")):
         raise DataError(
             f"Fashion-MNIST not found in '{root}': apt-get install dataset-fashion-mnist, "
-            "or pass --data with a folder holding the IDX files (see data/README.md)"
+            "or set the 'data' parameter to a folder holding the IDX files (see data/README.md)"
         )
     dataset = load_data(root / split, per_class=per_class)
     if dataset.classes == [str(i) for i in range(10)]:

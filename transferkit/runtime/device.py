@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from transferkit.errors import ModelError
+from transferkit.errors import ParameterError
 from transferkit.runtime.params import PRECISIONS, StrOptions, validate
 
 
@@ -27,15 +27,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision context for --precision; fp32 runs as is."""
+    """Mixed precision context for `precision`; fp32 runs as is."""
     precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "int8":
-        raise ModelError("precision int8 runs in ONNX Runtime, for extracting codes on a CPU (extract, probe); "
-                         "use fp32 or bf16 here")
+        raise ParameterError("The 'precision' parameter must not be int8 here: int8 runs in ONNX Runtime, for "
+                             "extracting codes on a CPU (extract, probe); use fp32 or bf16", param="precision")
     if precision == "fp16" and device.type != "cuda":
-        raise ModelError("precision fp16 needs a CUDA device; use bf16 on CPU")
+        raise ParameterError("The 'precision' parameter must not be fp16 here: fp16 needs a CUDA device; use bf16 on "
+                             "CPU", param="precision")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
 

@@ -100,17 +100,22 @@ def sklearn_constraints(table: Constraints) -> dict[str, list]:
 def validate(table: Constraints, params: Mapping[str, Any], owner: str, *, error: type[Exception] = ParameterError,
              noun: str = "parameter") -> None:
     """Check `params` against `table` with sklearn's `validate_parameter_constraints`; raise `error`, naming the
-    parameter, what it must be and what it got (sklearn's wording; `noun` 'field' for recipe files)."""
+    parameter, what it must be and what it got (sklearn's wording; `noun` 'field' for recipe files). A
+    ParameterError also carries the parameter's name (`param`), for the CLI to name its flag."""
     from sklearn.utils._param_validation import InvalidParameterError, validate_parameter_constraints
 
-    try:
-        validate_parameter_constraints(sklearn_constraints(table), dict(params), caller_name=owner)
-    except InvalidParameterError as e:
-        text = str(e) if noun == "parameter" else str(e).replace(" parameter of ", f" {noun} of ", 1)
-        must, _, got = text.rpartition(" Got ")
-        if len(got) > 100:  # a 5,000-digit number must not flood a one-line error
-            got = f"{got[:80]}... ({len(got) - len(' instead.')} characters) instead."
-        raise error(f"{must} Got {got}") from None
+    constraints = sklearn_constraints(table)
+    for name, value in params.items():  # one at a time: the error knows which parameter it is about
+        try:
+            validate_parameter_constraints({name: constraints.get(name, "no_validation")}, {name: value},
+                                           caller_name=owner)
+        except InvalidParameterError as e:
+            text = str(e) if noun == "parameter" else str(e).replace(" parameter of ", f" {noun} of ", 1)
+            must, _, got = text.rpartition(" Got ")
+            if len(got) > 100:  # a 5,000-digit number must not flood a one-line error
+                got = f"{got[:80]}... ({len(got) - len(' instead.')} characters) instead."
+            named = {"param": name} if issubclass(error, ParameterError) else {}
+            raise error(f"{must} Got {got}", **named) from None
 
 
 def choices(allowed: Sequence[Any]) -> tuple[str, ...]:

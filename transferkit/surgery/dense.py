@@ -60,10 +60,10 @@ def _norm(cfg: dict) -> tuple[tuple, tuple]:
     return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
 
 
-def load_classifier(source: str | Path, *, input_size: int | None = None, window: bool = False,
+def load_classifier(source: str | Path, *, image_size: int | None = None, window: bool = False,
                     weights: str = "auto") -> DenseClassifier:
     """`source`: a converted directory, a fine-tuning run, a probe directory, or a timm model name (its own
-    ImageNet head, weights resolved by `weights`). `input_size`: the training size, when the source does not
+    ImageNet head, weights resolved by `weights`). `image_size`: the training size, when the source does not
     record it (timm models: their pretrained input size)."""
     path = Path(source)
     if (path / CONVERT_JSON).is_file():
@@ -72,16 +72,16 @@ def load_classifier(source: str | Path, *, input_size: int | None = None, window
         from transferkit.probe.saved import is_probe_dir
 
         return _from_probe(path, window) if is_probe_dir(path) else _from_run(path, window)
-    return _from_timm(str(source), input_size, window, weights)
+    return _from_timm(str(source), image_size, window, weights)
 
 
-def _from_timm(name: str, input_size: int | None, window: bool, weights: str) -> DenseClassifier:
+def _from_timm(name: str, image_size: int | None, window: bool, weights: str) -> DenseClassifier:
     import timm.data
 
     from transferkit.models.backbones import create_backbone
 
     model = create_backbone(name, weights)
-    size = input_size or timm.data.resolve_model_data_config(model)["input_size"][-1]
+    size = image_size or timm.data.resolve_model_data_config(model)["input_size"][-1]
     net = fc_to_conv(model, size, window=window)
     mean, std = _norm(model.pretrained_cfg)
     spec = {"kind": "timm", "model": name, "num_classes": model.num_classes, "input_size": size, "window": window,

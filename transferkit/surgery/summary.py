@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferkit.errors import ModelError
+from transferkit.errors import ModelError, ParameterError
 from transferkit.models.locally_connected import LocallyConnected2d
 
 
@@ -30,7 +30,8 @@ def _check_ints(**values: int) -> None:
     for name, value in values.items():
         low = minimum.get(name, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ModelError(f"The '{name}' parameter must be an integer >= {low}. Got {value!r} instead.")
+            raise ParameterError(f"The '{name}' parameter must be an integer >= {low}. Got {value!r} instead.",
+                                 param=name)
 
 
 def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
@@ -122,14 +123,14 @@ def summarize(model: nn.Module, image_size: int | tuple[int, int], title: str = 
     """Run one zero image of `image_size` through `model` (eval mode, no grad) and record every layer.
 
     A layer is a module without children or with parameters of its own (e.g. timm's BatchNormAct2d);
-    rows follow the order in which layers start. Raises ModelError naming --image-size when the
+    rows follow the order in which layers start. Raises ParameterError naming `image_size` when the
     network cannot run at that size.
     """
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
     size = tuple(size) if isinstance(size, (tuple, list)) else ()
     if len(size) != 2:
-        raise ModelError(f"The 'image_size' parameter (--image-size H W) must be an integer or a pair of them. "
-                         f"Got {image_size!r} instead.")
+        raise ParameterError(f"The 'image_size' parameter must be an integer or a pair (H, W) of them. "
+                             f"Got {image_size!r} instead.", param="image_size")
     _check_ints(image_size=size[0])
     _check_ints(image_size=size[1])
     recorder = _Recorder(model)
@@ -144,8 +145,8 @@ def summarize(model: nn.Module, image_size: int | tuple[int, int], title: str = 
         where = recorder.current()
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-        raise ModelError(f"--image-size {size[0]} {size[1]} does not fit {arch}: "
-                         f"layer '{where}' failed: {message}. Try a larger --image-size.") from e
+        raise ParameterError(f"The 'image_size' parameter {size[0]} x {size[1]} does not fit {arch}: "
+                             f"layer '{where}' failed: {message}. Try a larger size.", param="image_size") from e
     finally:
         recorder.remove()
         for module, training in modes:
@@ -230,8 +231,8 @@ def load_for_summary(model: str) -> tuple[nn.Module, str, tuple[int, int]]:
         from transferkit.probe.saved import is_probe_dir
 
         if is_probe_dir(model):
-            raise ModelError(f"The 'MODEL' argument must be a timm model name or a fine-tuning run directory; "
-                             f"'{model}' is a probe (summarise its backbone by name instead).")
+            raise ParameterError(f"The 'model' parameter must be a timm model name or a fine-tuning run directory; "
+                                 f"'{model}' is a probe (summarise its backbone by name instead).", param="model")
         net, meta = load_finetuned(model)
         config = meta["config"]
         freeze_until(net, resolve_stage(net, config["freeze_until"]))  # trainable/frozen as in training
