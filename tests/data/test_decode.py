@@ -111,3 +111,36 @@ def test_draft_is_part_of_the_codes_identity(photo_folder, tmp_path):
     _, rebuilt = load_probe_dir(tmp_path / "probe")
     assert rebuilt.exact_decode
     assert json.loads((out.path / "meta.json").read_text())["transform"].get("decode") is None
+
+
+def test_threads_decode_the_same_batches_in_order(photo_folder):
+    from transferkit.data.datasets import open_dataset
+    from transferkit.data.decode import collate, threaded_batches
+    from transferkit.errors import DataError
+
+    data = open_dataset(photo_folder, skip_bad=True).with_transform(build_transform({"input_size": (3, 32, 32)},
+                                                                                    uint8=True))
+    bad = photo_folder / "flower" / "3.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated: carried as data, in its place
+    index = [range(i, min(i + 5, len(data))) for i in range(0, len(data), 5)]
+    serial = [collate([data[i] for i in b]) for b in index]
+    threaded = list(threaded_batches(data, index, threads=3, depth=1))
+    assert len(threaded) == len(serial) == 4
+    for (x, y, idx, errors), (x2, y2, idx2, errors2) in zip(serial, threaded):
+        assert x.equal(x2) and y.equal(y2) and idx.equal(idx2) and errors == errors2
+    assert sum(len(e) for *_, e in threaded) == 1
+    data.skip_bad = False
+    with pytest.raises(DataError, match="3.jpg"):
+        list(threaded_batches(data, index, threads=2))
+
+
+def test_codes_do_not_depend_on_how_many_threads_decode(large_photos):
+    one = FeatureExtractor(**FAST, decode_threads=1).fit()
+    two = FeatureExtractor(**FAST, decode_threads=2).fit()
+    auto = FeatureExtractor(**FAST).fit()
+    a, b, c = one.transform(large_photos), two.transform(large_photos), auto.transform(large_photos)
+    assert np.array_equal(a, b) and np.array_equal(a, c)
+    assert (one.decode_threads_, two.decode_threads_) == (1, 2)
+    import os
+
+    assert auto.decode_threads_ in (1, os.cpu_count())  # measured on the first batch: see FeatureExtractor._decoded

@@ -267,19 +267,19 @@ def _step(run: Run, loss: torch.Tensor, epoch: int, batch: int, files: list[str]
     """One optimizer and scheduler step; a non-finite loss (or grad norm) stops before the weights change."""
     run.step += 1
     where = f"at step {run.step} (epoch {epoch}, batch {batch}; first files: {', '.join(files)})"
-    kept = (f"the checkpoint of epoch {run.last_saved} in '{run.out}' is kept (--resume continues from it)"
+    kept = (f"the checkpoint of epoch {run.last_saved} in '{run.out}' is kept (resuming continues from it)"
             if run.last_saved else "no checkpoint was written yet")
     finite = bool(torch.isfinite(loss))
     if not all_true(run.world, finite):
         what = f"loss is {loss.item()} {where}" if not finite else f"another process hit a non-finite loss {where}"
-        raise TransferkitError(f"{what}. Lower --lr or set --clip-grad; {kept}.")
+        raise TransferkitError(f"{what}. Lower lr or set clip_grad; {kept}.")
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if run.config.clip_grad:
         params = [p for g in run.optimizer.param_groups for p in g["params"]]
         norm = nn.utils.clip_grad_norm_(params, run.config.clip_grad)
         if not torch.isfinite(norm):  # identical on every rank: DDP has averaged the gradients
-            raise TransferkitError(f"gradient norm is {norm.item()} {where}. Lower --lr; {kept}.")
+            raise TransferkitError(f"gradient norm is {norm.item()} {where}. Lower lr; {kept}.")
     run.optimizer.step()
     run.scheduler.step()
 
