@@ -97,6 +97,8 @@ def extract_features(
         image_size=image_size, batch_size=batch_size, precision=precision, num_workers=num_workers,
         fold_bn=fold_bn, engine=engine, exact_decode=exact_decode, decode_threads=decode_threads, progress=progress,
     )
+    if like is not None:
+        check_like(extractor.fit(), FeatureStore(like))
     if auto and len(dataset) > sweep_samples:
         return _extract_best(dataset, Path(out), extractor, sweep_samples, skip_bad, progress, cache)
     store = extract(dataset, out, extractor, skip_bad=skip_bad, cache=cache)
@@ -121,6 +123,17 @@ def like_options(ref: FeatureStore, fold_bn: bool = True) -> dict[str, Any]:
             "pool": ",".join(dict.fromkeys(s.pool for s in specs)), "image_size": ref.meta["image_size"],
             "precision": spec.precision, "fold_bn": fold_bn if spec.fold_bn is None else spec.fold_bn,
             "exact_decode": spec.exact_decode}
+
+
+def check_like(extractor: FeatureExtractor, ref: FeatureStore) -> None:
+    """Stop before any image is encoded when the extractor rebuilt from `ref`'s specs makes other codes than
+    `ref` holds: its weights resolve to another file now (weights 'auto'), or the model's config changed."""
+    for key, mine in extractor.code_specs().items():
+        theirs = CodeSpec.from_meta(ref.meta, key)
+        if mine.scoring_differences(theirs):
+            raise DataError(f"the codes made like '{ref.path}' would differ from its own: "
+                            f"{mine.describe_differences(theirs, ('now', 'there'), mine.scoring_differences(theirs))}"
+                            "; extract both sets again with the same weights")
 
 
 def _extract_best(

@@ -159,3 +159,14 @@ def test_load_probe_dir_rebuilds_from_the_spec_also_of_old_probes(train_codes, t
     file.write_text(json.dumps(saved))
     with pytest.raises(DataError, match="transform.input_size"):
         load_probe_dir(tmp_path / "p")
+
+
+def test_like_stops_before_encoding_when_the_rebuilt_weights_differ(photo_folder, train_codes, tmp_path):
+    """weights 'auto' may resolve to another file on another machine: --like says so before any image is
+    encoded, instead of a probe refusing the test codes afterwards."""
+    meta = json.loads((train_codes / "meta.json").read_text())
+    meta["code_spec"][KEY]["weights_sha256"] = "ef" * 32
+    (train_codes / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"would differ from its own: weights_sha256 '[0-9a-f]{64}' \(now\) vs 'efef"):
+        extract_features(photo_folder, tmp_path / "like", like=train_codes, progress=False)
+    assert not (tmp_path / "like").exists()
