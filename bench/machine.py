@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-
-
-def cpu_description() -> str:
-    """CPU model, the SIMD flags that matter to torch, and the core count."""
-    model, flags = platform.processor() or "unknown CPU", set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown CPU", ""):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    have = [f for f in INTERESTING_FLAGS if f in flags] or ["none of " + "/".join(INTERESTING_FLAGS)]
-    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(have)}"
+from transferkit.runtime.machine import describe_cpu
 
 
 def machine_lines() -> list[str]:
@@ -34,7 +19,7 @@ def machine_lines() -> list[str]:
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     return [
         f"- command: `{command}`",
-        f"- machine: {cpu_description()}, torch threads {torch.get_num_threads()}",
+        f"- machine: {describe_cpu()}, torch threads {torch.get_num_threads()}",
         f"- versions: torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
         f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
     ]

@@ -74,6 +74,8 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
                    f"({'exactly' if p['exact_decode'] else 'at the size needed'}); model "
                    f"{p['model_images_per_second']:.0f} img/s ({p['engine']}, {p['precision']}); {slower} is the "
                    f"bottleneck, {how}")
+        choice = p["engine_choice"]
+        click.echo(f"engine: {choice['chosen']}: {choice['why']}")
 
     store = extract_features(
         data, out, model=model, weights=weights, layer=layer, pool=pool, image_size=image_size,

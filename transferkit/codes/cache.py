@@ -157,8 +157,8 @@ class CodeCache:
     def clear(self, model: str | None = None) -> list[CacheEntry]:
         """Delete every space (or those of one model); returns what was deleted.
 
-        Without `model` the exported engines (`engines/*.onnx`, transferkit.codes.ort_engine) go too; they are
-        named by a hash only, so a per-model clean leaves them.
+        Without `model` the exported engines (`engines/*.onnx`, transferkit.codes.ort_engine) and their timings
+        (`timings/`) go too; they are named by a hash only, so a per-model clean leaves them.
         """
         self.remove_stale()
         gone = [e for e in self.info() if model is None or e.spec.get("model") == model]
@@ -168,6 +168,7 @@ class CodeCache:
             for path in self.engines():
                 path.unlink(missing_ok=True)
                 path.with_name(path.name + ".json").unlink(missing_ok=True)  # its record (ort_engine.record)
+            shutil.rmtree(self.root / "timings", ignore_errors=True)  # engine timings (transferkit.codes.timing)
         return gone
 
     def remove_stale(self) -> list[Path]:

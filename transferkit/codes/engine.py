@@ -1,5 +1,6 @@
-"""How a fitted FeatureExtractor's network runs: the engine and precision of a run (the pays-off rules), BatchNorm
-folding, bf16 weights and the ONNX Runtime engine files (fp32 export, int8 quantization).
+"""How a fitted FeatureExtractor's network runs: the engine and precision of a run (chosen by timing the
+candidates on this machine: transferkit.codes.timing), BatchNorm folding, bf16 weights and the ONNX Runtime
+engine files (fp32 export, int8 quantization).
 
 Kept apart from the extractor so that what the extractor *is* (model, layers, pools, transform: fitted once)
 stays apart from how one run executes it (planned per run, prepared on first use): `transform` changes nothing
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,23 +20,16 @@ import numpy as np
 import torch
 
 from transferkit.codes import ort_engine
+from transferkit.codes.cache import default_root
 from transferkit.codes.pooling import compute_codes
 from transferkit.codes.spec import engine_file
+from transferkit.codes.timing import STEPS, Choice, Timings, choose, time_calls
 from transferkit.errors import ModelError
 from transferkit.models.fold_bn import fold_checked
 from transferkit.runtime.device import autocast, resolve_precision
 
 if TYPE_CHECKING:
     from transferkit.codes.extractor import FeatureExtractor
-
-# Images at 224 px (scaled by area) from which a first run with the ONNX export is no slower than torch:
-# the export took ~6 s and ONNX Runtime saved ~1.6 ms per 224 px image (bench/extract_speed.py, 2 cores)
-ORT_PAYS_OFF = 4000
-# Likewise for the int8 engine: export 6.4 s + calibration and quantization 39.9 s at 224 px, then 313 img/s end
-# to end against 162 for ONNX Runtime fp32 and 112 for torch bf16 (bench/extract_speed.py): it repays the 39.9 s
-# against fp32 after ~13,400 images and all 46.3 s against torch after ~8,100; 12,000 lies between
-INT8_PAYS_OFF = 12000
-
 
 def check_choice(precision: str, engine: str, device: torch.device) -> str:
     """Refuse precision/engine pairs that cannot run on `device`; return the precision a run starts from."""
@@ -66,8 +62,10 @@ class Engine:
         self.int8_cosine: float | None = None
         self.ort: ort_engine.OrtEngine | None = None
         self.net: torch.nn.Module | None = None
-        self.input_dtype: torch.dtype | None = None
         self._unfolded: torch.nn.Module | None = None
+        self._nets: dict[str, torch.nn.Module] = {}  # precision -> prepared torch network (timed or run)
+        self._orts: dict[str, ort_engine.OrtEngine | None] = {}  # 'fp32'/'int8' -> loaded engine
+        self.choice: Choice | None = None  # what plan chose and why (transferkit.codes.timing)
         self.decode_threads: int | None = None  # how the last run decoded (FeatureExtractor._decoded)
 
     def path(self, precision: str = "fp32") -> Path:
@@ -75,65 +73,104 @@ class Engine:
         fe = self.extractor
         return engine_file(fe.code_specs(precision).values(), fe.side_)
 
+    def candidates(self) -> list[str]:
+        """The engines and precisions this run may choose from: 'torch fp32', 'torch bf16', 'onnxruntime fp32',
+        'onnxruntime int8', as far as the extractor's `engine`, `precision` and device allow."""
+        fe = self.extractor
+        if fe.device_.type != "cpu":
+            return [f"torch {self.precision}"]
+        names = []
+        if fe.engine in ("auto", "torch") and fe.precision != "int8":
+            auto = resolve_precision("auto", fe.device_)
+            names += [f"torch {p}" for p in dict.fromkeys(("fp32", auto) if fe.precision == "auto" else
+                                                          (fe.precision,))]
+        if fe.engine in ("auto", "onnxruntime") and fe.precision in ("auto", "fp32", "int8"):
+            names += [f"onnxruntime {p}" for p in ("fp32", "int8") if fe.precision in ("auto", p)]
+        return names
+
     def plan(self, n_images: int | None) -> Engine:
         """Settle the engine and precision for a run over `n_images` images (None: unknown), before any runs.
 
-        On a CPU with ONNX Runtime installed, precision 'auto' runs int8 there when its file is cached or
-        the run repays calibrating it (INT8_PAYS_OFF); else fp32 there when that file is cached or the run
-        repays the export (ORT_PAYS_OFF); else torch, in `resolve_precision`'s choice (bf16 weights on CPUs
-        with native bf16). Measured in bench/extract_speed.py. Called by extract before the code cache is
-        consulted, since the precision is part of the cache key; a missing int8 file is built here, so a
-        failed quantization can still fall back to fp32 (with a warning) before any code is keyed.
+        The candidates are timed on this machine and the one predicted to finish the run first, one-time costs
+        included, is chosen (transferkit.codes.timing; the choice and why: `choice`). Called by extract before
+        the code cache is consulted, since the precision is part of the cache key; an int8 file is built here,
+        so a failed quantization can still fall back (with a warning) before any code is keyed.
         """
         if self.name is not None or self.planned is not None:
             return self
         fe = self.extractor
-        ort = fe.engine == "onnxruntime" or (fe.engine == "auto" and self._ort_pays(n_images))
-        self.planned = "onnxruntime" if ort else "torch"
-        if ort:
-            self.precision = "fp32"
-        if self._int8_pays(n_images) and (self.path("int8").is_file() or self._int8_engine()):
-            self.planned, self.precision = "int8", "int8"
-        elif fe.precision == "int8":
-            raise ModelError(f"precision 'int8': {fe.model} could not be quantized (see the warning); "
-                             "use precision 'fp32'")
+        self.choice = choose(self.candidates(), n_images, fe.side_,
+                             Timings(default_root(), self.path().stem, torch.get_num_threads()), self)
+        if self.choice.precision == "int8" and self._int8_engine() is None:
+            if fe.precision == "int8":
+                raise ModelError(f"precision 'int8': {fe.model} could not be quantized (see the warning); "
+                                 "use precision 'fp32'")
+            self.choice = Choice(self.default([n for n in self.candidates() if "int8" not in n]),
+                                 "int8 could not be built here (see the warning); the default")
+        self.planned = "int8" if self.choice.precision == "int8" else self.choice.engine
+        self.precision = self.choice.precision
         return self
 
-    def _ort_runs(self) -> bool:
-        fe = self.extractor
-        return fe.device_.type == "cpu" and fe.engine != "torch"  # onnxruntime is a core dependency
+    # What transferkit.codes.timing.choose asks of an engine
+    def step_done(self, step: str) -> bool:
+        """Whether the one-time `step` ('export', 'quantize') has its file cached."""
+        return self.path("int8" if step == "quantize" else "fp32").is_file()
 
-    def _ort_pays(self, n_images: int | None) -> bool:
+    def default(self, names: Sequence[str]) -> str:
+        """The choice without timings: a cached engine file (int8 first), else torch at resolve_precision's."""
+        for name in ("onnxruntime int8", "onnxruntime fp32"):
+            if name in names and self.step_done(STEPS[name][-1]):
+                return name
         fe = self.extractor
-        if not self._ort_runs() or fe.precision not in ("auto", "fp32"):
-            return False
-        return self.path().is_file() or (n_images or 0) * fe.side_ ** 2 >= ORT_PAYS_OFF * 224 ** 2
+        torch_default = f"torch {resolve_precision(fe.precision, fe.device_)}"
+        return torch_default if torch_default in names else names[0]
 
-    def _int8_pays(self, n_images: int | None) -> bool:
+    def measure(self, name: str, timings: Timings) -> float | None:
+        """Model-only images/s of candidate `name` on a batch of this input size, building its engine file
+        first if need be (the one-time cost recorded in `timings`); None if it cannot be built here."""
         fe = self.extractor
-        if fe.precision != "auto" or not self._ort_runs():
-            return fe.precision == "int8"
-        return self.path("int8").is_file() or (n_images or 0) * fe.side_ ** 2 >= INT8_PAYS_OFF * 224 ** 2
+        x = torch.randn(min(fe.batch_size, 8), 3, fe.side_, fe.side_, generator=torch.Generator().manual_seed(0))
+        engine, precision = name.split()
+        if engine == "torch":
+            net = self._torch_net(precision)
+            return time_calls(lambda b: self._torch_codes(net, precision, b), x)
+        for step in STEPS[name]:
+            if not self.step_done(step):
+                start = time.perf_counter()
+                built = self._fp32_engine() if step == "export" else self._int8_engine()
+                if built is None:
+                    return None
+                timings.setup[step] = time.perf_counter() - start
+        ort = self._fp32_engine() if precision == "fp32" else self._int8_engine()
+        return None if ort is None else time_calls(ort, x.numpy())
+
+    def _fp32_engine(self) -> ort_engine.OrtEngine | None:
+        """The cached fp32 ONNX Runtime engine, or one exported now; None if the network does not export."""
+        fe = self.extractor
+        if self._orts.get("fp32") is None:
+            self._orts["fp32"] = ort_engine.load_or_export(self._export_net, fe.keys_, fe.side_, self.path(),
+                                                           torch.get_num_threads())
+        return self._orts["fp32"]
 
     def _int8_engine(self) -> ort_engine.OrtEngine | None:
         """The cached int8 engine, or one quantized now from the fp32 engine (exported first if need be)."""
         fe, path, threads = self.extractor, self.path("int8"), torch.get_num_threads()
-        if self.ort is None and path.is_file():
-            self.ort = ort_engine.open_verified(path, fe.keys_, threads, fe.side_)
-        if self.ort is None:
-            fp32 = ort_engine.load_or_export(self._export_net, fe.keys_, fe.side_, self.path(), threads)
-            if fp32 is not None:
-                n = ort_engine.INT8["crops"]
-                crops = ort_engine.calibration_crops(n + 32, ort_engine.INT8["seed"])  # the last 32: the check
-                x = fe.normalize(torch.stack([fe.decode_(c) for c in crops])).numpy()
-                self.ort = ort_engine.quantize(fp32, path, x[:n], x[n:], threads)
-        return self.ort
+        if self._orts.get("int8") is None and path.is_file():
+            self._orts["int8"] = ort_engine.open_verified(path, fe.keys_, threads, fe.side_)
+        if self._orts.get("int8") is None and (fp32 := self._fp32_engine()) is not None:
+            recipe = ort_engine.int8_recipe(fe.side_)
+            n = recipe["crops"]
+            crops = ort_engine.calibration_crops(n + 32, recipe["seed"])  # the last 32: the check
+            x = fe.normalize(torch.stack([fe.decode_(c) for c in crops])).numpy()
+            self._orts["int8"] = ort_engine.quantize(fp32, path, x[:n], x[n:], threads)
+        return self._orts.get("int8")
 
     def prepare(self, n_images: int | None = None) -> Engine:
         """Make the network fast to run, for about `n_images` images (see `plan`).
 
-        Folds BatchNorm (kept only if the output is unchanged, transferkit.models.fold_bn), casts to bf16 where
-        that is the precision, and loads (or exports once) the ONNX Runtime engine where `plan` chose it.
+        Loads (or builds once) the ONNX Runtime engine where `plan` chose it; for torch, folds BatchNorm (kept
+        only if the output is unchanged, transferkit.models.fold_bn) and casts to bf16 where that is the
+        precision.
         """
         self.plan(n_images)
         if self.name is not None:
@@ -143,27 +180,42 @@ class Engine:
             if self._int8_engine() is None:
                 raise ModelError(f"the int8 engine of {fe.model} could not be loaded or rebuilt (see the warning); "
                                  "use precision 'fp32'")
+            self.ort = self._orts["int8"]
             self.name, self.folded, self.int8_cosine = "onnxruntime", self.ort.folded, self.ort.cosine
             return self
         if self.planned == "onnxruntime":
-            self.ort = ort_engine.load_or_export(self._export_net, fe.keys_, fe.side_, self.path(),
-                                                 torch.get_num_threads())
+            self.ort = self._fp32_engine()
             if self.ort is not None:  # a cached engine never needs the torch network
                 self.name, self.folded = "onnxruntime", self.ort.folded
                 return self
             if fe.engine == "onnxruntime":
                 raise ModelError(f"engine 'onnxruntime': {fe.model} could not be exported (see the warning); "
                                  "use engine 'torch'")
-        net = self._folded()
-        if net is fe.backbone_:
-            net = copy.deepcopy(net)  # the casts below change a module in place; backbone_ stays as built
-        # bf16 on CPU: cast the weights once; autocast would re-cast them on every call (10% slower here)
-        if self.precision == "bf16" and fe.device_.type == "cpu":
-            self.input_dtype = torch.bfloat16
-            net = net.to(torch.bfloat16)
-        self.net = net.to(fe.device_).to(memory_format=torch.channels_last)  # oneDNN's layout
+        self.net = self._torch_net(self.precision)
+        self._nets.clear()
         self.name = "torch"
         return self
+
+    def _torch_net(self, precision: str) -> torch.nn.Module:
+        """The folded network, ready to run in `precision` on the device (a copy: backbone_ stays as built).
+
+        bf16 on CPU: the weights are cast once (autocast would re-cast them on every call: 10% slower here)."""
+        fe = self.extractor
+        if precision not in self._nets:
+            net = copy.deepcopy(self._folded())
+            if precision == "bf16" and fe.device_.type == "cpu":
+                net = net.to(torch.bfloat16)
+            self._nets[precision] = net.to(fe.device_).to(memory_format=torch.channels_last)  # oneDNN's layout
+        return self._nets[precision]
+
+    def _torch_codes(self, net: torch.nn.Module, precision: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        fe = self.extractor
+        cast = precision == "bf16" and fe.device_.type == "cpu"  # weights cast in _torch_net: inputs too
+        mixed = contextlib.nullcontext() if cast else autocast(precision, fe.device_)
+        with torch.inference_mode(), mixed:
+            x = x.to(fe.device_, dtype=torch.bfloat16 if cast else None, memory_format=torch.channels_last,
+                     non_blocking=True)
+            return compute_codes(net, x, fe.pairs_)
 
     def _folded(self) -> torch.nn.Module:
         """BatchNorm folded into the convs once: exact algebra, kept only if the network's output is unchanged."""
@@ -186,9 +238,4 @@ class Engine:
             self.prepare()
         if self.ort is not None:
             return self.ort(x)
-        fe = self.extractor
-        mixed = autocast(self.precision, fe.device_) if self.input_dtype is None else contextlib.nullcontext()
-        with torch.inference_mode(), mixed:
-            x = x.to(fe.device_, dtype=self.input_dtype, memory_format=torch.channels_last, non_blocking=True)
-            codes = compute_codes(self.net, x, fe.pairs_)
-        return {k: v.cpu().numpy() for k, v in codes.items()}
+        return {k: v.cpu().numpy() for k, v in self._torch_codes(self.net, self.precision, x).items()}

@@ -134,6 +134,7 @@ def _meta(extractor: FeatureExtractor, data: ImageDataset, kept: list[int], skip
         "precision": spec.precision,
         "int8": None if spec.int8 is None else {**spec.int8, "mean_cosine_to_fp32": extractor.int8_cosine_},
         "engine": extractor.engine_,  # None: every code came from the cache, the network never ran
+        "engine_choice": extractor.engine_choice_,  # chosen, why, each candidate's timing (codes.timing)
         "folded_batchnorms": extractor.folded_,
         "decode_threads": extractor.decode_threads_,  # after the first batch; 0: DataLoader workers
         "batch_size": extractor.batch_size,
@@ -267,4 +268,4 @@ def profile(extractor: FeatureExtractor, data: ImageDataset, n: int = 256) -> di
     return {"images": sum(len(x) for x in batches), "decode_images_per_second": decode,
             "parallel_decode_images_per_second": parallel, "decode_threads": threads,
             "model_images_per_second": model, "engine": extractor.engine_, "precision": extractor.precision_,
-            "exact_decode": extractor.exact_decode}
+            "engine_choice": extractor.engine_choice_, "exact_decode": extractor.exact_decode}

@@ -162,6 +162,11 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         """For int8: the mean cosine of its codes to fp32's, measured when it was quantized."""
         return self._engine.int8_cosine
 
+    @property
+    def engine_choice_(self) -> dict | None:
+        """What `plan` chose, why, and each candidate's timing ({'chosen', 'why', 'candidates'}); None before."""
+        return None if self._engine.choice is None else self._engine.choice.to_dict()
+
     def code_specs(self, precision: str | None = None) -> dict[str, CodeSpec]:
         """{'layer|pool': CodeSpec} of the codes this fitted extractor makes (`precision`: another than its own)."""
         return CodeSpec.per_key(self, precision)

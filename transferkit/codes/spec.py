@@ -126,7 +126,8 @@ class CodeSpec:
             model=extractor.model, weights_sha256=extractor.backbone_.weights_info.sha256, layer=layer, pool=pool,
             transform=describe_transform(extractor.data_config_, extractor.image_size,
                                          exact_decode=extractor.exact_decode), precision=precision,
-            int8=dict(ort_engine.INT8) if precision == "int8" else None, fold_bn=bool(extractor.fold_bn),
+            int8=ort_engine.int8_recipe(extractor.side_) if precision == "int8" else None,
+            fold_bn=bool(extractor.fold_bn),
         )
 
     @classmethod
