@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 
 FORMAT = "transferkit.timings/1"
 # A run shorter than this (in images at 224 px, scaled by area) is not worth timing candidates on a machine with
-# no timings yet: timing the torch candidates costs ~2 s at 224 px, about what a wrong choice could lose. It runs
-# the default: a cached engine file if there is one (int8 first), else torch at resolve_precision's choice.
-TIME_FROM = 1000
+# no timings yet: timing the two torch candidates costs ~2 s at 224 px, under 10% of a 2,000-image run (~20 s
+# with start-up on an AVX-512 EPYC) and more than a wrong choice could lose on a shorter one. It runs the
+# default: a cached engine file if there is one (int8 first), else torch at resolve_precision's choice.
+TIME_FROM = 2000
 # Optimistic speed of a candidate not built yet, as a multiple of the fastest one timed: it is built only if even
 # this fast it would finish the run first. Measured (docs/speed.md, 224 px): ONNX Runtime fp32 1.45x torch bf16
 # on an AVX-512 EPYC and 0.95x on an AMX Xeon; int8 1.9x ONNX Runtime fp32 and 2.8x torch bf16 on both.
