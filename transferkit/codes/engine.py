@@ -99,8 +99,20 @@ class Engine:
         if self.name is not None or self.planned is not None:
             return self
         fe = self.extractor
-        self.choice = choose(self.candidates(), n_images, fe.side_,
-                             Timings(default_root(), self.path().stem, torch.get_num_threads()), self)
+        return self._settle(choose(self.candidates(), n_images, fe.side_,
+                                   Timings(default_root(), self.path().stem, torch.get_num_threads()), self))
+
+    def adopt(self, choice: dict) -> Engine:
+        """Take another process's plan (`Choice.to_dict`; rank 0's under torchrun), so all make the same codes."""
+        if choice["chosen"] not in self.candidates():
+            raise ModelError(f"cannot run '{choice['chosen']}' here (candidates: {', '.join(self.candidates())})")
+        self._settle(Choice(choice["chosen"], f"chosen by rank 0: {choice['why']}", choice["candidates"]))
+        if self.choice.name != choice["chosen"]:  # int8 built there but not here: codes would differ
+            raise ModelError(f"could not run '{choice['chosen']}' as rank 0 does (see the warning)")
+        return self
+
+    def _settle(self, choice: Choice) -> Engine:
+        fe, self.choice = self.extractor, choice
         if self.choice.precision == "int8" and self._int8_engine() is None:
             if fe.precision == "int8":
                 raise ModelError(f"precision 'int8': {fe.model} could not be quantized (see the warning); "

@@ -71,7 +71,11 @@ def _extract(data: ImageDataset, out: Path, extractor: FeatureExtractor, world: 
     mine = data.select(np.arange(lo, hi)) if world.distributed else data
     start = time.perf_counter()
     cache = CodeCache() if cache is True else cache or None
-    extractor.plan(len(data))  # engine and precision (part of the cache key) for the whole run
+    if world.main:  # engine and precision (part of the cache key) for the whole run: timed once, on rank 0
+        extractor.plan(len(data))
+    choice = _from_main(world, extractor.engine_choice_)
+    if not world.main:  # every rank makes the same codes
+        extractor.adopt(choice)
     spaces = code_spaces(extractor, cache)
     counts = {"cached": 0, "computed": 0}
     batches = _cached_batches(extractor, mine, spaces, shard_size, counts) if spaces else extractor.iter_batches(mine)
@@ -101,7 +105,7 @@ def _extract(data: ImageDataset, out: Path, extractor: FeatureExtractor, world: 
                 w.commit(meta, [s for p in parts for s in p["shards"]] if world.distributed else None)
                 published = True
         finally:
-            published = _from_main(world, published)  # every rank returns (or fails) once rank 0 has finished
+            published = bool(_from_main(world, published))  # every rank returns (or fails) once rank 0 has finished
         if not published:
             raise DataError(f"rank 0 could not publish '{out}' (see its error)")
     if world.main and skipped:  # one line however many: the full list is in meta.json
@@ -173,15 +177,15 @@ def _gather(world: World, obj: dict) -> list[dict]:
     return parts or []
 
 
-def _from_main(world: World, flag: bool) -> bool:
-    """Rank 0's `flag` on every rank."""
+def _from_main(world: World, value):
+    """Rank 0's `value` (any picklable object) on every rank."""
     if not world.distributed:
-        return flag
+        return value
     import torch.distributed as dist
 
-    box = [flag]
+    box = [value]
     dist.broadcast_object_list(box, src=0)
-    return bool(box[0])
+    return box[0]
 
 def code_spaces(extractor: FeatureExtractor, cache: CodeCache | None) -> dict[str, CodeSpace]:
     """The cache space of each 'layer|pool' the extractor makes ({} without a cache): one per CodeSpec."""

@@ -135,6 +135,13 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self._engine.plan(n_images)
         return self
 
+    def adopt(self, choice: dict) -> FeatureExtractor:
+        """Run the engine another process chose (`engine_choice_` of rank 0 under torchrun), timing nothing."""
+        if not hasattr(self, "backbone_"):
+            self.fit()
+        self._engine.adopt(choice)
+        return self
+
     def prepare(self, n_images: int | None = None) -> FeatureExtractor:
         """Make the network fast to run, for about `n_images` images; see `Engine.prepare`."""
         self.plan(n_images)  # fits first if needed
