@@ -27,7 +27,8 @@ from transferkit.errors import DataError, ParameterError
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.weights import weights_argument
 from transferkit.probe.linear import DEFAULT_CS, LinearProbe
-from transferkit.probe.metrics import Evaluation, evaluate
+from transferkit.probe.metrics import Evaluation, MultiLabelEvaluation, evaluate, score_multilabel
+from transferkit.probe.multilabel import MultiLabelProbe
 from transferkit.probe.saved import is_probe_dir, load_probe_dir
 from transferkit.probe.sweep import SweepResult, sweep
 from transferkit.runtime.atomic import write_json_atomic, write_text_atomic
@@ -168,6 +169,9 @@ def sweep_features(
     """Score every layer x pooling in `store` by CV probe accuracy; write sweep.json and sweep.png beside it."""
     from transferkit.plots import plot_sweep
 
+    if store.multilabel:
+        raise DataError(f"sweep needs one class per image, and '{store.path}' holds multi-label codes; choose the "
+                        "layer by probing each (transferkit probe --layer L --pool P)")
     if len(store.keys) < 2:
         raise DataError(f"'{store.path}' holds one kind of codes; extract with layer='all', pool='all' to sweep")
     codes = {tuple(k.split("|")): store.load(k) for k in store.keys}
@@ -194,7 +198,7 @@ class ProbeReport:
     probe: LinearProbe
     key: str
     out: Path
-    evaluation: Evaluation | None
+    evaluation: Evaluation | MultiLabelEvaluation | None
 
 
 def train_probe(
@@ -225,17 +229,24 @@ def train_probe(
     test = test if test is None or isinstance(test, FeatureStore) else FeatureStore(test)
     if test is not None:
         check_compatible(train, test, key)
-    probe = LinearProbe(C=C, Cs=Cs, scaling=scaling, cv=cv).fit(train.load(key), train.labels)
+    kind = MultiLabelProbe if train.multilabel else LinearProbe  # one SVM per label, thresholds of their own
+    probe = kind(C=C, Cs=Cs, scaling=scaling, cv=cv).fit(train.load(key), train.labels)
     code_spec = CodeSpec.from_meta(train.meta, key)  # load_probe_dir rebuilds the extractor from it
     spec = {"model": code_spec.model, "weights": train.meta["weights"], "image_size": train.meta["image_size"],
             "precision": code_spec.precision, "transform": code_spec.transform, "classes": train.meta["classes"],
             "layer": code_spec.layer, "pool": code_spec.pool, "key": key, "code_spec": code_spec.to_dict(),
-            "pool_names": POOL_NAMES}
+            "pool_names": POOL_NAMES, "multilabel": train.multilabel}
     evaluation = None
-    metrics = {"key": key, "C": probe.best_C_, "cv_accuracy": probe.cv_score_, "n_train": len(train)}
+    metrics = {"key": key, "C": probe.best_C_, "cv_mAP" if train.multilabel else "cv_accuracy": probe.cv_score_,
+               "n_train": len(train)}
     with building(out, PROBE_KIND, inputs=[train.path, test_path]) as tmp:
         probe.save(tmp / "probe", extra=spec)
-        if test is not None:
+        if test is not None and train.multilabel:
+            evaluation = score_multilabel(multilabel_targets(test, train.classes), probe.decision_function(
+                test.load(key)), probe.thresholds_, train.classes)
+            write_text_atomic(tmp / "report.txt", evaluation.report)
+            metrics.update(n_test=len(test), **{k: v for k, v in evaluation.to_dict().items() if k != "report"})
+        elif test is not None:
             evaluation = evaluate(probe, test.load(key), test.labels, names=train.classes)
             plot_confusion(evaluation.confusion, evaluation.labels, tmp / "confusion.png",
                            title=f"{key} on {test.path}")
@@ -243,6 +254,23 @@ def train_probe(
             metrics.update(n_test=len(test), test_accuracy=evaluation.accuracy, test=evaluation.to_dict())
         write_json_atomic(tmp / "metrics.json", metrics)
     return ProbeReport(probe, key, Path(out), evaluation)
+
+
+def multilabel_targets(store: FeatureStore, classes: Sequence[str]) -> np.ndarray:
+    """`store`'s multi-label targets as 0/1 columns over `classes` (a probe's or run's, in their order); an
+    image labelled with a class outside them is an error naming it, since nothing was trained to find it."""
+    if not store.multilabel:
+        raise DataError(f"'{store.path}' holds single-label codes; the model was trained on multi-label data")
+    index = {name: j for j, name in enumerate(classes)}
+    unknown = [c for c in store.classes if c not in index]
+    Y = store.labels
+    if unknown:
+        row = int(np.flatnonzero(Y[:, store.classes.index(unknown[0])])[0])
+        raise DataError(f"'{store.sources[row]}' is labelled '{unknown[0]}', a class the model was not trained on "
+                        f"(it knows {', '.join(classes)})")
+    out = np.zeros((len(Y), len(classes)), dtype=np.int64)
+    out[:, [index[c] for c in store.classes]] = Y
+    return out
 
 
 def check_compatible(train: FeatureStore, test: FeatureStore, key: str) -> None:
@@ -258,7 +286,9 @@ def check_compatible(train: FeatureStore, test: FeatureStore, key: str) -> None:
     if differ := mine.scoring_differences(theirs):  # float rounding (bf16 vs fp32, folding) scores as it always did
         raise DataError(f"'{test.path}' and '{train.path}' hold different codes for '{key}': "
                         f"{mine.describe_differences(theirs, ('train', 'test'), only=differ)}; {fix}")
-    if train.classes != test.classes:
+    if train.multilabel:  # a test manifest lists the classes it has; each must be one the probe learnt
+        multilabel_targets(test, train.classes)
+    elif train.classes != test.classes:
         raise DataError(f"'{test.path}' has classes {test.classes!r} but '{train.path}' {train.classes!r}; {fix}")
 
 
@@ -279,7 +309,8 @@ def image_files(paths: list[str | Path]) -> list[str]:
 
 
 def predict_images(model_dir: str | Path, paths: list[str | Path], *, batch_size: int = 64) -> list[dict]:
-    """Label and score for each image, from a probe (SVM score) or a fine-tuning run (softmax probability)."""
+    """Label and score for each image, from a probe (SVM score) or a fine-tuning run (softmax probability); from
+    a multi-label probe, every label at or above its threshold ('labels': [{'label', 'score'}, ...])."""
     kind = model_kind(model_dir)
     files = image_files(paths)
     if kind == "run":
@@ -291,6 +322,10 @@ def predict_images(model_dir: str | Path, paths: list[str | Path], *, batch_size
                 for f, p, j in zip(files, probs, probs.argmax(1))]
     probe, extractor = load_probe_dir(model_dir, batch_size=batch_size)
     scores = probe.decision_function(extractor.transform(files))
+    if isinstance(probe, MultiLabelProbe):  # every label at or above its threshold, highest score first
+        names = probe.extra_["classes"]
+        return [{"source": f, "labels": [{"label": names[j], "score": float(s[j])} for j in np.argsort(-s)
+                                         if s[j] >= probe.thresholds_[j]]} for f, s in zip(files, scores)]
     scores = np.stack([-scores, scores], 1) if scores.ndim == 1 else scores
     names = probe.extra_["classes"]
     return [
@@ -319,6 +354,7 @@ def evaluate_model(
     from transferkit.probe.metrics import score_predictions
 
     dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class)
+    dataset.require_single_label("evaluate")
     if out is not None:
         check_output(out, EVALUATION_KIND, inputs=[model_dir, dataset.root])  # before the work
     if model_kind(model_dir) == "run":

@@ -95,6 +95,7 @@ def finetune(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFA
     those of that run. Under torchrun every rank calls this with the same arguments.
     """
     config.validate()
+    train.require_single_label("fine-tuning")
     device = default_device()
     world = init_world(device)
     try:
