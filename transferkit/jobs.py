@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -256,20 +257,20 @@ def train_probe(
     return ProbeReport(probe, key, Path(out), evaluation)
 
 
-def multilabel_targets(store: FeatureStore, classes: Sequence[str]) -> np.ndarray:
-    """`store`'s multi-label targets as 0/1 columns over `classes` (a probe's or run's, in their order); an
-    image labelled with a class outside them is an error naming it, since nothing was trained to find it."""
-    if not store.multilabel:
-        raise DataError(f"'{store.path}' holds single-label codes; the model was trained on multi-label data")
+def multilabel_targets(data: FeatureStore | ImageDataset, classes: Sequence[str]) -> np.ndarray:
+    """The multi-label targets of codes or images as 0/1 columns over `classes` (a probe's or run's, in their
+    order); an image labelled with a class outside them is an error naming it: nothing was trained to find it."""
+    where = data.path if isinstance(data, FeatureStore) else data.root
+    if not data.multilabel:
+        raise DataError(f"'{where}' has one class per image; the model was trained on multi-label data")
+    Y = data.labels if isinstance(data, FeatureStore) else data.targets
     index = {name: j for j, name in enumerate(classes)}
-    unknown = [c for c in store.classes if c not in index]
-    Y = store.labels
-    if unknown:
-        row = int(np.flatnonzero(Y[:, store.classes.index(unknown[0])])[0])
-        raise DataError(f"'{store.sources[row]}' is labelled '{unknown[0]}', a class the model was not trained on "
+    if unknown := [c for c in data.classes if c not in index]:
+        row = int(np.flatnonzero(Y[:, data.classes.index(unknown[0])])[0])
+        raise DataError(f"'{data.sources[row]}' is labelled '{unknown[0]}', a class the model was not trained on "
                         f"(it knows {', '.join(classes)})")
     out = np.zeros((len(Y), len(classes)), dtype=np.int64)
-    out[:, [index[c] for c in store.classes]] = Y
+    out[:, [index[c] for c in data.classes]] = Y
     return out
 
 
@@ -318,20 +319,31 @@ def predict_images(model_dir: str | Path, paths: list[str | Path], *, batch_size
         items = ImageDataset(files, np.zeros(len(files)), meta["classes"], root="images", kind="files",
                              transform=build_transform(meta["transform"]))  # the run's recorded eval transform
         probs = _run_probabilities(model, items, meta, batch_size, progress=False)
+        if meta.get("multilabel"):
+            return _labels_found(files, probs, meta["classes"], run_thresholds(meta))
         return [{"source": f, "label": meta["classes"][j], "score": float(p[j])}
                 for f, p, j in zip(files, probs, probs.argmax(1))]
     probe, extractor = load_probe_dir(model_dir, batch_size=batch_size)
     scores = probe.decision_function(extractor.transform(files))
-    if isinstance(probe, MultiLabelProbe):  # every label at or above its threshold, highest score first
-        names = probe.extra_["classes"]
-        return [{"source": f, "labels": [{"label": names[j], "score": float(s[j])} for j in np.argsort(-s)
-                                         if s[j] >= probe.thresholds_[j]]} for f, s in zip(files, scores)]
+    if isinstance(probe, MultiLabelProbe):
+        return _labels_found(files, scores, probe.extra_["classes"], probe.thresholds_)
     scores = np.stack([-scores, scores], 1) if scores.ndim == 1 else scores
     names = probe.extra_["classes"]
     return [
         {"source": f, "label": names[int(probe.classes_[j])], "score": float(s[j])}
         for f, s, j in zip(files, scores, scores.argmax(1))
     ]
+
+
+def _labels_found(files: list[str], scores: np.ndarray, names: Sequence[str], thresholds: Any) -> list[dict]:
+    """Multi-label predictions: every label at or above its threshold, highest score first."""
+    return [{"source": f, "labels": [{"label": names[j], "score": float(s[j])} for j in np.argsort(-s)
+                                     if s[j] >= thresholds[j]]} for f, s in zip(files, scores)]
+
+
+def run_thresholds(meta: dict) -> np.ndarray:
+    """A multi-label run's per-label thresholds on sigmoid scores (chosen on its validation set; 0.5 without)."""
+    return np.asarray(meta.get("val", {}).get("thresholds") or [0.5] * len(meta["classes"]))
 
 
 def evaluate_model(
@@ -343,8 +355,9 @@ def evaluate_model(
     batch_size: int = 64,
     progress: bool = True,
     tta: bool = False,
-) -> Evaluation:
-    """Accuracy, confusion and per-class scores of a probe or a fine-tuning run on labelled `data`.
+) -> Evaluation | MultiLabelEvaluation:
+    """Accuracy, confusion and per-class scores of a probe or a fine-tuning run on labelled `data` (multi-label
+    data: mAP, F1 and per-label scores).
 
     Classes are matched by name, so `data` may lack some of the model's classes or order them differently.
     With `out`, report.txt, metrics.json and confusion.png are written there. `tta` (runs only): average the
@@ -354,10 +367,11 @@ def evaluate_model(
     from transferkit.probe.metrics import score_predictions
 
     dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class)
-    dataset.require_single_label("evaluate")
     if out is not None:
         check_output(out, EVALUATION_KIND, inputs=[model_dir, dataset.root])  # before the work
-    if model_kind(model_dir) == "run":
+    if dataset.multilabel:
+        evaluation = _evaluate_multilabel(model_dir, dataset, batch_size, progress, tta)
+    elif model_kind(model_dir) == "run":
         model, meta = _load_run(model_dir)
         classes = meta["classes"]
         y = _targets_by_name(dataset, classes, model_dir)
@@ -372,13 +386,33 @@ def evaluate_model(
         y = _targets_by_name(dataset, classes, model_dir)
         evaluation = evaluate(probe, extractor.transform(dataset), y, names=classes)
     if out is not None:
-        title = f"{Path(model_dir).name} on {dataset.root}: {100 * evaluation.accuracy:.2f}%"
         with building(out, EVALUATION_KIND, inputs=[model_dir, dataset.root]) as tmp:
-            plot_confusion(evaluation.confusion, evaluation.labels, tmp / "confusion.png", title=title)
+            if isinstance(evaluation, Evaluation):
+                title = f"{Path(model_dir).name} on {dataset.root}: {100 * evaluation.accuracy:.2f}%"
+                plot_confusion(evaluation.confusion, evaluation.labels, tmp / "confusion.png", title=title)
             write_text_atomic(tmp / "report.txt", evaluation.report)
             write_json_atomic(tmp / "metrics.json", {**evaluation.to_dict(), "model_dir": str(model_dir),
                                                      "data": str(dataset.root), "n": len(dataset)})
     return evaluation
+
+
+def _evaluate_multilabel(model_dir: str | Path, dataset: ImageDataset, batch_size: int, progress: bool,
+                         tta: bool) -> MultiLabelEvaluation:
+    """mAP and F1 of a multi-label probe or run on multi-label `dataset` (classes matched by name)."""
+    if model_kind(model_dir) == "run":
+        model, meta = _load_run(model_dir)
+        if not meta.get("multilabel"):
+            raise DataError(f"'{dataset.root}' is multi-label, and '{model_dir}' was trained on one class per image")
+        scores = _run_probabilities(model, dataset.with_transform(build_transform(meta["transform"])), meta,
+                                    batch_size, progress, tta)
+        classes, thresholds = meta["classes"], run_thresholds(meta)
+    else:
+        probe, extractor = load_probe_dir(model_dir, batch_size=batch_size, progress=progress)
+        if not isinstance(probe, MultiLabelProbe):
+            raise DataError(f"'{dataset.root}' is multi-label, and '{model_dir}' was trained on one class per image")
+        scores, classes, thresholds = probe.decision_function(extractor.transform(dataset)), \
+            probe.extra_["classes"], probe.thresholds_
+    return score_multilabel(multilabel_targets(dataset, classes), scores, thresholds, classes)
 
 
 def model_kind(model_dir: str | Path) -> str:
@@ -419,7 +453,7 @@ def _targets_by_name(dataset: ImageDataset, classes: list[str], model_dir: str |
 @torch.inference_mode()
 def _run_probabilities(model: torch.nn.Module, dataset: ImageDataset, meta: dict, batch_size: int,
                        progress: bool, tta: bool = False) -> np.ndarray:
-    """(N, n_classes) softmax probabilities of a fine-tuned model over `dataset`, in item order.
+    """(N, n_classes) softmax probabilities (multi-label: sigmoids) of a fine-tuned model over `dataset`.
 
     `tta`: the mean of the image's and its horizontal mirror's probabilities.
     """
@@ -430,14 +464,15 @@ def _run_probabilities(model: torch.nn.Module, dataset: ImageDataset, meta: dict
     if precision == "fp16" and device.type != "cuda":
         precision = "fp32"  # a run trained with fp16 on a GPU still scores on a CPU
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    activate = torch.sigmoid if meta.get("multilabel") else functools.partial(torch.softmax, dim=1)
     probs = []
     for x, _, _, bad in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, file=sys.stderr):
         if bad:  # every image must be scored, or the labels no longer line up
             raise DataError(bad[0][1])
         x = x.to(device, memory_format=torch.channels_last)
         with autocast(precision, device):
-            p = model(x).float().softmax(1)  # (B, n_classes)
+            p = activate(model(x).float())  # (B, n_classes)
             if tta:
-                p = (p + model(x.flip(-1)).float().softmax(1)) / 2
+                p = (p + activate(model(x.flip(-1)).float())) / 2
         probs.append(p.cpu().numpy())
     return np.concatenate(probs)

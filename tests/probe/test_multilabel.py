@@ -119,10 +119,26 @@ def test_a_class_never_seen_in_training_is_named_with_its_image(mosaics, tmp_pat
     assert not (tmp_path / "p").exists()  # nothing written
 
 
+def test_finetune_multilabel_sigmoid_head_thresholds_predict_and_evaluate(mosaics, tmp_path, cli_run):
+    """A sigmoid head with binary cross-entropy, biases at each label's log-odds, thresholds chosen on the
+    validation split; predict lists labels, evaluate reports mAP. Measured: val mAP 0.67 (30 images), test mAP
+    0.57 after 2 epochs of the head and the last stage at 64 px (chance ~0.31)."""
+    run = tmp_path / "run"
+    cli_run("finetune", mosaics[0], "-o", run, "--weights", "package", "--image-size", "64", "--epochs", "2",
+            "--freeze-until", "blocks.6", "--lr", "0.01", "--batch-size", "32")
+    meta = json.loads((run / "config.json").read_text())
+    assert meta["multilabel"] is True and len(meta["val"]["thresholds"]) == 10 and meta["val"]["mAP"] > 0.5, meta["val"]
+    out = cli_run("evaluate", run, mosaics[1], "-o", tmp_path / "ev").output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert "mAP: " in out and metrics["mAP"] > 0.5 and set(metrics["per_label"]) == set(meta["classes"]), out
+    rows = [json.loads(x) for x in cli_run("predict", run, mosaics[1].parent / "m0001.png", "--json").output.split("\n")
+            if x]
+    assert len(rows) == 1 and all(x["score"] >= meta["val"]["thresholds"][meta["classes"].index(x["label"])]
+                                  for x in rows[0]["labels"])
+
+
 def test_commands_that_need_one_class_per_image_say_so(mosaics, tmp_path, cli_run):
-    for args in (("finetune", mosaics[0], "-o", tmp_path / "run", "--epochs", "1"),
-                 ("advise", mosaics[0])):
+    for args in (("advise", mosaics[0]),):
         out = cli_run(*args, ok=False)
         assert out.exit_code != 0 and "needs one class per image" in out.output and "multi-label" in out.output, (
             args, out.output)
-    assert not (tmp_path / "run").exists()

@@ -128,5 +128,8 @@ def evaluate(model_dir: Path, data: Path, out: Path | None, per_class: int | Non
     ev = evaluate_model(model_dir, data, out=out, per_class=per_class, batch_size=batch_size,
                         progress=click.get_current_context().obj["progress"], tta=tta)
     click.echo(ev.report)
+    if hasattr(ev, "mAP"):  # multi-label
+        click.echo(f"mAP: {ev.mAP:.4f}, micro-F1 {ev.micro_f1:.4f}, macro-F1 {ev.macro_f1:.4f}")
+        return
     plot = f"; confusion matrix {out / 'confusion.png'}" if out is not None else ""
     click.echo(f"accuracy: {100 * ev.accuracy:.2f}% ({int(ev.confusion.sum())} images){plot}")
