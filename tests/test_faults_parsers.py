@@ -157,9 +157,11 @@ HOSTILE_CELLS = st.one_of(
     TEXT,
 )
 LABELS = st.sampled_from(["cat", "dog", "é ☕", "label,with,comma", ' "quoted" ', "0", "-1"]) | TEXT
-GOOD_HEADERS = [["path", "label"], ["label", "path"], ["id", "path", "label", "note"]]
+LABEL_SETS = st.sampled_from(["cat;dog", "cat", "", "dog; cat ", "cat;;dog", "cat;cat", '"cat;dog"', 'c"at', ";"])
+LABEL_SETS = LABEL_SETS | TEXT
+GOOD_HEADERS = [["path", "label"], ["label", "path"], ["id", "path", "label", "note"], ["path", "labels"]]
 BAD_HEADERS = [["path"], ["label"], [], ["path", "path", "label"], ["Path", "Label"], [" path", "label "],
-               ["path", "label", ""], ["\ufeffpath", "label"]]
+               ["path", "label", ""], ["\ufeffpath", "label"], ["path", "label", "labels"], ["labels"]]
 
 
 @st.composite
@@ -169,7 +171,8 @@ def manifests(draw) -> bytes:
     header = draw(st.sampled_from(BAD_HEADERS if rarely(draw) else GOOD_HEADERS))
     rows = []
     for _ in range(draw(st.integers(0, 6))):
-        row = {"id": "7", "path": draw(st.sampled_from(GOOD_PATHS)), "label": draw(LABELS), "note": ""}
+        row = {"id": "7", "path": draw(st.sampled_from(GOOD_PATHS)), "label": draw(LABELS), "note": "",
+               "labels": draw(LABEL_SETS)}
         cells = [row.get(col, "") for col in header]
         defect = draw(st.sampled_from(["none", "none", "none", "cell", "short", "long"]))
         if defect == "cell" and cells:  # one hostile cell
@@ -212,7 +215,10 @@ def test_fuzz_csv_manifest(manifest_images, content):
     if ds is not None:
         assert len(ds) == len(ds.targets) > 0 and len(ds.classes) >= 2
         assert all(Path(s).is_file() for s in ds.sources)
-        assert ds.targets.min() >= 0 and ds.targets.max() < len(ds.classes)
+        if ds.multilabel:  # 0/1 rows over the classes; an empty row is an image with no label
+            assert ds.targets.shape == (len(ds), len(ds.classes)) and set(np.unique(ds.targets)) <= {0, 1}
+        else:
+            assert ds.targets.min() >= 0 and ds.targets.max() < len(ds.classes)
 
 
 # -- IDX --------------------------------------------------------------------------------------------------------

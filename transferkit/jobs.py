@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -27,7 +28,8 @@ from transferkit.errors import DataError, ParameterError
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.weights import weights_argument
 from transferkit.probe.linear import DEFAULT_CS, LinearProbe
-from transferkit.probe.metrics import Evaluation, evaluate
+from transferkit.probe.metrics import Evaluation, MultiLabelEvaluation, evaluate, score_multilabel
+from transferkit.probe.multilabel import MultiLabelProbe
 from transferkit.probe.saved import is_probe_dir, load_probe_dir
 from transferkit.probe.sweep import SweepResult, sweep
 from transferkit.runtime.atomic import write_json_atomic, write_text_atomic
@@ -168,6 +170,9 @@ def sweep_features(
     """Score every layer x pooling in `store` by CV probe accuracy; write sweep.json and sweep.png beside it."""
     from transferkit.plots import plot_sweep
 
+    if store.multilabel:
+        raise DataError(f"sweep needs one class per image, and '{store.path}' holds multi-label codes; choose the "
+                        "layer by probing each (transferkit probe --layer L --pool P)")
     if len(store.keys) < 2:
         raise DataError(f"'{store.path}' holds one kind of codes; extract with layer='all', pool='all' to sweep")
     codes = {tuple(k.split("|")): store.load(k) for k in store.keys}
@@ -194,7 +199,7 @@ class ProbeReport:
     probe: LinearProbe
     key: str
     out: Path
-    evaluation: Evaluation | None
+    evaluation: Evaluation | MultiLabelEvaluation | None
 
 
 def train_probe(
@@ -225,17 +230,24 @@ def train_probe(
     test = test if test is None or isinstance(test, FeatureStore) else FeatureStore(test)
     if test is not None:
         check_compatible(train, test, key)
-    probe = LinearProbe(C=C, Cs=Cs, scaling=scaling, cv=cv).fit(train.load(key), train.labels)
+    kind = MultiLabelProbe if train.multilabel else LinearProbe  # one SVM per label, thresholds of their own
+    probe = kind(C=C, Cs=Cs, scaling=scaling, cv=cv).fit(train.load(key), train.labels)
     code_spec = CodeSpec.from_meta(train.meta, key)  # load_probe_dir rebuilds the extractor from it
     spec = {"model": code_spec.model, "weights": train.meta["weights"], "image_size": train.meta["image_size"],
             "precision": code_spec.precision, "transform": code_spec.transform, "classes": train.meta["classes"],
             "layer": code_spec.layer, "pool": code_spec.pool, "key": key, "code_spec": code_spec.to_dict(),
-            "pool_names": POOL_NAMES}
+            "pool_names": POOL_NAMES, "multilabel": train.multilabel}
     evaluation = None
-    metrics = {"key": key, "C": probe.best_C_, "cv_accuracy": probe.cv_score_, "n_train": len(train)}
+    metrics = {"key": key, "C": probe.best_C_, "cv_mAP" if train.multilabel else "cv_accuracy": probe.cv_score_,
+               "n_train": len(train)}
     with building(out, PROBE_KIND, inputs=[train.path, test_path]) as tmp:
         probe.save(tmp / "probe", extra=spec)
-        if test is not None:
+        if test is not None and train.multilabel:
+            evaluation = score_multilabel(multilabel_targets(test, train.classes), probe.decision_function(
+                test.load(key)), probe.thresholds_, train.classes)
+            write_text_atomic(tmp / "report.txt", evaluation.report)
+            metrics.update(n_test=len(test), **{k: v for k, v in evaluation.to_dict().items() if k != "report"})
+        elif test is not None:
             evaluation = evaluate(probe, test.load(key), test.labels, names=train.classes)
             plot_confusion(evaluation.confusion, evaluation.labels, tmp / "confusion.png",
                            title=f"{key} on {test.path}")
@@ -243,6 +255,23 @@ def train_probe(
             metrics.update(n_test=len(test), test_accuracy=evaluation.accuracy, test=evaluation.to_dict())
         write_json_atomic(tmp / "metrics.json", metrics)
     return ProbeReport(probe, key, Path(out), evaluation)
+
+
+def multilabel_targets(data: FeatureStore | ImageDataset, classes: Sequence[str]) -> np.ndarray:
+    """The multi-label targets of codes or images as 0/1 columns over `classes` (a probe's or run's, in their
+    order); an image labelled with a class outside them is an error naming it: nothing was trained to find it."""
+    where = data.path if isinstance(data, FeatureStore) else data.root
+    if not data.multilabel:
+        raise DataError(f"'{where}' has one class per image; the model was trained on multi-label data")
+    Y = data.labels if isinstance(data, FeatureStore) else data.targets
+    index = {name: j for j, name in enumerate(classes)}
+    if unknown := [c for c in data.classes if c not in index]:
+        row = int(np.flatnonzero(Y[:, data.classes.index(unknown[0])])[0])
+        raise DataError(f"'{data.sources[row]}' is labelled '{unknown[0]}', a class the model was not trained on "
+                        f"(it knows {', '.join(classes)})")
+    out = np.zeros((len(Y), len(classes)), dtype=np.int64)
+    out[:, [index[c] for c in data.classes]] = Y
+    return out
 
 
 def check_compatible(train: FeatureStore, test: FeatureStore, key: str) -> None:
@@ -258,7 +287,9 @@ def check_compatible(train: FeatureStore, test: FeatureStore, key: str) -> None:
     if differ := mine.scoring_differences(theirs):  # float rounding (bf16 vs fp32, folding) scores as it always did
         raise DataError(f"'{test.path}' and '{train.path}' hold different codes for '{key}': "
                         f"{mine.describe_differences(theirs, ('train', 'test'), only=differ)}; {fix}")
-    if train.classes != test.classes:
+    if train.multilabel:  # a test manifest lists the classes it has; each must be one the probe learnt
+        multilabel_targets(test, train.classes)
+    elif train.classes != test.classes:
         raise DataError(f"'{test.path}' has classes {test.classes!r} but '{train.path}' {train.classes!r}; {fix}")
 
 
@@ -279,7 +310,8 @@ def image_files(paths: list[str | Path]) -> list[str]:
 
 
 def predict_images(model_dir: str | Path, paths: list[str | Path], *, batch_size: int = 64) -> list[dict]:
-    """Label and score for each image, from a probe (SVM score) or a fine-tuning run (softmax probability)."""
+    """Label and score for each image, from a probe (SVM score) or a fine-tuning run (softmax probability); from
+    a multi-label probe, every label at or above its threshold ('labels': [{'label', 'score'}, ...])."""
     kind = model_kind(model_dir)
     files = image_files(paths)
     if kind == "run":
@@ -287,16 +319,31 @@ def predict_images(model_dir: str | Path, paths: list[str | Path], *, batch_size
         items = ImageDataset(files, np.zeros(len(files)), meta["classes"], root="images", kind="files",
                              transform=build_transform(meta["transform"]))  # the run's recorded eval transform
         probs = _run_probabilities(model, items, meta, batch_size, progress=False)
+        if meta.get("multilabel"):
+            return _labels_found(files, probs, meta["classes"], run_thresholds(meta))
         return [{"source": f, "label": meta["classes"][j], "score": float(p[j])}
                 for f, p, j in zip(files, probs, probs.argmax(1))]
     probe, extractor = load_probe_dir(model_dir, batch_size=batch_size)
     scores = probe.decision_function(extractor.transform(files))
+    if isinstance(probe, MultiLabelProbe):
+        return _labels_found(files, scores, probe.extra_["classes"], probe.thresholds_)
     scores = np.stack([-scores, scores], 1) if scores.ndim == 1 else scores
     names = probe.extra_["classes"]
     return [
         {"source": f, "label": names[int(probe.classes_[j])], "score": float(s[j])}
         for f, s, j in zip(files, scores, scores.argmax(1))
     ]
+
+
+def _labels_found(files: list[str], scores: np.ndarray, names: Sequence[str], thresholds: Any) -> list[dict]:
+    """Multi-label predictions: every label at or above its threshold, highest score first."""
+    return [{"source": f, "labels": [{"label": names[j], "score": float(s[j])} for j in np.argsort(-s)
+                                     if s[j] >= thresholds[j]]} for f, s in zip(files, scores)]
+
+
+def run_thresholds(meta: dict) -> np.ndarray:
+    """A multi-label run's per-label thresholds on sigmoid scores (chosen on its validation set; 0.5 without)."""
+    return np.asarray(meta.get("val", {}).get("thresholds") or [0.5] * len(meta["classes"]))
 
 
 def evaluate_model(
@@ -308,8 +355,9 @@ def evaluate_model(
     batch_size: int = 64,
     progress: bool = True,
     tta: bool = False,
-) -> Evaluation:
-    """Accuracy, confusion and per-class scores of a probe or a fine-tuning run on labelled `data`.
+) -> Evaluation | MultiLabelEvaluation:
+    """Accuracy, confusion and per-class scores of a probe or a fine-tuning run on labelled `data` (multi-label
+    data: mAP, F1 and per-label scores).
 
     Classes are matched by name, so `data` may lack some of the model's classes or order them differently.
     With `out`, report.txt, metrics.json and confusion.png are written there. `tta` (runs only): average the
@@ -321,7 +369,9 @@ def evaluate_model(
     dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class)
     if out is not None:
         check_output(out, EVALUATION_KIND, inputs=[model_dir, dataset.root])  # before the work
-    if model_kind(model_dir) == "run":
+    if dataset.multilabel:
+        evaluation = _evaluate_multilabel(model_dir, dataset, batch_size, progress, tta)
+    elif model_kind(model_dir) == "run":
         model, meta = _load_run(model_dir)
         classes = meta["classes"]
         y = _targets_by_name(dataset, classes, model_dir)
@@ -336,13 +386,33 @@ def evaluate_model(
         y = _targets_by_name(dataset, classes, model_dir)
         evaluation = evaluate(probe, extractor.transform(dataset), y, names=classes)
     if out is not None:
-        title = f"{Path(model_dir).name} on {dataset.root}: {100 * evaluation.accuracy:.2f}%"
         with building(out, EVALUATION_KIND, inputs=[model_dir, dataset.root]) as tmp:
-            plot_confusion(evaluation.confusion, evaluation.labels, tmp / "confusion.png", title=title)
+            if isinstance(evaluation, Evaluation):
+                title = f"{Path(model_dir).name} on {dataset.root}: {100 * evaluation.accuracy:.2f}%"
+                plot_confusion(evaluation.confusion, evaluation.labels, tmp / "confusion.png", title=title)
             write_text_atomic(tmp / "report.txt", evaluation.report)
             write_json_atomic(tmp / "metrics.json", {**evaluation.to_dict(), "model_dir": str(model_dir),
                                                      "data": str(dataset.root), "n": len(dataset)})
     return evaluation
+
+
+def _evaluate_multilabel(model_dir: str | Path, dataset: ImageDataset, batch_size: int, progress: bool,
+                         tta: bool) -> MultiLabelEvaluation:
+    """mAP and F1 of a multi-label probe or run on multi-label `dataset` (classes matched by name)."""
+    if model_kind(model_dir) == "run":
+        model, meta = _load_run(model_dir)
+        if not meta.get("multilabel"):
+            raise DataError(f"'{dataset.root}' is multi-label, and '{model_dir}' was trained on one class per image")
+        scores = _run_probabilities(model, dataset.with_transform(build_transform(meta["transform"])), meta,
+                                    batch_size, progress, tta)
+        classes, thresholds = meta["classes"], run_thresholds(meta)
+    else:
+        probe, extractor = load_probe_dir(model_dir, batch_size=batch_size, progress=progress)
+        if not isinstance(probe, MultiLabelProbe):
+            raise DataError(f"'{dataset.root}' is multi-label, and '{model_dir}' was trained on one class per image")
+        scores, classes, thresholds = probe.decision_function(extractor.transform(dataset)), \
+            probe.extra_["classes"], probe.thresholds_
+    return score_multilabel(multilabel_targets(dataset, classes), scores, thresholds, classes)
 
 
 def model_kind(model_dir: str | Path) -> str:
@@ -383,7 +453,7 @@ def _targets_by_name(dataset: ImageDataset, classes: list[str], model_dir: str |
 @torch.inference_mode()
 def _run_probabilities(model: torch.nn.Module, dataset: ImageDataset, meta: dict, batch_size: int,
                        progress: bool, tta: bool = False) -> np.ndarray:
-    """(N, n_classes) softmax probabilities of a fine-tuned model over `dataset`, in item order.
+    """(N, n_classes) softmax probabilities (multi-label: sigmoids) of a fine-tuned model over `dataset`.
 
     `tta`: the mean of the image's and its horizontal mirror's probabilities.
     """
@@ -394,14 +464,15 @@ def _run_probabilities(model: torch.nn.Module, dataset: ImageDataset, meta: dict
     if precision == "fp16" and device.type != "cuda":
         precision = "fp32"  # a run trained with fp16 on a GPU still scores on a CPU
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    activate = torch.sigmoid if meta.get("multilabel") else functools.partial(torch.softmax, dim=1)
     probs = []
     for x, _, _, bad in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, file=sys.stderr):
         if bad:  # every image must be scored, or the labels no longer line up
             raise DataError(bad[0][1])
         x = x.to(device, memory_format=torch.channels_last)
         with autocast(precision, device):
-            p = model(x).float().softmax(1)  # (B, n_classes)
+            p = activate(model(x).float())  # (B, n_classes)
             if tta:
-                p = (p + model(x.flip(-1)).float().softmax(1)) / 2
+                p = (p + activate(model(x.flip(-1)).float())) / 2
         probs.append(p.cpu().numpy())
     return np.concatenate(probs)

@@ -31,9 +31,16 @@ def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: st
     C = C if C == "auto" else _number(C)  # LinearProbe checks its limits (PROBE["C"]); its error names the flag
     report = train_probe(train, out, test=test, layer=layer, pool=pool, C=C, scaling=scaling, cv=cv)
     p = report.probe
-    cv_text = "" if p.cv_score_ != p.cv_score_ else f", CV accuracy {100 * p.cv_score_:.2f}%"
+    multilabel = hasattr(p, "thresholds_")
+    cv_text = ("" if p.cv_score_ != p.cv_score_ else f", CV mAP {p.cv_score_:.4f}" if multilabel else
+               f", CV accuracy {100 * p.cv_score_:.2f}%")
     click.echo(f"probe on {report.key}: C={p.best_C_:g}{cv_text} -> {out}")
-    if report.evaluation is not None:
+    if report.evaluation is not None and multilabel:
+        ev = report.evaluation
+        click.echo(ev.report)
+        click.echo(f"test mAP: {ev.mAP:.4f}, micro-F1 {ev.micro_f1:.4f}, macro-F1 {ev.macro_f1:.4f} "
+                   f"({len(ev.labels)} labels)")
+    elif report.evaluation is not None:
         ev = report.evaluation
         click.echo(ev.report)
         click.echo(f"test accuracy: {100 * ev.accuracy:.2f}% ({int(ev.confusion.sum())} images); "
@@ -93,7 +100,13 @@ def predict(model_dir: str, images: tuple[Path, ...], batch_size: int, as_json: 
         raise click.BadParameter(f"'{model_dir}' is not a directory (a timm model name needs --dense)",
                                  param_hint="MODEL")
     for row in predict_images(model_dir, list(images), batch_size=batch_size):
-        click.echo(json.dumps(row) if as_json else f"{row['source']}\t{row['label']}\t{row['score']:.3f}")
+        if as_json:
+            click.echo(json.dumps(row))
+        elif "labels" in row:  # multi-label: every label found, or '-' for none
+            found = "; ".join(f"{x['label']} {x['score']:.3f}" for x in row["labels"]) or "-"
+            click.echo(f"{row['source']}\t{found}")
+        else:
+            click.echo(f"{row['source']}\t{row['label']}\t{row['score']:.3f}")
 
 
 @cli.command()
@@ -115,5 +128,8 @@ def evaluate(model_dir: Path, data: Path, out: Path | None, per_class: int | Non
     ev = evaluate_model(model_dir, data, out=out, per_class=per_class, batch_size=batch_size,
                         progress=click.get_current_context().obj["progress"], tta=tta)
     click.echo(ev.report)
+    if hasattr(ev, "mAP"):  # multi-label
+        click.echo(f"mAP: {ev.mAP:.4f}, micro-F1 {ev.micro_f1:.4f}, macro-F1 {ev.macro_f1:.4f}")
+        return
     plot = f"; confusion matrix {out / 'confusion.png'}" if out is not None else ""
     click.echo(f"accuracy: {100 * ev.accuracy:.2f}% ({int(ev.confusion.sum())} images){plot}")

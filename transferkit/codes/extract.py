@@ -144,6 +144,7 @@ def _meta(extractor: FeatureExtractor, data: ImageDataset, kept: list[int], skip
         "batch_size": extractor.batch_size,
         "dataset": {"root": str(data.root), "kind": data.kind, "n_items": len(data)},
         "classes": list(data.classes),
+        "multilabel": data.multilabel,  # labels: (n, n_classes) 0/1 rows instead of (n,) class indices
         "sources": [data.sources[i] for i in kept],
         "skipped": skipped,
         "cache": cache,

@@ -153,6 +153,11 @@ class FeatureStore:
         return self._labels
 
     @property
+    def multilabel(self) -> bool:
+        """Whether the labels are sets of classes: (n, n_classes) 0/1 rows (a manifest's 'labels' column)."""
+        return bool(self.meta.get("multilabel", False))
+
+    @property
     def sources(self) -> list[str]:
         return list(self.meta["sources"])
 

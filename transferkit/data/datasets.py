@@ -29,18 +29,24 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".
 
 _ACCEPTED_FORMS = (
     "an ImageFolder directory (one subfolder of images per class), a CSV manifest with 'path' and "
-    "'label' columns, or IDX files ('<prefix>-images-idx3-ubyte[.gz]' beside the matching labels file)"
+    "'label' columns (or 'labels', several per image separated by ';'), or IDX files "
+    "('<prefix>-images-idx3-ubyte[.gz]' beside the matching labels file)"
 )
 _Parts = tuple[list[str], np.ndarray, list[str], np.ndarray | None]  # sources, targets, classes, pixels
 _IDX_IMAGES_MAGIC = 0x00000803  # uint8, 3 dimensions
 _IDX_LABELS_MAGIC = 0x00000801  # uint8, 1 dimension
+LABEL_SEPARATOR = ";"  # between the labels of one image in a manifest's 'labels' column
 
 
 # ---------------------------------------------------------------------------------------------- dataset
 
 
 class ImageDataset(Dataset):
-    """Labelled images from an ImageFolder tree, a CSV manifest or IDX files."""
+    """Labelled images from an ImageFolder tree, a CSV manifest or IDX files.
+
+    `targets`: one class index per image, (n,); or, for multi-label data (a manifest's 'labels' column), a 0/1
+    row per image over `classes`, (n, n_classes), where a row of zeros is an image with no label.
+    """
 
     def __init__(
         self,
@@ -66,6 +72,17 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.sources)
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether each image carries a set of labels (targets (n, n_classes) of 0/1) rather than one class."""
+        return self.targets.ndim == 2
+
+    def require_single_label(self, what: str) -> None:
+        """Stop `what` (a command or job that needs one class per image) on multi-label data, naming both."""
+        if self.multilabel:
+            raise DataError(f"{what} needs one class per image, and '{self.root}' is multi-label (a 'labels' "
+                            "column); multi-label data works with extract, probe and predict for now")
 
     def __repr__(self) -> str:
         return (
@@ -98,7 +115,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, int, str]:
         """(tensor, label, index, error); with skip_bad a bad file gives (None, label, index, message)."""
-        label = int(self.targets[i])
+        label = self.targets[i] if self.multilabel else int(self.targets[i])
         try:
             img = self.image(i, self.decode_target)
         except DataError as exc:
@@ -115,6 +132,9 @@ class ImageDataset(Dataset):
             raise DataError(
                 f"The 'per_class' parameter of subset must be an integer >= 1. Got {per_class!r} instead."
             )
+        if self.multilabel:
+            raise DataError(f"The 'per_class' parameter does not apply to multi-label data ('{self.root}'): an "
+                            "image counts towards several classes")
         order = np.argsort(self.targets, kind="stable")  # grouped by class, file order within each
         grouped = self.targets[order]
         rank = np.arange(len(order)) - np.searchsorted(grouped, grouped, side="left")
@@ -255,28 +275,37 @@ def _identity(path: str | Path) -> tuple[int, int] | None:
 
 
 def _read_manifest(manifest: Path) -> _Parts:
-    """Rows of (path, label); paths relative to the manifest's folder; every file must exist."""
+    """Rows of (path, label) or (path, labels); paths relative to the manifest's folder; every file must exist.
+
+    A 'labels' column makes the data multi-label: each cell holds the image's labels separated by ';' (an
+    empty cell: no label, all negatives), and the targets are 0/1 rows over the sorted classes.
+    """
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             columns = reader.fieldnames
             if not columns:
                 raise DataError(f"manifest '{manifest}' is empty (expected a header with 'path' and 'label')")
-            absent = [c for c in ("path", "label") if c not in columns]
+            if "label" in columns and "labels" in columns:
+                raise DataError(f"manifest '{manifest}' line 1: both a 'label' and a 'labels' column; keep 'label' "
+                                f"for one class per image or 'labels' for several, not both")
+            column = "labels" if "labels" in columns else "label"
+            absent = [c for c in ("path", column) if c not in columns]
             if absent:
                 raise DataError(
                     f"manifest '{manifest}' has no {' or '.join(repr(c) for c in absent)} column "
                     f"(columns: {', '.join(columns)})"
                 )
-            rows = [(reader.line_num, row.get("path"), row.get("label")) for row in reader]
+            rows = [(reader.line_num, row.get("path"), row.get(column)) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot read manifest '{manifest}': {exc}") from exc
     if not rows:
         raise DataError(f"manifest '{manifest}' has a header but no rows")
     sources, labels, missing = [], [], []
     for line, raw_path, raw_label in rows:
-        rel, label = (raw_path or "").strip(), (raw_label or "").strip()
-        if not rel or not label:
+        rel = (raw_path or "").strip()
+        label = _label_set(manifest, line, raw_label) if column == "labels" else (raw_label or "").strip()
+        if not rel or label == "":
             raise DataError(f"manifest '{manifest}' line {line}: empty 'path' or 'label'")
         file = manifest.parent / rel  # an absolute `rel` replaces the folder
         if not _is_file(file, f"manifest '{manifest}' line {line}: file '{rel}'"):
@@ -287,9 +316,27 @@ def _read_manifest(manifest: Path) -> _Parts:
         line, rel = missing[0]
         more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
         raise DataError(f"manifest '{manifest}' line {line}: file '{rel}' does not exist{more}")
+    if column == "labels":
+        classes = sorted(set().union(*labels))
+        index = {name: k for k, name in enumerate(classes)}
+        targets = np.zeros((len(labels), len(classes)), dtype=np.int64)
+        for row, names in enumerate(labels):
+            targets[row, [index[n] for n in names]] = 1
+        return sources, targets, classes, None
     classes = sorted(set(labels))
     index = {name: k for k, name in enumerate(classes)}
     return sources, np.asarray([index[lb] for lb in labels], dtype=np.int64), classes, None
+
+
+def _label_set(manifest: Path, line: int, cell: str | None) -> tuple[str, ...]:
+    """The labels of one 'labels' cell: ';'-separated names, each stripped; no quotes, none empty, none twice."""
+    names = [n.strip() for n in (cell or "").split(LABEL_SEPARATOR)] if (cell or "").strip() else []
+    for why, bad in (("a quote inside a label (labels cannot contain ';' or quotes)", any('"' in n for n in names)),
+                     ("an empty label between two ';'", any(not n for n in names)),
+                     ("a label given twice", len(set(names)) < len(names))):
+        if bad:
+            raise DataError(f"manifest '{manifest}' line {line}: {why}: {cell!r}")
+    return tuple(names)
 
 
 def _stat(path: Path, what: str) -> os.stat_result | None:

@@ -132,7 +132,7 @@ def collate(
     good = [item for item in batch if item[0] is not None]
     bad = [(int(i), msg) for x, _, i, msg in batch if x is None]
     x = default_collate([item[0] for item in good]) if good else None
-    y = torch.tensor([item[1] for item in good], dtype=torch.int64)
+    y = torch.as_tensor(np.asarray([item[1] for item in good], dtype=np.int64))  # (n,) or (n, classes): multi-label
     idx = torch.tensor([item[2] for item in good], dtype=torch.int64)
     return x, y, idx, bad
 

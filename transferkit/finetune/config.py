@@ -67,9 +67,12 @@ class FinetuneConfig:
 DEFAULT_CONFIG = FinetuneConfig()
 
 
-def build_model(config: FinetuneConfig, classes: list[str], counts: np.ndarray | None) -> nn.Module:
-    """Backbone + new head + frozen stages, exactly as a run (or its reload) needs it."""
+def build_model(config: FinetuneConfig, classes: list[str], counts: np.ndarray | None,
+                n_images: int | None = None) -> nn.Module:
+    """Backbone + new head + frozen stages, exactly as a run (or its reload) needs it. `n_images`: multi-label
+    (counts are each label's positives; the head's biases start at their log-odds)."""
     model = create_backbone(config.model, config.weights)
-    replace_head(model, len(classes), counts, config.head, image_size=config.image_size)  # None: pretrained size
+    replace_head(model, len(classes), counts, config.head, image_size=config.image_size,  # None: pretrained size
+                 n_images=n_images)
     freeze_until(model, resolve_stage(model, config.freeze_until))
     return model

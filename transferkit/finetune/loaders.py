@@ -22,15 +22,16 @@ log = logging.getLogger(__name__)
 
 
 def split_train_val(train: ImageDataset, val: ImageDataset | None, config: FinetuneConfig):
-    """The given val set, or a stratified hold-out of `train` (at least one image per class)."""
+    """The given val set, or a stratified hold-out of `train` (at least one image per class; multi-label data: a
+    random one, since an image belongs to several classes)."""
     if val is not None or config.val_fraction == 0:
         return train, val
     from sklearn.model_selection import train_test_split
 
     n_val = max(round(config.val_fraction * len(train)), len(train.classes))
     try:
-        fit_idx, val_idx = train_test_split(np.arange(len(train)), test_size=n_val, stratify=train.targets,
-                                            random_state=config.seed)
+        fit_idx, val_idx = train_test_split(np.arange(len(train)), test_size=n_val, random_state=config.seed,
+                                            stratify=None if train.multilabel else train.targets)
     except ValueError as e:
         raise DataError(f"cannot hold out a stratified validation split of '{train.root}': {e}") from e
     return train.select(np.sort(fit_idx)), train.select(np.sort(val_idx))

@@ -83,6 +83,7 @@ class Run:
     device: torch.device
     world: World
     bypass: list[nn.Module] = field(default_factory=list)  # frozen prefix replaced by cached activations
+    multilabel: bool = False  # one sigmoid per class (targets (n, classes) of 0/1)
     step: int = 0
     last_saved: int = 0
 
@@ -110,16 +111,18 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
     seed_everything(config.seed)
     train, val = split_train_val(train, val, config)
     meta = {"format": FORMAT, "config": asdict(config), "classes": list(train.classes),
-            "data": fingerprint(train, val)}
+            "multilabel": train.multilabel, "data": fingerprint(train, val)}
     inputs = [train.root, None if val is None else val.root]  # the run directory is never inside the data
     old = check_run_dir(out, meta, resume, inputs)  # before the model is built: a wrong --resume fails at once
-    model = build_model(config, train.classes, np.bincount(train.targets, minlength=len(train.classes)))
+    counts = train.targets.sum(0) if train.multilabel else np.bincount(train.targets, minlength=len(train.classes))
+    model = build_model(config, train.classes, counts, len(train) if train.multilabel else None)
     model.to(device, memory_format=torch.channels_last)  # ~2x faster convs on CPU (oneDNN)
     meta["weights"] = model.weights_info.to_dict()
     check_start_weights(out, config, old, meta["weights"])
     loader, val_loader, data_meta = make_loaders(model, train, val, config, world)
     meta.update(data_meta)
     run = _start(model, config, out, train.sources, device, world, steps=config.epochs * len(loader))
+    run.multilabel = train.multilabel
     if resume:  # the whole checkpoint is checked, and restored, before anything is written
         loop = load_checkpoint(out, model, run.optimizer, run.scheduler, history_keys=METRICS)
         if loop["epoch"] and not (out / "model-best.safetensors").is_file():  # read back when the run ends
@@ -203,7 +206,8 @@ def _fit(run: Run, loader, val_loader, progress: bool, loop: dict) -> tuple[list
         seconds = time.perf_counter() - start
         lr_head = max(g["lr"] for g in run.optimizer.param_groups)
         history.append(dict(zip(METRICS, (epoch, loss, acc, val_loss, val_acc, lr_head, seconds, rate))))
-        key = (epoch, 0.0) if val_loader is None else (val_acc, -val_loss)
+        # multi-label: the lowest validation loss (per-label accuracy rewards predicting every rare label absent)
+        key = (epoch, 0.0) if val_loader is None else (-val_loss, val_acc) if run.multilabel else (val_acc, -val_loss)
         improved = key > best_key
         if improved:
             best_key, best = key, (epoch, val_acc)
@@ -249,11 +253,12 @@ def _epoch(run: Run, loader, epoch: int = 0, progress: bool = False) -> tuple[fl
             x, y = to_device(x, run.device), y.to(run.device)
             with torch.set_grad_enabled(training), autocast(run.config.precision, run.device):
                 logits = (run.net if training else run.model)(x).float()
-                loss = nn.functional.cross_entropy(logits, y, label_smoothing=run.config.label_smoothing)
+                loss = _loss(logits, y, run.config)
             if training:
                 _step(run, loss, epoch, batch, [run.sources[i] for i in idx[:3].tolist()])
             total, seen = total + loss.item() * len(y), seen + len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            hits = (logits > 0) == y if y.ndim == 2 else logits.argmax(1) == y  # multi-label: each label's yes/no
+            correct += hits.float().mean(1).sum().item() if y.ndim == 2 else hits.sum().item()
             rate = seen / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.3f}",
                             img_s=f"{rate * run.world.size:.0f}", refresh=False)
@@ -261,6 +266,13 @@ def _epoch(run: Run, loader, epoch: int = 0, progress: bool = False) -> tuple[fl
     if not seen:
         raise DataError(f"no image of the {'training' if training else 'validation'} set could be read")
     return total / seen, correct / seen, int(seen)
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, config: FinetuneConfig) -> torch.Tensor:
+    """Cross-entropy over the classes; for multi-label targets (B, classes), binary cross-entropy per label."""
+    if y.ndim == 2:
+        return nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+    return nn.functional.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
 
 
 def _step(run: Run, loss: torch.Tensor, epoch: int, batch: int, files: list[str]) -> None:
@@ -291,7 +303,7 @@ def _final_eval(run: Run, val_loader, classes: list[str]) -> dict:
     from transferkit.probe.metrics import score_predictions
 
     run.model.eval()
-    ys, preds = [], []
+    ys, preds = [], []  # multi-label: sigmoid scores, not predictions
     loader = val_loader
     if run.world.distributed:  # the sharded loader only covers this rank's part
         loader = torch.utils.data.DataLoader(val_loader.dataset, batch_size=val_loader.batch_size,
@@ -301,9 +313,20 @@ def _final_eval(run: Run, val_loader, classes: list[str]) -> dict:
             if x is None:
                 continue
             with autocast(run.config.precision, run.device):
-                preds.append(run.model(to_device(x, run.device)).float().argmax(1).cpu())
+                logits = run.model(to_device(x, run.device)).float()
+                preds.append((logits.sigmoid() if run.multilabel else logits.argmax(1)).cpu())
             ys.append(y)
     y, pred = torch.cat(ys).numpy(), torch.cat(preds).numpy()
+    if run.multilabel:  # per-label thresholds chosen here, on the validation set, and kept in config.json
+        from transferkit.probe.metrics import score_multilabel
+        from transferkit.probe.multilabel import best_thresholds
+
+        thresholds = best_thresholds(y, pred)
+        ev = score_multilabel(y, pred, thresholds, classes)
+        write_text_atomic(run.out / "report.txt", ev.report)
+        never_always = [float(t) if np.isfinite(t) else (2.0 if t > 0 else 0.0) for t in thresholds]  # JSON-able
+        return {"mAP": ev.mAP, "micro_f1": ev.micro_f1, "macro_f1": ev.macro_f1, "n": len(y),
+                "thresholds": never_always}
     ev = score_predictions(y, pred, np.arange(len(classes)), classes)
     plot_confusion(ev.confusion, ev.labels, run.out / "confusion.png",
                    title=f"best model on validation: {100 * ev.accuracy:.2f}%")

@@ -81,6 +81,7 @@ def find_lr(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAU
     from transferkit.plots import plot_lr_find
 
     config.validate()
+    train.require_single_label("the learning-rate finder")
     seed_everything(config.seed)
     check_output(out, RUN_KIND, inputs=[train.root])
     model = build_model(config, train.classes, np.bincount(train.targets, minlength=len(train.classes)))

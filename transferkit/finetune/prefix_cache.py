@@ -120,12 +120,12 @@ class CachedDataset(torch.utils.data.Dataset):
         return len(self.targets)
 
     def __getitem__(self, i: int):
-        return self.activations[i], int(self.targets[i]), i
+        return self.activations[i], self.targets[i] if self.targets.ndim == 2 else int(self.targets[i]), i
 
 
 def collate_cached(batch):
     """Same 4-tuple as data.collate (x, y, idx, bad) so one training loop serves both."""
     x = torch.stack([b[0] for b in batch])
-    y = torch.tensor([b[1] for b in batch])
+    y = torch.as_tensor(np.asarray([b[1] for b in batch], dtype=np.int64))  # (B,) or (B, classes): multi-label
     idx = torch.tensor([b[2] for b in batch])
     return x, y, idx, []

@@ -119,8 +119,12 @@ def set_train_mode(model: nn.Module, train_bn: bool = False) -> nn.Module:
 
 
 def replace_head(model: nn.Module, num_classes: int, class_counts: np.ndarray | None = None, head: str = "linear",
-                 dropout: float = 0.2, hidden: int = 512, image_size: int | tuple[int, int] | None = None) -> nn.Module:
+                 dropout: float = 0.2, hidden: int = 512, image_size: int | tuple[int, int] | None = None,
+                 n_images: int | None = None) -> nn.Module:
     """A new classifier (in place) whose bias is the log class prior: early steps need not learn the balance.
+
+    With `n_images` the head is multi-label (one sigmoid per class): `class_counts` are each label's positive
+    images among `n_images`, and each bias is that label's log-odds.
 
     head='local' works on the unpooled final map, whose size depends on the input: `image_size` is the
     training image size (None: the model's pretrained input size).
@@ -144,8 +148,15 @@ def replace_head(model: nn.Module, num_classes: int, class_counts: np.ndarray | 
         final = _local_head(model, num_classes, image_size)
     nn.init.kaiming_normal_(final.weight, nonlinearity="linear")
     with torch.no_grad():
-        final.bias.copy_(torch.from_numpy(_log_prior(class_counts, num_classes)))
+        prior = _log_prior(class_counts, num_classes) if n_images is None else _log_odds(class_counts, n_images)
+        final.bias.copy_(torch.from_numpy(prior))
     return model
+
+
+def _log_odds(positives: np.ndarray | None, n_images: int) -> np.ndarray:
+    """Per label log(p / (1 - p)), p its share of images (smoothed by half an image, so never 0 or 1)."""
+    p = (np.asarray(positives, dtype=np.float64) + 0.5) / (n_images + 1)
+    return np.log(p / (1 - p)).astype(np.float32)
 
 
 def _local_head(model: nn.Module, num_classes: int, image_size: int | tuple[int, int] | None) -> nn.Linear:

@@ -56,3 +56,47 @@ def score_predictions(y: Any, pred: Any, label_values: Any, names: Sequence[str]
     per_class = {name: {ours: float(raw[name][theirs]) for ours, theirs in keys.items()} for name in labels}
     return Evaluation(float(accuracy_score(y, pred)), labels, confusion_matrix(y, pred, labels=label_values),
                       classification_report(y, pred, **kwargs), per_class)
+
+
+@dataclass(frozen=True)
+class MultiLabelEvaluation:
+    """Held-out performance on multi-label data: mAP (the mean over labels of average precision, which needs no
+    threshold), and micro/macro F1 and per-label scores at the chosen per-label thresholds."""
+
+    mAP: float
+    micro_f1: float
+    macro_f1: float
+    labels: list[str]
+    per_label: dict[str, dict[str, float]]  # label -> ap, f1, precision, recall, support, threshold
+    report: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def score_multilabel(Y: Any, scores: Any, thresholds: Any, names: Sequence[str]) -> MultiLabelEvaluation:
+    """Evaluation of per-label `scores` (n, L) against 0/1 targets `Y` (n, L), predicting label j where
+    scores[:, j] >= thresholds[j]. Labels with no positive image are left out of mAP (AP is undefined there)."""
+    from sklearn.metrics import average_precision_score, f1_score, precision_recall_fscore_support
+
+    Y, scores = np.asarray(Y), np.asarray(scores, dtype=np.float64).reshape(len(Y), -1)
+    if Y.shape != scores.shape:
+        raise DataError(f"targets have shape {Y.shape} but the scores {scores.shape}")
+    pred = (scores >= np.asarray(thresholds)).astype(np.int64)
+    precision, recall, f1, support = precision_recall_fscore_support(Y, pred, average=None, zero_division=0)
+    has_positives = Y.sum(0) > 0
+    ap = np.array([average_precision_score(Y[:, j], scores[:, j]) if has_positives[j] else np.nan
+                   for j in range(Y.shape[1])])
+    per_label = {str(name): {"ap": None if np.isnan(ap[j]) else float(ap[j]), "f1": float(f1[j]),
+                             "precision": float(precision[j]), "recall": float(recall[j]),
+                             "support": int(support[j]),
+                             "threshold": float(t) if np.isfinite(t := np.asarray(thresholds)[j]) else None}
+                 for j, name in enumerate(names)}
+    lines = [f"{'label':>20} {'AP':>6} {'F1':>6} {'prec':>6} {'recall':>6} {'support':>8}"]
+    lines += [f"{name[:20]:>20} {'-' if s['ap'] is None else format(s['ap'], '.3f'):>6} {s['f1']:6.3f} "
+              f"{s['precision']:6.3f} {s['recall']:6.3f} {s['support']:8d}" for name, s in per_label.items()]
+    mAP = float(np.nanmean(ap)) if has_positives.any() else float("nan")
+    micro = float(f1_score(Y, pred, average="micro", zero_division=0))
+    macro = float(f1_score(Y, pred, average="macro", zero_division=0))
+    lines.append(f"\nmAP {mAP:.4f}  micro-F1 {micro:.4f}  macro-F1 {macro:.4f}  ({len(Y)} images)")
+    return MultiLabelEvaluation(mAP, micro, macro, [str(n) for n in names], per_label, "\n".join(lines) + "\n")

@@ -3,6 +3,7 @@ makes its codes. Used by the jobs (predict, evaluate) and by network surgery ali
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +12,9 @@ from transferkit.codes.pooling import POOL_NAMES, RENAMED
 from transferkit.codes.spec import CodeSpec
 from transferkit.errors import DataError
 from transferkit.models.weights import weights_argument
+from transferkit.probe.fileformat import META_FILE
 from transferkit.probe.linear import LinearProbe
+from transferkit.probe.multilabel import MultiLabelProbe
 
 PROBE_DIR = "probe"  # the folder inside a probe output that holds the model (arrays.npz + probe.json)
 
@@ -21,13 +24,22 @@ def is_probe_dir(path: str | Path) -> bool:
     return (Path(path) / PROBE_DIR).is_dir()
 
 
+def _probe_class(folder: Path) -> type[LinearProbe]:
+    """MultiLabelProbe for a probe trained on multi-label codes (its probe.json says so), else LinearProbe."""
+    try:
+        multilabel = json.loads((folder / META_FILE).read_text()).get("extra", {}).get("multilabel", False)
+    except (OSError, ValueError, AttributeError):  # LinearProbe.load reports what is wrong with the file
+        multilabel = False
+    return MultiLabelProbe if multilabel else LinearProbe
+
+
 def load_probe_dir(path: str | Path, *, batch_size: int = 64, progress: bool = False,
                    exact: bool = False) -> tuple[LinearProbe, FeatureExtractor]:
     """A saved probe and the fitted extractor that makes its codes, with the same backbone weights.
 
     `exact`: an fp32 backbone without folding, whatever the codes were made with (for network surgery).
     """
-    probe = LinearProbe.load(Path(path) / PROBE_DIR)
+    probe = _probe_class(Path(path) / PROBE_DIR).load(Path(path) / PROBE_DIR)
     if probe.extra_.get("pool_names") != POOL_NAMES:
         probe.extra_ = _renamed_pools(probe.extra_)
     spec = CodeSpec.from_probe(probe.extra_)

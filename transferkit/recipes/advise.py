@@ -157,6 +157,7 @@ def advise(
     if not isinstance(thresholds, Thresholds):
         thresholds = Thresholds().replace(**(thresholds or {}))
     dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class)
+    dataset.require_single_label("advise")
     counts = np.bincount(dataset.targets, minlength=len(dataset.classes))
     counts = counts[counts > 0]
     subset = _stratified(dataset, sample)

@@ -73,6 +73,7 @@ class Recipe:
         if self.kind == "finetune" and (out / "run" / "config.json").exists():  # before recipe.json is replaced
             raise DataError(f"'{out}' already holds a fine-tuning run (run/config.json); choose another out directory")
         train = train if isinstance(train, ImageDataset) else load_data(train)
+        train.require_single_label("a recipe")
         test = test if test is None or isinstance(test, ImageDataset) else load_data(test)
         claim(out, OUTPUT_KIND, inputs=[train.root, None if test is None else test.root])
         write_json_atomic(out / RECIPE_FILE, {"recipe": self.to_dict(), "source": self.source, "train": str(train.root),

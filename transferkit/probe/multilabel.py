@@ -1,0 +1,154 @@
+"""Multi-label linear probe (MultiLabelProbe): one linear SVM per label, C chosen by cross-validated mAP, and a
+decision threshold per label chosen on out-of-fold scores to maximise that label's F1.
+
+Why: in multi-label data each label is its own yes/no question with its own base rate, so a label is scored
+by average precision (no threshold needed) and decided by a threshold of its own; the SVM margin (0) would
+favour frequent labels. The thresholds come from folds the SVMs did not train on, as the test set will.
+The fitted SVMs are stored as one (n_labels, n_features) coefficient matrix, the same arrays a LinearProbe
+saves, so saving, loading and network surgery work alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import average_precision_score, precision_recall_curve
+from sklearn.model_selection import KFold
+from sklearn.utils.validation import check_X_y
+
+from transferkit.errors import DataError
+from transferkit.probe.linear import LinearProbe, warn_unconverged
+
+logger = logging.getLogger(__name__)
+
+
+class MultiLabelProbe(LinearProbe):
+    """One linear SVM per label on CNN codes; `predict` gives (n, n_labels) 0/1, `score` the mAP.
+
+    Same parameters as LinearProbe; C='auto' picks the C of best out-of-fold mAP (smallest first, stopping
+    once it drops); `thresholds_` are the per-label decision thresholds.
+    """
+
+    def fit(self, X: Any, Y: Any) -> MultiLabelProbe:
+        """Choose C (if 'auto') and the thresholds by K-fold CV on X, Y, then fit every label on all rows."""
+        self._check_params()
+        X, Y = check_multilabel(X, Y)
+        self.classes_ = np.arange(Y.shape[1])
+        self.n_features_in_ = X.shape[1]
+        rows = self._cv_rows(len(Y))
+        folds = KFold(n_splits=min(self.cv, len(rows)), shuffle=True, random_state=self.random_state)
+        Cs = sorted({float(c) for c in self.Cs}) if self.C == "auto" else [float(self.C)]
+        self.cv_results_, best, n_bad, n_fits = [], None, 0, 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            for C in Cs:
+                oof = np.zeros(Y[rows].shape)
+                for fit_idx, val_idx in folds.split(rows):
+                    pipe, bad = self._fit_labels(X[rows][fit_idx], Y[rows][fit_idx], C)
+                    oof[val_idx] = _scores(pipe, X[rows][val_idx])
+                    n_bad, n_fits = n_bad + bad, n_fits + Y.shape[1]
+                score = mean_average_precision(Y[rows], oof)
+                self.cv_results_.append({"C": C, "mean": score})
+                logger.info("C=%g: %d-fold CV mAP %.4f", C, folds.n_splits, score)
+                if best is None or score > best[1]:
+                    best = (C, score, oof)
+                elif score < best[1]:
+                    break
+            self.best_C_, self.cv_score_, oof = best
+            self.thresholds_ = best_thresholds(Y[rows], oof)
+            self.pipeline_, bad = self._fit_labels(X, Y, self.best_C_)
+        self.n_iter_ = int(self.pipeline_.named_steps["svm"].n_iter_)
+        self.converged_ = bad == 0
+        warn_unconverged(n_bad + bad, n_fits + Y.shape[1], self.max_iter)
+        return self
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Per-label SVM scores, (n, n_labels)."""
+        return _scores(self.pipeline_, self._check_x(X))
+
+    def predict(self, X: Any) -> np.ndarray:
+        """(n, n_labels) 0/1: label j where its score reaches thresholds_[j]."""
+        return (self.decision_function(X) >= self.thresholds_).astype(np.int64)
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Mean average precision over the labels present in `y` (a multi-label probe has no single accuracy)."""
+        return mean_average_precision(np.asarray(y), self.decision_function(X))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {**super().arrays(), "thresholds": self.thresholds_}
+
+    def _restore(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        super()._restore(arrays, meta)
+        self.thresholds_ = np.asarray(arrays["thresholds"], dtype=np.float64)
+        if self.thresholds_.shape != (len(self.classes_),):
+            raise ValueError("thresholds do not match the labels")
+
+    def _cv_rows(self, n: int) -> np.ndarray:
+        """At most cv_max_samples rows (a seeded random subset) to choose C and thresholds on."""
+        if self.cv_max_samples is None or n <= self.cv_max_samples:
+            return np.arange(n)
+        rng = np.random.default_rng(self.random_state if isinstance(self.random_state, int) else 0)
+        return np.sort(rng.choice(n, self.cv_max_samples, replace=False))
+
+    def _fit_labels(self, X: np.ndarray, Y: np.ndarray, C: float):
+        """The scaler fitted on X and one SVM per label, stacked into the pipeline's svm (coef_ (L, D));
+        returns it and the number of label fits that hit max_iter. A label that is always (or never) present
+        in Y gets a constant score of +1 (or -1)."""
+        pipe = self._make_pipeline(C, X.shape)
+        scaled = pipe.named_steps["scale"].fit_transform(X) if pipe.named_steps["scale"] != "passthrough" else X
+        svm = pipe.named_steps["svm"]
+        coef, intercept, iters = np.zeros((Y.shape[1], X.shape[1])), np.zeros(Y.shape[1]), [0]
+        for j in range(Y.shape[1]):
+            if Y[:, j].min() == Y[:, j].max():
+                intercept[j] = 1.0 if Y[0, j] else -1.0
+                continue
+            one = self._make_pipeline(C, X.shape).named_steps["svm"].fit(scaled, Y[:, j])
+            coef[j], intercept[j] = one.coef_[0], one.intercept_[0]
+            iters.append(int(one.n_iter_))
+        svm.coef_, svm.intercept_, svm.classes_ = coef, intercept, np.arange(Y.shape[1])
+        svm.n_features_in_, svm.n_iter_ = X.shape[1], max(iters)
+        return pipe, sum(i >= self.max_iter for i in iters)
+
+
+def _scores(pipe, X: np.ndarray) -> np.ndarray:
+    return np.asarray(pipe.decision_function(X), dtype=np.float64).reshape(len(X), -1)
+
+
+def check_multilabel(X: Any, Y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (n, D) and 0/1 targets (n, L) with L >= 1, at least 2 rows, some label present somewhere."""
+    try:
+        X, Y = check_X_y(X, Y, dtype=(np.float64, np.float32), multi_output=True)
+    except ValueError as err:
+        raise DataError(f"Bad training data: {err}") from err
+    Y = np.asarray(Y)
+    if Y.ndim != 2 or not np.isin(Y, (0, 1)).all():
+        raise DataError(f"Multi-label targets must be a 0/1 array (n_images, n_labels); got shape {Y.shape} with "
+                        f"values {np.unique(Y)[:5].tolist()}")
+    if len(Y) < 2 or not Y.any():
+        raise DataError("Need at least 2 images and at least one label present to train a multi-label probe")
+    return X, Y.astype(np.int64)
+
+
+def mean_average_precision(Y: np.ndarray, scores: np.ndarray) -> float:
+    """The mean over labels with at least one positive of average precision (macro AP, 'mAP')."""
+    present = [j for j in range(Y.shape[1]) if Y[:, j].any()]
+    return float(np.mean([average_precision_score(Y[:, j], scores[:, j]) for j in present])) if present else 0.0
+
+
+def best_thresholds(Y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per label, the score threshold that maximises F1 on (out-of-fold) `scores`; +inf for a label never
+    present (never predicted), -inf for one always present."""
+    out = np.empty(Y.shape[1])
+    for j in range(Y.shape[1]):
+        if Y[:, j].min() == Y[:, j].max():
+            out[j] = -np.inf if Y[0, j] else np.inf
+            continue
+        precision, recall, thresholds = precision_recall_curve(Y[:, j], scores[:, j])
+        f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+        out[j] = thresholds[int(np.argmax(f1))]
+    return out
