@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from transferkit.probe.linear import LinearProbe
 
 _FORMAT = "transferkit.probe"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: params gained class_weight and metric, and "metric" records what chose C; 1 still reads
 ARRAYS_FILE = "arrays.npz"
 META_FILE = "probe.json"
 _META_KEYS = {"version", "params", "classes_dtype", "n_features_in", "best_C", "cv_score", "cv_results",
@@ -38,6 +38,7 @@ def write_probe(probe: LinearProbe, path: Path, extra: Mapping[str, Any] | None)
         "best_C": probe.best_C_,
         "cv_score": None if math.isnan(probe.cv_score_) else probe.cv_score_,
         "cv_results": probe.cv_results_,
+        "metric": probe.metric_,
         "n_iter": probe.n_iter_,
         "arrays_sha256": hashlib.sha256(npz_bytes).hexdigest(),
         "extra": dict(extra or {}),
