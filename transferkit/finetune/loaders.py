@@ -1,8 +1,10 @@
-"""What a fine-tuning run trains on: the validation hold-out, transforms, loaders, the frozen-prefix cache swap."""
+"""What a fine-tuning run trains on: the validation hold-out, transforms, loaders (shuffled or class-balanced), the
+frozen-prefix cache swap."""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -62,9 +64,45 @@ def make_loaders(model: nn.Module, train: ImageDataset, val: ImageDataset | None
                                 "train_transform": train_steps, "n_train": len(train), "n_val": len(val or [])}
 
 
+def balanced_weights(targets: np.ndarray, n_classes: int) -> np.ndarray:
+    """scikit-learn's class_weight='balanced': n / (n_classes x count) per class (0 for a class with no images)."""
+    counts = np.bincount(targets, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = len(targets) / (present.sum() * counts[present])
+    return weights
+
+
+class BalancedSampler(torch.utils.data.Sampler):
+    """Draws len(targets) indices per epoch with replacement, each class equally likely; sharded across ranks.
+
+    Like DistributedSampler, the draw depends on (seed, epoch) only, so a resumed run draws the same batches.
+    """
+
+    def __init__(self, targets: np.ndarray, world: World, seed: int = 0):
+        targets = np.asarray(targets)
+        self.p = torch.from_numpy(balanced_weights(targets, int(targets.max()) + 1)[targets])
+        self.world, self.seed, self.epoch = world, seed, 0
+        self.per_rank = math.ceil(len(targets) / world.size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        drawn = torch.multinomial(self.p, self.per_rank * self.world.size, replacement=True, generator=g)
+        return iter(drawn[self.world.rank::self.world.size].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
 def _train_loader(dataset, config: FinetuneConfig, world: World, collate_fn) -> torch.utils.data.DataLoader:
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True,
-                                                  seed=config.seed)
+    if config.sampler == "balanced":
+        sampler = BalancedSampler(dataset.targets, world, config.seed)
+    else:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world.size, rank=world.rank,
+                                                      shuffle=True, seed=config.seed)
     per_rank = len(sampler)
     return torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from transferkit.data.datasets import ImageDataset
 from transferkit.errors import DataError, TransferkitError
 from transferkit.finetune.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.finetune.config import DEFAULT_CONFIG, FinetuneConfig, build_model
-from transferkit.finetune.loaders import make_loaders, maybe_cache, split_train_val
+from transferkit.finetune.loaders import balanced_weights, make_loaders, maybe_cache, split_train_val
 from transferkit.finetune.params import FINETUNE, OPTIMIZERS, SCHEDULES  # noqa: F401  (re-exported)
 from transferkit.finetune.prefix_cache import bypassed
 from transferkit.finetune.rundir import (
@@ -54,6 +55,9 @@ from transferkit.runtime.atomic import atomic_write, write_json_atomic, write_te
 from transferkit.runtime.device import autocast, default_device
 from transferkit.runtime.distributed import World, all_true, close_world, init_world, sum_all
 
+if TYPE_CHECKING:
+    from transferkit.probe.metrics import Evaluation  # sklearn: imported when a run evaluates
+
 log = logging.getLogger(__name__)
 
 METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr_head", "seconds", "img_per_s")
@@ -67,6 +71,7 @@ class FinetuneResult:
     history: list[dict]
     model: nn.Module
     cached: bool = False  # trained on frozen-prefix activations
+    evaluation: Evaluation | None = None  # the best model on the validation set (None without one)
 
 
 @dataclass
@@ -83,6 +88,7 @@ class Run:
     device: torch.device
     world: World
     bypass: list[nn.Module] = field(default_factory=list)  # frozen prefix replaced by cached activations
+    loss_weight: torch.Tensor | None = None  # per class, config.class_weight='balanced'; None: plain cross-entropy
     step: int = 0
     last_saved: int = 0
 
@@ -120,6 +126,10 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
     loader, val_loader, data_meta = make_loaders(model, train, val, config, world)
     meta.update(data_meta)
     run = _start(model, config, out, train.sources, device, world, steps=config.epochs * len(loader))
+    if config.class_weight == "balanced":
+        weights = balanced_weights(train.targets, len(train.classes))
+        run.loss_weight = torch.tensor(weights, dtype=torch.float32, device=device)
+        meta["class_weights"] = weights.tolist()
     if resume:  # the whole checkpoint is checked, and restored, before anything is written
         loop = load_checkpoint(out, model, run.optimizer, run.scheduler, history_keys=METRICS)
         if loop["epoch"] and not (out / "model-best.safetensors").is_file():  # read back when the run ends
@@ -138,12 +148,15 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
         write_json_atomic(out / "config.json", meta)
     history, best = _fit(run, loader, val_loader, progress, loop)
     model.load_state_dict(load_state_dict_file(out / "model-best.safetensors"))
+    ev = None
     if world.main:
         meta.update(best_epoch=best[0], best_val_accuracy=best[1])
         if val_loader is not None:
-            meta["val"] = _final_eval(run, val_loader, train.classes)
+            ev = _final_eval(run, val_loader, train.classes)
+            meta["val"] = {k: v for k, v in ev.to_dict().items() if k not in ("labels", "confusion", "report")}
+            meta["val"]["n"] = int(ev.confusion.sum())
         write_json_atomic(out / "config.json", meta)
-    return FinetuneResult(out, best[0], best[1], history, model.eval(), cached=bool(run.bypass))
+    return FinetuneResult(out, best[0], best[1], history, model.eval(), cached=bool(run.bypass), evaluation=ev)
 
 
 def seed_everything(seed: int) -> None:
@@ -249,7 +262,8 @@ def _epoch(run: Run, loader, epoch: int = 0, progress: bool = False) -> tuple[fl
             x, y = to_device(x, run.device), y.to(run.device)
             with torch.set_grad_enabled(training), autocast(run.config.precision, run.device):
                 logits = (run.net if training else run.model)(x).float()
-                loss = nn.functional.cross_entropy(logits, y, label_smoothing=run.config.label_smoothing)
+                weight = run.loss_weight if training else None  # validation loss: plain, comparable across runs
+                loss = nn.functional.cross_entropy(logits, y, weight=weight, label_smoothing=run.config.label_smoothing)
             if training:
                 _step(run, loss, epoch, batch, [run.sources[i] for i in idx[:3].tolist()])
             total, seen = total + loss.item() * len(y), seen + len(y)
@@ -285,7 +299,7 @@ def _step(run: Run, loss: torch.Tensor, epoch: int, batch: int, files: list[str]
 
 
 @torch.no_grad()
-def _final_eval(run: Run, val_loader, classes: list[str]) -> dict:
+def _final_eval(run: Run, val_loader, classes: list[str]) -> Evaluation:
     """Best model on the validation set: confusion.png and per-class scores (rank 0, whole val set)."""
     from transferkit.plots import plot_confusion
     from transferkit.probe.metrics import score_predictions
@@ -306,9 +320,10 @@ def _final_eval(run: Run, val_loader, classes: list[str]) -> dict:
     y, pred = torch.cat(ys).numpy(), torch.cat(preds).numpy()
     ev = score_predictions(y, pred, np.arange(len(classes)), classes)
     plot_confusion(ev.confusion, ev.labels, run.out / "confusion.png",
-                   title=f"best model on validation: {100 * ev.accuracy:.2f}%")
+                   title=f"best model on validation: {100 * ev.accuracy:.2f}% "
+                         f"(balanced {100 * ev.balanced_accuracy:.2f}%)")
     write_text_atomic(run.out / "report.txt", ev.report)
-    return {"accuracy": ev.accuracy, "n": len(y)}
+    return ev
 
 
 def _plot_curves(out: Path, history: list[dict]) -> None:
