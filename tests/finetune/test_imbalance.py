@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from sklearn.utils.class_weight import compute_class_weight
 
-from transferkit.data.datasets import open_dataset
+from transferkit.data.datasets import ImageDataset, open_dataset
 from transferkit.errors import ParameterError
 from transferkit.finetune.config import FinetuneConfig
-from transferkit.finetune.loaders import BalancedSampler, balanced_weights
+from transferkit.finetune.loaders import BalancedSampler, balanced_weights, split_train_val
 from transferkit.finetune.loop import finetune
 from transferkit.runtime.distributed import World
 
@@ -70,3 +70,10 @@ def test_weighted_run_records_weights_and_balanced_scores(tmp_path, photo_folder
                   "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--val-fraction", "0.25",
                   "--sampler", "balanced").output
     assert "validation accuracy: " in out and "balanced accuracy: " in out and "macro-F1: " in out
+
+
+def test_validation_hold_out_keeps_the_class_proportions():
+    targets = np.repeat([0, 1, 2], [700, 250, 50])
+    data = ImageDataset([f"{i}.png" for i in range(1000)], targets, ["a", "b", "c"], root="images", kind="files")
+    fit, val = split_train_val(data, None, FinetuneConfig(val_fraction=0.1))
+    assert np.bincount(val.targets).tolist() == [70, 25, 5] and np.bincount(fit.targets).tolist() == [630, 225, 45]
