@@ -117,3 +117,12 @@ def test_cli_probe_class_weight_and_metrics_json(photo_folder, tmp_path, cli_run
     assert bad.exit_code == 2 and "Invalid value for '--class-weight'" in bad.output
     bad = cli_run("sweep", codes, "--metric", "f1", ok=False)
     assert bad.exit_code == 2 and "Invalid value for '--metric'" in bad.output
+
+
+def test_a_class_weight_dict_round_trips(long_tail, tmp_path):
+    X, y, X_test, _ = long_tail
+    probe = LinearProbe(C=0.1, class_weight={0: 1.0, 1: 5.0, 2: 20.0}).fit(X, y)
+    probe.save(tmp_path / "p")
+    again = LinearProbe.load(tmp_path / "p")
+    assert again.class_weight == {0: 1.0, 1: 5.0, 2: 20.0}
+    np.testing.assert_array_equal(again.predict(X_test), probe.predict(X_test))

@@ -32,7 +32,7 @@ def write_probe(probe: LinearProbe, path: Path, extra: Mapping[str, Any] | None)
     meta = {
         "format": _FORMAT,
         "version": _FORMAT_VERSION,
-        "params": {**probe.get_params(), "Cs": [float(c) for c in probe.Cs]},
+        "params": {**probe.get_params(), "Cs": [float(c) for c in probe.Cs], "class_weight": _class_weight(probe)},
         "classes_dtype": probe.classes_.dtype.str if probe.classes_.dtype.kind in "iufb" else "str",
         "n_features_in": int(probe.n_features_in_),
         "best_C": probe.best_C_,
@@ -51,6 +51,12 @@ def write_probe(probe: LinearProbe, path: Path, extra: Mapping[str, Any] | None)
     write_bytes_atomic(path / ARRAYS_FILE, npz_bytes)
     write_bytes_atomic(path / META_FILE, meta_text.encode())  # written last: it vouches for the arrays
     return path
+
+
+def _class_weight(probe: LinearProbe) -> Any:
+    """class_weight as JSON: a {class: weight} dict keyed by str(class), which `LinearProbe.load` maps back."""
+    weights = probe.class_weight
+    return {str(k): float(v) for k, v in weights.items()} if isinstance(weights, Mapping) else weights
 
 
 def read_probe(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

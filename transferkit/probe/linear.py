@@ -55,7 +55,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         n_jobs: int | None = None,
         random_state: int = 0,
         cv_max_samples: int | None = 10_000,
-        class_weight: str | None = None,
+        class_weight: str | Mapping[Any, float] | None = None,
         metric: str = "auto",
     ) -> None:
         self.C = C  # no logic in __init__: clone()/set_params() must round-trip
@@ -67,7 +67,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.cv_max_samples = cv_max_samples
-        self.class_weight = class_weight  # None or 'balanced' (LinearSVC's class_weight)
+        self.class_weight = class_weight  # None, 'balanced' or {class: weight} (LinearSVC's class_weight)
         self.metric = metric  # what chooses C: 'accuracy', 'balanced_accuracy', or 'auto' (by imbalance)
 
     def fit(self, X: Any, y: Any) -> LinearProbe:
@@ -120,6 +120,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         try:
             probe = cls(**{**meta["params"], "Cs": tuple(meta["params"]["Cs"])})
             probe._restore(arrays, meta)
+            if isinstance(probe.class_weight, dict):  # JSON keys are text: back to the classes they name
+                probe.class_weight = {c.item(): probe.class_weight[str(c)] for c in probe.classes_
+                                      if str(c) in probe.class_weight}
         except (KeyError, TypeError, ValueError) as err:
             raise TransferkitError(f"Probe {path} is corrupt ({META_FILE} and {ARRAYS_FILE} disagree: "
                                    f"{err}); save it again.") from err

@@ -27,6 +27,6 @@ PROBE = {
     "n_jobs": [Integral, None],
     "random_state": ["random_state"],
     "cv_max_samples": [Interval(Integral, 2, None, closed="left"), None],  # and >= 2 x cv, checked in fit
-    "class_weight": [StrOptions(CLASS_WEIGHTS), None],
+    "class_weight": [StrOptions(CLASS_WEIGHTS), dict, None],  # dict: {class: weight}, Python only (as sklearn)
     "metric": [StrOptions(METRICS)],
 }
