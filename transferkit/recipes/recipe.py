@@ -97,7 +97,7 @@ class RecipeResult:
     evaluation: Evaluation | None
     paths: dict[str, Path]
     seconds: dict[str, float]
-    details: dict[str, Any]  # probe: codes key, C, CV accuracy; finetune: best epoch, validation accuracy
+    details: dict[str, Any]  # probe: codes key, C, CV score and its metric; finetune: best epoch, val accuracy
 
     def to_dict(self) -> dict[str, Any]:
         return {"recipe": None if self.recipe is None else self.recipe.name, "accuracy": self.accuracy,
@@ -138,7 +138,8 @@ def _run_probe(s: ProbeSettings, train: ImageDataset, test: ImageDataset | None,
                              layer="best" if auto else None, C=s.C, cv=s.cv, scaling=s.scaling,
                              class_weight=s.class_weight, metric=s.metric)
     ev = report.evaluation
-    details = {"codes": report.key, "C": report.probe.best_C_, "cv_accuracy": report.probe.cv_score_}
+    details = {"codes": report.key, "C": report.probe.best_C_, "cv_accuracy": report.probe.cv_score_,
+               "cv_metric": report.probe.metric_}
     return RecipeResult(None, out, out / "probe", None if ev is None else ev.accuracy, ev, paths, seconds,
                         details)
 
