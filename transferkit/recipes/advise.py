@@ -56,8 +56,8 @@ class Thresholds:
     gap_z: float = 2.0  # and the gap must stand out of its noise: McNemar's z on the same CV predictions
     max_softmax: float = 0.5  # model- and size-specific: Lite0 at 64 px gives 0.77-0.83 on FMNIST and photos alike
     # measured (docs/benchmarks.md, long-tailed Fashion-MNIST, probe, 1,000 images in the largest class): class
-    # weighting raised balanced accuracy by +0.35 points at ratio 3 (noise), +1.0 at 10 and +3.0 at 100, and never
-    # lowered it; so weight above 3, where the gain starts to show
+    # weighting raised balanced accuracy by +0.35 points at ratio 3 (noise), +1.0 at 10 and +3.0 at 100 (+0.7 and
+    # +2.1 with 6,000), and never lowered it; so weight above 3, where the gain starts to show
     imbalance: float = 3.0
 
     def replace(self, **overrides: Any) -> Thresholds:
