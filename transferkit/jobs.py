@@ -165,9 +165,10 @@ def _extract_best(
 
 
 def sweep_features(
-    store: FeatureStore, *, cv: int = 3, max_samples: int | None = 5000, progress: bool = True
+    store: FeatureStore, *, cv: int = 3, max_samples: int | None = 5000, progress: bool = True, metric: str = "auto"
 ) -> SweepResult:
-    """Score every layer x pooling in `store` by CV probe accuracy; write sweep.json and sweep.png beside it."""
+    """Score every layer x pooling in `store` by CV probe accuracy (`metric`: 'auto' is balanced accuracy on
+    imbalanced classes); write sweep.json (it records the metric) and sweep.png beside it."""
     from transferkit.plots import plot_sweep
 
     if store.multilabel:
@@ -176,9 +177,10 @@ def sweep_features(
     if len(store.keys) < 2:
         raise DataError(f"'{store.path}' holds one kind of codes; extract with layer='all', pool='all' to sweep")
     codes = {tuple(k.split("|")): store.load(k) for k in store.keys}
-    result = sweep(codes, store.labels, cv=cv, max_samples=max_samples, progress=progress)
+    result = sweep(codes, store.labels, cv=cv, max_samples=max_samples, progress=progress, metric=metric)
     write_json_atomic(store.path / SWEEP_FILE, result.to_dict())
-    plot_sweep(result.rows, store.path / "sweep.png", title=f"{store.meta['model']}: CV accuracy of a linear SVM")
+    what = "CV balanced accuracy" if result.metric == "balanced_accuracy" else "CV accuracy"
+    plot_sweep(result.rows, store.path / "sweep.png", title=f"{store.meta['model']}: {what} of a linear SVM")
     add_files(store.path, SWEEP_FILES)
     return result
 
@@ -213,8 +215,13 @@ def train_probe(
     Cs: Sequence[float] = DEFAULT_CS,
     scaling: str = "standard",
     cv: int = 5,
+    class_weight: str | None = None,
+    metric: str = "auto",
 ) -> ProbeReport:
-    """Fit a LinearProbe on training codes, evaluate on test codes, save probe, metrics and plots to `out`."""
+    """Fit a LinearProbe on training codes, evaluate on test codes, save probe, metrics and plots to `out`.
+
+    metrics.json records the metric that chose C (`cv_metric`) and, with a test set, accuracy, balanced accuracy,
+    macro-F1 and the per-class scores (`test`: Evaluation.to_dict)."""
     from transferkit.plots import plot_confusion
 
     train = train if isinstance(train, FeatureStore) else FeatureStore(train)
@@ -231,7 +238,8 @@ def train_probe(
     if test is not None:
         check_compatible(train, test, key)
     kind = MultiLabelProbe if train.multilabel else LinearProbe  # one SVM per label, thresholds of their own
-    probe = kind(C=C, Cs=Cs, scaling=scaling, cv=cv).fit(train.load(key), train.labels)
+    probe = kind(C=C, Cs=Cs, scaling=scaling, cv=cv, class_weight=class_weight,
+                 metric=metric).fit(train.load(key), train.labels)
     code_spec = CodeSpec.from_meta(train.meta, key)  # load_probe_dir rebuilds the extractor from it
     spec = {"model": code_spec.model, "weights": train.meta["weights"], "image_size": train.meta["image_size"],
             "precision": code_spec.precision, "transform": code_spec.transform, "classes": train.meta["classes"],
@@ -239,7 +247,7 @@ def train_probe(
             "pool_names": POOL_NAMES, "multilabel": train.multilabel}
     evaluation = None
     metrics = {"key": key, "C": probe.best_C_, "cv_mAP" if train.multilabel else "cv_accuracy": probe.cv_score_,
-               "n_train": len(train)}
+               "cv_metric": probe.metric_, "class_weight": class_weight, "n_train": len(train)}
     with building(out, PROBE_KIND, inputs=[train.path, test_path]) as tmp:
         probe.save(tmp / "probe", extra=spec)
         if test is not None and train.multilabel:
@@ -252,7 +260,9 @@ def train_probe(
             plot_confusion(evaluation.confusion, evaluation.labels, tmp / "confusion.png",
                            title=f"{key} on {test.path}")
             write_text_atomic(tmp / "report.txt", evaluation.report)
-            metrics.update(n_test=len(test), test_accuracy=evaluation.accuracy, test=evaluation.to_dict())
+            metrics.update(n_test=len(test), test_accuracy=evaluation.accuracy,
+                           test_balanced_accuracy=evaluation.balanced_accuracy, test_macro_f1=evaluation.macro_f1,
+                           test=evaluation.to_dict())
         write_json_atomic(tmp / "metrics.json", metrics)
     return ProbeReport(probe, key, Path(out), evaluation)
 
@@ -343,7 +353,8 @@ def _labels_found(files: list[str], scores: np.ndarray, names: Sequence[str], th
 
 def run_thresholds(meta: dict) -> np.ndarray:
     """A multi-label run's per-label thresholds on sigmoid scores (chosen on its validation set; 0.5 without)."""
-    return np.asarray(meta.get("val", {}).get("thresholds") or [0.5] * len(meta["classes"]))
+    per_label = meta.get("val", {}).get("per_label", {})
+    return np.asarray([per_label.get(c, {}).get("threshold", 0.5) for c in meta["classes"]])
 
 
 def evaluate_model(
@@ -356,8 +367,8 @@ def evaluate_model(
     progress: bool = True,
     tta: bool = False,
 ) -> Evaluation | MultiLabelEvaluation:
-    """Accuracy, confusion and per-class scores of a probe or a fine-tuning run on labelled `data` (multi-label
-    data: mAP, F1 and per-label scores).
+    """Accuracy, balanced accuracy, macro-F1, confusion and per-class scores of a probe or a fine-tuning run on
+    labelled `data` (multi-label data: mAP, F1 and per-label scores).
 
     Classes are matched by name, so `data` may lack some of the model's classes or order them differently.
     With `out`, report.txt, metrics.json and confusion.png are written there. `tta` (runs only): average the

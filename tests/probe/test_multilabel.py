@@ -127,13 +127,14 @@ def test_finetune_multilabel_sigmoid_head_thresholds_predict_and_evaluate(mosaic
     cli_run("finetune", mosaics[0], "-o", run, "--weights", "package", "--image-size", "64", "--epochs", "2",
             "--freeze-until", "blocks.6", "--lr", "0.01", "--batch-size", "32")
     meta = json.loads((run / "config.json").read_text())
-    assert meta["multilabel"] is True and len(meta["val"]["thresholds"]) == 10 and meta["val"]["mAP"] > 0.5, meta["val"]
+    thresholds = [meta["val"]["per_label"][c]["threshold"] for c in meta["classes"]]
+    assert meta["multilabel"] is True and len(thresholds) == 10 and meta["val"]["mAP"] > 0.5, meta["val"]
     out = cli_run("evaluate", run, mosaics[1], "-o", tmp_path / "ev").output
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert "mAP: " in out and metrics["mAP"] > 0.5 and set(metrics["per_label"]) == set(meta["classes"]), out
     rows = [json.loads(x) for x in cli_run("predict", run, mosaics[1].parent / "m0001.png", "--json").output.split("\n")
             if x]
-    assert len(rows) == 1 and all(x["score"] >= meta["val"]["thresholds"][meta["classes"].index(x["label"])]
+    assert len(rows) == 1 and all(x["score"] >= thresholds[meta["classes"].index(x["label"])]
                                   for x in rows[0]["labels"])
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from transferkit import recipes
+from transferkit.data.datasets import ImageDataset
 from transferkit.errors import DataError
-from transferkit.recipes.advise import Advice, Thresholds, advise, parse_thresholds
+from transferkit.recipes.advise import Advice, Thresholds, _stratified, advise, parse_thresholds
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -85,3 +88,24 @@ def test_cli_prints_and_runs_the_recommendation(photos, tmp_path, cli_run):
     assert (tmp_path / "run" / "result.json").is_file()
     bad = cli_run("advise", photos, "--threshold", "gap=1", ok=False)
     assert bad.exit_code == 1 and "unknown threshold 'gap'" in bad.output
+
+
+def test_imbalanced_data_gets_counts_ratio_and_class_weighting(photos, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(photos, data)  # the module's photos stay balanced
+    for extra in sorted((data / "flower").iterdir())[3:]:  # 12 temples, 3 flowers
+        extra.unlink()
+    advice = advise(data, progress=False)
+    assert advice.class_counts == {"flower": 3, "temple": 12} and advice.imbalance == 4.0
+    assert advice.class_weight == "balanced" and advice.recipe_to_run().settings.class_weight == "balanced"
+    report = advice.report()
+    assert "class counts: flower 3, temple 12" in report and "(imbalance 4.0x)" in report
+    assert "with class_weight=balanced (imbalance 4.0x > " in report
+    unweighted = dataclasses.replace(advice, class_weight=None)  # what advise gives below thresholds.imbalance
+    assert unweighted.recipe_to_run() == recipes.get(advice.recipe) and "with class_weight" not in unweighted.report()
+
+
+def test_similarity_sample_keeps_the_class_proportions():
+    targets = np.repeat([0, 1, 2], [700, 250, 50])
+    data = ImageDataset([f"{i}.png" for i in range(1000)], targets, ["a", "b", "c"], root="images", kind="files")
+    assert np.bincount(_stratified(data, 200).targets).tolist() == [140, 50, 10]

@@ -9,7 +9,7 @@ import click
 
 from transferkit.cli import DEFAULT_MODEL, cli, model_options
 from transferkit.codes.params import EXTRACTOR
-from transferkit.probe.params import PROBE
+from transferkit.probe.params import AUTO_BALANCED_RATIO, PROBE
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
 
 
@@ -104,9 +104,10 @@ def _worker_rank() -> bool:
 def _print_sweep(features: Path) -> None:
     file = features / "sweep.json"
     if file.is_file():
-        best = json.loads(file.read_text())["best"]
+        result = json.loads(file.read_text())
+        best, metric = result["best"], result.get("metric", "accuracy").replace("_", " ")  # older: accuracy
         click.echo(f"sweep: best codes {best['layer']}|{best['pool']} (dim {best['dim']}) "
-                   f"at {100 * best['cv_accuracy']:.2f}% CV accuracy; plot {features / 'sweep.png'}")
+                   f"at {100 * best['cv_accuracy']:.2f}% CV {metric}; plot {features / 'sweep.png'}")
 
 
 @cli.command()
@@ -114,13 +115,16 @@ def _print_sweep(features: Path) -> None:
 @click.option("--cv", type=click_type(PROBE["cv"]), default=3, show_default=True, help="Cross-validation folds.")
 @click.option("--max-samples", type=click.IntRange(10), default=5000, show_default=True,
               help="Score on a stratified subset of at most this many training images.")
-def sweep(features: Path, cv: int, max_samples: int) -> None:
+@click.option("--metric", type=click_type(PROBE["metric"]), default="auto", show_default=True,
+              help="CV score to rank by; auto: balanced_accuracy when the largest class is over "
+                   f"{AUTO_BALANCED_RATIO:g}x the smallest.")
+def sweep(features: Path, cv: int, max_samples: int, metric: str) -> None:
     """Score every layer x pooling in CODES (a codes directory) by cross-validated linear-SVM accuracy (training
     data only)."""
     from transferkit.codes.store import FeatureStore
     from transferkit.jobs import sweep_features
 
-    result = sweep_features(FeatureStore(features), cv=cv, max_samples=max_samples)
+    result = sweep_features(FeatureStore(features), cv=cv, max_samples=max_samples, metric=metric)
     click.echo(result.table())
     _print_sweep(features)
 

@@ -42,6 +42,10 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
               help="LO:HI share of the image area a random resized crop keeps (0 < LO <= HI <= 1).")
 @click.option("--random-erasing", type=click_type(FINETUNE["random_erasing"]), default=0.25, show_default=True,
               help="Probability of timm's RandomErasing per training image.")
+@click.option("--class-weight", type=click_type(FINETUNE["class_weight"]), default=None,
+              help="balanced: weight the loss of each class by n / (n_classes x its count), for imbalanced classes.")
+@click.option("--sampler", type=click_type(FINETUNE["sampler"]), default=None,
+              help="balanced: draw training images class-balanced (with replacement) instead of shuffling.")
 @click.option("--no-cache", is_flag=True, help="Recompute the frozen stages every step instead of caching them.")
 @click.option("--val-fraction", type=click_type(FINETUNE["val_fraction"]), default=0.1, show_default=True,
               help="Stratified hold-out for validation when --val is not given.")
@@ -92,7 +96,11 @@ def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stage
         return
     val = load_data(val_data) if val_data is not None else None
     result = ft.finetune(train, out, config, val=val, progress=progress, resume=resume is not None)
-    click.echo(f"best epoch {result.best_epoch}: validation accuracy {100 * result.best_val_accuracy:.2f}% -> {out}")
+    if result.evaluation is not None:
+        click.echo(result.evaluation.report)
+        click.echo(f"best epoch {result.best_epoch}: validation {result.evaluation.summary()} -> {out}")
+    else:
+        click.echo(f"best epoch {result.best_epoch} (no validation set) -> {out}")
 
 
 def _finetune_config(ctx: click.Context, options: dict, saved: dict | None):

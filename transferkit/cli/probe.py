@@ -9,7 +9,7 @@ import click
 
 from transferkit.cli import cli
 from transferkit.codes.params import EXTRACTOR
-from transferkit.probe.params import PROBE
+from transferkit.probe.params import AUTO_BALANCED_RATIO, PROBE
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
 
 
@@ -23,17 +23,23 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.option("--C", "C", default="auto", show_default=True, help="SVM C, or 'auto' for cross-validation.")
 @click.option("--scaling", type=click_type(PROBE["scaling"]), default="standard", show_default=True)
 @click.option("--cv", type=click_type(PROBE["cv"]), default=5, show_default=True, help="Folds for choosing C.")
+@click.option("--class-weight", type=click_type(PROBE["class_weight"]), default=None,
+              help="balanced: weight each class's errors by n / (n_classes x its count), for imbalanced classes.")
+@click.option("--metric", type=click_type(PROBE["metric"]), default="auto", show_default=True,
+              help="CV score that chooses C; auto: balanced_accuracy when the largest class is over "
+                   f"{AUTO_BALANCED_RATIO:g}x the smallest.")
 def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: str | None, C: str,
-          scaling: str, cv: int) -> None:
-    """Train a linear SVM on the codes in TRAIN; report accuracy on TEST."""
+          scaling: str, cv: int, class_weight: str | None, metric: str) -> None:
+    """Train a linear SVM on the codes in TRAIN; report accuracy, balanced accuracy and macro-F1 on TEST."""
     from transferkit.jobs import train_probe
 
     C = C if C == "auto" else _number(C)  # LinearProbe checks its limits (PROBE["C"]); its error names the flag
-    report = train_probe(train, out, test=test, layer=layer, pool=pool, C=C, scaling=scaling, cv=cv)
+    report = train_probe(train, out, test=test, layer=layer, pool=pool, C=C, scaling=scaling, cv=cv,
+                         class_weight=class_weight, metric=metric)
     p = report.probe
     multilabel = hasattr(p, "thresholds_")
     cv_text = ("" if p.cv_score_ != p.cv_score_ else f", CV mAP {p.cv_score_:.4f}" if multilabel else
-               f", CV accuracy {100 * p.cv_score_:.2f}%")
+               f", CV {p.metric_.replace('_', ' ')} {100 * p.cv_score_:.2f}%")
     click.echo(f"probe on {report.key}: C={p.best_C_:g}{cv_text} -> {out}")
     if report.evaluation is not None and multilabel:
         ev = report.evaluation
@@ -43,8 +49,7 @@ def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: st
     elif report.evaluation is not None:
         ev = report.evaluation
         click.echo(ev.report)
-        click.echo(f"test accuracy: {100 * ev.accuracy:.2f}% ({int(ev.confusion.sum())} images); "
-                   f"confusion matrix {out / 'confusion.png'}")
+        click.echo(f"test {ev.summary()}; confusion matrix {out / 'confusion.png'}")
 
 
 def _number(text: str) -> float | str:
@@ -132,4 +137,4 @@ def evaluate(model_dir: Path, data: Path, out: Path | None, per_class: int | Non
         click.echo(f"mAP: {ev.mAP:.4f}, micro-F1 {ev.micro_f1:.4f}, macro-F1 {ev.macro_f1:.4f}")
         return
     plot = f"; confusion matrix {out / 'confusion.png'}" if out is not None else ""
-    click.echo(f"accuracy: {100 * ev.accuracy:.2f}% ({int(ev.confusion.sum())} images){plot}")
+    click.echo(f"{ev.summary()}{plot}")

@@ -24,7 +24,7 @@ def demo(out: Path, data: Path | None, per_class: int, image_size: int | None) -
 
     result = run_demo(out, data=data, per_class=per_class, image_size=image_size, echo=click.echo,
                       progress=click.get_current_context().obj["progress"])
-    click.echo(f"test accuracy: {100 * result['test_accuracy']:.2f}% on {result['n_test']} test images "
+    click.echo(f"test {result['evaluation'].summary()} "
                f"({result['key']}, {result['n_train']} training images, {result['seconds']:.0f} s)")
 
 
@@ -64,7 +64,8 @@ def run(recipe: str, data: Path, test: Path | None, out: Path | None, overrides:
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
-              help="Override a threshold of the rule: large_per_class, gap_points, gap_z, max_softmax. Repeatable.")
+              help="Override a threshold of the rule: large_per_class, gap_points, gap_z, max_softmax, imbalance. "
+                   "Repeatable.")
 @click.option("--sample", type=click.IntRange(10), default=2000, show_default=True,
               help="Images (stratified) in the similarity pass.")
 @click.option("--run", "run_it", is_flag=True, help="Then run the recommended recipe on DATA.")
@@ -87,4 +88,5 @@ def advise(data: Path, per_class: int | None, thresholds: tuple[str, ...], sampl
         click.echo(result.summary())
     else:
         subset = f" --per-class {per_class}" if per_class else ""
-        click.echo(f"run it: transferkit run {advice.recipe} {data}{subset} --test {test or 'TEST'}")
+        weighted = f" --set class_weight={advice.class_weight}" if advice.class_weight else ""
+        click.echo(f"run it: transferkit run {advice.recipe} {data}{subset}{weighted} --test {test or 'TEST'}")

@@ -49,6 +49,8 @@ class FinetuneConfig:
     early_stop: int | None = None  # epochs without val improvement
     cache: bool = True  # frozen-prefix cache when it applies (frozen stages, no augmentation, one process)
     cache_memory_gb: float = 4.0  # larger caches are memory-mapped files in the run directory
+    class_weight: str | None = None  # 'balanced': cross-entropy weighted by n / (n_classes x class count)
+    sampler: str | None = None  # 'balanced': class-balanced sampling (with replacement) instead of a shuffle
 
     def validate(self) -> FinetuneConfig:
         """Fail on a setting outside its limits (naming it) before anything is built; return self."""

@@ -1,8 +1,10 @@
-"""What a fine-tuning run trains on: the validation hold-out, transforms, loaders, the frozen-prefix cache swap."""
+"""What a fine-tuning run trains on: the validation hold-out, transforms, loaders (shuffled or class-balanced), the
+frozen-prefix cache swap."""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from torch import nn
 from transferkit.data.datasets import ImageDataset
 from transferkit.data.decode import collate
 from transferkit.data.transforms import build_transform, describe_transform
-from transferkit.errors import DataError
+from transferkit.errors import DataError, ParameterError
 from transferkit.finetune.config import FinetuneConfig
 from transferkit.finetune.prefix_cache import CachedDataset, PrefixCache, collate_cached, frozen_prefix
 from transferkit.runtime.distributed import ShardSampler, World
@@ -63,9 +65,55 @@ def make_loaders(model: nn.Module, train: ImageDataset, val: ImageDataset | None
                                 "train_transform": train_steps, "n_train": len(train), "n_val": len(val or [])}
 
 
+def balanced_weights(targets: np.ndarray, n_classes: int) -> np.ndarray:
+    """scikit-learn's class_weight='balanced': n / (n_classes x count) per class (0 for a class with no images)."""
+    counts = np.bincount(targets, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = len(targets) / (present.sum() * counts[present])
+    return weights
+
+
+def positive_weights(targets: np.ndarray) -> np.ndarray:
+    """Multi-label class_weight='balanced': per label, negatives / positives (BCE's pos_weight; 1 for a label
+    with no positive image), so each label's positives weigh as much as its negatives."""
+    positives = targets.sum(0).astype(np.float64)
+    return np.where(positives > 0, (len(targets) - positives) / np.maximum(positives, 1), 1.0)
+
+
+class BalancedSampler(torch.utils.data.Sampler):
+    """Draws len(targets) indices per epoch with replacement, each class equally likely; sharded across ranks.
+
+    Like DistributedSampler, the draw depends on (seed, epoch) only, so a resumed run draws the same batches.
+    """
+
+    def __init__(self, targets: np.ndarray, world: World, seed: int = 0):
+        targets = np.asarray(targets)
+        self.p = torch.from_numpy(balanced_weights(targets, int(targets.max()) + 1)[targets])
+        self.world, self.seed, self.epoch = world, seed, 0
+        self.per_rank = math.ceil(len(targets) / world.size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        drawn = torch.multinomial(self.p, self.per_rank * self.world.size, replacement=True, generator=g)
+        return iter(drawn[self.world.rank::self.world.size].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
 def _train_loader(dataset, config: FinetuneConfig, world: World, collate_fn) -> torch.utils.data.DataLoader:
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True,
-                                                  seed=config.seed)
+    if config.sampler == "balanced":
+        if dataset.targets.ndim == 2:
+            raise ParameterError("The 'sampler' parameter 'balanced' draws one class per image; multi-label data "
+                                 "has several: use class_weight='balanced' instead.", param="sampler")
+        sampler = BalancedSampler(dataset.targets, world, config.seed)
+    else:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world.size, rank=world.rank,
+                                                      shuffle=True, seed=config.seed)
     per_rank = len(sampler)
     return torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,

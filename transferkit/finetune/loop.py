@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,7 +26,13 @@ from transferkit.data.datasets import ImageDataset
 from transferkit.errors import DataError, TransferkitError
 from transferkit.finetune.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.finetune.config import DEFAULT_CONFIG, FinetuneConfig, build_model
-from transferkit.finetune.loaders import make_loaders, maybe_cache, split_train_val
+from transferkit.finetune.loaders import (
+    balanced_weights,
+    make_loaders,
+    maybe_cache,
+    positive_weights,
+    split_train_val,
+)
 from transferkit.finetune.params import FINETUNE, OPTIMIZERS, SCHEDULES  # noqa: F401  (re-exported)
 from transferkit.finetune.prefix_cache import bypassed
 from transferkit.finetune.rundir import (
@@ -54,6 +61,9 @@ from transferkit.runtime.atomic import atomic_write, write_json_atomic, write_te
 from transferkit.runtime.device import autocast, default_device
 from transferkit.runtime.distributed import World, all_true, close_world, init_world, sum_all
 
+if TYPE_CHECKING:
+    from transferkit.probe.metrics import Evaluation, MultiLabelEvaluation  # sklearn: imported when run evaluates
+
 log = logging.getLogger(__name__)
 
 METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr_head", "seconds", "img_per_s")
@@ -67,6 +77,7 @@ class FinetuneResult:
     history: list[dict]
     model: nn.Module
     cached: bool = False  # trained on frozen-prefix activations
+    evaluation: Evaluation | MultiLabelEvaluation | None = None  # best model on the validation set (None: no val)
 
 
 @dataclass
@@ -84,6 +95,7 @@ class Run:
     world: World
     bypass: list[nn.Module] = field(default_factory=list)  # frozen prefix replaced by cached activations
     multilabel: bool = False  # one sigmoid per class (targets (n, classes) of 0/1)
+    loss_weight: torch.Tensor | None = None  # per class, config.class_weight='balanced'; None: plain cross-entropy
     step: int = 0
     last_saved: int = 0
 
@@ -123,6 +135,11 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
     meta.update(data_meta)
     run = _start(model, config, out, train.sources, device, world, steps=config.epochs * len(loader))
     run.multilabel = train.multilabel
+    if config.class_weight == "balanced":  # multi-label: each label's negatives / positives (BCE's pos_weight)
+        weights = (positive_weights(train.targets) if train.multilabel else
+                   balanced_weights(train.targets, len(train.classes)))
+        run.loss_weight = torch.tensor(weights, dtype=torch.float32, device=device)
+        meta["class_weights"] = weights.tolist()
     if resume:  # the whole checkpoint is checked, and restored, before anything is written
         loop = load_checkpoint(out, model, run.optimizer, run.scheduler, history_keys=METRICS)
         if loop["epoch"] and not (out / "model-best.safetensors").is_file():  # read back when the run ends
@@ -141,12 +158,15 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
         write_json_atomic(out / "config.json", meta)
     history, best = _fit(run, loader, val_loader, progress, loop)
     model.load_state_dict(load_state_dict_file(out / "model-best.safetensors"))
+    ev = None
     if world.main:
         meta.update(best_epoch=best[0], best_val_accuracy=best[1])
         if val_loader is not None:
-            meta["val"] = _final_eval(run, val_loader, train.classes)
+            ev = _final_eval(run, val_loader, train.classes)
+            meta["val"] = {k: v for k, v in ev.to_dict().items() if k not in ("labels", "confusion", "report")}
+            meta["val"]["n"] = ev.n if run.multilabel else int(ev.confusion.sum())
         write_json_atomic(out / "config.json", meta)
-    return FinetuneResult(out, best[0], best[1], history, model.eval(), cached=bool(run.bypass))
+    return FinetuneResult(out, best[0], best[1], history, model.eval(), cached=bool(run.bypass), evaluation=ev)
 
 
 def seed_everything(seed: int) -> None:
@@ -253,7 +273,8 @@ def _epoch(run: Run, loader, epoch: int = 0, progress: bool = False) -> tuple[fl
             x, y = to_device(x, run.device), y.to(run.device)
             with torch.set_grad_enabled(training), autocast(run.config.precision, run.device):
                 logits = (run.net if training else run.model)(x).float()
-                loss = _loss(logits, y, run.config)
+                weight = run.loss_weight if training else None  # validation loss: plain, comparable across runs
+                loss = _loss(logits, y, run.config, weight)
             if training:
                 _step(run, loss, epoch, batch, [run.sources[i] for i in idx[:3].tolist()])
             total, seen = total + loss.item() * len(y), seen + len(y)
@@ -268,11 +289,13 @@ def _epoch(run: Run, loader, epoch: int = 0, progress: bool = False) -> tuple[fl
     return total / seen, correct / seen, int(seen)
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, config: FinetuneConfig) -> torch.Tensor:
-    """Cross-entropy over the classes; for multi-label targets (B, classes), binary cross-entropy per label."""
+def _loss(logits: torch.Tensor, y: torch.Tensor, config: FinetuneConfig,
+          weight: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy over the classes (`weight`: per class); for multi-label targets (B, classes), binary
+    cross-entropy per label (`weight`: each label's positive weight)."""
     if y.ndim == 2:
-        return nn.functional.binary_cross_entropy_with_logits(logits, y.float())
-    return nn.functional.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+        return nn.functional.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=weight)
+    return nn.functional.cross_entropy(logits, y, weight=weight, label_smoothing=config.label_smoothing)
 
 
 def _step(run: Run, loss: torch.Tensor, epoch: int, batch: int, files: list[str]) -> None:
@@ -297,7 +320,7 @@ def _step(run: Run, loss: torch.Tensor, epoch: int, batch: int, files: list[str]
 
 
 @torch.no_grad()
-def _final_eval(run: Run, val_loader, classes: list[str]) -> dict:
+def _final_eval(run: Run, val_loader, classes: list[str]) -> Evaluation | MultiLabelEvaluation:
     """Best model on the validation set: confusion.png and per-class scores (rank 0, whole val set)."""
     from transferkit.plots import plot_confusion
     from transferkit.probe.metrics import score_predictions
@@ -321,17 +344,17 @@ def _final_eval(run: Run, val_loader, classes: list[str]) -> dict:
         from transferkit.probe.metrics import score_multilabel
         from transferkit.probe.multilabel import best_thresholds
 
-        thresholds = best_thresholds(y, pred)
-        ev = score_multilabel(y, pred, thresholds, classes)
+        thresholds = best_thresholds(y, pred)  # on sigmoids: 2 never and 0 always predicts (JSON has no inf)
+        ev = score_multilabel(y, pred, np.where(np.isfinite(thresholds), thresholds, np.where(thresholds > 0, 2, 0)),
+                              classes)
         write_text_atomic(run.out / "report.txt", ev.report)
-        never_always = [float(t) if np.isfinite(t) else (2.0 if t > 0 else 0.0) for t in thresholds]  # JSON-able
-        return {"mAP": ev.mAP, "micro_f1": ev.micro_f1, "macro_f1": ev.macro_f1, "n": len(y),
-                "thresholds": never_always}
+        return ev
     ev = score_predictions(y, pred, np.arange(len(classes)), classes)
     plot_confusion(ev.confusion, ev.labels, run.out / "confusion.png",
-                   title=f"best model on validation: {100 * ev.accuracy:.2f}%")
+                   title=f"best model on validation: {100 * ev.accuracy:.2f}% "
+                         f"(balanced {100 * ev.balanced_accuracy:.2f}%)")
     write_text_atomic(run.out / "report.txt", ev.report)
-    return {"accuracy": ev.accuracy, "n": len(y)}
+    return ev
 
 
 def _plot_curves(out: Path, history: list[dict]) -> None:

@@ -9,11 +9,13 @@ from os import PathLike
 from transferkit.codes.params import BATCH_SIZE, NUM_WORKERS
 from transferkit.data.params import IMAGE_SIZE
 from transferkit.models.params import HEAD
+from transferkit.probe.params import CLASS_WEIGHTS
 from transferkit.runtime.params import Interval, Pair, StrOptions
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle")
 PRECISIONS = ("fp32", "bf16", "fp16")  # int8 is for codes only (ONNX Runtime)
+SAMPLERS = ("balanced",)  # each epoch draws len(train) images, every class equally likely (with replacement)
 _AT_LEAST_1 = Interval(Integral, 1, None, closed="left")
 _AT_LEAST_0 = Interval(Real, 0, None, closed="left")
 
@@ -45,4 +47,6 @@ FINETUNE = {
     "early_stop": [_AT_LEAST_1, None],
     "cache": ["boolean"],
     "cache_memory_gb": [Interval(Real, 0, None, closed="neither")],
+    "class_weight": [StrOptions(CLASS_WEIGHTS), None],  # as the probe's: the loss weighted by inverse frequency
+    "sampler": [StrOptions(SAMPLERS), None],
 }

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from transferkit.probe.linear import LinearProbe
 
 _FORMAT = "transferkit.probe"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: params gained class_weight and metric, and "metric" records what chose C; 1 still reads
 ARRAYS_FILE = "arrays.npz"
 META_FILE = "probe.json"
 _META_KEYS = {"version", "params", "classes_dtype", "n_features_in", "best_C", "cv_score", "cv_results",
@@ -32,12 +32,13 @@ def write_probe(probe: LinearProbe, path: Path, extra: Mapping[str, Any] | None)
     meta = {
         "format": _FORMAT,
         "version": _FORMAT_VERSION,
-        "params": {**probe.get_params(), "Cs": [float(c) for c in probe.Cs]},
+        "params": {**probe.get_params(), "Cs": [float(c) for c in probe.Cs], "class_weight": _class_weight(probe)},
         "classes_dtype": probe.classes_.dtype.str if probe.classes_.dtype.kind in "iufb" else "str",
         "n_features_in": int(probe.n_features_in_),
         "best_C": probe.best_C_,
         "cv_score": None if math.isnan(probe.cv_score_) else probe.cv_score_,
         "cv_results": probe.cv_results_,
+        "metric": probe.metric_,
         "n_iter": probe.n_iter_,
         "arrays_sha256": hashlib.sha256(npz_bytes).hexdigest(),
         "extra": dict(extra or {}),
@@ -50,6 +51,12 @@ def write_probe(probe: LinearProbe, path: Path, extra: Mapping[str, Any] | None)
     write_bytes_atomic(path / ARRAYS_FILE, npz_bytes)
     write_bytes_atomic(path / META_FILE, meta_text.encode())  # written last: it vouches for the arrays
     return path
+
+
+def _class_weight(probe: LinearProbe) -> Any:
+    """class_weight as JSON: a {class: weight} dict keyed by str(class), which `LinearProbe.load` maps back."""
+    weights = probe.class_weight
+    return {str(k): float(v) for k, v in weights.items()} if isinstance(weights, Mapping) else weights
 
 
 def read_probe(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -2,6 +2,8 @@
 
 The probe is the classic "CNN features off-the-shelf" recipe: standardise the codes, fit a
 one-vs-rest linear SVM, and choose C by stratified cross-validation on the training set only.
+On imbalanced classes, `class_weight='balanced'` weights the SVM's errors by inverse class frequency, and
+`metric` (default 'auto') chooses C by balanced accuracy, so a C that ignores the rare classes does not win.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
 from transferkit.errors import DataError, ParameterError, TransferkitError
 from transferkit.probe.fileformat import ARRAYS_FILE, META_FILE, read_probe, write_probe
+from transferkit.probe.metrics import SCORERS, cv_metric
 from transferkit.probe.params import PROBE, SCALINGS  # noqa: F401  (SCALINGS: re-exported)
 from transferkit.runtime.params import sklearn_constraints, validate
 
@@ -52,6 +55,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         n_jobs: int | None = None,
         random_state: int = 0,
         cv_max_samples: int | None = 10_000,
+        class_weight: str | Mapping[Any, float] | None = None,
+        metric: str = "auto",
     ) -> None:
         self.C = C  # no logic in __init__: clone()/set_params() must round-trip
         self.Cs = Cs
@@ -62,14 +67,17 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.cv_max_samples = cv_max_samples
+        self.class_weight = class_weight  # None, 'balanced' or {class: weight} (LinearSVC's class_weight)
+        self.metric = metric  # what chooses C: 'accuracy', 'balanced_accuracy', or 'auto' (by imbalance)
 
     def fit(self, X: Any, y: Any) -> LinearProbe:
-        """Choose C by stratified CV on X, y if C='auto' (smallest C first, stopping once accuracy drops),
-        then fit on all of X, y."""
+        """Choose C by stratified CV on X, y if C='auto' (smallest C first, stopping once the CV score drops;
+        the score is `metric`, resolved to `metric_`), then fit on all of X, y."""
         self._check_params()
         X, y = check_xy(X, y, for_cv=self.C == "auto")
         self.classes_ = np.unique(y)
         self.n_features_in_ = X.shape[1]
+        self.metric_ = cv_metric(self.metric, y)
         self.cv_results_, n_bad, n_fits = [], 0, 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -112,6 +120,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         try:
             probe = cls(**{**meta["params"], "Cs": tuple(meta["params"]["Cs"])})
             probe._restore(arrays, meta)
+            if isinstance(probe.class_weight, dict):  # JSON keys are text: back to the classes they name
+                probe.class_weight = {c.item(): probe.class_weight[str(c)] for c in probe.classes_
+                                      if str(c) in probe.class_weight}
         except (KeyError, TypeError, ValueError) as err:
             raise TransferkitError(f"Probe {path} is corrupt ({META_FILE} and {ARRAYS_FILE} disagree: "
                                    f"{err}); save it again.") from err
@@ -135,7 +146,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     def _make_pipeline(self, C: float, shape: tuple[int, int]) -> Pipeline:
         scale = {"standard": StandardScaler(), "l2": Normalizer(), "none": "passthrough"}[self.scaling]
         dual = shape[0] < _DUAL_RATIO * shape[1]
-        svm = LinearSVC(C=C, dual=dual, tol=self.tol, max_iter=self.max_iter, random_state=self.random_state)
+        svm = LinearSVC(C=C, dual=dual, tol=self.tol, max_iter=self.max_iter, random_state=self.random_state,
+                        class_weight=self.class_weight)
         return Pipeline([("scale", scale), ("svm", svm)])
 
     def _cv_sample(self, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -155,26 +167,28 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return X[idx], y[idx]
 
     def _cv_path(
-        self, X: np.ndarray, y: np.ndarray, *, log_each: bool = True
+        self, X: np.ndarray, y: np.ndarray, *, log_each: bool = True, metric: str | None = None
     ) -> tuple[list[dict[str, float]], int, int]:
-        """CV accuracy for each C in ascending order, stopping once it falls below the best so far.
+        """CV score (`metric`, default `metric_`) for each C in ascending order, stopping once it falls below the
+        best so far.
 
         Past the peak a larger C only fits the training folds harder, and it is the slowest fit.
         Returns the rows {"C", "mean", "std"}, the number of fold fits that hit max_iter, and of all.
         """
         n_splits = min(self.cv, int(np.unique(y, return_counts=True)[1].min()))
         folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=self.random_state)
+        metric = metric or self.metric_
         rows: list[dict[str, float]] = []
         n_bad = 0
         for C in sorted({float(c) for c in self.Cs}):
             out = cross_validate(self._make_pipeline(C, X.shape), X, y, cv=folds, n_jobs=self.n_jobs,
-                                 return_estimator=True, error_score="raise")
+                                 return_estimator=True, error_score="raise", scoring=SCORERS[metric])
             n_bad += sum(not _converged(est) for est in out["estimator"])
             scores = out["test_score"]
             rows.append({"C": C, "mean": float(scores.mean()), "std": float(scores.std())})
             seconds = out["fit_time"].sum() + out["score_time"].sum()
-            logger.log(logging.INFO if log_each else logging.DEBUG, "C=%g: %d-fold CV accuracy %.2f%% (%.0f s)",
-                       C, n_splits, 100 * rows[-1]["mean"], seconds)
+            logger.log(logging.INFO if log_each else logging.DEBUG, "C=%g: %d-fold CV %s %.2f%% (%.0f s)",
+                       C, n_splits, metric, 100 * rows[-1]["mean"], seconds)
             if rows[-1]["mean"] < max(r["mean"] for r in rows):
                 break
         return rows, n_bad, len(rows) * n_splits
@@ -224,6 +238,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.best_C_ = float(meta["best_C"])
         self.cv_score_ = float("nan") if meta["cv_score"] is None else float(meta["cv_score"])
         self.cv_results_ = list(meta["cv_results"])
+        self.metric_ = meta.get("metric", "accuracy")  # probes saved before the metric was recorded: accuracy
         self.n_iter_ = svm.n_iter_ = int(meta["n_iter"])
         self.converged_ = self.n_iter_ < self.max_iter
         self.extra_ = dict(meta["extra"])

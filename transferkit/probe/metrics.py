@@ -1,19 +1,44 @@
-"""Scores of a classifier on labelled codes: accuracy, confusion matrix and per-class report, in one Evaluation."""
+"""Scores of a classifier on labelled codes: accuracy, balanced accuracy, macro-F1, confusion matrix and per-class
+report, in one Evaluation; and which score chooses C and ranks the sweep (`cv_metric`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+)
 
 from transferkit.errors import DataError
+from transferkit.probe.params import AUTO_BALANCED_RATIO
 
 if TYPE_CHECKING:
     from transferkit.probe.linear import LinearProbe
+
+SCORERS = {"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy"}  # metric -> sklearn scoring name
+
+
+def imbalance_ratio(y: Any) -> float:
+    """Largest class count / smallest class count of labels `y` (1.0 when balanced)."""
+    counts = np.unique(np.asarray(y), return_counts=True)[1]
+    return float(counts.max() / counts.min())
+
+
+def cv_metric(metric: str, y: Any) -> str:
+    """The score that chooses C and ranks views: `metric`, or for 'auto' balanced accuracy when the classes of `y`
+    are imbalanced (ratio > AUTO_BALANCED_RATIO), else accuracy."""
+    if metric != "auto":
+        return metric
+    return "balanced_accuracy" if imbalance_ratio(y) > AUTO_BALANCED_RATIO else "accuracy"
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: ndarray fields make == ambiguous
@@ -21,6 +46,8 @@ class Evaluation:
     """Held-out performance of a probe: what a report or a plot needs."""
 
     accuracy: float
+    balanced_accuracy: float  # mean recall over the labels: a majority-class guesser scores 1 / n_classes
+    macro_f1: float  # unweighted mean of the per-class F1
     labels: list[str]
     confusion: np.ndarray  # (n_labels, n_labels): rows are true labels, columns predictions
     report: str  # sklearn classification_report text
@@ -29,6 +56,11 @@ class Evaluation:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return {**dataclasses.asdict(self), "confusion": self.confusion.tolist()}
+
+    def summary(self) -> str:
+        """One line for every report: accuracy with balanced accuracy and macro-F1 beside it (imbalance shows)."""
+        return (f"accuracy: {100 * self.accuracy:.2f}%, balanced accuracy: {100 * self.balanced_accuracy:.2f}%, "
+                f"macro-F1: {100 * self.macro_f1:.2f}% ({int(self.confusion.sum())} images)")
 
 
 def evaluate(probe: LinearProbe, X: Any, y: Any, *, names: Sequence[str] | None = None) -> Evaluation:
@@ -54,8 +86,14 @@ def score_predictions(y: Any, pred: Any, label_values: Any, names: Sequence[str]
     raw = classification_report(y, pred, output_dict=True, **kwargs)
     keys = {"precision": "precision", "recall": "recall", "f1": "f1-score", "support": "support"}
     per_class = {name: {ours: float(raw[name][theirs]) for ours, theirs in keys.items()} for name in labels}
-    return Evaluation(float(accuracy_score(y, pred)), labels, confusion_matrix(y, pred, labels=label_values),
-                      classification_report(y, pred, **kwargs), per_class)
+    present = np.unique(np.asarray(y))  # balanced accuracy: recall over the classes the data has
+    with warnings.catch_warnings():  # predictions of a class y lacks: sklearn warns, and counts them as wrong
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = float(balanced_accuracy_score(y, pred))
+    macro_f1 = float(f1_score(y, pred, labels=present, average="macro", zero_division=0))
+    return Evaluation(float(accuracy_score(y, pred)), balanced, macro_f1, labels,
+                      confusion_matrix(y, pred, labels=label_values), classification_report(y, pred, **kwargs),
+                      per_class)
 
 
 @dataclass(frozen=True)
@@ -69,6 +107,7 @@ class MultiLabelEvaluation:
     labels: list[str]
     per_label: dict[str, dict[str, float]]  # label -> ap, f1, precision, recall, support, threshold
     report: str
+    n: int  # images scored
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,4 +138,5 @@ def score_multilabel(Y: Any, scores: Any, thresholds: Any, names: Sequence[str])
     micro = float(f1_score(Y, pred, average="micro", zero_division=0))
     macro = float(f1_score(Y, pred, average="macro", zero_division=0))
     lines.append(f"\nmAP {mAP:.4f}  micro-F1 {micro:.4f}  macro-F1 {macro:.4f}  ({len(Y)} images)")
-    return MultiLabelEvaluation(mAP, micro, macro, [str(n) for n in names], per_label, "\n".join(lines) + "\n")
+    return MultiLabelEvaluation(mAP, micro, macro, [str(n) for n in names], per_label, "\n".join(lines) + "\n",
+                                len(Y))

@@ -21,7 +21,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve
 from sklearn.model_selection import KFold
 from sklearn.utils.validation import check_X_y
 
-from transferkit.errors import DataError
+from transferkit.errors import DataError, ParameterError
 from transferkit.probe.linear import LinearProbe, warn_unconverged
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,14 @@ class MultiLabelProbe(LinearProbe):
     def fit(self, X: Any, Y: Any) -> MultiLabelProbe:
         """Choose C (if 'auto') and the thresholds by K-fold CV on X, Y, then fit every label on all rows."""
         self._check_params()
+        if isinstance(self.class_weight, Mapping):
+            raise ParameterError("The 'class_weight' parameter of MultiLabelProbe must be None or 'balanced' (each "
+                                 "label's SVM weighs its own positives and negatives). Got a dict instead.",
+                                 param="class_weight")
+        if self.metric != "auto":
+            raise ParameterError(f"The 'metric' parameter of MultiLabelProbe must be 'auto' (C is chosen by mAP). "
+                                 f"Got {self.metric!r} instead.", param="metric")
+        self.metric_ = "mAP"
         X, Y = check_multilabel(X, Y)
         self.classes_ = np.arange(Y.shape[1])
         self.n_features_in_ = X.shape[1]

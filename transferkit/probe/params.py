@@ -9,6 +9,12 @@ from numbers import Integral, Real
 from transferkit.runtime.params import Interval, StrOptions
 
 SCALINGS = ("standard", "l2", "none")
+CLASS_WEIGHTS = ("balanced",)  # scikit-learn's: weight each class by n_samples / (n_classes x its count)
+METRICS = ("auto", "accuracy", "balanced_accuracy")  # what chooses C and ranks the sweep; 'auto': by imbalance
+# largest / smallest class count above which metric='auto' scores by balanced accuracy. At 1.5 the largest class
+# is half again the smallest: plain accuracy starts to reward predicting it, while near-balanced sets that only
+# lose a few images per class (ratio ~1.0-1.2) keep plain accuracy, and the results they always had.
+AUTO_BALANCED_RATIO = 1.5
 CV = [Interval(Integral, 2, None, closed="left")]
 
 PROBE = {
@@ -21,4 +27,6 @@ PROBE = {
     "n_jobs": [Integral, None],
     "random_state": ["random_state"],
     "cv_max_samples": [Interval(Integral, 2, None, closed="left"), None],  # and >= 2 x cv, checked in fit
+    "class_weight": [StrOptions(CLASS_WEIGHTS), dict, None],  # dict: {class: weight}, Python only (as sklearn)
+    "metric": [StrOptions(METRICS)],
 }

@@ -1,4 +1,5 @@
-"""The layer/pooling sweep: rank views of the same images by cross-validated linear-probe accuracy."""
+"""The layer/pooling sweep: rank views of the same images by cross-validated linear-probe accuracy (balanced
+accuracy when the classes are imbalanced: `metric`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from sklearn.model_selection import train_test_split
 
 from transferkit.errors import DataError
 from transferkit.probe.linear import DEFAULT_CS, LinearProbe, check_xy, warn_unconverged
+from transferkit.probe.metrics import cv_metric
 
 logger = logging.getLogger(__name__)
 
@@ -25,14 +27,16 @@ _SWEEP_TOL = 1e-2  # measured: same accuracy to 0.1-0.4 points as 1e-4, 2-3x fas
 
 @dataclass(frozen=True)
 class SweepResult:
-    """CV accuracy of a linear probe on each (layer, pooling) view of the same images."""
+    """CV score (`metric`) of a linear probe on each (layer, pooling) view of the same images."""
 
     rows: list[dict[str, Any]]  # {layer, pool, dim, cv_accuracy, cv_std, C, seconds}, in key order
     best: dict[str, Any]  # highest cv_accuracy; ties go to the smaller dim
+    metric: str = "accuracy"  # what 'cv_accuracy' holds: 'accuracy' or 'balanced_accuracy'
 
     def table(self) -> str:
         """Aligned text table; the best row is marked with '*'."""
-        header = ["", "layer", "pool", "dim", "cv acc %", "± std", "C", "seconds"]
+        header = ["", "layer", "pool", "dim", "cv bal acc %" if self.metric == "balanced_accuracy" else "cv acc %",
+                  "± std", "C", "seconds"]
         body = [
             ["*" if row == self.best else "", str(row["layer"]), str(row["pool"]), str(row["dim"]),
              f"{100 * row['cv_accuracy']:.2f}", f"{100 * row['cv_std']:.2f}", f"{row['C']:g}",
@@ -49,7 +53,7 @@ class SweepResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
-        return {"rows": [dict(r) for r in self.rows], "best": dict(self.best)}
+        return {"rows": [dict(r) for r in self.rows], "best": dict(self.best), "metric": self.metric}
 
 
 def sweep(
@@ -62,10 +66,12 @@ def sweep(
     random_state: int = 0,
     progress: bool = True,
     n_jobs: int | None = None,
+    metric: str = "auto",
 ) -> SweepResult:
     """Rank (layer, pooling) views of the training images by cross-validated linear-probe accuracy.
 
     Every view is scored on the same rows and the same folds, so the ranking compares views, not luck.
+    `metric` 'auto' ranks by balanced accuracy when the classes are imbalanced (probe.metrics.cv_metric).
     """
     from tqdm.auto import tqdm  # keep `import transferkit.probe.sweep` light
 
@@ -74,8 +80,9 @@ def sweep(
     y = np.asarray(y)
     rows_idx = _sweep_subset(y, max_samples, random_state)
     probe = LinearProbe(Cs=Cs, cv=cv, max_iter=_SWEEP_MAX_ITER, tol=_SWEEP_TOL, n_jobs=n_jobs,
-                        random_state=random_state)
+                        random_state=random_state, metric=metric)
     probe._check_params()
+    metric = cv_metric(metric, y[rows_idx])
     rows, n_bad, n_fits = [], 0, 0
     for key in tqdm(list(codes), desc="sweep", unit="view", disable=not progress, file=sys.stderr):
         start = time.perf_counter()
@@ -85,7 +92,7 @@ def sweep(
         X, y_sub = check_xy(X[rows_idx] if len(rows_idx) < len(y) else X, y[rows_idx], for_cv=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            path, bad, fits = probe._cv_path(X, y_sub, log_each=False)
+            path, bad, fits = probe._cv_path(X, y_sub, log_each=False, metric=metric)
         n_bad, n_fits = n_bad + bad, n_fits + fits
         best = max(path, key=lambda r: r["mean"])  # ties: the first, i.e. smaller C
         layer, pool = key
@@ -94,9 +101,9 @@ def sweep(
         logger.debug("sweep: %s/%s %s", layer, pool, rows[-1])
     warn_unconverged(n_bad, n_fits, _SWEEP_MAX_ITER)
     best_row = max(rows, key=lambda r: (r["cv_accuracy"], -r["dim"]))
-    logger.info("sweep: best view %s/%s (dim %d) at %.2f%% CV accuracy", best_row["layer"], best_row["pool"],
-                best_row["dim"], 100 * best_row["cv_accuracy"])
-    return SweepResult(rows=rows, best=best_row)
+    logger.info("sweep: best view %s/%s (dim %d) at %.2f%% CV %s", best_row["layer"], best_row["pool"],
+                best_row["dim"], 100 * best_row["cv_accuracy"], metric)
+    return SweepResult(rows=rows, best=best_row, metric=metric)
 
 
 def _sweep_subset(y: np.ndarray, max_samples: int | None, random_state: int) -> np.ndarray:

@@ -48,12 +48,17 @@ class Thresholds:
     large:     median images per class >= large_per_class
     different: the best earlier stage beats the top layer by more than gap_points (CV accuracy, points)
                with McNemar's z above gap_z, OR the ImageNet classifier's mean max-softmax is below max_softmax
+    weighted:  largest class / smallest class > imbalance: the recipe runs with class_weight='balanced'
     """
 
     large_per_class: int = 2500  # measured: the probe won at 1,000/class, fine-tuning at 6,000 (docs/benchmarks.md)
     gap_points: float = 1.0  # below the 5-9 points the sweep gains on Fashion-MNIST (docs/benchmarks.md)
     gap_z: float = 2.0  # and the gap must stand out of its noise: McNemar's z on the same CV predictions
     max_softmax: float = 0.5  # model- and size-specific: Lite0 at 64 px gives 0.77-0.83 on FMNIST and photos alike
+    # measured (docs/benchmarks.md, long-tailed Fashion-MNIST, probe, 1,000 images in the largest class): class
+    # weighting raised balanced accuracy by +0.35 points at ratio 3 (noise), +1.0 at 10 and +3.0 at 100 (+0.7 and
+    # +2.1 with 6,000), and never lowered it; so weight above 3, where the gain starts to show
+    imbalance: float = 3.0
 
     def replace(self, **overrides: Any) -> Thresholds:
         """A copy with some thresholds changed; unknown names and non-numbers fail, naming them."""
@@ -68,7 +73,8 @@ class Thresholds:
     def text(self) -> str:
         return (f"large if median images per class >= {self.large_per_class}; different if the best earlier "
                 f"stage beats the top layer by > {self.gap_points:g} points with z > {self.gap_z:g}, or mean "
-                f"max-softmax < {self.max_softmax:g}")
+                f"max-softmax < {self.max_softmax:g}; class weighting if largest/smallest class > "
+                f"{self.imbalance:g}")
 
 
 @dataclass(frozen=True)
@@ -86,10 +92,13 @@ class Advice:
     per_class_median: float
     per_class_max: int
     imbalance: float  # largest class / smallest class
+    class_counts: dict[str, int]  # images per class name, the dataset's class order
+    class_weight: str | None  # 'balanced' when imbalance > thresholds.imbalance: the recipe runs weighted
     n_sampled: int  # images in the similarity pass
     image_size: int  # of the similarity pass
     cv: int
-    top_accuracy: float  # CV accuracy of the pre-logits codes
+    cv_metric: str  # what the sweep scored: accuracy, or balanced_accuracy on imbalanced classes
+    top_accuracy: float  # CV accuracy (cv_metric) of the pre-logits codes
     best_earlier: str  # 'layer|pool' of the best earlier stage
     best_earlier_accuracy: float
     gap_points: float  # 100 * (best_earlier_accuracy - top_accuracy)
@@ -112,9 +121,11 @@ class Advice:
         lines = [
             f"data: {self.data}: {self.n_images} images, {self.n_classes} classes; per class min {self.per_class_min}, "
             f"median {self.per_class_median:g}, max {self.per_class_max} (imbalance {self.imbalance:.1f}x)",
+            "  class counts: " + ", ".join(f"{name} {n}" for name, n in self.class_counts.items()),
             f"similarity to ImageNet: one pass over {self.n_sampled} images at {self.image_size} px "
             f"({self.images_per_second:.0f} img/s, {self.pass_seconds:.0f} s), {self.cv}-fold CV linear SVM",
-            f"  top layer {TOP}: {100 * self.top_accuracy:.2f}% CV accuracy; best earlier stage "
+            f"  top layer {TOP}: {100 * self.top_accuracy:.2f}% CV {self.cv_metric.replace('_', ' ')}; "
+            "best earlier stage "
             f"{self.best_earlier}: {100 * self.best_earlier_accuracy:.2f}% -> gap {self.gap_points:+.2f} points",
             f"  same CV folds, image by image: the earlier stage alone is right on {self.wins}, the top layer alone "
             f"on {self.losses}: McNemar z = {self.gap_z:.2f}",
@@ -123,7 +134,9 @@ class Advice:
             f"(uniform: {self.max_entropy:.2f})",
             f"thresholds: {self.thresholds.text()}",
             f"size: {self.size}; domain: {self.domain} ({'; '.join(self.reasons)})",
-            f"recommended recipe: {self.recipe} - {recipes.get(self.recipe).description}",
+            f"recommended recipe: {self.recipe} - {recipes.get(self.recipe).description}"
+            + (f"; with class_weight={self.class_weight} (imbalance {self.imbalance:.1f}x > "
+               f"{self.thresholds.imbalance:g})" if self.class_weight else ""),
             f"estimated run time on this machine: {_duration(self.estimate_seconds)} ({self.estimate})",
         ]
         return "\n".join(lines)
@@ -133,8 +146,13 @@ class Advice:
 
     def run(self, train: str | Path | ImageDataset, test: str | Path | ImageDataset | None, out: str | Path,
             *, progress: bool = True) -> recipes.RecipeResult:
-        """Run the recommended recipe (see Recipe.run)."""
-        return recipes.get(self.recipe).run(train, test, out, progress=progress)
+        """Run the recommended recipe (see Recipe.run), class-weighted when the classes are imbalanced."""
+        return self.recipe_to_run().run(train, test, out, progress=progress)
+
+    def recipe_to_run(self) -> recipes.Recipe:
+        """The recommended recipe with the class weighting this dataset needs."""
+        recipe = recipes.get(self.recipe)
+        return recipe.replace(class_weight=self.class_weight) if self.class_weight else recipe
 
 
 def advise(
@@ -158,8 +176,10 @@ def advise(
         thresholds = Thresholds().replace(**(thresholds or {}))
     dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class)
     dataset.require_single_label("advise")
-    counts = np.bincount(dataset.targets, minlength=len(dataset.classes))
-    counts = counts[counts > 0]
+    all_counts = np.bincount(dataset.targets, minlength=len(dataset.classes))
+    class_counts = {name: int(n) for name, n in zip(dataset.classes, all_counts, strict=True) if n > 0}
+    counts = all_counts[all_counts > 0]
+    imbalance = float(counts.max() / counts.min())
     subset = _stratified(dataset, sample)
     signals, internals = _similarity(subset, model, weights, image_size, batch_size, progress)
     median = float(np.median(counts))
@@ -177,7 +197,8 @@ def advise(
     return Advice(
         recipe=name, size=size, domain=domain, reasons=tuple(reasons), data=str(dataset.root),
         n_images=len(dataset), n_classes=len(counts), per_class_min=int(counts.min()), per_class_median=median,
-        per_class_max=int(counts.max()), imbalance=float(counts.max() / counts.min()), thresholds=thresholds,
+        per_class_max=int(counts.max()), imbalance=imbalance, class_counts=class_counts,
+        class_weight="balanced" if imbalance > thresholds.imbalance else None, thresholds=thresholds,
         estimate_seconds=seconds, estimate=how, **signals,
     )
 
@@ -242,7 +263,7 @@ def _similarity(dataset: ImageDataset, model: str, weights: str, image_size: int
     wins, losses = _paired(views, y, rows[TOP], earlier, cv)
     side = describe_transform(extractor.data_config_, image_size)["input_size"][-1]
     return {
-        "n_sampled": len(y), "image_size": side, "cv": cv, "top_accuracy": top,
+        "n_sampled": len(y), "image_size": side, "cv": cv, "cv_metric": result.metric, "top_accuracy": top,
         "best_earlier": f"{earlier['layer']}|{earlier['pool']}", "best_earlier_accuracy": earlier["cv_accuracy"],
         "gap_points": 100 * (earlier["cv_accuracy"] - top), "wins": wins, "losses": losses,
         "gap_z": (wins - losses) / math.sqrt(wins + losses) if wins + losses else 0.0,

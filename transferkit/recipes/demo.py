@@ -53,6 +53,7 @@ def run_demo(
     report = train_probe(train_store, out / "probe", test=out / "test", layer="best")
     return {
         "test_accuracy": report.evaluation.accuracy,
+        "evaluation": report.evaluation,
         "n_test": len(test),
         "n_train": len(train),
         "key": report.key,

@@ -98,7 +98,7 @@ class RecipeResult:
     evaluation: Evaluation | None
     paths: dict[str, Path]
     seconds: dict[str, float]
-    details: dict[str, Any]  # probe: codes key, C, CV accuracy; finetune: best epoch, validation accuracy
+    details: dict[str, Any]  # probe: codes key, C, CV score and its metric; finetune: best epoch, val accuracy
 
     def to_dict(self) -> dict[str, Any]:
         return {"recipe": None if self.recipe is None else self.recipe.name, "accuracy": self.accuracy,
@@ -108,7 +108,7 @@ class RecipeResult:
 
     def summary(self) -> str:
         """The run in one line, for the CLI."""
-        acc = "no test set" if self.accuracy is None else f"test accuracy {100 * self.accuracy:.2f}%"
+        acc = "no test set" if self.evaluation is None else f"test {self.evaluation.summary()}"
         facts = ", ".join(_fact(k, v) for k, v in self.details.items() if v == v)  # v != v: NaN, not measured
         return (f"{self.recipe.name if self.recipe else 'recipe'}: {acc} ({facts}); "
                 f"{self.seconds.get('total', 0):.0f} s -> {self.out} (model: {self.model_dir})")
@@ -136,9 +136,11 @@ def _run_probe(s: ProbeSettings, train: ImageDataset, test: ImageDataset | None,
         paths["test_codes"] = out / "test"
     with _timed(seconds, "probe"):
         report = train_probe(out / "train", out / "probe", test=paths.get("test_codes"),
-                             layer="best" if auto else None, C=s.C, cv=s.cv, scaling=s.scaling)
+                             layer="best" if auto else None, C=s.C, cv=s.cv, scaling=s.scaling,
+                             class_weight=s.class_weight, metric=s.metric)
     ev = report.evaluation
-    details = {"codes": report.key, "C": report.probe.best_C_, "cv_accuracy": report.probe.cv_score_}
+    details = {"codes": report.key, "C": report.probe.best_C_, "cv_accuracy": report.probe.cv_score_,
+               "cv_metric": report.probe.metric_}
     return RecipeResult(None, out, out / "probe", None if ev is None else ev.accuracy, ev, paths, seconds,
                         details)
 

@@ -48,6 +48,8 @@ class ProbeSettings:
     C: float | str = "auto"  # SVM C, or 'auto': cross-validated on the training set
     cv: int = 5  # folds for choosing C
     scaling: str = "standard"
+    class_weight: str | None = None  # 'balanced': weight the SVM's errors by inverse class frequency
+    metric: str = "auto"  # CV score that chooses C: 'auto' is balanced accuracy on imbalanced classes
 
 
 SETTINGS: dict[str, type] = {"probe": ProbeSettings, "finetune": FinetuneConfig}
