@@ -221,9 +221,8 @@ def train_probe(
     """Fit a LinearProbe on training codes, evaluate on test codes, save probe, metrics and plots to `out`.
 
     metrics.json records the metric that chose C (`cv_metric`) and, with a test set, accuracy, balanced accuracy,
-    macro-F1 and the per-class scores (`test`: Evaluation.to_dict)."""
-    from transferkit.plots import plot_confusion
-
+    macro-F1 and the per-class scores (`test`: Evaluation.to_dict); multi-label codes: mAP, micro/macro-F1 and
+    per-label scores (MultiLabelProbe)."""
     train = train if isinstance(train, FeatureStore) else FeatureStore(train)
     test_path = test.path if isinstance(test, FeatureStore) else test
     check_output(out, PROBE_KIND, inputs=[train.path, test_path])  # before the work
@@ -250,21 +249,29 @@ def train_probe(
                "cv_metric": probe.metric_, "class_weight": class_weight, "n_train": len(train)}
     with building(out, PROBE_KIND, inputs=[train.path, test_path]) as tmp:
         probe.save(tmp / "probe", extra=spec)
-        if test is not None and train.multilabel:
-            evaluation = score_multilabel(multilabel_targets(test, train.classes), probe.decision_function(
-                test.load(key)), probe.thresholds_, train.classes)
-            write_text_atomic(tmp / "report.txt", evaluation.report)
-            metrics.update(n_test=len(test), **{k: v for k, v in evaluation.to_dict().items() if k != "report"})
-        elif test is not None:
-            evaluation = evaluate(probe, test.load(key), test.labels, names=train.classes)
-            plot_confusion(evaluation.confusion, evaluation.labels, tmp / "confusion.png",
-                           title=f"{key} on {test.path}")
-            write_text_atomic(tmp / "report.txt", evaluation.report)
-            metrics.update(n_test=len(test), test_accuracy=evaluation.accuracy,
-                           test_balanced_accuracy=evaluation.balanced_accuracy, test_macro_f1=evaluation.macro_f1,
-                           test=evaluation.to_dict())
+        if test is not None:
+            evaluation = _score_test(probe, key, train, test, tmp, metrics)
         write_json_atomic(tmp / "metrics.json", metrics)
     return ProbeReport(probe, key, Path(out), evaluation)
+
+
+def _score_test(probe: LinearProbe, key: str, train: FeatureStore, test: FeatureStore, tmp: Path,
+                metrics: dict) -> Evaluation | MultiLabelEvaluation:
+    """A fitted probe scored on test codes: report.txt (and confusion.png) into `tmp`, the scores into `metrics`."""
+    from transferkit.plots import plot_confusion
+
+    if isinstance(probe, MultiLabelProbe):
+        evaluation = score_multilabel(multilabel_targets(test, train.classes), probe.decision_function(
+            test.load(key)), probe.thresholds_, train.classes)
+        metrics.update(n_test=len(test), **{k: v for k, v in evaluation.to_dict().items() if k != "report"})
+    else:
+        evaluation = evaluate(probe, test.load(key), test.labels, names=train.classes)
+        plot_confusion(evaluation.confusion, evaluation.labels, tmp / "confusion.png", title=f"{key} on {test.path}")
+        metrics.update(n_test=len(test), test_accuracy=evaluation.accuracy,
+                       test_balanced_accuracy=evaluation.balanced_accuracy, test_macro_f1=evaluation.macro_f1,
+                       test=evaluation.to_dict())
+    write_text_atomic(tmp / "report.txt", evaluation.report)
+    return evaluation
 
 
 def multilabel_targets(data: FeatureStore | ImageDataset, classes: Sequence[str]) -> np.ndarray:

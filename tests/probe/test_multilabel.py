@@ -61,7 +61,7 @@ def test_probe_from_the_cli_finds_the_items_of_a_mosaic(mosaics, tmp_path, cli_r
     cli_run("extract", mosaics[1], "-o", test, "--like", train)
     assert json.loads((train / "meta.json").read_text())["multilabel"] is True
     out = cli_run("probe", train, "--test", test, "-o", tmp_path / "p", "--cv", "3").output
-    assert "test mAP: " in out and "micro-F1" in out, out
+    assert "test mAP: " in out and "micro-F1: " in out, out
     metrics = json.loads((tmp_path / "p" / "metrics.json").read_text())
     assert metrics["mAP"] >= 0.6 and metrics["micro_f1"] >= 0.5, {k: metrics[k] for k in ("mAP", "micro_f1")}
     assert set(metrics["per_label"]) == set(open_dataset(mosaics[0]).classes)

@@ -42,10 +42,8 @@ def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: st
                f", CV {p.metric_.replace('_', ' ')} {100 * p.cv_score_:.2f}%")
     click.echo(f"probe on {report.key}: C={p.best_C_:g}{cv_text} -> {out}")
     if report.evaluation is not None and multilabel:
-        ev = report.evaluation
-        click.echo(ev.report)
-        click.echo(f"test mAP: {ev.mAP:.4f}, micro-F1 {ev.micro_f1:.4f}, macro-F1 {ev.macro_f1:.4f} "
-                   f"({len(ev.labels)} labels)")
+        click.echo(report.evaluation.report)
+        click.echo(f"test {report.evaluation.summary()}")
     elif report.evaluation is not None:
         ev = report.evaluation
         click.echo(ev.report)
@@ -133,8 +131,8 @@ def evaluate(model_dir: Path, data: Path, out: Path | None, per_class: int | Non
     ev = evaluate_model(model_dir, data, out=out, per_class=per_class, batch_size=batch_size,
                         progress=click.get_current_context().obj["progress"], tta=tta)
     click.echo(ev.report)
-    if hasattr(ev, "mAP"):  # multi-label
-        click.echo(f"mAP: {ev.mAP:.4f}, micro-F1 {ev.micro_f1:.4f}, macro-F1 {ev.macro_f1:.4f}")
+    if hasattr(ev, "mAP"):  # multi-label: no confusion matrix
+        click.echo(ev.summary())
         return
     plot = f"; confusion matrix {out / 'confusion.png'}" if out is not None else ""
     click.echo(f"{ev.summary()}{plot}")

@@ -112,6 +112,10 @@ class MultiLabelEvaluation:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def summary(self) -> str:
+        """One line for every report, as Evaluation.summary."""
+        return f"mAP: {self.mAP:.4f}, micro-F1: {self.micro_f1:.4f}, macro-F1: {self.macro_f1:.4f} ({self.n} images)"
+
 
 def score_multilabel(Y: Any, scores: Any, thresholds: Any, names: Sequence[str]) -> MultiLabelEvaluation:
     """Evaluation of per-label `scores` (n, L) against 0/1 targets `Y` (n, L), predicting label j where
