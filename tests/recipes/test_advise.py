@@ -101,6 +101,10 @@ def test_imbalanced_data_gets_counts_ratio_and_class_weighting(photos, tmp_path)
     report = advice.report()
     assert "class counts: flower 3, temple 12" in report and "(imbalance 4.0x)" in report
     assert "with class_weight=balanced (imbalance 4.0x > " in report
+    tuning = next(name for name, _ in recipes.list() if recipes.get(name).kind == "finetune")
+    finetuning = dataclasses.replace(advice, recipe=tuning)
+    assert finetuning.recipe_to_run().settings.sampler == "balanced"  # the sampler beat the weighted loss there
+    assert finetuning.recipe_to_run().settings.class_weight is None and "with sampler=balanced" in finetuning.report()
     unweighted = dataclasses.replace(advice, class_weight=None)  # what advise gives below thresholds.imbalance
     assert unweighted.recipe_to_run() == recipes.get(advice.recipe) and "with class_weight" not in unweighted.report()
 

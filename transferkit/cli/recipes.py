@@ -88,5 +88,5 @@ def advise(data: Path, per_class: int | None, thresholds: tuple[str, ...], sampl
         click.echo(result.summary())
     else:
         subset = f" --per-class {per_class}" if per_class else ""
-        weighted = f" --set class_weight={advice.class_weight}" if advice.class_weight else ""
+        weighted = "".join(f" --set {k}={v}" for k, v in advice.balancing().items())
         click.echo(f"run it: transferkit run {advice.recipe} {data}{subset}{weighted} --test {test or 'TEST'}")
