@@ -24,6 +24,7 @@ _EXPORTS = {  # public name -> the module (under transferkit) that defines it
     "extract": "codes.extract",
     "FeatureStore": "codes.store",
     "LinearProbe": "probe.linear",
+    "MultiLabelProbe": "probe.multilabel",
     "evaluate": "probe.metrics",
     "sweep": "probe.sweep",
     "FinetuneConfig": "finetune.config",

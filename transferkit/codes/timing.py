@@ -139,6 +139,7 @@ def choose(names: Sequence[str], n_images: int | None, side: int, timings: Timin
         name = engine.default(names)
         return Choice(name, f"{n} images at {side} px are too few to time the candidates on a machine without "
                             f"timings (from {TIME_FROM} at 224 px); the default")
+    unavailable = [name for name in names if name in timings.unavailable]
     names = [name for name in names if name not in timings.unavailable]
     for name in names:  # what costs nothing to build is timed now
         if name not in timings.rates and timings.setup_of(name, engine.step_done) == 0:
@@ -167,7 +168,7 @@ def choose(names: Sequence[str], n_images: int | None, side: int, timings: Timin
            f"({timings.rates[best]:.0f} img/s" + (f" + {timings.setup_of(best, engine.step_done):.1f} s to build"
                                                   if timings.setup_of(best, engine.step_done) else "") + ")"
            + (f"; {others}" if others else ""))
-    skipped = [name for name in names if name not in seconds] + list(timings.unavailable)
+    skipped = [name for name in names if name not in seconds] + unavailable
     if skipped:
         why += "; not built: " + ", ".join(skipped)
     return Choice(best, why, predicted)
