@@ -148,7 +148,8 @@ def _extract_best(
     """
     from sklearn.model_selection import train_test_split
 
-    idx, _ = train_test_split(np.arange(len(dataset)), train_size=n, stratify=dataset.targets, random_state=0)
+    idx, _ = train_test_split(np.arange(len(dataset)), train_size=n, random_state=0,
+                              stratify=None if dataset.multilabel else dataset.targets)  # multi-label: random
     check_output(out, KIND, inputs=[dataset.root])  # before the sweep's work, not after it
     scratch = new_tmp(out.with_name(f"{out.name}.sweep"), KIND)  # marked and hidden: never a user's folder
     try:
@@ -168,19 +169,17 @@ def sweep_features(
     store: FeatureStore, *, cv: int = 3, max_samples: int | None = 5000, progress: bool = True, metric: str = "auto"
 ) -> SweepResult:
     """Score every layer x pooling in `store` by CV probe accuracy (`metric`: 'auto' is balanced accuracy on
-    imbalanced classes); write sweep.json (it records the metric) and sweep.png beside it."""
+    imbalanced classes; multi-label codes: mAP); write sweep.json (it records the metric) and sweep.png beside it."""
     from transferkit.plots import plot_sweep
 
-    if store.multilabel:
-        raise DataError(f"sweep needs one class per image, and '{store.path}' holds multi-label codes; choose the "
-                        "layer by probing each (transferkit probe --layer L --pool P)")
     if len(store.keys) < 2:
         raise DataError(f"'{store.path}' holds one kind of codes; extract with layer='all', pool='all' to sweep")
     codes = {tuple(k.split("|")): store.load(k) for k in store.keys}
     result = sweep(codes, store.labels, cv=cv, max_samples=max_samples, progress=progress, metric=metric)
     write_json_atomic(store.path / SWEEP_FILE, result.to_dict())
-    what = "CV balanced accuracy" if result.metric == "balanced_accuracy" else "CV accuracy"
-    plot_sweep(result.rows, store.path / "sweep.png", title=f"{store.meta['model']}: {what} of a linear SVM")
+    what = {"balanced_accuracy": "CV balanced accuracy", "mAP": "CV mAP"}.get(result.metric, "CV accuracy")
+    plot_sweep(result.rows, store.path / "sweep.png", title=f"{store.meta['model']}: {what} of a linear SVM",
+               ylabel=f"{what} (%)")
     add_files(store.path, SWEEP_FILES)
     return result
 
@@ -337,6 +336,8 @@ def predict_images(model_dir: str | Path, paths: list[str | Path], *, batch_size
                              transform=build_transform(meta["transform"]))  # the run's recorded eval transform
         probs = _run_probabilities(model, items, meta, batch_size, progress=False)
         if meta.get("multilabel"):
+            from transferkit.finetune.rundir import run_thresholds
+
             return _labels_found(files, probs, meta["classes"], run_thresholds(meta))
         return [{"source": f, "label": meta["classes"][j], "score": float(p[j])}
                 for f, p, j in zip(files, probs, probs.argmax(1))]
@@ -356,12 +357,6 @@ def _labels_found(files: list[str], scores: np.ndarray, names: Sequence[str], th
     """Multi-label predictions: every label at or above its threshold, highest score first."""
     return [{"source": f, "labels": [{"label": names[j], "score": float(s[j])} for j in np.argsort(-s)
                                      if s[j] >= thresholds[j]]} for f, s in zip(files, scores)]
-
-
-def run_thresholds(meta: dict) -> np.ndarray:
-    """A multi-label run's per-label thresholds on sigmoid scores (chosen on its validation set; 0.5 without)."""
-    per_label = meta.get("val", {}).get("per_label", {})
-    return np.asarray([per_label.get(c, {}).get("threshold", 0.5) for c in meta["classes"]])
 
 
 def evaluate_model(
@@ -418,6 +413,8 @@ def _evaluate_multilabel(model_dir: str | Path, dataset: ImageDataset, batch_siz
                          tta: bool) -> MultiLabelEvaluation:
     """mAP and F1 of a multi-label probe or run on multi-label `dataset` (classes matched by name)."""
     if model_kind(model_dir) == "run":
+        from transferkit.finetune.rundir import run_thresholds
+
         model, meta = _load_run(model_dir)
         if not meta.get("multilabel"):
             raise DataError(f"'{dataset.root}' is multi-label, and '{model_dir}' was trained on one class per image")

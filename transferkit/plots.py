@@ -58,7 +58,8 @@ def plot_confusion(
     return _save(fig, path)
 
 
-def plot_sweep(result_rows: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
+def plot_sweep(result_rows: Sequence[dict[str, Any]], path: str | Path, *, title: str = "",
+               ylabel: str = "CV accuracy (%)") -> Path:
     """Save CV accuracy per layer (x, in the given order), one line per pooling, as PNG; return its path.
 
     The best view is starred and labelled: the figure answers "which layer and pooling should I use?".
@@ -84,7 +85,7 @@ def plot_sweep(result_rows: Sequence[dict[str, Any]], path: str | Path, *, title
     rotate = len(layers) > 6
     ax.set_xticks(range(len(layers)), layers, rotation=30 * rotate, ha="right" if rotate else "center")
     ax.set_xlabel("layer")
-    ax.set_ylabel("CV accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.margins(y=0.15)
     ax.grid(alpha=0.3)
     ax.legend(title="pooling", fontsize=8)

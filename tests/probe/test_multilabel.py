@@ -2,6 +2,7 @@
 fold, mAP and F1 in reports and metrics.json; and the bad inputs a user can bring, each a one-line error."""
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -78,8 +79,41 @@ def test_probe_from_the_cli_finds_the_items_of_a_mosaic(mosaics, tmp_path, cli_r
     names = open_dataset(mosaics[0]).classes
     want = [{names[j] for j in np.flatnonzero(r)} for r in probe.predict(X[:10])]
     assert [{x["label"] for x in row["labels"]} for row in rows] == want and any(want), (rows, want)
-    sweep = cli_run("sweep", train, ok=False)
-    assert sweep.exit_code != 0 and "multi-label codes" in sweep.output
+    _converts_to_per_label_score_maps(tmp_path / "p", probe, files, tmp_path, cli_run)
+
+
+def _converts_to_per_label_score_maps(probe_dir, probe, files, tmp_path, cli_run):
+    """convert and dense prediction on a multi-label probe: one map per label (not a binary SVM's pair), the
+    converted net equal to the probe on the same fp32 codes, and the labels found as the thresholds say."""
+    import torch
+
+    from transferkit.codes.extractor import FeatureExtractor
+    from transferkit.data.decode import load_image
+    from transferkit.surgery.dense import dense_predict, load_converted, save_converted
+
+    cli_run("convert", probe_dir, "-o", tmp_path / "conv")
+    clf = load_converted(tmp_path / "conv")
+    assert clf.multilabel and clf.scores == "svm" and clf.thresholds == pytest.approx(probe.thresholds_.tolist())
+    extractor = FeatureExtractor(weights="package", layer="blocks.4", pool="2x2", image_size=64,
+                                 precision="fp32").fit()
+    want = probe.decision_function(extractor.transform(files))
+    x = torch.stack([extractor.transform_(load_image(f)) for f in files])
+    with torch.no_grad():
+        got = clf.net.logits(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # (10 images, 10 labels)
+    big = tmp_path / "big.png"  # a mosaic at 4x: the 2x2-grid head slides, one score map per label
+    Image.open(files[1]).convert("RGB").resize((224, 224), Image.BICUBIC).save(big)
+    row = dense_predict(clf, big, tmp_path / "maps")
+    maps = np.load(tmp_path / "maps" / "big.npz")
+    assert maps["scores"].shape[0] == 10 and maps["thresholds"] == pytest.approx(clf.thresholds)
+    image_scores = maps["scores"].mean((1, 2))
+    assert [x["label"] for x in row["labels"]] == [clf.classes[k] for k in np.argsort(-image_scores)
+                                                   if image_scores[k] >= clf.thresholds[k]]
+    out = cli_run("predict", tmp_path / "conv", big, "--dense").output
+    assert out.split("\t")[-1].strip() == ("; ".join(f"{x['label']} {x['score']:.3f}" for x in row["labels"]) or "-")
+    clf.thresholds = [float("inf"), float("-inf"), *clf.thresholds[2:]]  # labels never / always seen in training
+    save_converted(clf, tmp_path / "conv2")
+    assert load_converted(tmp_path / "conv2").thresholds == clf.thresholds  # JSON has no infinity: kept as text
 
 
 def test_thresholds_maximise_f1_and_map_is_macro_ap():
@@ -136,10 +170,38 @@ def test_finetune_multilabel_sigmoid_head_thresholds_predict_and_evaluate(mosaic
             if x]
     assert len(rows) == 1 and all(x["score"] >= thresholds[meta["classes"].index(x["label"])]
                                   for x in rows[0]["labels"])
+    # converted: a sigmoid per label and cell, the run's thresholds, labels from the map's mean logits
+    from transferkit.surgery.dense import dense_predict, load_classifier
+
+    clf = load_classifier(run)
+    assert clf.multilabel and clf.thresholds == pytest.approx(thresholds)
+    row = dense_predict(clf, mosaics[1].parent / "m0001.png", tmp_path / "maps")
+    maps = np.load(tmp_path / "maps" / "m0001.npz")
+    np.testing.assert_allclose(maps["probabilities"], 1 / (1 + np.exp(-maps["scores"])), rtol=1e-5, atol=1e-6)
+    mean = 1 / (1 + np.exp(-maps["scores"].mean((1, 2))))
+    assert {x["label"] for x in row["labels"]} == {c for c, p, t in zip(meta["classes"], mean, thresholds) if p >= t}
 
 
-def test_commands_that_need_one_class_per_image_say_so(mosaics, tmp_path, cli_run):
-    for args in (("advise", mosaics[0]),):
-        out = cli_run(*args, ok=False)
-        assert out.exit_code != 0 and "needs one class per image" in out.output and "multi-label" in out.output, (
-            args, out.output)
+def test_advise_the_recipes_the_sweep_and_the_lr_finder_take_multilabel_data(mosaics, tmp_path, cli_run):
+    """advise counts images per label and ranks layers by CV mAP; a probe recipe with layer 'auto' sweeps by mAP
+    and reports the test mAP; the LR finder trains the sigmoid head it would fine-tune."""
+    from transferkit.recipes.advise import advise
+
+    data = open_dataset(mosaics[0])
+    advice = advise(data, sample=150, progress=False)
+    assert advice.multilabel and advice.cv_metric == "mAP" and advice.recipe.startswith("small-")
+    assert advice.class_counts == dict(zip(data.classes, data.targets.sum(0).tolist()))
+    assert 0.31 < advice.top_accuracy <= 1 and 0.31 < advice.best_earlier_accuracy <= 1  # above prevalence
+    assert advice.wins + advice.losses > 0 and "images per label (multi-label): " in advice.report()
+    tuning = dataclasses.replace(advice, recipe="large-different", class_weight="balanced")  # no sampler here
+    assert tuning.balancing() == {"class_weight": "balanced"}
+    out = cli_run("run", "small-different", mosaics[0], "--test", mosaics[1], "-o", tmp_path / "r", "--set",
+                  "image_size=32", "--set", "cv=3").output
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    sweep = json.loads((tmp_path / "r" / "train" / "sweep.json").read_text())
+    assert "test mAP" in out and result["accuracy"] is None and result["mAP"] > 0.5, out
+    assert sweep["metric"] == "mAP" and result["details"]["codes"].startswith(sweep["best"]["layer"] + "|")
+    cli_run("finetune", mosaics[0], "-o", tmp_path / "lr", "--find-lr", "--weights", "package", "--image-size", "32",
+            "--freeze-until", "blocks.6", "--batch-size", "16")
+    found = json.loads((tmp_path / "lr" / "lr_find.json").read_text())
+    assert np.isfinite(found["losses"]).sum() > 20 and 1e-6 < found["suggestion"] < 1

@@ -114,10 +114,10 @@ def _print_sweep(features: Path) -> None:
 @click.argument("features", metavar="CODES", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--cv", type=click_type(PROBE["cv"]), default=3, show_default=True, help="Cross-validation folds.")
 @click.option("--max-samples", type=click.IntRange(10), default=5000, show_default=True,
-              help="Score on a stratified subset of at most this many training images.")
+              help="Score on a stratified subset of at most this many training images (multi-label: random).")
 @click.option("--metric", type=click_type(PROBE["metric"]), default="auto", show_default=True,
               help="CV score to rank by; auto: balanced_accuracy when the largest class is over "
-                   f"{AUTO_BALANCED_RATIO:g}x the smallest.")
+                   f"{AUTO_BALANCED_RATIO:g}x the smallest; multi-label codes: mAP.")
 def sweep(features: Path, cv: int, max_samples: int, metric: str) -> None:
     """Score every layer x pooling in CODES (a codes directory) by cross-validated linear-SVM accuracy (training
     data only)."""

@@ -93,6 +93,8 @@ def predict(model_dir: str, images: tuple[Path, ...], batch_size: int, as_json: 
                 click.echo(json.dumps(row))
                 continue
             best = ", ".join(f"{t['label']} {t['score']:.3f}" for t in row["top"][:3])
+            if "labels" in row:  # multi-label: every label found, or '-' for none
+                best = "; ".join(f"{t['label']} {t['score']:.3f}" for t in row["labels"]) or "-"
             f = row["field"]
             click.echo(f"{path}\t{row['map_size'][0]}x{row['map_size'][1]} cells (stride {f['jump'][0]:g} px, "
                        f"field {f['size'][0]:g} px)\t{best}")

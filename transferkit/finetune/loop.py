@@ -274,7 +274,7 @@ def _epoch(run: Run, loader, epoch: int = 0, progress: bool = False) -> tuple[fl
             with torch.set_grad_enabled(training), autocast(run.config.precision, run.device):
                 logits = (run.net if training else run.model)(x).float()
                 weight = run.loss_weight if training else None  # validation loss: plain, comparable across runs
-                loss = _loss(logits, y, run.config, weight)
+                loss = training_loss(logits, y, run.config, weight)
             if training:
                 _step(run, loss, epoch, batch, [run.sources[i] for i in idx[:3].tolist()])
             total, seen = total + loss.item() * len(y), seen + len(y)
@@ -289,12 +289,15 @@ def _epoch(run: Run, loader, epoch: int = 0, progress: bool = False) -> tuple[fl
     return total / seen, correct / seen, int(seen)
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, config: FinetuneConfig,
+def training_loss(logits: torch.Tensor, y: torch.Tensor, config: FinetuneConfig,
           weight: torch.Tensor | None) -> torch.Tensor:
     """Cross-entropy over the classes (`weight`: per class); for multi-label targets (B, classes), binary
-    cross-entropy per label (`weight`: each label's positive weight)."""
+    cross-entropy per label (`weight`: each label's positive weight), label smoothing as timm's
+    BinaryCrossEntropy smooths: targets 1 - s + s/K and s/K for K labels."""
     if y.ndim == 2:
-        return nn.functional.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=weight)
+        off = config.label_smoothing / y.shape[1]
+        target = y.float() * (1 - config.label_smoothing) + off
+        return nn.functional.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
     return nn.functional.cross_entropy(logits, y, weight=weight, label_smoothing=config.label_smoothing)
 
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -96,6 +97,12 @@ def read_run(run_dir: str | Path) -> dict:
     if not isinstance(meta.get("config"), dict):
         raise DataError(f"'{path}': field 'config' is missing or not an object")
     return meta
+
+
+def run_thresholds(meta: dict) -> np.ndarray:
+    """A multi-label run's per-label thresholds on sigmoid scores (chosen on its validation set; 0.5 without)."""
+    per_label = meta.get("val", {}).get("per_label", {})
+    return np.asarray([per_label.get(c, {}).get("threshold", 0.5) for c in meta["classes"]])
 
 
 def load_finetuned(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, dict]:

@@ -49,31 +49,48 @@ class MultiLabelProbe(LinearProbe):
         self.classes_ = np.arange(Y.shape[1])
         self.n_features_in_ = X.shape[1]
         rows = self._cv_rows(len(Y))
-        folds = KFold(n_splits=min(self.cv, len(rows)), shuffle=True, random_state=self.random_state)
-        Cs = sorted({float(c) for c in self.Cs}) if self.C == "auto" else [float(self.C)]
-        self.cv_results_, best, n_bad, n_fits = [], None, 0, 0
+        self.cv_results_, oof, n_bad, n_fits = self._cv_path(X[rows], Y[rows])
+        best = max(self.cv_results_, key=lambda r: r["mean"])  # ties: the first, i.e. the smaller C
+        self.best_C_, self.cv_score_ = best["C"], best["mean"]
+        self.thresholds_ = best_thresholds(Y[rows], oof)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            for C in Cs:
-                oof = np.zeros(Y[rows].shape)
-                for fit_idx, val_idx in folds.split(rows):
-                    pipe, bad = self._fit_labels(X[rows][fit_idx], Y[rows][fit_idx], C)
-                    oof[val_idx] = _scores(pipe, X[rows][val_idx])
-                    n_bad, n_fits = n_bad + bad, n_fits + Y.shape[1]
-                score = mean_average_precision(Y[rows], oof)
-                self.cv_results_.append({"C": C, "mean": score})
-                logger.info("C=%g: %d-fold CV mAP %.4f", C, folds.n_splits, score)
-                if best is None or score > best[1]:
-                    best = (C, score, oof)
-                elif score < best[1]:
-                    break
-            self.best_C_, self.cv_score_, oof = best
-            self.thresholds_ = best_thresholds(Y[rows], oof)
             self.pipeline_, bad = self._fit_labels(X, Y, self.best_C_)
         self.n_iter_ = int(self.pipeline_.named_steps["svm"].n_iter_)
         self.converged_ = bad == 0
         warn_unconverged(n_bad + bad, n_fits + Y.shape[1], self.max_iter)
         return self
+
+    def _cv_path(self, X: np.ndarray, Y: np.ndarray, *, log_each: bool = True,
+                 metric: str | None = None) -> tuple[list[dict[str, float]], np.ndarray, int, int]:
+        """Out-of-fold mAP for each C in ascending order (only C unless it is 'auto'), stopping once it drops.
+
+        Returns the rows {"C", "mean" (mAP over all out-of-fold scores), "std" (over the folds' own mAPs)},
+        the out-of-fold scores at the best C, the number of label fits that hit max_iter, and of all. The layer
+        sweep calls this too (`metric` is accepted for its sake: a multi-label probe is always scored by mAP).
+        """
+        folds = KFold(n_splits=min(self.cv, len(Y)), shuffle=True, random_state=self.random_state)
+        Cs = sorted({float(c) for c in self.Cs}) if self.C == "auto" else [float(self.C)]
+        rows: list[dict[str, float]] = []
+        best_oof, best_score, n_bad, n_fits = None, -1.0, 0, 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            for C in Cs:
+                oof, per_fold = np.zeros(Y.shape), []
+                for fit_idx, val_idx in folds.split(X):
+                    pipe, bad = self._fit_labels(X[fit_idx], Y[fit_idx], C)
+                    oof[val_idx] = _scores(pipe, X[val_idx])
+                    per_fold.append(mean_average_precision(Y[val_idx], oof[val_idx]))
+                    n_bad, n_fits = n_bad + bad, n_fits + Y.shape[1]
+                score = mean_average_precision(Y, oof)
+                rows.append({"C": C, "mean": score, "std": float(np.std(per_fold))})
+                logger.log(logging.INFO if log_each else logging.DEBUG, "C=%g: %d-fold CV mAP %.4f", C,
+                           folds.n_splits, score)
+                if best_oof is None or score > best_score:
+                    best_oof, best_score = oof, score
+                elif score < best_score:
+                    break
+        return rows, best_oof, n_bad, n_fits
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Per-label SVM scores, (n, n_labels)."""

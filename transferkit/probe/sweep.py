@@ -1,5 +1,5 @@
 """The layer/pooling sweep: rank views of the same images by cross-validated linear-probe accuracy (balanced
-accuracy when the classes are imbalanced: `metric`)."""
+accuracy when the classes are imbalanced: `metric`; mAP for multi-label targets)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
 
-from transferkit.errors import DataError
+from transferkit.errors import DataError, ParameterError
 from transferkit.probe.linear import DEFAULT_CS, LinearProbe, check_xy, warn_unconverged
 from transferkit.probe.metrics import cv_metric
+from transferkit.probe.multilabel import MultiLabelProbe, check_multilabel
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +32,12 @@ class SweepResult:
 
     rows: list[dict[str, Any]]  # {layer, pool, dim, cv_accuracy, cv_std, C, seconds}, in key order
     best: dict[str, Any]  # highest cv_accuracy; ties go to the smaller dim
-    metric: str = "accuracy"  # what 'cv_accuracy' holds: 'accuracy' or 'balanced_accuracy'
+    metric: str = "accuracy"  # what 'cv_accuracy' holds: 'accuracy', 'balanced_accuracy' or (multi-label) 'mAP'
 
     def table(self) -> str:
         """Aligned text table; the best row is marked with '*'."""
-        header = ["", "layer", "pool", "dim", "cv bal acc %" if self.metric == "balanced_accuracy" else "cv acc %",
-                  "± std", "C", "seconds"]
+        score = {"balanced_accuracy": "cv bal acc %", "mAP": "cv mAP %"}.get(self.metric, "cv acc %")
+        header = ["", "layer", "pool", "dim", score, "± std", "C", "seconds"]
         body = [
             ["*" if row == self.best else "", str(row["layer"]), str(row["pool"]), str(row["dim"]),
              f"{100 * row['cv_accuracy']:.2f}", f"{100 * row['cv_std']:.2f}", f"{row['C']:g}",
@@ -72,6 +73,7 @@ def sweep(
 
     Every view is scored on the same rows and the same folds, so the ranking compares views, not luck.
     `metric` 'auto' ranks by balanced accuracy when the classes are imbalanced (probe.metrics.cv_metric).
+    Multi-label `y` (n, n_labels) of 0/1: MultiLabelProbe's out-of-fold mAP ranks the views.
     """
     from tqdm.auto import tqdm  # keep `import transferkit.probe.sweep` light
 
@@ -79,20 +81,25 @@ def sweep(
         raise DataError("sweep() needs at least one (layer, pool) view of the codes.")
     y = np.asarray(y)
     rows_idx = _sweep_subset(y, max_samples, random_state)
-    probe = LinearProbe(Cs=Cs, cv=cv, max_iter=_SWEEP_MAX_ITER, tol=_SWEEP_TOL, n_jobs=n_jobs,
-                        random_state=random_state, metric=metric)
+    kind = MultiLabelProbe if y.ndim == 2 else LinearProbe
+    probe = kind(Cs=Cs, cv=cv, max_iter=_SWEEP_MAX_ITER, tol=_SWEEP_TOL, n_jobs=n_jobs, random_state=random_state,
+                 metric=metric)
     probe._check_params()
-    metric = cv_metric(metric, y[rows_idx])
+    if y.ndim == 2 and metric != "auto":
+        raise ParameterError(f"The 'metric' parameter must be 'auto' for multi-label targets (views are ranked by "
+                             f"mAP). Got {metric!r} instead.", param="metric")
+    metric = "mAP" if y.ndim == 2 else cv_metric(metric, y[rows_idx])
     rows, n_bad, n_fits = [], 0, 0
     for key in tqdm(list(codes), desc="sweep", unit="view", disable=not progress, file=sys.stderr):
         start = time.perf_counter()
         X = np.asarray(codes[key])
         if X.ndim != 2 or len(X) != len(y):
             raise DataError(f"Codes for {key} have shape {X.shape}; expected ({len(y)}, dim).")
-        X, y_sub = check_xy(X[rows_idx] if len(rows_idx) < len(y) else X, y[rows_idx], for_cv=True)
+        X = X[rows_idx] if len(rows_idx) < len(y) else X
+        X, y_sub = check_multilabel(X, y[rows_idx]) if y.ndim == 2 else check_xy(X, y[rows_idx], for_cv=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            path, bad, fits = probe._cv_path(X, y_sub, log_each=False, metric=metric)
+            path, *_, bad, fits = probe._cv_path(X, y_sub, log_each=False, metric=metric)
         n_bad, n_fits = n_bad + bad, n_fits + fits
         best = max(path, key=lambda r: r["mean"])  # ties: the first, i.e. smaller C
         layer, pool = key
@@ -107,10 +114,13 @@ def sweep(
 
 
 def _sweep_subset(y: np.ndarray, max_samples: int | None, random_state: int) -> np.ndarray:
-    """Row indices to score on: all rows, or a stratified random subset of `max_samples`."""
+    """Row indices to score on: all rows, or a stratified random subset of `max_samples` (multi-label: random)."""
     all_rows = np.arange(len(y))
     if max_samples is None or len(y) <= max_samples:
         return all_rows
+    if y.ndim == 2:
+        logger.info("sweep: scoring a random subset of %d of %d samples", max_samples, len(y))
+        return np.sort(np.random.default_rng(random_state).choice(len(y), max_samples, replace=False))
     try:
         subset, _ = train_test_split(all_rows, train_size=max_samples, stratify=y, random_state=random_state)
     except ValueError as err:  # too few rows left out to stratify, or a class of one (reported later)

@@ -49,6 +49,7 @@ class Thresholds:
     different: the best earlier stage beats the top layer by more than gap_points (CV accuracy, points)
                with McNemar's z above gap_z, OR the ImageNet classifier's mean max-softmax is below max_softmax
     weighted:  largest class / smallest class > imbalance: the recipe runs with class_weight='balanced'
+    Multi-label data: a class's count is the images carrying its label, and CV mAP stands for CV accuracy.
     """
 
     large_per_class: int = 2500  # measured: the probe won at 1,000/class, fine-tuning at 6,000 (docs/benchmarks.md)
@@ -92,7 +93,7 @@ class Advice:
     per_class_median: float
     per_class_max: int
     imbalance: float  # largest class / smallest class
-    class_counts: dict[str, int]  # images per class name, the dataset's class order
+    class_counts: dict[str, int]  # images per class name (multi-label: images with the label), the class order
     class_weight: str | None  # 'balanced' when imbalance > thresholds.imbalance: the recipe runs weighted
     n_sampled: int  # images in the similarity pass
     image_size: int  # of the similarity pass
@@ -114,6 +115,7 @@ class Advice:
     pass_seconds: float
     estimate_seconds: float  # of the recommended recipe on all images, on this machine
     estimate: str  # how the estimate is made up
+    multilabel: bool = False  # several labels per image: mAP, one SVM or sigmoid per label
 
     def report(self) -> str:
         """What `transferkit advise` prints."""
@@ -121,7 +123,8 @@ class Advice:
         lines = [
             f"data: {self.data}: {self.n_images} images, {self.n_classes} classes; per class min {self.per_class_min}, "
             f"median {self.per_class_median:g}, max {self.per_class_max} (imbalance {self.imbalance:.1f}x)",
-            "  class counts: " + ", ".join(f"{name} {n}" for name, n in self.class_counts.items()),
+            ("  images per label (multi-label): " if self.multilabel else "  class counts: ")
+            + ", ".join(f"{name} {n}" for name, n in self.class_counts.items()),
             f"similarity to ImageNet: one pass over {self.n_sampled} images at {self.image_size} px "
             f"({self.images_per_second:.0f} img/s, {self.pass_seconds:.0f} s), {self.cv}-fold CV linear SVM",
             f"  top layer {TOP}: {100 * self.top_accuracy:.2f}% CV {self.cv_metric.replace('_', ' ')}; "
@@ -153,11 +156,13 @@ class Advice:
         """The settings that balance the classes in the recommended recipe ({} when they are balanced enough):
         the SVM's class_weight for a probe recipe; for fine-tuning a class-balanced sampler, which beat the
         weighted loss on long-tailed Fashion-MNIST (ratio 100: balanced accuracy 85.11% against 79.68%, plain
-        79.84%; one seed, bench/longtail.py --finetune, docs/benchmarks.md)."""
+        79.84%; one seed, bench/longtail.py --finetune, docs/benchmarks.md). Multi-label data has no one class
+        per image to balance draws by: fine-tuning weighs each label's positives (class_weight, BCE's pos_weight)."""
         if not self.class_weight:
             return {}
-        return {"sampler": "balanced"} if recipes.get(self.recipe).kind == "finetune" else {
-            "class_weight": self.class_weight}
+        if recipes.get(self.recipe).kind == "finetune" and not self.multilabel:
+            return {"sampler": "balanced"}
+        return {"class_weight": self.class_weight}
 
     def recipe_to_run(self) -> recipes.Recipe:
         """The recommended recipe with the class balancing this dataset needs (`balancing`)."""
@@ -184,8 +189,7 @@ def advise(
     if not isinstance(thresholds, Thresholds):
         thresholds = Thresholds().replace(**(thresholds or {}))
     dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class)
-    dataset.require_single_label("advise")
-    all_counts = np.bincount(dataset.targets, minlength=len(dataset.classes))
+    all_counts = _counts(dataset)
     class_counts = {name: int(n) for name, n in zip(dataset.classes, all_counts, strict=True) if n > 0}
     counts = all_counts[all_counts > 0]
     imbalance = float(counts.max() / counts.min())
@@ -208,19 +212,28 @@ def advise(
         n_images=len(dataset), n_classes=len(counts), per_class_min=int(counts.min()), per_class_median=median,
         per_class_max=int(counts.max()), imbalance=imbalance, class_counts=class_counts,
         class_weight="balanced" if imbalance > thresholds.imbalance else None, thresholds=thresholds,
-        estimate_seconds=seconds, estimate=how, **signals,
+        estimate_seconds=seconds, estimate=how, multilabel=dataset.multilabel, **signals,
     )
 
 
+def _counts(dataset: ImageDataset) -> np.ndarray:
+    """Images per class, the class order; multi-label data: images carrying each label."""
+    if dataset.multilabel:
+        return np.asarray(dataset.targets).sum(0).astype(np.int64)
+    return np.bincount(dataset.targets, minlength=len(dataset.classes))
+
+
 def _stratified(dataset: ImageDataset, n: int) -> ImageDataset:
-    """At most `n` images, every class in proportion (all of them if there are no more than `n`)."""
+    """At most `n` images, every class in proportion (all of them if there are no more than `n`; multi-label:
+    a random sample)."""
     if len(dataset) <= n:
         return dataset
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(dataset))
     try:
-        idx, _ = train_test_split(idx, train_size=n, stratify=dataset.targets, random_state=0)
+        idx, _ = train_test_split(idx, train_size=n, random_state=0,
+                                  stratify=None if dataset.multilabel else dataset.targets)
     except ValueError:  # a class too small to stratify: a plain random sample
         idx = np.random.default_rng(0).choice(idx, n, replace=False)
     return dataset.select(np.sort(idx))
@@ -232,8 +245,8 @@ def _similarity(dataset: ImageDataset, model: str, weights: str, image_size: int
 
     Returns the signals (Advice's fields) and what the run-time estimate needs.
     """
-    counts = np.bincount(dataset.targets)
-    cv = int(min(3, counts[counts > 0].min()))
+    counts = _counts(dataset)
+    cv = min(3, len(dataset)) if dataset.multilabel else int(min(3, counts[counts > 0].min()))  # KFold: any label
     if cv < 2:
         raise DataError(f"advise needs at least 2 images in every class of '{dataset.root}' to cross-validate; "
                         f"the smallest has {counts[counts > 0].min()}")
@@ -257,7 +270,7 @@ def _similarity(dataset: ImageDataset, model: str, weights: str, image_size: int
         max_p.append(logp.max(1).values.exp().cpu().numpy())
         entropy.append(-(logp.exp() * logp).sum(1).cpu().numpy())
     seconds = time.perf_counter() - start
-    y = np.concatenate(labels)
+    y = np.concatenate([part for part in labels if len(part)])  # a batch of unreadable images yields none
     views = {tuple(k.split("|")): np.concatenate(parts[k]) for k in keys}
     start = time.perf_counter()
     result = sweep(views, y, cv=cv, max_samples=None, progress=progress)
@@ -287,12 +300,21 @@ def _similarity(dataset: ImageDataset, model: str, weights: str, image_size: int
 def _paired(views: dict, y: np.ndarray, top: dict, earlier: dict, cv: int) -> tuple[int, int]:
     """Images the earlier stage gets right and the top layer wrong (wins), and the reverse (losses).
 
-    Same folds, C and solver settings as the sweep, so these are the sweep's own CV predictions.
+    Same folds, C and solver settings as the sweep, so these are the sweep's own CV predictions. Multi-label:
+    each image's yes/no on each label (out-of-fold scores at thresholds chosen on them) counts as one decision.
     """
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    folds = StratifiedKFold(n_splits=cv, shuffle=True, random_state=0)
     right = []
+    if y.ndim == 2:
+        from transferkit.probe.multilabel import MultiLabelProbe, best_thresholds
+
+        for row in (top, earlier):
+            probe = MultiLabelProbe(C=row["C"], cv=cv, max_iter=1000, tol=1e-2)  # the sweep's looser fit
+            _, oof, _, _ = probe._cv_path(views[row["layer"], row["pool"]], y, log_each=False)
+            right.append(((oof >= best_thresholds(y, oof)) == y).ravel())
+        return int((right[1] & ~right[0]).sum()), int((right[0] & ~right[1]).sum())
+    folds = StratifiedKFold(n_splits=cv, shuffle=True, random_state=0)
     for row in (top, earlier):
         probe = LinearProbe(C=row["C"], max_iter=1000, tol=1e-2)  # the sweep's looser fit (transferkit.probe.sweep)
         right.append(cross_val_predict(probe, views[row["layer"], row["pool"]], y, cv=folds) == y)
@@ -343,7 +365,9 @@ def _training_rate(backbone: torch.nn.Module, dataset: ImageDataset, config: Fin
         for step, (x, y, _, _) in enumerate(_cycle(loader, steps + 1)):
             start = time.perf_counter()
             x = x.to(next(model.parameters()).device, memory_format=torch.channels_last)
-            loss = torch.nn.functional.cross_entropy(model(x), y.to(x.device))
+            logits, y = model(x), y.to(x.device)
+            loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float()) if y.ndim == 2 else
+                    torch.nn.functional.cross_entropy(logits, y))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -28,7 +28,7 @@ from transferkit.errors import DataError
 from transferkit.finetune.config import FinetuneConfig
 from transferkit.finetune.loop import finetune
 from transferkit.jobs import evaluate_model, extract_features, load_data, train_probe
-from transferkit.probe.metrics import Evaluation
+from transferkit.probe.metrics import Evaluation, MultiLabelEvaluation
 from transferkit.recipes.schema import ProbeSettings, check_fields, parse_toml
 from transferkit.runtime.atomic import write_json_atomic
 from transferkit.runtime.outputs import claim
@@ -73,7 +73,6 @@ class Recipe:
         if self.kind == "finetune" and (out / "run" / "config.json").exists():  # before recipe.json is replaced
             raise DataError(f"'{out}' already holds a fine-tuning run (run/config.json); choose another out directory")
         train = train if isinstance(train, ImageDataset) else load_data(train)
-        train.require_single_label("a recipe")
         test = test if test is None or isinstance(test, ImageDataset) else load_data(test)
         claim(out, OUTPUT_KIND, inputs=[train.root, None if test is None else test.root])
         write_json_atomic(out / RECIPE_FILE, {"recipe": self.to_dict(), "source": self.source, "train": str(train.root),
@@ -94,14 +93,15 @@ class RecipeResult:
     recipe: Recipe | None
     out: Path
     model_dir: Path  # a probe or fine-tuning run directory: `transferkit predict/evaluate` take it
-    accuracy: float | None
-    evaluation: Evaluation | None
+    accuracy: float | None  # None on multi-label data: see evaluation.mAP
+    evaluation: Evaluation | MultiLabelEvaluation | None
     paths: dict[str, Path]
     seconds: dict[str, float]
     details: dict[str, Any]  # probe: codes key, C, CV score and its metric; finetune: best epoch, val accuracy
 
     def to_dict(self) -> dict[str, Any]:
-        return {"recipe": None if self.recipe is None else self.recipe.name, "accuracy": self.accuracy,
+        scores = {"mAP": self.evaluation.mAP} if isinstance(self.evaluation, MultiLabelEvaluation) else {}
+        return {"recipe": None if self.recipe is None else self.recipe.name, "accuracy": self.accuracy, **scores,
                 "model_dir": str(self.model_dir), "paths": {k: str(v) for k, v in self.paths.items()},
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
                 "details": {k: None if v != v else v for k, v in self.details.items()}}  # NaN: not measured
@@ -139,10 +139,10 @@ def _run_probe(s: ProbeSettings, train: ImageDataset, test: ImageDataset | None,
                              layer="best" if auto else None, C=s.C, cv=s.cv, scaling=s.scaling,
                              class_weight=s.class_weight, metric=s.metric)
     ev = report.evaluation
-    details = {"codes": report.key, "C": report.probe.best_C_, "cv_accuracy": report.probe.cv_score_,
+    details = {"codes": report.key, "C": report.probe.best_C_,
+               "cv_mAP" if train.multilabel else "cv_accuracy": report.probe.cv_score_,
                "cv_metric": report.probe.metric_}
-    return RecipeResult(None, out, out / "probe", None if ev is None else ev.accuracy, ev, paths, seconds,
-                        details)
+    return RecipeResult(None, out, out / "probe", _accuracy(ev), ev, paths, seconds, details)
 
 
 def _run_finetune(config: FinetuneConfig, train: ImageDataset, test: ImageDataset | None, out: Path,
@@ -157,8 +157,14 @@ def _run_finetune(config: FinetuneConfig, train: ImageDataset, test: ImageDatase
             ev = evaluate_model(out / "run", test, out=out / "test", batch_size=config.batch_size, progress=progress)
         paths["test"] = out / "test"
     details = {"best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy}
-    return RecipeResult(None, out, out / "run", None if ev is None else ev.accuracy, ev, paths, seconds,
-                        details)
+    if train.multilabel and result.evaluation is not None:  # per-label accuracy says little: the val mAP
+        details = {"best_epoch": result.best_epoch, "val_mAP": result.evaluation.mAP}
+    return RecipeResult(None, out, out / "run", _accuracy(ev), ev, paths, seconds, details)
+
+
+def _accuracy(ev: Evaluation | MultiLabelEvaluation | None) -> float | None:
+    """Test accuracy; None without a test set, or on multi-label data (its score is the evaluation's mAP)."""
+    return ev.accuracy if isinstance(ev, Evaluation) else None
 
 
 @contextlib.contextmanager

@@ -38,7 +38,18 @@ class DenseClassifier:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     spec: dict  # architecture: rebuilds the net without the source's weights (see `_skeleton`)
-    scores: str  # "logits" (softmax gives probabilities) or "svm" (a probe's decision values)
+    scores: str  # "logits" (softmax gives probabilities; multi-label: sigmoids) or "svm" (a probe's decision values)
+    thresholds: list[float] | None = None  # multi-label: per label, on sigmoids (runs) or SVM scores (probes)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.thresholds is not None
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """Probabilities from logits over dim 0 (softmax; multi-label: a sigmoid each), None for SVM scores."""
+        if self.scores != "logits":
+            return None
+        return scores.sigmoid() if self.multilabel else scores.softmax(0)
 
     def preprocess(self, image) -> torch.Tensor:
         """(1, 3, H, W) normalised tensor of a PIL image at its own size: no resize, no crop."""
@@ -90,7 +101,7 @@ def _from_timm(name: str, image_size: int | None, window: bool, weights: str) ->
 
 
 def _from_run(path: Path, window: bool) -> DenseClassifier:
-    from transferkit.finetune.rundir import load_finetuned
+    from transferkit.finetune.rundir import load_finetuned, run_thresholds
 
     model, meta = load_finetuned(path)
     size = meta["transform"]["input_size"][-1]
@@ -98,17 +109,19 @@ def _from_run(path: Path, window: bool) -> DenseClassifier:
     spec = {"kind": "run", "model": meta["config"]["model"], "num_classes": len(meta["classes"]),
             "head": meta["config"]["head"], "input_size": size, "window": window, "source": str(path)}
     mean, std = _norm(meta["transform"])
-    return DenseClassifier(net, list(meta["classes"]), mean, std, spec, "logits")
+    thresholds = run_thresholds(meta).tolist() if meta.get("multilabel") else None
+    return DenseClassifier(net, list(meta["classes"]), mean, std, spec, "logits", thresholds)
 
 
 def _from_probe(path: Path, window: bool) -> DenseClassifier:
+    from transferkit.probe.multilabel import MultiLabelProbe
     from transferkit.probe.saved import load_probe_dir
 
     probe, extractor = load_probe_dir(path, batch_size=1, exact=True)
     arrays = probe.arrays()  # coef, intercept and the StandardScaler's statistics, as saved
-    l2 = probe.scaling == "l2"
+    l2, multilabel = probe.scaling == "l2", isinstance(probe, MultiLabelProbe)
     ops = probe_head(arrays["coef"], arrays["intercept"], extractor.pools_[0], arrays.get("scale_mean"),
-                     arrays.get("scale_scale"), l2=l2)
+                     arrays.get("scale_scale"), l2=l2, pair=not multilabel)
     if len(extractor.pairs_) != 1:
         raise ModelError(f"probe '{path}' uses codes of several layers or pools; only one can be converted")
     layer, pool = extractor.pairs_[0]
@@ -122,9 +135,10 @@ def _from_probe(path: Path, window: bool) -> DenseClassifier:
     classes = [names[int(c)] for c in probe.classes_]  # score column k is label probe.classes_[k]
     spec = {"kind": "probe", "model": probe.extra_["model"], "stage_index": layer.index, "pool": pool, "l2": l2,
             "n_features": int(arrays["coef"].shape[1]), "n_outputs": len(classes), "input_size": size, "window": window,
-            "pre_logits": layer.index is None and pool == "avg", "source": str(path)}
+            "pre_logits": layer.index is None and pool == "avg", "multilabel": multilabel, "source": str(path)}
     mean, std = _norm(extractor.data_config_)
-    return DenseClassifier(net, classes, mean, std, spec, "svm")
+    return DenseClassifier(net, classes, mean, std, spec, "svm",
+                           [float(t) for t in probe.thresholds_] if multilabel else None)
 
 
 def save_converted(clf: DenseClassifier, out: str | Path) -> Path:
@@ -138,6 +152,8 @@ def save_converted(clf: DenseClassifier, out: str | Path) -> Path:
             "format": FORMAT, "spec": clf.spec, "classes": clf.classes, "mean": list(clf.mean), "std": list(clf.std),
             "scores": clf.scores, "mean_is_logits": clf.net.mean_is_logits, "parity_error": clf.net.parity_error,
             "head": str(clf.net.head),
+            # JSON has no infinity: a label never (always) seen in training has threshold "inf" ("-inf")
+            "thresholds": None if clf.thresholds is None else [t if np.isfinite(t) else str(t) for t in clf.thresholds],
         })
     return Path(out)
 
@@ -157,8 +173,9 @@ def load_converted(path: str | Path) -> DenseClassifier:
         meta["spec"]["pool"] = RENAMED.get(meta["spec"]["pool"], meta["spec"]["pool"])
     net = _skeleton(meta["spec"])
     net.load_state_dict(load_state_dict_file(path / WEIGHTS))
+    thresholds = meta.get("thresholds")  # absent before multi-label existed
     return DenseClassifier(net.eval(), meta["classes"], tuple(meta["mean"]), tuple(meta["std"]), meta["spec"],
-                           meta["scores"])
+                           meta["scores"], None if thresholds is None else [float(t) for t in thresholds])
 
 
 def _skeleton(spec: dict) -> FullyConvNet:
@@ -176,7 +193,8 @@ def _skeleton(spec: dict) -> FullyConvNet:
         replace_head(model, spec["num_classes"], head=spec["head"], image_size=spec["input_size"])
         return fc_to_conv(model, size, window=window)
     n_out = spec["n_outputs"]
-    ops = probe_head(np.zeros((n_out, spec["n_features"])), np.zeros(n_out), spec["pool"], l2=spec["l2"])
+    ops = probe_head(np.zeros((n_out, spec["n_features"])), np.zeros(n_out), spec["pool"], l2=spec["l2"],
+                     pair=not spec.get("multilabel", False))
     if spec["pre_logits"]:
         classifier = model.get_classifier()
         ops = [op for op in timm_head_ops(model) if op is not classifier] + ops[-1:]
@@ -189,7 +207,9 @@ def dense_predict(clf: DenseClassifier, image_path: str | Path, out: str | Path 
     """Score map of one image at its own size, with each cell's receptive field; files to `out` if given.
 
     Writes STEM.npz (scores (K, h, w), top class per cell, cell centres and boxes in input pixels) and
-    STEM-heatmap.png (the image under the map of the class that wins on average).
+    STEM-heatmap.png (the image under the map of the class that wins on average). A multi-label classifier
+    also gives 'labels': every label whose image score (the map's mean; for a run, its sigmoid) reaches the
+    label's threshold, as `transferkit predict` lists them; its heat map shows the highest of those.
     """
     from transferkit.data.decode import load_image
     from transferkit.surgery.receptive_field import receptive_field
@@ -208,7 +228,7 @@ def dense_predict(clf: DenseClassifier, image_path: str | Path, out: str | Path 
     scores = scores[0].float()  # (K, h, w)
     if scores.shape[0] != len(clf.classes):
         raise ModelError(f"the network gives {scores.shape[0]} scores for {len(clf.classes)} classes")
-    probs = scores.softmax(0) if clf.scores == "logits" else None
+    probs = clf.probabilities(scores)
     cell = scores.argmax(0)  # (h, w)
     overall = scores.mean((1, 2))  # the original logits where mean_is_logits holds
     order = overall.argsort(descending=True)[:top].tolist()
@@ -217,22 +237,34 @@ def dense_predict(clf: DenseClassifier, image_path: str | Path, out: str | Path 
         "top": [{"label": clf.classes[k], "score": float(overall[k])} for k in order],
         "field": field.to_dict(), "mean_is_logits": clf.net.mean_is_logits,
     }
+    if clf.multilabel:
+        image_scores = clf.probabilities(overall) if probs is not None else overall
+        found = [k for k in image_scores.argsort(descending=True).tolist() if image_scores[k] >= clf.thresholds[k]]
+        result["labels"] = [{"label": clf.classes[k], "score": float(image_scores[k])} for k in found]
+        order = found + [k for k in order if k not in found]
     if out is not None:
-        out = claim(out, DENSE_KIND, inputs=[image_path])  # never into the images' folder
-        stem = Path(image_path).stem
-        arrays = {"scores": scores.numpy(), "top_class": cell.numpy(), "centres": field.centres().numpy(),
-                  "boxes": field.boxes().numpy(), "boxes_clipped": field.boxes(clip=True).numpy(),
-                  "classes": np.array(clf.classes)}
-        if probs is not None:
-            arrays["probabilities"] = probs.numpy()
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **arrays)
-        write_bytes_atomic(out / f"{stem}.npz", buffer.getvalue())
-        from transferkit.plots import plot_heatmap
-
-        winner = order[0]
-        heat = (probs if probs is not None else scores)[winner].numpy()
-        plot_heatmap(np.asarray(image), heat, field, out / f"{stem}-heatmap.png",
-                     title=f"{clf.classes[winner]} ({'probability' if probs is not None else 'SVM score'} per cell)")
-        result["files"] = [str(out / f"{stem}.npz"), str(out / f"{stem}-heatmap.png")]
+        result["files"] = _write_maps(clf, image, image_path, out, scores, probs, cell, field, order[0])
     return result
+
+
+def _write_maps(clf: DenseClassifier, image, image_path: str | Path, out: str | Path, scores: torch.Tensor,
+                probs: torch.Tensor | None, cell: torch.Tensor, field, winner: int) -> list[str]:
+    """STEM.npz (every map) and STEM-heatmap.png (the map of class `winner` over the image) into `out`."""
+    out = claim(out, DENSE_KIND, inputs=[image_path])  # never into the images' folder
+    stem = Path(image_path).stem
+    arrays = {"scores": scores.numpy(), "top_class": cell.numpy(), "centres": field.centres().numpy(),
+              "boxes": field.boxes().numpy(), "boxes_clipped": field.boxes(clip=True).numpy(),
+              "classes": np.array(clf.classes)}
+    if probs is not None:
+        arrays["probabilities"] = probs.numpy()
+    if clf.multilabel:
+        arrays["thresholds"] = np.asarray(clf.thresholds)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    write_bytes_atomic(out / f"{stem}.npz", buffer.getvalue())
+    from transferkit.plots import plot_heatmap
+
+    heat = (probs if probs is not None else scores)[winner].numpy()
+    plot_heatmap(np.asarray(image), heat, field, out / f"{stem}-heatmap.png",
+                 title=f"{clf.classes[winner]} ({'probability' if probs is not None else 'SVM score'} per cell)")
+    return [str(out / f"{stem}.npz"), str(out / f"{stem}-heatmap.png")]

@@ -350,16 +350,17 @@ def _assemble(trunk: nn.Module, ops: list[nn.Module], size: tuple[int, int], win
 
 
 def probe_head(coef: np.ndarray, intercept: np.ndarray, pool: str, scale_mean: np.ndarray | None = None,
-               scale_scale: np.ndarray | None = None, l2: bool = False) -> list[nn.Module]:
+               scale_scale: np.ndarray | None = None, l2: bool = False, pair: bool = True) -> list[nn.Module]:
     """The modules that compute a probe's SVM scores from a feature map: pool, [L2], Linear (scaler folded in).
 
     A StandardScaler is affine, so W((x - mean) / scale) + b = (W / scale) x + (b - W (mean / scale)).
-    A binary SVM's single score s becomes two columns (-s, s), as `transferkit predict` reports it.
+    A binary SVM's single score s becomes two columns (-s, s), as `transferkit predict` reports it (`pair`;
+    not for a multi-label probe, whose one row is its one label).
     """
     w, b = np.asarray(coef, np.float64), np.asarray(intercept, np.float64)
     if scale_mean is not None:
         w, b = w / scale_scale, b - (w / scale_scale) @ scale_mean
-    if w.shape[0] == 1:
+    if w.shape[0] == 1 and pair:
         w, b = np.concatenate([-w, w]), np.concatenate([-b, b])
     linear = nn.Linear(w.shape[1], w.shape[0])
     with torch.no_grad():
