@@ -78,11 +78,11 @@ class ImageDataset(Dataset):
         """Whether each image carries a set of labels (targets (n, n_classes) of 0/1) rather than one class."""
         return self.targets.ndim == 2
 
-    def require_single_label(self, what: str) -> None:
-        """Stop `what` (a command or job that needs one class per image) on multi-label data, naming both."""
+    def class_counts(self) -> np.ndarray:
+        """Images per class, in class order; multi-label data: the images carrying each label."""
         if self.multilabel:
-            raise DataError(f"{what} needs one class per image, and '{self.root}' is multi-label (a 'labels' "
-                            "column); multi-label data works with extract, probe and predict for now")
+            return self.targets.sum(0).astype(np.int64)
+        return np.bincount(self.targets, minlength=len(self.classes))
 
     def __repr__(self) -> str:
         return (

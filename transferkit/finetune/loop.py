@@ -126,7 +126,7 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
             "multilabel": train.multilabel, "data": fingerprint(train, val)}
     inputs = [train.root, None if val is None else val.root]  # the run directory is never inside the data
     old = check_run_dir(out, meta, resume, inputs)  # before the model is built: a wrong --resume fails at once
-    counts = train.targets.sum(0) if train.multilabel else np.bincount(train.targets, minlength=len(train.classes))
+    counts = train.class_counts()
     model = build_model(config, train.classes, counts, len(train) if train.multilabel else None)
     model.to(device, memory_format=torch.channels_last)  # ~2x faster convs on CPU (oneDNN)
     meta["weights"] = model.weights_info.to_dict()

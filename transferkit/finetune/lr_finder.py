@@ -87,7 +87,7 @@ def find_lr(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAU
     config.validate()
     seed_everything(config.seed)
     check_output(out, RUN_KIND, inputs=[train.root])
-    counts = train.targets.sum(0) if train.multilabel else np.bincount(train.targets, minlength=len(train.classes))
+    counts = train.class_counts()
     model = build_model(config, train.classes, counts, len(train) if train.multilabel else None)  # as a run builds it
     out = claim(out, RUN_KIND, inputs=[train.root])  # once the model is built: bad weights leave no folder
     device = default_device()

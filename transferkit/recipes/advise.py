@@ -189,7 +189,7 @@ def advise(
     if not isinstance(thresholds, Thresholds):
         thresholds = Thresholds().replace(**(thresholds or {}))
     dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class)
-    all_counts = _counts(dataset)
+    all_counts = dataset.class_counts()
     class_counts = {name: int(n) for name, n in zip(dataset.classes, all_counts, strict=True) if n > 0}
     counts = all_counts[all_counts > 0]
     imbalance = float(counts.max() / counts.min())
@@ -216,13 +216,6 @@ def advise(
     )
 
 
-def _counts(dataset: ImageDataset) -> np.ndarray:
-    """Images per class, the class order; multi-label data: images carrying each label."""
-    if dataset.multilabel:
-        return np.asarray(dataset.targets).sum(0).astype(np.int64)
-    return np.bincount(dataset.targets, minlength=len(dataset.classes))
-
-
 def _stratified(dataset: ImageDataset, n: int) -> ImageDataset:
     """At most `n` images, every class in proportion (all of them if there are no more than `n`; multi-label:
     a random sample)."""
@@ -245,7 +238,7 @@ def _similarity(dataset: ImageDataset, model: str, weights: str, image_size: int
 
     Returns the signals (Advice's fields) and what the run-time estimate needs.
     """
-    counts = _counts(dataset)
+    counts = dataset.class_counts()
     cv = min(3, len(dataset)) if dataset.multilabel else int(min(3, counts[counts > 0].min()))  # KFold: any label
     if cv < 2:
         raise DataError(f"advise needs at least 2 images in every class of '{dataset.root}' to cross-validate; "
