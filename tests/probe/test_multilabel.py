@@ -151,6 +151,11 @@ def test_a_class_never_seen_in_training_is_named_with_its_image(mosaics, tmp_pat
     out = cli_run("probe", train, "--test", tmp_path / "odd", "-o", tmp_path / "p", "--cv", "2", ok=False)
     assert out.exit_code != 0 and "odd.png' is labelled 'Parrot', a class the model was not trained on" in out.output
     assert not (tmp_path / "p").exists()  # nothing written
+    cli_run("probe", train, "-o", tmp_path / "p", "--cv", "2")  # and at evaluate time, on the images
+    out = cli_run("evaluate", tmp_path / "p", tmp_path / "odd.csv", "-o", tmp_path / "ev", ok=False)
+    assert out.exit_code != 0 and "odd.png' is labelled 'Parrot', a class the model was not trained on" in out.output
+    errors = [line for line in out.output.splitlines() if line.startswith("Error")]  # after the progress bar
+    assert len(errors) == 1 and "Parrot" in errors[0] and not (tmp_path / "ev").exists()
 
 
 def test_finetune_multilabel_sigmoid_head_thresholds_predict_and_evaluate(mosaics, tmp_path, cli_run):
