@@ -437,7 +437,7 @@ def test_extract_hostile_file_names(tmp_path, sample_images, monkeypatch, code_c
 @pytest.mark.parametrize("pool", ["\u0663x\u0663", "\u0663", "2x\uff12"])
 def test_grid_pools_take_ascii_digits_only(pool):
     """'٣x٣' (Arabic-Indic digits) passed as a 3x3 grid: int() reads any Unicode digit."""
-    from transferkit.codes.pooling import parse_pools
+    from transferkit.codes.params import parse_pools
     from transferkit.errors import ModelError
 
     with pytest.raises(ModelError):

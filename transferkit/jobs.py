@@ -18,7 +18,7 @@ import torch
 
 from transferkit.codes.extract import extract
 from transferkit.codes.extractor import FeatureExtractor
-from transferkit.codes.pooling import POOL_NAMES
+from transferkit.codes.params import POOL_NAMES
 from transferkit.codes.spec import CodeSpec
 from transferkit.codes.store import KIND, FeatureStore
 from transferkit.data.datasets import IMAGE_EXTENSIONS, ImageDataset, open_dataset, scan_images

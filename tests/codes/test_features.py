@@ -13,7 +13,8 @@ from sklearn.pipeline import make_pipeline
 
 from transferkit.codes.extract import extract
 from transferkit.codes.extractor import FeatureExtractor
-from transferkit.codes.pooling import compute_codes, parse_pools, pool_map, select_pairs
+from transferkit.codes.params import parse_pools
+from transferkit.codes.pooling import compute_codes, pool_map, select_pairs
 from transferkit.codes.store import FeatureStore
 from transferkit.data.datasets import open_dataset
 from transferkit.errors import DataError, ModelError

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from pathlib import Path
 
 import click
 
 from transferkit.finetune.params import FINETUNE
+from transferkit.models.params import DEFAULT_MODEL
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
-
-DEFAULT_MODEL = "tf_efficientnet_lite0"  # kept literal so `--help` does not import torch
 
 
 class _Group(click.Group):
@@ -63,6 +63,21 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("PIL", "matplotlib", "timm", "onnx_ir", "onnxscript", "torch.onnx"):  # exporters: ~100 INFO lines
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
+
+
+class DataPath(click.Path):
+    """A data set argument (folder, CSV, IDX file or IDX prefix), refused in a fraction of a second if it is none
+    of them, before a command imports torch (open_dataset checks its content later)."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value, param, ctx) -> Path:
+        from transferkit.data.params import ACCEPTED_FORMS, could_be_data
+
+        if not could_be_data(value):
+            self.fail(f"'{value}': no such file, folder or IDX prefix. Expected {ACCEPTED_FORMS}.", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 def model_options(f=None, *, table=FINETUNE, precision: str = "fp32",

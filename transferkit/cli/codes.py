@@ -7,14 +7,14 @@ from pathlib import Path
 
 import click
 
-from transferkit.cli import DEFAULT_MODEL, cli, model_options
+from transferkit.cli import DEFAULT_MODEL, DataPath, cli, model_options
 from transferkit.codes.params import EXTRACTOR
 from transferkit.probe.params import AUTO_BALANCED_RATIO, PROBE
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
 
 
 @cli.command()
-@click.argument("data", type=click.Path(path_type=Path))
+@click.argument("data", type=DataPath())
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Codes directory to write.")
 @model_options(table=EXTRACTOR, precision="auto",
                help_precision="auto, on a CPU with ONNX Runtime: int8 there (quantized once, "

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from transferkit.cli import cli, model_options
+from transferkit.cli import DataPath, cli, model_options
 from transferkit.finetune.params import FINETUNE
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
 
 
 @cli.command()
-@click.argument("data", type=click.Path(path_type=Path), required=False)
+@click.argument("data", type=DataPath(), required=False)
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Run directory for checkpoints and metrics.")
 @model_options
 @click.option("--freeze-until", default="none", show_default=True,
@@ -49,7 +49,7 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.option("--no-cache", is_flag=True, help="Recompute the frozen stages every step instead of caching them.")
 @click.option("--val-fraction", type=click_type(FINETUNE["val_fraction"]), default=0.1, show_default=True,
               help="Stratified hold-out for validation when --val is not given.")
-@click.option("--val", "val_data", type=click.Path(path_type=Path), default=None,
+@click.option("--val", "val_data", type=DataPath(), default=None,
               help="Validation data: a folder, CSV manifest or IDX prefix.")
 @click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
 @click.option("--early-stop", type=click_type(FINETUNE["early_stop"]), default=None,

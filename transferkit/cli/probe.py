@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from transferkit.cli import cli
+from transferkit.cli import DataPath, cli
 from transferkit.codes.params import EXTRACTOR
 from transferkit.probe.params import AUTO_BALANCED_RATIO, PROBE
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
@@ -116,7 +116,7 @@ def predict(model_dir: str, images: tuple[Path, ...], batch_size: int, as_json: 
 
 @cli.command()
 @click.argument("model_dir", metavar="MODEL", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("data", type=click.Path(path_type=Path))
+@click.argument("data", type=DataPath())
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Directory for report.txt, metrics.json and confusion.png.")
 @click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")

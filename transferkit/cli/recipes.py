@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from transferkit.cli import cli
+from transferkit.cli import DataPath, cli
 from transferkit.data.params import IMAGE_SIZE
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
 
@@ -39,8 +39,8 @@ def recipes_command() -> None:
 
 @cli.command()
 @click.argument("recipe")
-@click.argument("data", type=click.Path(path_type=Path))
-@click.option("--test", type=click.Path(path_type=Path), default=None, help="Labelled test data to score on.")
+@click.argument("data", type=DataPath())
+@click.option("--test", type=DataPath(), default=None, help="Labelled test data to score on.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for everything the run writes [default: ./RECIPE_NAME].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -61,7 +61,7 @@ def run(recipe: str, data: Path, test: Path | None, out: Path | None, overrides:
 
 
 @cli.command()
-@click.argument("data", type=click.Path(path_type=Path))
+@click.argument("data", type=DataPath())
 @click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
               help="Override a threshold of the rule: large_per_class, gap_points, gap_z, max_softmax, imbalance. "
@@ -69,7 +69,7 @@ def run(recipe: str, data: Path, test: Path | None, out: Path | None, overrides:
 @click.option("--sample", type=click.IntRange(10), default=2000, show_default=True,
               help="Images (stratified) in the similarity pass.")
 @click.option("--run", "run_it", is_flag=True, help="Then run the recommended recipe on DATA.")
-@click.option("--test", type=click.Path(path_type=Path), default=None, help="With --run: test data to score on.")
+@click.option("--test", type=DataPath(), default=None, help="With --run: test data to score on.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="With --run: output directory [default: ./RECIPE_NAME].")
 def advise(data: Path, per_class: int | None, thresholds: tuple[str, ...], sample: int, run_it: bool,

@@ -15,8 +15,8 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from transferkit.codes.engine import Engine, check_choice
-from transferkit.codes.params import EXTRACTOR
-from transferkit.codes.pooling import parse_pools, pooled_dim, select_pairs
+from transferkit.codes.params import EXTRACTOR, parse_pools
+from transferkit.codes.pooling import pooled_dim, select_pairs
 from transferkit.codes.spec import CodeSpec, key_name
 from transferkit.data.datasets import ImageDataset
 from transferkit.data.decode import DecodeTarget, collate, decode_ahead, load_image, threaded_batches

@@ -1,62 +1,22 @@
-"""Pooling a layer's activations into codes: the pool names (parse_pools), what each does (pool_map), and the
-codes of a batch for every (layer, pool) pair (compute_codes)."""
+"""Pooling a layer's activations into codes: what each pool does (pool_map; the names are parsed in
+codes.params), and the codes of a batch for every (layer, pool) pair (compute_codes)."""
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transferkit.codes.params import grid_size
 from transferkit.codes.spec import key_name
-from transferkit.errors import ModelError, ParameterError
+from transferkit.errors import ModelError
 from transferkit.models.backbones import PRE_LOGITS, Layer
 
 log = logging.getLogger(__name__)
-
-# timm's names and meanings: 'avgmax' is the mean of avg and max, 'catavgmax' their concatenation; plus grids
-# "NxN" that keep location
-POOLS = ("avg", "max", "avgmax", "catavgmax")
-# 'all': avgmax is left out, a linear probe on catavgmax can weigh avg and max as it likes (avgmax among them)
-ALL_POOLS = ("avg", "max", "catavgmax", "2x2", "4x4")
-# Files written before transferkit followed timm's names (codes directories of format 1, probes of format 1)
-# say 'avgmax' for the concatenation: their readers map the old names with this
-RENAMED = {"avgmax": "catavgmax"}
-POOL_NAMES = "timm"  # saved probes record it (their 'pool_names'); one without it is older and uses RENAMED
-_GRID = re.compile(r"^(?:grid)?(\d)(?:x(\d))?$", re.ASCII)  # ASCII: int() would take '٣' for 3
-
-
-def parse_pools(spec: str | Sequence[str]) -> list[str]:
-    """Validate a pool list: 'avg', 'max', 'avgmax', 'catavgmax' (alias 'avg+max'), a grid 'NxN' (N <= 8),
-    comma lists, 'all'."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    pools: list[str] = []
-    for item in (p.strip().lower() for p in items):
-        if item == "all":
-            pools += ALL_POOLS
-            continue
-        item = "catavgmax" if item in ("avg+max", "avg-max") else item
-        grid = _GRID.match(item)
-        if grid and (grid.group(2) is None or grid.group(1) == grid.group(2)) and 1 <= int(grid.group(1)) <= 8:
-            item = f"{grid.group(1)}x{grid.group(1)}"
-        elif item not in POOLS:
-            raise ParameterError(
-                "The 'pool' parameter must be one of 'avg', 'max', 'avgmax', 'catavgmax', a grid such as '2x2', "
-                f"or 'all'. "
-                f"Got '{item}' instead.", param="pool",
-            )
-        pools.append(item)
-    return list(dict.fromkeys(pools))
-
-
-def grid_size(pool: str) -> int:
-    """N for an 'NxN' grid pool, 0 for the global pools."""
-    return int(pool.split("x")[0]) if pool[0].isdigit() else 0
-
 
 def pool_map(x: torch.Tensor, pool: str) -> torch.Tensor:
     """Pool a feature map (B, C, H, W) -> (B, D); a grid keeps a coarse layout of where things are."""

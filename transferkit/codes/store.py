@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.codes.pooling import RENAMED
+from transferkit.codes.params import RENAMED
 from transferkit.errors import DataError
 from transferkit.runtime.atomic import naming, write_json_atomic
 from transferkit.runtime.outputs import check_output, new_tmp, publish

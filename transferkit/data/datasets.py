@@ -21,17 +21,13 @@ from torch.utils.data import Dataset
 
 from transferkit.data.decode import DecodeTarget, load_image
 from transferkit.data.hashing import content_hash
+from transferkit.data.params import ACCEPTED_FORMS, IDX_SUFFIXES
 from transferkit.errors import DataError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
-_ACCEPTED_FORMS = (
-    "an ImageFolder directory (one subfolder of images per class), a CSV manifest with 'path' and "
-    "'label' columns (or 'labels', several per image separated by ';'), or IDX files "
-    "('<prefix>-images-idx3-ubyte[.gz]' beside the matching labels file)"
-)
 _Parts = tuple[list[str], np.ndarray, list[str], np.ndarray | None]  # sources, targets, classes, pixels
 _IDX_IMAGES_MAGIC = 0x00000803  # uint8, 3 dimensions
 _IDX_LABELS_MAGIC = 0x00000801  # uint8, 1 dimension
@@ -178,7 +174,7 @@ def open_dataset(
         kind, parts = "idx", _read_idx(images)
     else:
         what = "no such file or directory" if found is None else "not a dataset"
-        raise DataError(f"cannot open dataset '{path}': {what}. Expected {_ACCEPTED_FORMS}.")
+        raise DataError(f"cannot open dataset '{path}': {what}. Expected {ACCEPTED_FORMS}.")
     sources, targets, classes, pixels = parts
     if len(classes) < min_classes:
         raise DataError(
@@ -364,7 +360,7 @@ def _idx_images_file(p: Path) -> Path | None:
     """`p` itself if it is an IDX images file, else `<p>-images-idx3-ubyte[.gz]` if one exists."""
     if "images-idx3-ubyte" in p.name and _is_file(p, f"IDX file '{p}'"):
         return p
-    for suffix in ("-images-idx3-ubyte", "-images-idx3-ubyte.gz"):
+    for suffix in IDX_SUFFIXES:
         candidate = p.with_name(p.name + suffix) if p.name else None
         if candidate is not None and _is_file(candidate, f"IDX file '{candidate}'"):
             return candidate

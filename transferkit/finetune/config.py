@@ -4,16 +4,14 @@ network from it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar
-
-import numpy as np
-from torch import nn
+from typing import TYPE_CHECKING, ClassVar
 
 from transferkit.finetune.params import FINETUNE
-from transferkit.models.backbones import create_backbone
-from transferkit.models.stages import freeze_until, replace_head, resolve_stage
-from transferkit.runtime.device import autocast, default_device
 from transferkit.runtime.params import validate
+
+if TYPE_CHECKING:  # the config itself is plain data: recipe files validate against it without torch
+    import numpy as np
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,10 @@ class FinetuneConfig:
         """Fail on a setting outside its limits (naming it) before anything is built; return self."""
         validate(self._parameter_constraints, {f.name: getattr(self, f.name) for f in fields(self)},
                  type(self).__name__)
-        autocast(self.precision, default_device())  # fp16 needs CUDA
+        if self.precision == "fp16":  # needs CUDA: ask torch only then
+            from transferkit.runtime.device import autocast, default_device
+
+            autocast(self.precision, default_device())
         return self
 
     @classmethod
@@ -73,6 +74,9 @@ def build_model(config: FinetuneConfig, classes: list[str], counts: np.ndarray |
                 n_images: int | None = None) -> nn.Module:
     """Backbone + new head + frozen stages, exactly as a run (or its reload) needs it. `n_images`: multi-label
     (counts are each label's positives; the head's biases start at their log-odds)."""
+    from transferkit.models.backbones import create_backbone
+    from transferkit.models.stages import freeze_until, replace_head, resolve_stage
+
     model = create_backbone(config.model, config.weights)
     replace_head(model, len(classes), counts, config.head, image_size=config.image_size,  # None: pretrained size
                  n_images=n_images)

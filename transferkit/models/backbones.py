@@ -12,12 +12,11 @@ import torch
 from torch import nn
 
 from transferkit.errors import ModelError, WeightsError
+from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.weights import match_state_dict, resolve_weights, state_dict_sha256
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "tf_efficientnet_lite0"
-PRE_LOGITS = "pre_logits"
 
 
 @dataclass(frozen=True)

@@ -5,5 +5,8 @@ from __future__ import annotations
 
 from transferkit.runtime.params import StrOptions
 
+DEFAULT_MODEL = "tf_efficientnet_lite0"
+PRE_LOGITS = "pre_logits"  # the layer name of the pooled features before the classifier
+
 HEADS = ("linear", "mlp", "local")
 HEAD = [StrOptions(HEADS)]

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from transferkit.codes.extractor import FeatureExtractor
-from transferkit.codes.pooling import POOL_NAMES, RENAMED
+from transferkit.codes.params import POOL_NAMES, RENAMED
 from transferkit.codes.spec import CodeSpec
 from transferkit.errors import DataError
 from transferkit.models.weights import weights_argument

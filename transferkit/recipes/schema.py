@@ -15,12 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from transferkit.codes.params import EXTRACTOR
-from transferkit.codes.pooling import parse_pools
+from transferkit.codes.params import EXTRACTOR, parse_pools
 from transferkit.errors import DataError, ModelError
 from transferkit.finetune.config import FinetuneConfig
 from transferkit.finetune.params import FINETUNE
-from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS
+from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.probe.params import PROBE
 from transferkit.runtime.params import validate
 

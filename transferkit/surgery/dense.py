@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit.codes.pooling import RENAMED
+from transferkit.codes.params import RENAMED
 from transferkit.errors import DataError, ModelError
 from transferkit.runtime.atomic import write_bytes_atomic, write_json_atomic
 from transferkit.runtime.outputs import building, claim
