@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from transferkit.probe.sweep import SweepResult, sweep
 from transferkit.runtime.atomic import write_json_atomic, write_text_atomic
 from transferkit.runtime.device import autocast, default_device
 from transferkit.runtime.outputs import add_files, building, check_output, new_tmp
+from transferkit.runtime.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -472,8 +472,6 @@ def _run_probabilities(model: torch.nn.Module, dataset: ImageDataset, meta: dict
 
     `tta`: the mean of the image's and its horizontal mirror's probabilities.
     """
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     precision = meta["config"].get("precision", "fp32")
     if precision == "fp16" and device.type != "cuda":
@@ -481,7 +479,7 @@ def _run_probabilities(model: torch.nn.Module, dataset: ImageDataset, meta: dict
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     activate = torch.sigmoid if meta.get("multilabel") else functools.partial(torch.softmax, dim=1)
     probs = []
-    for x, _, _, bad in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, file=sys.stderr):
+    for x, _, _, bad in progress_bar(loader, desc="evaluate", unit="batch", enabled=progress):
         if bad:  # every image must be scored, or the labels no longer line up
             raise DataError(bad[0][1])
         x = x.to(device, memory_format=torch.channels_last)

@@ -182,5 +182,5 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, format="png")
-    logger.info("wrote %s", path)
+    logger.debug("wrote %s", path)  # often inside a folder not yet published: the command names the final one
     return path

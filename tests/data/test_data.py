@@ -365,6 +365,24 @@ def test_idx_class_names_file(tmp_path, digits):
         open_dataset(tmp_path / "t")
 
 
+@pytest.mark.skipif(not FASHION_T10K.exists(), reason="needs dataset-fashion-mnist")
+def test_known_idx_sets_get_their_class_names(tmp_path):
+    """Fashion-MNIST is known by its labels' content (wherever the files are); a changed copy is not, and a
+    classes.txt beside the files wins over both."""
+    ds = open_dataset(FASHION_T10K.with_name("t10k"))
+    assert ds.classes[0] == "T-shirt/top" and ds.classes[7] == "Sneaker" and len(ds.classes) == 10
+    images = gzip.decompress(FASHION_T10K.read_bytes())
+    labels = bytearray(gzip.decompress(FASHION_T10K.with_name("t10k-labels-idx1-ubyte.gz").read_bytes()))
+    (tmp_path / "c-images-idx3-ubyte").write_bytes(images)
+    (tmp_path / "c-labels-idx1-ubyte").write_bytes(bytes(labels))  # a copy, uncompressed: still known
+    assert open_dataset(tmp_path / "c").classes[9] == "Ankle boot"
+    labels[8] = (labels[8] + 1) % 10  # one label changed: no longer the known set
+    (tmp_path / "c-labels-idx1-ubyte").write_bytes(bytes(labels))
+    assert open_dataset(tmp_path / "c").classes == [str(k) for k in range(10)]
+    (tmp_path / "classes.txt").write_text("\n".join(f"mine{k}" for k in range(10)))
+    assert open_dataset(tmp_path / "c").classes[7] == "mine7"
+
+
 def test_unreadable_dataset_folder_is_one_line(photo_folder, monkeypatch):
     """As root no folder is unreadable, so the refusal is simulated where the folder is listed."""
     def refuse(self):

@@ -51,6 +51,21 @@ def _in_flags(error, command: click.Command | None) -> str:
     return f"Invalid value for '{name}': {problem}"
 
 
+class _LogFormat(logging.Formatter):
+    """Plain lines for a user: the message alone, 'warning: ' or 'error: ' before problems; module names and
+    levels only at -vv, where they help find the code that spoke."""
+
+    def __init__(self, with_names: bool) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s" if with_names else "%(message)s")
+        self.with_names = with_names
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if self.with_names or record.levelno < logging.WARNING:
+            return text
+        return f"{'warning' if record.levelno == logging.WARNING else 'error'}: {text}"
+
+
 @click.group(cls=_Group)
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
@@ -60,7 +75,9 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Transfer learning from pretrained CNNs: CNN codes, linear-SVM probes and layer sweeps."""
     ctx.obj = {"progress": not quiet}
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormat(with_names=verbose > 1))
+    logging.basicConfig(level=level, handlers=[handler])
     for noisy in ("PIL", "matplotlib", "timm", "onnx_ir", "onnxscript", "torch.onnx"):  # exporters: ~100 INFO lines
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
 

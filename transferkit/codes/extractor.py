@@ -25,6 +25,7 @@ from transferkit.errors import DataError
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS, create_backbone, resolve_layers
 from transferkit.runtime.device import default_device
 from transferkit.runtime.params import sklearn_constraints, validate
+from transferkit.runtime.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -282,12 +283,7 @@ def _check_finite(codes: dict[str, np.ndarray], index: np.ndarray, data, engine:
 
 def _progress(loader, total: int, enabled: bool):
     """Batches with a tqdm bar counting images (so the rate reads img/s)."""
-    if not enabled:
-        yield from loader
-        return
-    from tqdm import tqdm
-
-    with tqdm(total=total, unit="img", desc="extract", dynamic_ncols=True, mininterval=0.5) as bar:
+    with progress_bar(total=total, unit="img", desc="extract", enabled=enabled) as bar:
         for batch in loader:
             yield batch
             bar.update(len(batch[2]) + len(batch[3]))

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from transferkit.data.decode import DecodeTarget, load_image
 from transferkit.data.hashing import content_hash
+from transferkit.data.known_sets import known_class_names
 from transferkit.data.params import ACCEPTED_FORMS, IDX_SUFFIXES
 from transferkit.errors import DataError
 
@@ -377,13 +378,14 @@ def _read_idx(images_file: Path) -> _Parts:
         expected = images_file.with_name(labels_name)
         raise DataError(f"IDX images file '{images_file}' has no labels file '{expected}'")
     pixels = _read_idx_array(images_file, _IDX_IMAGES_MAGIC)
-    labels = _read_idx_array(labels_file, _IDX_LABELS_MAGIC).astype(np.int64)
+    raw_labels = _read_idx_array(labels_file, _IDX_LABELS_MAGIC)
+    labels = raw_labels.astype(np.int64)
     if len(pixels) != len(labels):
         raise DataError(
             f"IDX images file '{images_file}' has {len(pixels)} images but labels file '{labels_file}' "
             f"has {len(labels)} labels"
         )
-    classes = _idx_class_names(images_file.with_name("classes.txt"), int(labels.max()) + 1)
+    classes = _idx_class_names(images_file.with_name("classes.txt"), int(labels.max()) + 1, known_class_names(raw_labels))
     sources = [f"{images_file}#{i}" for i in range(len(labels))]
     return sources, labels, classes, pixels
 
@@ -413,10 +415,10 @@ def _read_idx_array(file: Path, magic: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _idx_class_names(names_file: Path, n_labels: int) -> list[str]:
-    """Names from `classes.txt` beside the IDX file if present, else "0".."n-1"."""
+def _idx_class_names(names_file: Path, n_labels: int, known: Sequence[str] | None = None) -> list[str]:
+    """Names from `classes.txt` beside the IDX file if present, else a known set's (`known`), else "0".."n-1"."""
     if not _is_file(names_file, f"class names file '{names_file}'"):
-        return [str(k) for k in range(n_labels)]
+        return list(known) if known is not None and len(known) >= n_labels else [str(k) for k in range(n_labels)]
     try:
         names = names_file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:

@@ -60,6 +60,7 @@ from transferkit.models.weights import load_state_dict_file
 from transferkit.runtime.atomic import atomic_write, write_json_atomic, write_text_atomic
 from transferkit.runtime.device import autocast, default_device
 from transferkit.runtime.distributed import World, all_true, close_world, init_world, sum_all
+from transferkit.runtime.progress import progress_bar
 
 if TYPE_CHECKING:
     from transferkit.probe.metrics import Evaluation, MultiLabelEvaluation  # sklearn: imported when run evaluates
@@ -260,12 +261,10 @@ def _epoch(run: Run, loader, epoch: int = 0, progress: bool = False) -> tuple[fl
 
     Loss, accuracy and count are summed over all ranks.
     """
-    from tqdm import tqdm
-
     training = epoch > 0
     set_train_mode(run.model, run.config.train_bn) if training else run.model.eval()
     total, correct, seen, start = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(loader, f"epoch {epoch}/{run.config.epochs}", disable=not (training and progress), leave=False)
+    bar = progress_bar(loader, desc=f"epoch {epoch}/{run.config.epochs}", enabled=training and progress, leave=False)
     with bypassed(run.bypass):
         for batch, (x, y, idx, _) in enumerate(bar, 1):
             if x is None:

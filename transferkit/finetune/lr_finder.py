@@ -27,6 +27,7 @@ from transferkit.runtime.atomic import write_json_atomic
 from transferkit.runtime.device import autocast, default_device
 from transferkit.runtime.distributed import World
 from transferkit.runtime.outputs import check_output, claim
+from transferkit.runtime.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,6 @@ def find_lr(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAU
 
     Writes lr_find.png and lr_find.json to `out` and trains nothing: the run starts from scratch after.
     """
-    from tqdm import tqdm
-
     from transferkit.plots import plot_lr_find
 
     config.validate()
@@ -95,7 +94,7 @@ def find_lr(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAU
     loader = make_loaders(model, train, None, config, World())[0]
     run = Run(model, model, make_optimizer(model, config), None, config, out, train.sources, device, World())
     set_train_mode(model, config.train_bn)
-    bar = tqdm(total=steps, desc="lr finder", disable=not progress, leave=False)
+    bar = progress_bar(total=steps, desc="lr finder", enabled=progress, leave=False)
 
     def batches():
         epoch = 0

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from transferkit.runtime.progress import progress_bar
+
 log = logging.getLogger(__name__)
 
 SEQUENCES = ("blocks", "stages", "layers", "features")  # children whose own children run in order
@@ -89,11 +91,9 @@ class PrefixCache:
     def compute(self, loader, n: int, path: Path | None, memory_gb: float, device: torch.device,
                 progress: bool = False) -> torch.Tensor:
         """Run the prefix over `loader` (yielding (x, y, idx, bad)); a tensor, memory-mapped when large."""
-        from tqdm import tqdm
-
         self.run.eval()
         out = None
-        for x, _, idx, _ in tqdm(loader, "frozen prefix", disable=not progress, leave=False):
+        for x, _, idx, _ in progress_bar(loader, desc="frozen prefix", enabled=progress, leave=False):
             a = self.run(x.to(device, memory_format=torch.channels_last)).float().cpu()
             if out is None:
                 out = self._allocate((n, *a.shape[1:]), path, memory_gb)

@@ -4,7 +4,6 @@ accuracy when the classes are imbalanced: `metric`; mAP for multi-label targets)
 from __future__ import annotations
 
 import logging
-import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,7 @@ from transferkit.errors import DataError, ParameterError
 from transferkit.probe.linear import DEFAULT_CS, LinearProbe, check_xy, warn_unconverged
 from transferkit.probe.metrics import cv_metric
 from transferkit.probe.multilabel import MultiLabelProbe, check_multilabel
+from transferkit.runtime.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ def sweep(
     `metric` 'auto' ranks by balanced accuracy when the classes are imbalanced (probe.metrics.cv_metric).
     Multi-label `y` (n, n_labels) of 0/1: MultiLabelProbe's out-of-fold mAP ranks the views.
     """
-    from tqdm.auto import tqdm  # keep `import transferkit.probe.sweep` light
 
     if not codes:
         raise DataError("sweep() needs at least one (layer, pool) view of the codes.")
@@ -90,7 +89,7 @@ def sweep(
                              f"mAP). Got {metric!r} instead.", param="metric")
     metric = "mAP" if y.ndim == 2 else cv_metric(metric, y[rows_idx])
     rows, n_bad, n_fits = [], 0, 0
-    for key in tqdm(list(codes), desc="sweep", unit="view", disable=not progress, file=sys.stderr):
+    for key in progress_bar(list(codes), desc="sweep", unit="view", enabled=progress):
         start = time.perf_counter()
         X = np.asarray(codes[key])
         if X.ndim != 2 or len(X) != len(y):

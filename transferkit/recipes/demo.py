@@ -11,9 +11,6 @@ from transferkit.jobs import extract_features, load_data, train_probe
 from transferkit.runtime.outputs import claim
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
 DEMO_IMAGE_SIZE = 64  # 28x28 items upscaled; see docs/benchmarks.md for the size sweep
 
 
@@ -25,10 +22,7 @@ def fashion_mnist(split: str, data: Path | None = None, per_class: int | None = 
             f"Fashion-MNIST not found in '{root}': apt-get install dataset-fashion-mnist, "
             "or set the 'data' parameter to a folder holding the IDX files (see data/README.md)"
         )
-    dataset = load_data(root / split, per_class=per_class)
-    if dataset.classes == [str(i) for i in range(10)]:
-        dataset.classes = list(FASHION_MNIST_CLASSES)
-    return dataset
+    return load_data(root / split, per_class=per_class)  # class names: transferkit.data.known_sets
 
 
 def run_demo(
