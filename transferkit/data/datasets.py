@@ -385,7 +385,8 @@ def _read_idx(images_file: Path) -> _Parts:
             f"IDX images file '{images_file}' has {len(pixels)} images but labels file '{labels_file}' "
             f"has {len(labels)} labels"
         )
-    classes = _idx_class_names(images_file.with_name("classes.txt"), int(labels.max()) + 1, known_class_names(raw_labels))
+    known = known_class_names(raw_labels)
+    classes = _idx_class_names(images_file.with_name("classes.txt"), int(labels.max()) + 1, known)
     sources = [f"{images_file}#{i}" for i in range(len(labels))]
     return sources, labels, classes, pixels
 
