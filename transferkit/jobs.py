@@ -216,6 +216,7 @@ def train_probe(
     cv: int = 5,
     class_weight: str | None = None,
     metric: str = "auto",
+    max_iter: int = 5000,
 ) -> ProbeReport:
     """Fit a LinearProbe on training codes, evaluate on test codes, save probe, metrics and plots to `out`.
 
@@ -225,19 +226,13 @@ def train_probe(
     train = train if isinstance(train, FeatureStore) else FeatureStore(train)
     test_path = test.path if isinstance(test, FeatureStore) else test
     check_output(out, PROBE_KIND, inputs=[train.path, test_path])  # before the work
-    if layer == "best":
-        key = read_sweep(train)
-        if key is None:
-            raise DataError(f"no sweep in '{train.path}': run `transferkit sweep {train.path}` or extract with "
-                            f"layer='auto'")
-    else:
-        key = train.key(layer, pool)
+    key = _probe_key(train, layer, pool, metric)
     test = test if test is None or isinstance(test, FeatureStore) else FeatureStore(test)
     if test is not None:
         check_compatible(train, test, key)
     kind = MultiLabelProbe if train.multilabel else LinearProbe  # one SVM per label, thresholds of their own
-    probe = kind(C=C, Cs=Cs, scaling=scaling, cv=cv, class_weight=class_weight,
-                 metric=metric).fit(train.load(key), train.labels)
+    probe = kind(C=C, Cs=Cs, scaling=scaling, cv=cv, class_weight=class_weight, metric=metric,
+                 max_iter=max_iter).fit(train.load(key), train.labels)
     code_spec = CodeSpec.from_meta(train.meta, key)  # load_probe_dir rebuilds the extractor from it
     spec = {"model": code_spec.model, "weights": train.meta["weights"], "image_size": train.meta["image_size"],
             "precision": code_spec.precision, "transform": code_spec.transform, "classes": train.meta["classes"],
@@ -252,6 +247,23 @@ def train_probe(
             evaluation = _score_test(probe, key, train, test, tmp, metrics)
         write_json_atomic(tmp / "metrics.json", metrics)
     return ProbeReport(probe, key, Path(out), evaluation)
+
+
+def _probe_key(train: FeatureStore, layer: str | None, pool: str | None, metric: str) -> str:
+    """The codes a probe trains on: layer 'best' is the sweep's winner (sweeping first if none was run); no layer
+    and no pool on codes of several views is the sweep's winner when one was run, else an error that lists them."""
+    if layer == "best" or (layer is None and pool is None and len(train.keys) > 1 and read_sweep(train)):
+        if read_sweep(train) is None:
+            sweep_features(train, metric=metric)
+        key = read_sweep(train)
+        log.info("codes: %s (the layer sweep's best)", key)
+        return key
+    if layer is None and pool is None and len(train.keys) > 1:
+        shown = ", ".join(train.keys[:6]) + (f", ... ({len(train.keys)} in all)" if len(train.keys) > 6 else "")
+        raise ParameterError(f"The 'layer' parameter must name the codes to train on: '{train.path}' holds several "
+                             f"({shown}). Set layer='best' to let the layer sweep choose, or a layer (and pool).",
+                             param="layer")
+    return train.key(layer, pool)
 
 
 def _score_test(probe: LinearProbe, key: str, train: FeatureStore, test: FeatureStore, tmp: Path,

@@ -80,7 +80,7 @@ def plot_sweep(result_rows: Sequence[dict[str, Any]], path: str | Path, *, title
     bx, by = layers.index(str(best["layer"])), 100 * float(best["cv_accuracy"])
     ax.plot([bx], [by], marker="*", markersize=18, color="gold", markeredgecolor="black", zorder=5,
             linestyle="none")
-    ax.annotate(f"best: {best['layer']}/{best['pool']} {by:.1f}%", (bx, by), xytext=(0, 14),
+    ax.annotate(f"best: {best['layer']}|{best['pool']} {by:.1f}%", (bx, by), xytext=(0, 14),
                 textcoords="offset points", ha="center", fontsize=9)
     rotate = len(layers) > 6
     ax.set_xticks(range(len(layers)), layers, rotation=30 * rotate, ha="right" if rotate else "center")

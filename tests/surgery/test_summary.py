@@ -120,14 +120,14 @@ def test_too_small_image_names_image_size():
 
 def test_cli_summary(cli_run):
     assert "Usage:" in cli_run("summary", "--help").output
-    out = cli_run("summary", "tf_efficientnet_lite0", "--image-size", "224", "224").output
+    out = cli_run("summary", "tf_efficientnet_lite0", "--image-size", "224").output
     assert "weights: random" in out and "blocks.6.0.conv_pwl" in out
     assert "params: 4,652,008 total, 4,652,008 trainable, 0 frozen" in out
     macs = int(out.split("MACs: ")[-1].split(" ")[0].replace(",", ""))
     assert macs == 385_187_552 and "(0.385 G)" in out and "FLOPs (2 x MACs): 770,375,104" in out
-    wide = cli_run("summary", "tf_efficientnet_lite0", "--image-size", "160", "224").output
+    wide = cli_run("summary", "tf_efficientnet_lite0", "--image-size", "160x224").output
     assert "1x1280x5x7" in wide and "input: 1x3x160x224" in wide
-    bad = cli_run("summary", "inception_v3", "--image-size", "16", "16", ok=False)
+    bad = cli_run("summary", "inception_v3", "--image-size", "16", ok=False)
     assert bad.exit_code == 1 and bad.output.startswith(
         "Error: Invalid value for '--image-size': 16 x 16 does not fit inception_v3: ")
     assert bad.output.rstrip().endswith("Try a larger size.") and len(bad.output.strip().splitlines()) == 1

@@ -169,6 +169,10 @@ def test_probe_parity(tmp_path, photo_folder):
         got = got[:, 1] if want.ndim == 1 else got  # binary: columns (-s, s)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{layer} {pool}")
         assert clf.scores == "svm" and clf.net.mean_is_logits == (pool == "avg")
+    from transferkit.surgery.summary import summarize_model
+
+    table = summarize_model(str(probe_dir)).table()  # `summary` takes a probe: its backbone at its codes' size
+    assert "probe" in table and "blocks.6|max" in table and "input: 1x3x64x64" in table
 
 
 def test_save_and_reload_without_source(tmp_path, lite0):

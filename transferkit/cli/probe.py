@@ -18,7 +18,9 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Directory for the probe.")
 @click.option("--test", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Codes directory to evaluate on (extract it with --like TRAIN).")
-@click.option("--layer", default=None, help="Layer of the codes to use, or 'best' (from the sweep).")
+@click.option("--layer", default=None,
+              help="Layer of the codes to use, or 'best' (the layer sweep's choice; sweeps first if none was run) "
+                   "[default: the only one, or the sweep's best].")
 @click.option("--pool", default=None, help="Pooling of the codes to use.")
 @click.option("--C", "C", default="auto", show_default=True, help="SVM C, or 'auto' for cross-validation.")
 @click.option("--scaling", type=click_type(PROBE["scaling"]), default="standard", show_default=True)
@@ -28,14 +30,16 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.option("--metric", type=click_type(PROBE["metric"]), default="auto", show_default=True,
               help="CV score that chooses C; auto: balanced_accuracy when the largest class is over "
                    f"{AUTO_BALANCED_RATIO:g}x the smallest.")
+@click.option("--max-iter", type=click_type(PROBE["max_iter"]), default=5000, show_default=True,
+              help="Iterations per LinearSVC fit; raise it if fits do not converge.")
 def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: str | None, C: str,
-          scaling: str, cv: int, class_weight: str | None, metric: str) -> None:
+          scaling: str, cv: int, class_weight: str | None, metric: str, max_iter: int) -> None:
     """Train a linear SVM on the codes in TRAIN; report accuracy, balanced accuracy and macro-F1 on TEST."""
     from transferkit.jobs import train_probe
 
     C = C if C == "auto" else _number(C)  # LinearProbe checks its limits (PROBE["C"]); its error names the flag
     report = train_probe(train, out, test=test, layer=layer, pool=pool, C=C, scaling=scaling, cv=cv,
-                         class_weight=class_weight, metric=metric)
+                         class_weight=class_weight, metric=metric, max_iter=max_iter)
     p = report.probe
     multilabel = hasattr(p, "thresholds_")
     cv_text = ("" if p.cv_score_ != p.cv_score_ else f", CV mAP {p.cv_score_:.4f}" if multilabel else

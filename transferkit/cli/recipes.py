@@ -6,9 +6,7 @@ from pathlib import Path
 
 import click
 
-from transferkit.cli import DataPath, cli
-from transferkit.data.params import IMAGE_SIZE
-from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
+from transferkit.cli import DataPath, ImageSize, cli
 
 
 @cli.command()
@@ -17,7 +15,7 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
               help="Folder with Fashion-MNIST's IDX files [default: the Debian package's].")
 @click.option("--per-class", type=click.IntRange(1), default=100, show_default=True,
               help="Training images per class (first N in file order).")
-@click.option("--image-size", type=click_type(IMAGE_SIZE), default=None, help="[default: the demo's tuned size]")
+@click.option("--image-size", type=ImageSize(), default=None, help="[default: the demo's tuned size]")
 def demo(out: Path, data: Path | None, per_class: int, image_size: int | None) -> None:
     """Offline demo: Fashion-MNIST + packaged EfficientNet-Lite0: extract -> sweep -> probe -> test accuracy."""
     from transferkit.recipes.demo import run_demo
@@ -46,14 +44,24 @@ def recipes_command() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field; VALUE is a TOML scalar (epochs=5, lr=1e-3, augment=false). Repeatable.")
 @click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N training images per class.")
+@click.option("--test-per-class", type=click.IntRange(1), default=None, help="Keep the first N test images per class.")
+@click.option("--image-size", type=ImageSize(), default=None, help="Input size N (same as --set image_size=N).")
 def run(recipe: str, data: Path, test: Path | None, out: Path | None, overrides: tuple[str, ...],
-        per_class: int | None) -> None:
+        per_class: int | None, test_per_class: int | None, image_size: int | None) -> None:
     """Run RECIPE (a name from `transferkit recipes` or a .toml file) on DATA end to end; score on --test."""
     from transferkit import recipes
     from transferkit.jobs import load_data
 
-    chosen = recipes.resolve(recipe).replace(**recipes.parse_overrides(overrides))
-    result = chosen.run(load_data(data, per_class=per_class), test, out or Path(chosen.name),
+    changes = recipes.parse_overrides(overrides)
+    if image_size is not None:
+        if changes.get("image_size", image_size) != image_size:
+            raise click.UsageError("--image-size and --set image_size= disagree; give one")
+        changes["image_size"] = image_size
+    if test_per_class is not None and test is None:
+        raise click.UsageError("--test-per-class needs --test")
+    chosen = recipes.resolve(recipe).replace(**changes)
+    test_data = None if test is None else load_data(test, per_class=test_per_class)
+    result = chosen.run(load_data(data, per_class=per_class), test_data, out or Path(chosen.name),
                         progress=click.get_current_context().obj["progress"])
     if result.evaluation is not None:
         click.echo(result.evaluation.report)
@@ -72,8 +80,11 @@ def run(recipe: str, data: Path, test: Path | None, out: Path | None, overrides:
 @click.option("--test", type=DataPath(), default=None, help="With --run: test data to score on.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="With --run: output directory [default: ./RECIPE_NAME].")
+@click.option("--image-size", type=ImageSize(), default=None,
+              help="Input size N of the similarity pass and of the recommended run [default: 64 for the pass, "
+                   "the recipe's for the run].")
 def advise(data: Path, per_class: int | None, thresholds: tuple[str, ...], sample: int, run_it: bool,
-           test: Path | None, out: Path | None) -> None:
+           test: Path | None, out: Path | None, image_size: int | None) -> None:
     """Measure DATA's size and similarity to ImageNet and recommend a recipe, with the numbers behind it."""
     from transferkit.jobs import load_data
     from transferkit.recipes.advise import advise as advise_data
@@ -81,12 +92,15 @@ def advise(data: Path, per_class: int | None, thresholds: tuple[str, ...], sampl
 
     progress = click.get_current_context().obj["progress"]
     train = load_data(data, per_class=per_class)
-    advice = advise_data(train, thresholds=parse_thresholds(thresholds), sample=sample, progress=progress)
+    sized = {} if image_size is None else {"image_size": image_size}
+    advice = advise_data(train, thresholds=parse_thresholds(thresholds), sample=sample, progress=progress, **sized)
     click.echo(advice.report())
     if run_it:
-        result = advice.run(train, test, out or Path(advice.recipe), progress=progress)
+        recipe = advice.recipe_to_run().replace(**sized)
+        result = recipe.run(train, test, out or Path(advice.recipe), progress=progress)
         click.echo(result.summary())
     else:
         subset = f" --per-class {per_class}" if per_class else ""
+        subset += f" --image-size {image_size}" if image_size else ""
         weighted = "".join(f" --set {k}={v}" for k, v in advice.balancing().items())
         click.echo(f"run it: transferkit run {advice.recipe} {data}{subset}{weighted} --test {test or 'TEST'}")

@@ -6,18 +6,16 @@ from pathlib import Path
 
 import click
 
-from transferkit.cli import DEFAULT_MODEL, cli
-from transferkit.data.params import IMAGE_SIZE
-from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
+from transferkit.cli import DEFAULT_MODEL, ImageSize, cli
 
 
 @cli.command()
 @click.argument("source", metavar="RUN_OR_MODEL")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for convert.json and fully_conv.safetensors.")
-@click.option("--image-size", type=click_type(IMAGE_SIZE), default=None,
+@click.option("--image-size", type=ImageSize(), default=None,
               help="The size the classifier was trained at (timm model names: their pretrained size).")
-@click.option("--input-size", type=click_type(IMAGE_SIZE), default=None, hidden=True,
+@click.option("--input-size", type=ImageSize(), default=None, hidden=True,
               help="Deprecated name of --image-size.")
 @click.option("--window", is_flag=True, help="Keep every global pool as a training-size sliding window.")
 @click.option("--weights", default="auto", show_default=True, help="For a timm model name.")
@@ -70,10 +68,10 @@ def export(source: str, fmt: str, out: Path, weights: str, check: bool) -> None:
 
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
-@click.option("--image-size", type=(click.IntRange(1), click.IntRange(1)), default=None, metavar="H W",
-              help="Input height and width [default: the model's pretrained size, or the run's image size].")
-def summary(model: str, image_size: tuple[int, int] | None) -> None:
-    """Per layer of MODEL (a timm name or a fine-tuning run directory): output shape, parameters, MACs."""
+@click.option("--image-size", type=ImageSize(pairs=True), default=None,
+              help="Input size, N or HxW [default: the model's pretrained size, or the run's or probe's].")
+def summary(model: str, image_size: int | tuple[int, int] | None) -> None:
+    """Per layer of MODEL (a timm name, a fine-tuning run or a probe directory): output shape, parameters, MACs."""
     from transferkit.surgery.summary import summarize_model
 
     click.echo(summarize_model(model, image_size).table())

@@ -128,9 +128,10 @@ def maybe_cache(model, config: FinetuneConfig, train, val, loader, val_loader, o
     prefix = frozen_prefix(model)
     if not (config.cache and prefix):
         return loader, val_loader, none
-    why_not = ("augmentation is on (augment)" if config.augment else
-               "train_bn updates frozen BatchNorms" if config.train_bn else
-               "several processes" if world.distributed else None)
+    why_not = ("augmentation is on; with augment=False (--no-augment) frozen stages run once, not every epoch"
+               if config.augment else
+               "train_bn updates frozen BatchNorms; train_bn=False (no --train-bn) lets them be cached"
+               if config.train_bn else "several processes" if world.distributed else None)
     if why_not:
         log.info("frozen-prefix cache off: %s", why_not)
         return loader, val_loader, none

@@ -33,6 +33,13 @@ def _probe_class(folder: Path) -> type[LinearProbe]:
     return MultiLabelProbe if multilabel else LinearProbe
 
 
+def load_probe_meta(path: str | Path) -> dict:
+    """What a saved probe records about its codes (model, weights, image size, layer, pool, key, classes), in
+    today's pool names; without building its extractor."""
+    probe = _probe_class(Path(path) / PROBE_DIR).load(Path(path) / PROBE_DIR)
+    return probe.extra_ if probe.extra_.get("pool_names") == POOL_NAMES else _renamed_pools(probe.extra_)
+
+
 def load_probe_dir(path: str | Path, *, batch_size: int = 64, progress: bool = False,
                    exact: bool = False) -> tuple[LinearProbe, FeatureExtractor]:
     """A saved probe and the fitted extractor that makes its codes, with the same backbone weights.

@@ -218,7 +218,8 @@ def _as_pair(value) -> tuple:
 
 
 def load_for_summary(model: str) -> tuple[nn.Module, str, tuple[int, int]]:
-    """A timm model name (random weights: shapes and counts do not depend on them) or a fine-tuning run.
+    """A timm model name (random weights: shapes and counts do not depend on them), a fine-tuning run, or a
+    probe (its backbone, at the size its codes were made).
 
     Returns the model, a one-line description, and its natural input size (pretrained, or the run's).
     """
@@ -228,11 +229,15 @@ def load_for_summary(model: str) -> tuple[nn.Module, str, tuple[int, int]]:
     if Path(model).is_dir():
         from transferkit.finetune.loop import freeze_until, resolve_stage
         from transferkit.finetune.rundir import load_finetuned
-        from transferkit.probe.saved import is_probe_dir
+        from transferkit.probe.saved import is_probe_dir, load_probe_meta
 
         if is_probe_dir(model):
-            raise ParameterError(f"The 'model' parameter must be a timm model name or a fine-tuning run directory; "
-                                 f"'{model}' is a probe (summarise its backbone by name instead).", param="model")
+            extra = load_probe_meta(model)
+            net, _, natural = load_for_summary(extra["model"])
+            size = extra.get("image_size")
+            title = (f"probe '{model}': a linear SVM on the {extra['key']} codes of {extra['model']} (the backbone, "
+                     "weights random: shapes, parameter counts and MACs do not depend on them)")
+            return net, title, natural if size is None else tuple(_as_pair(size))
         net, meta = load_finetuned(model)
         config = meta["config"]
         freeze_until(net, resolve_stage(net, config["freeze_until"]))  # trainable/frozen as in training
