@@ -132,7 +132,23 @@ def test_probe_refuses_mismatched_test_codes(photo_folder, tmp_path, cli_run):
     cli_run("extract", photo_folder, "-o", a, "--image-size", "32")
     cli_run("extract", photo_folder, "-o", b, "--image-size", "48")
     _bad(cli_run("probe", a, "--test", b, "-o", tmp_path / "p", ok=False), "transform.input_size", f"with like='{a}'")
-    _bad(cli_run("probe", a, "--layer", "best", "-o", tmp_path / "p", ok=False), "no sweep")
+    _bad(cli_run("probe", a, "--layer", "best", "-o", tmp_path / "p", ok=False), "one kind of codes", "layer='all'")
+
+
+def test_probe_picks_the_codes_of_several_views(photo_folder, tmp_path, cli_run):
+    """Codes of several layers: no --layer is an error naming --layer best (no sweep yet); --layer best sweeps
+    first; after that, no --layer means the sweep's best."""
+    codes = tmp_path / "codes"
+    cli_run("extract", photo_folder, "-o", codes, "--image-size", "32", "--layer", "all", "--pool", "avg")
+    _bad(cli_run("probe", codes, "-o", tmp_path / "p", ok=False), "Invalid value for '--layer'", "layer='best'",
+         "pre_logits|avg")
+    assert not (tmp_path / "p").exists()
+    best = cli_run("probe", codes, "--layer", "best", "-o", tmp_path / "p", "--cv", "2").output
+    assert (codes / "sweep.json").is_file()
+    key = json.loads((tmp_path / "p" / "metrics.json").read_text())["key"]
+    assert f"probe on {key}" in best
+    cli_run("probe", codes, "-o", tmp_path / "p2", "--cv", "2")
+    assert json.loads((tmp_path / "p2" / "metrics.json").read_text())["key"] == key
 
 
 def test_int8_from_the_cli_and_like(photo_folder, tmp_path, cli_run):

@@ -110,6 +110,7 @@ CLI_LIMITS = [  # (command, option, table, parameter)
 
 
 def described(kind: click.ParamType) -> tuple:
+    kind = getattr(kind, "side", kind)  # --image-size (transferkit.cli.ImageSize): the limits of each side
     if isinstance(kind, click.Choice):
         return tuple(kind.choices)
     return (type(kind), kind.min, kind.max, kind.min_open, kind.max_open)

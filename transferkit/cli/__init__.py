@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from transferkit.data.params import IMAGE_SIZE
 from transferkit.finetune.params import FINETUNE
 from transferkit.models.params import DEFAULT_MODEL
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
@@ -99,28 +100,24 @@ class DataPath(click.Path):
 
 class ImageSize(click.ParamType):
     """`--image-size`, one form in every command: N (N x N pixels); also HxW where a command takes rectangles
-    (`pairs`). The limit is the one the library checks (data.params.IMAGE_SIZE)."""
+    (`pairs`). Each side has the limits of the library's table (`allowed`, default data.params.IMAGE_SIZE)."""
 
     name = "image size"
 
-    def __init__(self, pairs: bool = False) -> None:
-        self.pairs = pairs
+    def __init__(self, allowed=IMAGE_SIZE, *, pairs: bool = False) -> None:
+        self.side, self.pairs = click_type(allowed), pairs
 
     def get_metavar(self, param, ctx=None) -> str:
         return "N|HxW" if self.pairs else "N"
 
     def convert(self, value, param, ctx) -> int | tuple[int, int]:
-        from transferkit.data.params import IMAGE_SIZE
-
         if isinstance(value, (int, tuple)):
             return value
-        parts = re.split(r"[x,]", str(value).strip().lower())
-        if not (len(parts) == 1 or (self.pairs and len(parts) == 2)) or not all(p.strip().isdigit() for p in parts):
+        parts = str(value).strip().lower().split("x")
+        if not (len(parts) == 1 or (self.pairs and len(parts) == 2)):
             self.fail(f"'{value}' is not {'N or HxW (e.g. 224 or 224x320)' if self.pairs else 'a whole number N'}.",
                       param, ctx)
-        sides = [int(p) for p in parts]
-        if min(sides) < IMAGE_SIZE[0].left:
-            self.fail(f"{value} is too small: each side must be at least {IMAGE_SIZE[0].left} pixels.", param, ctx)
+        sides = [self.side.convert(p, param, ctx) for p in parts]
         return sides[0] if len(sides) == 1 else (sides[0], sides[1])
 
 
@@ -132,7 +129,7 @@ def model_options(f=None, *, table=FINETUNE, precision: str = "fp32",
     f = click.option("--precision", type=click_type(table["precision"]), default=precision,
                      show_default=True, help=help_precision)(f)
     f = click.option("--batch-size", type=click_type(table["batch_size"]), default=64, show_default=True)(f)
-    f = click.option("--image-size", type=ImageSize(), default=None,
+    f = click.option("--image-size", type=ImageSize(table["image_size"]), default=None,
                      help="Resize whole images to N x N instead of the model's pretrained size and crop.")(f)
     f = click.option("--weights", default="auto", show_default=True,
                      help="A .safetensors/.pth file, 'auto' (installed package, then timm hub), 'package', "
