@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -218,3 +220,43 @@ def test_nested_groups_name_the_flag_too():
     result = CliRunner().invoke(top, ["inner", "other"], catch_exceptions=False)  # no flag binds it: as raised
     assert (result.exit_code, result.output) == (1, "Error: The 'rows' parameter of other must be >= 1. "
                                                     "Got 0 instead.\n")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["recipes"], ["extract", "/no/such/data", "-o", "out"],
+                                  ["run", "small-similar", "/no/such/data"], ["summary", "--image-size", "7"]],
+                         ids=lambda a: " ".join(a))
+def test_start_up_answers_before_torch_loads(args, tmp_path):
+    """Help, the recipe list and argument errors come before torch, timm or scikit-learn load (1-4 s each on 2
+    cores): checked by what the process imported, which timing on a shared machine could not show."""
+    code = ("import sys\nfrom transferkit.cli import main\nsys.argv = ['transferkit', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('HEAVY', [m for m in ('torch', 'timm', 'sklearn') if m in sys.modules], code)")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("HEAVY []"), (last, done.stderr)
+    assert last.endswith(" 0") == (args[0] in ("--help", "recipes")), (last, done.stderr)  # errors exit 2
+
+
+def test_log_lines_read_plainly():
+    """No module names before each line (they come back at -vv); problems say what they are."""
+    from transferkit.cli import _LogFormat
+
+    def record(level):
+        return logging.LogRecord("transferkit.codes.extract", level, __file__, 1, "did %s", ("it",), None)
+
+    plain, named = _LogFormat(with_names=False), _LogFormat(with_names=True)
+    assert plain.format(record(logging.INFO)) == "did it"
+    assert plain.format(record(logging.WARNING)) == "warning: did it"
+    assert plain.format(record(logging.ERROR)) == "error: did it"
+    assert named.format(record(logging.DEBUG)) == "DEBUG transferkit.codes.extract: did it"
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):
+    """Piped or logged stderr gets no carriage-return bars (blank remnants in logs); a terminal gets them."""
+    from transferkit.runtime.progress import progress_bar
+
+    for tty in (False, True):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty, raising=False)
+        assert list(progress_bar(range(3), desc="work")) == [0, 1, 2]
+        assert ("work" in capsys.readouterr().err) == tty

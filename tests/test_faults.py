@@ -315,7 +315,7 @@ def test_concurrent_extracts_to_one_output_and_one_cache(tmp_path, monkeypatch, 
     store = FeatureStore(out)
     assert len(store) == 1000 and not list(tmp_path.glob(".codes.*"))
     monkeypatch.setenv("TRANSFERKIT_CACHE", str(cache))
-    info = cli_run("cache", "info", ok=False, catch=True)
+    info = cli_run("cache", "info", "-v", ok=False, catch=True)
     assert info.exit_code == 0 and " 1000 images" in info.output, info.output  # each image once, not twice
 
 

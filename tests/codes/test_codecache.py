@@ -95,6 +95,9 @@ def test_cli_no_cache_info_and_clean(photo_folder, tmp_path, code_cache, cli_run
     assert out.exit_code == 0 and "code cache" not in out.output
     assert json.loads((tmp_path / "c" / "meta.json").read_text())["cache"] is None
     info = cli_run("cache", "info", ok=False, catch=True)
+    assert info.exit_code == 0 and info.output.startswith("1 kind(s) of codes, 16 rows")  # a summary, first
+    assert "tf_efficientnet_lite0: 1 kind(s), 16 rows" in info.output and "pre_logits|avg" not in info.output
+    info = cli_run("cache", "info", "-v", ok=False, catch=True)  # details: one line per kind of codes
     assert info.exit_code == 0 and "tf_efficientnet_lite0  pre_logits|avg" in info.output and "16 images" in info.output
     clean = cli_run("cache", "clean", "--model", "resnet18", ok=False, catch=True)
     assert "deleted 0" in clean.output and len(CodeCache().info()) == 1

@@ -74,7 +74,7 @@ class _LogFormat(logging.Formatter):
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Transfer learning from pretrained CNNs: CNN codes, linear-SVM probes and layer sweeps."""
-    ctx.obj = {"progress": not quiet}
+    ctx.obj = {"progress": not quiet, "verbose": verbose}
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LogFormat(with_names=verbose > 1))

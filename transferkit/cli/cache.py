@@ -14,22 +14,34 @@ def cache() -> None:
 
 
 @cache.command("info")
-def cache_info() -> None:
-    """List what is cached: one line per kind of codes, with rows and size."""
+@click.option("-v", "--verbose", "details", is_flag=True, help="One line per kind of codes, too.")
+@click.pass_context
+def cache_info(ctx: click.Context, details: bool) -> None:
+    """What is cached: totals, then one line per model; -v adds one line per kind of codes."""
+    from collections import defaultdict
+
     from transferkit.codes.cache import CodeCache
 
     store = CodeCache()
     entries = store.info()
+    engines = store.engines()
+    click.echo(f"{len(entries)} kind(s) of codes, {sum(e.rows for e in entries)} rows, "
+               f"{sum(e.bytes for e in entries) / 2**20:.1f} MiB in {store.root}")
+    click.echo(f"{len(engines)} exported ONNX Runtime engine(s), "
+               f"{sum(p.stat().st_size for p in engines) / 2**20:.1f} MiB in {store.root / 'engines'}")
+    by_model = defaultdict(list)
+    for e in entries:
+        by_model[e.spec.get("model", "?")].append(e)
+    for model, group in sorted(by_model.items()):
+        click.echo(f"  {model}: {len(group)} kind(s), {sum(e.rows for e in group)} rows, "
+                   f"{sum(e.bytes for e in group) / 2**20:.1f} MiB")
+    if not (details or ctx.find_root().obj.get("verbose")):
+        return
     for e in entries:
         s = e.spec
         click.echo(f"{e.path.name[:12]}  {s.get('model', '?')}  {s.get('layer', '?')}|{s.get('pool', '?')}  "
                    f"{(s.get('transform') or {}).get('input_size', '?')}  {s.get('precision', '?')}  "
                    f"{e.rows} images  {e.bytes / 2**20:.1f} MiB")
-    click.echo(f"{len(entries)} kind(s) of codes, {sum(e.rows for e in entries)} rows, "
-               f"{sum(e.bytes for e in entries) / 2**20:.1f} MiB in {store.root}")
-    engines = store.engines()
-    click.echo(f"{len(engines)} exported ONNX Runtime engine(s), "
-               f"{sum(p.stat().st_size for p in engines) / 2**20:.1f} MiB in {store.root / 'engines'}")
 
 
 @cache.command("clean")
