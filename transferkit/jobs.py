@@ -28,7 +28,13 @@ from transferkit.errors import DataError, ParameterError
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.weights import weights_argument
 from transferkit.probe.linear import DEFAULT_CS, LinearProbe
-from transferkit.probe.metrics import Evaluation, MultiLabelEvaluation, evaluate, score_multilabel
+from transferkit.probe.metrics import (
+    Evaluation,
+    MultiLabelEvaluation,
+    evaluate,
+    expected_calibration_error,
+    score_multilabel,
+)
 from transferkit.probe.multilabel import MultiLabelProbe
 from transferkit.probe.saved import is_probe_dir, load_probe_dir
 from transferkit.probe.sweep import SweepResult, sweep
@@ -269,6 +275,10 @@ def _score_test(probe: LinearProbe, key: str, train: FeatureStore, test: Feature
         metrics.update(n_test=len(test), test_accuracy=evaluation.accuracy,
                        test_balanced_accuracy=evaluation.balanced_accuracy, test_macro_f1=evaluation.macro_f1,
                        test=evaluation.to_dict())
+        if probe.calibrated and set(np.unique(test.labels)) <= set(probe.classes_):  # how far to trust predict's
+            metrics["test_ece"] = expected_calibration_error(test.labels, probe.predict_proba(test.load(key)),
+                                                             probe.classes_)
+            log.info("test expected calibration error of the probabilities: %.4f", metrics["test_ece"])
     write_text_atomic(tmp / "report.txt", evaluation.report)
     return evaluation
 

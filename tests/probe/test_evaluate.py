@@ -165,6 +165,7 @@ def test_cli_predict_prints_calibrated_probabilities_topk_and_raw_scores(folders
     assert all(r["score_kind"] == "svm_score" for r in raw)
     np.testing.assert_allclose([r["score"] for r in raw], S.max(1), atol=1e-4)
     assert [r["label"] for r in raw] == [r["label"] for r in js]
+    assert 0 <= json.loads((out / "metrics.json").read_text())["test_ece"] <= 1
 
 
 def test_cli_predict_with_a_probe_saved_before_calibration(folders, probe_dir, tmp_path, cli_run, old_probe_format,
