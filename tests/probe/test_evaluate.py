@@ -22,7 +22,7 @@ from sklearn.metrics import confusion_matrix
 from transferkit.codes.extractor import FeatureExtractor
 from transferkit.data.datasets import open_dataset
 from transferkit.data.transforms import describe_transform
-from transferkit.errors import DataError
+from transferkit.errors import DataError, ParameterError
 from transferkit.jobs import evaluate_model, extract_features, predict_images, train_probe
 
 RUN_CLASSES = ["zero", "one", "two"]  # digit order; the folders sort as one, two, zero: matching is by name
@@ -166,6 +166,9 @@ def test_cli_predict_prints_calibrated_probabilities_topk_and_raw_scores(folders
     np.testing.assert_allclose([r["score"] for r in raw], S.max(1), atol=1e-4)
     assert [r["label"] for r in raw] == [r["label"] for r in js]
     assert 0 <= json.loads((out / "metrics.json").read_text())["test_ece"] <= 1
+    with pytest.raises(ParameterError, match="'topk'") as err:  # before any work: the CLI names --topk
+        predict_images(out, [images], topk=0)
+    assert err.value.param == "topk"
 
 
 def test_cli_predict_with_a_probe_saved_before_calibration(folders, probe_dir, tmp_path, cli_run, old_probe_format,
