@@ -106,3 +106,26 @@ def cli_run():
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def old_probe_format():
+    """Rewrite a saved probe folder (arrays.npz + probe.json) as transferkit wrote it before probes were calibrated
+    (format 2: no temperature or Platt arrays, no 'calibration', no 'calibrate' parameter)."""
+    import hashlib
+    import io
+    import json
+
+    def rewrite(folder: Path) -> Path:
+        meta = json.loads((folder / "probe.json").read_text())
+        with np.load(folder / "arrays.npz") as npz:
+            arrays = {k: npz[k] for k in npz.files if k not in ("temperature", "platt")}
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        (folder / "arrays.npz").write_bytes(buffer.getvalue())
+        del meta["calibration"], meta["params"]["calibrate"]
+        meta.update(version=2, arrays_sha256=hashlib.sha256(buffer.getvalue()).hexdigest())
+        (folder / "probe.json").write_text(json.dumps(meta))
+        return folder
+
+    return rewrite

@@ -27,7 +27,13 @@ from transferkit.errors import DataError, ParameterError
 from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.weights import weights_argument
 from transferkit.probe.linear import DEFAULT_CS, LinearProbe
-from transferkit.probe.metrics import Evaluation, MultiLabelEvaluation, evaluate, score_multilabel
+from transferkit.probe.metrics import (
+    Evaluation,
+    MultiLabelEvaluation,
+    evaluate,
+    expected_calibration_error,
+    score_multilabel,
+)
 from transferkit.probe.multilabel import MultiLabelProbe
 from transferkit.probe.saved import is_probe_dir, load_probe_dir
 from transferkit.probe.sweep import SweepResult, sweep
@@ -281,6 +287,10 @@ def _score_test(probe: LinearProbe, key: str, train: FeatureStore, test: Feature
         metrics.update(n_test=len(test), test_accuracy=evaluation.accuracy,
                        test_balanced_accuracy=evaluation.balanced_accuracy, test_macro_f1=evaluation.macro_f1,
                        test=evaluation.to_dict())
+        if probe.calibrated and set(np.unique(test.labels)) <= set(probe.classes_):  # how far to trust predict's
+            metrics["test_ece"] = expected_calibration_error(test.labels, probe.predict_proba(test.load(key)),
+                                                             probe.classes_)
+            log.info("test expected calibration error of the probabilities: %.4f", metrics["test_ece"])
     write_text_atomic(tmp / "report.txt", evaluation.report)
     return evaluation
 
@@ -337,38 +347,71 @@ def image_files(paths: list[str | Path]) -> list[str]:
     return files
 
 
-def predict_images(model_dir: str | Path, paths: list[str | Path], *, batch_size: int = 64) -> list[dict]:
-    """Label and score for each image, from a probe (SVM score) or a fine-tuning run (softmax probability); from
-    a multi-label probe, every label at or above its threshold ('labels': [{'label', 'score'}, ...])."""
-    kind = model_kind(model_dir)
+def predict_images(model_dir: str | Path, paths: list[str | Path], *, batch_size: int = 64, topk: int = 1,
+                   raw: bool = False) -> list[dict]:
+    """Label and probability of each image, from a probe (calibrated: LinearProbe.predict_proba) or a fine-tuning
+    run (softmax), with the `topk` most probable classes in 'top' ([{'label', 'score'}, ...]); multi-label models
+    also list every label at or above its threshold ('labels'), each with its own probability (Platt, sigmoid).
+
+    `raw`: the scores before they become probabilities (a probe's SVM scores, a run's logits). 'score_kind' says
+    which a row holds: 'probability', 'svm_score' or 'logit'. A probe saved before probes were calibrated has
+    only SVM scores: they are returned, with a warning, rather than nothing.
+    """
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ParameterError(f"The 'topk' parameter must be an int >= 1. Got {topk!r} instead.", param="topk")
     files = image_files(paths)
-    if kind == "run":
-        model, meta = _load_run(model_dir)
-        items = ImageDataset(files, np.zeros(len(files)), meta["classes"], root="images", kind="files",
-                             transform=build_transform(meta["transform"]))  # the run's recorded eval transform
-        probs = _run_probabilities(model, items, meta, batch_size, progress=False)
-        if meta.get("multilabel"):
-            from transferkit.finetune.rundir import run_thresholds
+    if model_kind(model_dir) == "run":
+        names, values, kind, found = _run_outputs(model_dir, files, batch_size, raw)
+    else:
+        names, values, kind, found = _probe_outputs(model_dir, files, batch_size, raw)
+    return [_prediction(f, v, names, kind, topk, None if found is None else found[i])
+            for i, (f, v) in enumerate(zip(files, values))]
 
-            return _labels_found(files, probs, meta["classes"], run_thresholds(meta))
-        return [{"source": f, "label": meta["classes"][j], "score": float(p[j])}
-                for f, p, j in zip(files, probs, probs.argmax(1))]
-    probe, extractor = load_probe_dir(model_dir, batch_size=batch_size)
+
+def _run_outputs(run_dir: str | Path, files: list[str], batch_size: int,
+                 raw: bool) -> tuple[list[str], np.ndarray, str, np.ndarray | None]:
+    """A run's class names, probabilities (or logits), their kind, and (multi-label) which labels are found."""
+    from scipy.special import expit, softmax
+
+    model, meta = _load_run(run_dir)
+    items = ImageDataset(files, np.zeros(len(files)), meta["classes"], root="images", kind="files",
+                         transform=build_transform(meta["transform"]))  # the run's recorded eval transform
+    logits = _run_probabilities(model, items, meta, batch_size, progress=False, raw=True)
+    probs = expit(logits) if meta.get("multilabel") else softmax(logits, axis=1)
+    found = None
+    if meta.get("multilabel"):
+        from transferkit.finetune.rundir import run_thresholds
+
+        found = probs >= np.asarray(run_thresholds(meta))
+    return meta["classes"], logits if raw else probs, "logit" if raw else "probability", found
+
+
+def _probe_outputs(probe_dir: str | Path, files: list[str], batch_size: int,
+                   raw: bool) -> tuple[list[str], np.ndarray, str, np.ndarray | None]:
+    """A probe's class names (in its columns' order), probabilities (or SVM scores), their kind, and
+    (multi-label) which labels reach their thresholds."""
+    probe, extractor = load_probe_dir(probe_dir, batch_size=batch_size)
     scores = probe.decision_function(extractor.transform(files))
-    if isinstance(probe, MultiLabelProbe):
-        return _labels_found(files, scores, probe.extra_["classes"], probe.thresholds_)
-    scores = np.stack([-scores, scores], 1) if scores.ndim == 1 else scores
-    names = probe.extra_["classes"]
-    return [
-        {"source": f, "label": names[int(probe.classes_[j])], "score": float(s[j])}
-        for f, s, j in zip(files, scores, scores.argmax(1))
-    ]
+    names = [probe.extra_["classes"][int(c)] for c in probe.classes_]
+    found = scores >= probe.thresholds_ if isinstance(probe, MultiLabelProbe) else None
+    if not raw and not probe.calibrated:
+        log.warning("%s was saved before probes were calibrated: printing SVM scores, not probabilities "
+                    "(train the probe again for probabilities)", probe_dir)
+    if raw or not probe.calibrated:
+        return names, np.stack([-scores, scores], 1) if scores.ndim == 1 else scores, "svm_score", found
+    return names, probe.proba_from_scores(scores), "probability", found
 
 
-def _labels_found(files: list[str], scores: np.ndarray, names: Sequence[str], thresholds: Any) -> list[dict]:
-    """Multi-label predictions: every label at or above its threshold, highest score first."""
-    return [{"source": f, "labels": [{"label": names[j], "score": float(s[j])} for j in np.argsort(-s)
-                                     if s[j] >= thresholds[j]]} for f, s in zip(files, scores)]
+def _prediction(source: str, values: np.ndarray, names: Sequence[str], kind: str, topk: int,
+                found: np.ndarray | None) -> dict:
+    """One image's row: its best class and score and the `topk` best, or (multi-label: `found`) every label
+    found, highest first, and the `topk` best."""
+    order = np.argsort(-values, kind="stable")  # ties: the first class, as argmax and predict
+    top = [{"label": names[j], "score": float(values[j])} for j in order[:topk]]
+    if found is None:
+        return {"source": source, "label": top[0]["label"], "score": top[0]["score"], "score_kind": kind, "top": top}
+    labels = [{"label": names[j], "score": float(values[j])} for j in order if found[j]]
+    return {"source": source, "labels": labels, "score_kind": kind, "top": top}
 
 
 def evaluate_model(
@@ -479,10 +522,10 @@ def _targets_by_name(dataset: ImageDataset, classes: list[str], model_dir: str |
 
 @torch.inference_mode()
 def _run_probabilities(model: torch.nn.Module, dataset: ImageDataset, meta: dict, batch_size: int,
-                       progress: bool, tta: bool = False) -> np.ndarray:
+                       progress: bool, tta: bool = False, raw: bool = False) -> np.ndarray:
     """(N, n_classes) softmax probabilities (multi-label: sigmoids) of a fine-tuned model over `dataset`.
 
-    `tta`: the mean of the image's and its horizontal mirror's probabilities.
+    `tta`: the mean of the image's and its horizontal mirror's probabilities. `raw`: the logits instead.
     """
     device = next(model.parameters()).device
     precision = meta["config"].get("precision", "fp32")
@@ -490,6 +533,7 @@ def _run_probabilities(model: torch.nn.Module, dataset: ImageDataset, meta: dict
         precision = "fp32"  # a run trained with fp16 on a GPU still scores on a CPU
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     activate = torch.sigmoid if meta.get("multilabel") else functools.partial(torch.softmax, dim=1)
+    activate = (lambda logits: logits) if raw else activate
     probs = []
     for x, _, _, bad in progress_bar(loader, desc="evaluate", unit="batch", enabled=progress):
         if bad:  # every image must be scored, or the labels no longer line up

@@ -7,6 +7,7 @@ The run is made by hand, not by finetune(): the packaged EfficientNet-Lite0 with
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from sklearn.metrics import confusion_matrix
 from transferkit.codes.extractor import FeatureExtractor
 from transferkit.data.datasets import open_dataset
 from transferkit.data.transforms import describe_transform
-from transferkit.errors import DataError
+from transferkit.errors import DataError, ParameterError
 from transferkit.jobs import evaluate_model, extract_features, predict_images, train_probe
 
 RUN_CLASSES = ["zero", "one", "two"]  # digit order; the folders sort as one, two, zero: matching is by name
@@ -92,6 +93,10 @@ def test_predict_with_a_run(run_dir, folders):
     assert [r["label"] for r in rows] == [RUN_CLASSES[j] for j in proba.argmax(1)]
     np.testing.assert_allclose([r["score"] for r in rows], proba.max(1), atol=1e-4)
     assert sum(r["label"] == Path(r["source"]).parent.name for r in rows) >= 20  # 24 unseen digits, 3 classes
+    raw = predict_images(out, [folders["test"]], batch_size=16, topk=3, raw=True)  # the logits, best first
+    logits = head.decision_function(extractor.transform(files))
+    assert all(r["score_kind"] == "logit" and len(r["top"]) == 3 for r in raw)
+    np.testing.assert_allclose([[t["score"] for t in r["top"]] for r in raw], -np.sort(-logits, 1), atol=1e-3)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -119,17 +124,68 @@ def test_evaluate_a_run_on_data_lacking_a_class(run_dir, tmp_path):
     assert ev.per_class["two"]["support"] == ev.per_class["zero"]["support"] == 8
 
 
-def test_evaluate_a_probe_equals_train_probe(folders, tmp_path):
-    codes, test_codes, probe = tmp_path / "codes", tmp_path / "test-codes", tmp_path / "probe"
+@pytest.fixture(scope="module")
+def probe_dir(folders, tmp_path_factory):
+    """A probe folder trained on the digit folders (and its train_probe report): only read it."""
+    tmp = tmp_path_factory.mktemp("probe")
+    codes, test_codes, probe = tmp / "codes", tmp / "test-codes", tmp / "probe"
     extract_features(folders["train"], codes, weights="package", image_size=SIZE, progress=False)
     extract_features(folders["test"], test_codes, like=codes, progress=False)
-    report = train_probe(codes, probe, test=test_codes, cv=2)
+    return probe, train_probe(codes, probe, test=test_codes, cv=2)
+
+
+def test_evaluate_a_probe_equals_train_probe(folders, probe_dir, tmp_path):
+    probe, report = probe_dir
     ev = evaluate_model(probe, folders["test"], out=tmp_path / "eval", progress=False)
     assert ev.accuracy == report.evaluation.accuracy and ev.labels == report.evaluation.labels
     np.testing.assert_array_equal(ev.confusion, report.evaluation.confusion)
     assert ev.report == report.evaluation.report
     rows = predict_images(probe, [folders["test"] / "two"])
     assert len(rows) == 8 and {r["label"] for r in rows} <= set(RUN_CLASSES)
+
+
+def test_cli_predict_prints_calibrated_probabilities_topk_and_raw_scores(folders, probe_dir, cli_run):
+    from transferkit.probe.saved import load_probe_dir
+
+    out, images = probe_dir[0], folders["test"] / "two"
+    rows = [line.split("\t") for line in cli_run("predict", out, images).output.splitlines()]
+    assert len(rows) == 8 and all(len(r) == 3 and r[1] in RUN_CLASSES and 0 <= float(r[2]) <= 1 for r in rows)
+    for r in (line.split("\t") for line in cli_run("predict", out, images, "--topk", "3").output.splitlines()):
+        p = [float(v) for v in r[2::2]]  # source, then label and probability of each of the top 3
+        assert sorted(r[1::2]) == sorted(RUN_CLASSES) and p == sorted(p, reverse=True)
+        assert sum(p) == pytest.approx(1, abs=2e-3)
+    js = [json.loads(line) for line in cli_run("predict", out, images, "--json", "--topk", "2").output.splitlines()]
+    probe, extractor = load_probe_dir(out)
+    codes = extractor.transform([r["source"] for r in js])
+    P, S = probe.predict_proba(codes), probe.decision_function(codes)
+    assert all(r["score_kind"] == "probability" and len(r["top"]) == 2 and r["label"] == r["top"][0]["label"]
+               for r in js)
+    np.testing.assert_allclose([[t["score"] for t in r["top"]] for r in js], -np.sort(-P, 1)[:, :2], atol=1e-4)
+    raw = [json.loads(line) for line in cli_run("predict", out, images, "--json", "--raw").output.splitlines()]
+    assert all(r["score_kind"] == "svm_score" for r in raw)
+    np.testing.assert_allclose([r["score"] for r in raw], S.max(1), atol=1e-4)
+    assert [r["label"] for r in raw] == [r["label"] for r in js]
+    assert 0 <= json.loads((out / "metrics.json").read_text())["test_ece"] <= 1
+    with pytest.raises(ParameterError, match="'topk'") as err:  # before any work: the CLI names --topk
+        predict_images(out, [images], topk=0)
+    assert err.value.param == "topk"
+
+
+def test_cli_predict_with_a_probe_saved_before_calibration(folders, probe_dir, tmp_path, cli_run, old_probe_format,
+                                                          caplog):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(probe_dir[0], old)
+    old_probe_format(old / "probe")
+    with caplog.at_level(logging.WARNING):
+        rows = [json.loads(line) for line in cli_run("predict", old, folders["test"] / "two", "--json").output
+                .splitlines()]
+    assert "saved before probes were calibrated" in caplog.text
+    new = predict_images(probe_dir[0], [folders["test"] / "two"], raw=True)
+    assert [r["label"] for r in rows] == [r["label"] for r in new] and len(rows) == 8
+    assert all(r["score_kind"] == "svm_score" for r in rows)
+    np.testing.assert_allclose([r["score"] for r in rows], [r["score"] for r in new], atol=1e-5)
 
 
 def _one_line_error(result, *needles: str) -> None:

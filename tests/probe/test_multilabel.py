@@ -79,6 +79,11 @@ def test_probe_from_the_cli_finds_the_items_of_a_mosaic(mosaics, tmp_path, cli_r
     names = open_dataset(mosaics[0]).classes
     want = [{names[j] for j in np.flatnonzero(r)} for r in probe.predict(X[:10])]
     assert [{x["label"] for x in row["labels"]} for row in rows] == want and any(want), (rows, want)
+    P = probe.predict_proba(X[:10])  # each label found with its own calibrated probability (Platt)
+    assert all(row["score_kind"] == "probability" for row in rows)
+    np.testing.assert_allclose([x["score"] for row in rows for x in row["labels"]],
+                               [P[i, names.index(x["label"])] for i, row in enumerate(rows) for x in row["labels"]],
+                               atol=1e-4)
     _converts_to_per_label_score_maps(tmp_path / "p", probe, files, tmp_path, cli_run)
 
 

@@ -67,17 +67,21 @@ def _number(text: str) -> float | str:
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--batch-size", type=click_type(EXTRACTOR["batch_size"]), default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
+@click.option("--topk", type=click.IntRange(1), default=1, show_default=True,
+              help="List the K most probable classes (multi-label: in --json's 'top'; the text lists those found).")
+@click.option("--raw", is_flag=True, help="Raw scores instead of probabilities: a probe's SVM scores, a run's logits.")
 @click.option("--dense", is_flag=True,
               help="Score map of each image at its own size (any size): npz + heat map per image in --out.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="With --dense: directory for IMAGE.npz and IMAGE-heatmap.png.")
 @click.option("--window", is_flag=True, help="With --dense: each cell is the head on one training-size window.")
 @click.option("--weights", default="auto", show_default=True, help="With --dense and a timm model name as MODEL.")
-def predict(model_dir: str, images: tuple[Path, ...], batch_size: int, as_json: bool, dense: bool, out: Path | None,
-            window: bool, weights: str) -> None:
+def predict(model_dir: str, images: tuple[Path, ...], batch_size: int, as_json: bool, topk: int, raw: bool,
+            dense: bool, out: Path | None, window: bool, weights: str) -> None:
     """Classify IMAGES (files or folders) with MODEL: a probe directory or a fine-tuning run directory.
 
-    The score is the probe's SVM score, or the fine-tuned network's softmax probability. With --dense,
+    Prints each image's most probable class and its probability (--topk K: the K most probable): the probe's
+    calibrated probability or the fine-tuned network's softmax; --raw prints the scores before that. With --dense,
     MODEL may also be a converted directory (`transferkit convert`) or a timm model name (its ImageNet head),
     and each image is scored at every location: see docs/surgery.md.
     """
@@ -108,14 +112,14 @@ def predict(model_dir: str, images: tuple[Path, ...], batch_size: int, as_json: 
     if not Path(model_dir).is_dir():
         raise click.BadParameter(f"'{model_dir}' is not a directory (a timm model name needs --dense)",
                                  param_hint="MODEL")
-    for row in predict_images(model_dir, list(images), batch_size=batch_size):
+    for row in predict_images(model_dir, list(images), batch_size=batch_size, topk=topk, raw=raw):
         if as_json:
             click.echo(json.dumps(row))
         elif "labels" in row:  # multi-label: every label found, or '-' for none
             found = "; ".join(f"{x['label']} {x['score']:.3f}" for x in row["labels"]) or "-"
             click.echo(f"{row['source']}\t{found}")
-        else:
-            click.echo(f"{row['source']}\t{row['label']}\t{row['score']:.3f}")
+        else:  # the source, then label and score of each of the top K
+            click.echo("\t".join([row["source"], *(f"{t['label']}\t{t['score']:.3f}" for t in row["top"])]))
 
 
 @cli.command()

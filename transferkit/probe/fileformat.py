@@ -19,7 +19,10 @@ if TYPE_CHECKING:
     from transferkit.probe.linear import LinearProbe
 
 _FORMAT = "transferkit.probe"
-_FORMAT_VERSION = 2  # 2: params gained class_weight and metric, and "metric" records what chose C; 1 still reads
+# 2: params gained class_weight and metric, and "metric" records what chose C; 1 still reads.
+# 3: arrays gained the calibration ("temperature"; multi-label: "platt", (a, b) per label), "calibration" names it
+# and params gained calibrate; 1 and 2 still read, without probabilities (LinearProbe.calibrated is False).
+_FORMAT_VERSION = 3
 ARRAYS_FILE = "arrays.npz"
 META_FILE = "probe.json"
 _META_KEYS = {"version", "params", "classes_dtype", "n_features_in", "best_C", "cv_score", "cv_results",
@@ -28,7 +31,8 @@ _META_KEYS = {"version", "params", "classes_dtype", "n_features_in", "best_C", "
 
 def write_probe(probe: LinearProbe, path: Path, extra: Mapping[str, Any] | None) -> Path:
     """Write fitted `probe` to directory `path`: arrays.npz, then probe.json, which vouches for the arrays."""
-    npz_bytes = _npz_bytes(probe.arrays())
+    arrays = probe.arrays()
+    npz_bytes = _npz_bytes(arrays)
     meta = {
         "format": _FORMAT,
         "version": _FORMAT_VERSION,
@@ -39,6 +43,7 @@ def write_probe(probe: LinearProbe, path: Path, extra: Mapping[str, Any] | None)
         "cv_score": None if math.isnan(probe.cv_score_) else probe.cv_score_,
         "cv_results": probe.cv_results_,
         "metric": probe.metric_,
+        "calibration": next((k for k in ("temperature", "platt") if k in arrays), None),  # what predict_proba uses
         "n_iter": probe.n_iter_,
         "arrays_sha256": hashlib.sha256(npz_bytes).hexdigest(),
         "extra": dict(extra or {}),

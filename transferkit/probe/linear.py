@@ -4,6 +4,8 @@ The probe is the classic "CNN features off-the-shelf" recipe: standardise the co
 one-vs-rest linear SVM, and choose C by stratified cross-validation on the training set only.
 On imbalanced classes, `class_weight='balanced'` weights the SVM's errors by inverse class frequency, and
 `metric` (default 'auto') chooses C by balanced accuracy, so a C that ignores the rare classes does not win.
+`predict_proba` is softmax(scores / T), with one temperature T fitted on the out-of-fold scores of the folds that
+chose C (`calibration`), so the probabilities are calibrated at no extra fit.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
 from transferkit.errors import DataError, ParameterError, TransferkitError
+from transferkit.probe.calibration import fit_temperature, temperature_proba
 from transferkit.probe.fileformat import ARRAYS_FILE, META_FILE, read_probe, write_probe
-from transferkit.probe.metrics import SCORERS, cv_metric
+from transferkit.probe.metrics import SCORERS, cv_metric, expected_calibration_error
 from transferkit.probe.params import PROBE, SCALINGS  # noqa: F401  (SCALINGS: re-exported)
 from transferkit.runtime.params import sklearn_constraints, validate
 
@@ -57,6 +60,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         cv_max_samples: int | None = 10_000,
         class_weight: str | Mapping[Any, float] | None = None,
         metric: str = "auto",
+        calibrate: bool = True,
     ) -> None:
         self.C = C  # no logic in __init__: clone()/set_params() must round-trip
         self.Cs = Cs
@@ -69,33 +73,50 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.cv_max_samples = cv_max_samples
         self.class_weight = class_weight  # None, 'balanced' or {class: weight} (LinearSVC's class_weight)
         self.metric = metric  # what chooses C: 'accuracy', 'balanced_accuracy', or 'auto' (by imbalance)
+        self.calibrate = calibrate  # fit predict_proba's temperature on out-of-fold scores (fixed C: `cv` more fits)
 
     def fit(self, X: Any, y: Any) -> LinearProbe:
         """Choose C by stratified CV on X, y if C='auto' (smallest C first, stopping once the CV score drops;
-        the score is `metric`, resolved to `metric_`), then fit on all of X, y."""
+        the score is `metric`, resolved to `metric_`), fit on all of X, y, and (`calibrate`) fit predict_proba's
+        temperature on the out-of-fold scores at the chosen C."""
         self._check_params()
         X, y = check_xy(X, y, for_cv=self.C == "auto")
         self.classes_ = np.unique(y)
         self.n_features_in_ = X.shape[1]
         self.metric_ = cv_metric(self.metric, y)
-        self.cv_results_, n_bad, n_fits = [], 0, 0
+        self.cv_results_, n_bad, n_fits, oof = [], 0, 0, None
+        X_cv, y_cv = self._cv_sample(X, y) if self.C == "auto" or self.calibrate else (X, y)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             if self.C == "auto":
-                X_cv, y_cv = self._cv_sample(X, y)
                 self.n_cv_samples_ = len(y_cv)
-                self.cv_results_, n_bad, n_fits = self._cv_path(X_cv, y_cv)
+                self.cv_results_, oof, n_bad, n_fits = self._cv_path(X_cv, y_cv)
                 best = max(self.cv_results_, key=lambda r: r["mean"])  # ties: the first, i.e. smaller C
                 self.best_C_, self.cv_score_ = best["C"], best["mean"]
                 if self.best_C_ == max(self.Cs):
                     logger.info("best C=%g is the largest in Cs; a larger C may do better", self.best_C_)
             else:
                 self.best_C_, self.cv_score_ = float(self.C), float("nan")
+                if self.calibrate and np.unique(y_cv, return_counts=True)[1].min() >= 2:
+                    _, oof, n_bad, n_fits = self._cv_path(X_cv, y_cv, Cs=[self.best_C_], log_each=False)
             self.pipeline_ = self._make_pipeline(self.best_C_, X.shape).fit(X, y)
         self.n_iter_ = int(self.pipeline_.named_steps["svm"].n_iter_)
         self.converged_ = self.n_iter_ < self.max_iter
         warn_unconverged(n_bad + (not self.converged_), n_fits + 1, self.max_iter)
+        self.temperature_ = self._fit_temperature(oof, y_cv) if self.calibrate else None
         return self
+
+    def _fit_temperature(self, oof: np.ndarray | None, y: np.ndarray) -> float | None:
+        """predict_proba's temperature, from out-of-fold scores `oof` of labels `y` (None: too few rows to fold)."""
+        if oof is None:
+            logger.warning("no probabilities: calibration needs 2 samples of every class (predict_proba will refuse)")
+            return None
+        y_index = np.searchsorted(self.classes_, y)
+        temperature = fit_temperature(oof, y_index)
+        logger.info("probabilities: temperature %.3g, out-of-fold expected calibration error %.4f (T=1: %.4f)",
+                    temperature, expected_calibration_error(y_index, temperature_proba(oof, temperature)),
+                    expected_calibration_error(y_index, temperature_proba(oof, 1.0)))
+        return temperature
 
     def predict(self, X: Any) -> np.ndarray:
         """Class label of each row of X."""
@@ -106,6 +127,26 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         """SVM scores, (n, n_classes); (n,) for two classes, like scikit-learn."""
         X = self._check_x(X)
         return self.pipeline_.decision_function(X)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Calibrated class probabilities, (n, n_classes) in `classes_` order, each row summing to 1; the argmax
+        is `predict`'s class."""
+        return self.proba_from_scores(self.decision_function(X))
+
+    def proba_from_scores(self, scores: Any) -> np.ndarray:
+        """predict_proba from `decision_function` scores already computed (a dense score map's cells, say):
+        softmax(scores / temperature_)."""
+        check_is_fitted(self, "pipeline_")
+        if getattr(self, "temperature_", None) is None:
+            raise TransferkitError(f"This {type(self).__name__} has no calibrated probabilities: it was fitted with "
+                                   "calibrate=False or saved before probes were calibrated; fit it again, or use "
+                                   "decision_function for its SVM scores.")
+        return temperature_proba(scores, self.temperature_)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether predict_proba works (a probe saved before calibration existed loads without it)."""
+        return getattr(self, "temperature_", None) is not None
 
     def save(self, path: str | Path, *, extra: Mapping[str, Any] | None = None) -> Path:
         """Write the fitted probe to directory `path` as .npz arrays + JSON metadata (no pickle; see `fileformat`)."""
@@ -151,7 +192,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return Pipeline([("scale", scale), ("svm", svm)])
 
     def _cv_sample(self, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A stratified subset of at most cv_max_samples rows to choose C on (all rows when None or fewer).
+        """A stratified subset of at most cv_max_samples rows to choose C and calibrate on (all rows when None or
+        fewer).
 
         The C path costs 5 folds x several Cs; on 60,000 rows that is hours of liblinear on 2 cores, while
         the chosen C barely moves past ~10,000 rows. The final fit always uses every row.
@@ -163,26 +205,30 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         idx, _ = train_test_split(np.arange(len(y)), train_size=self.cv_max_samples, stratify=y,
                                   random_state=self.random_state)
         idx = np.sort(idx)
-        logger.info("choosing C on a stratified %d of %d rows (cv_max_samples)", len(idx), len(y))
+        logger.info("cross-validating (C, calibration) on a stratified %d of %d rows (cv_max_samples)", len(idx),
+                    len(y))
         return X[idx], y[idx]
 
     def _cv_path(
-        self, X: np.ndarray, y: np.ndarray, *, log_each: bool = True, metric: str | None = None
-    ) -> tuple[list[dict[str, float]], int, int]:
-        """CV score (`metric`, default `metric_`) for each C in ascending order, stopping once it falls below the
-        best so far.
+        self, X: np.ndarray, y: np.ndarray, *, log_each: bool = True, metric: str | None = None,
+        Cs: Sequence[float] | None = None,
+    ) -> tuple[list[dict[str, float]], np.ndarray, int, int]:
+        """CV score (`metric`, default `metric_`) for each C of `Cs` (default self.Cs) in ascending order,
+        stopping once it falls below the best so far.
 
         Past the peak a larger C only fits the training folds harder, and it is the slowest fit.
-        Returns the rows {"C", "mean", "std"}, the number of fold fits that hit max_iter, and of all.
+        Returns the rows {"C", "mean", "std"}, the out-of-fold scores at the best C (what calibration fits on),
+        the number of fold fits that hit max_iter, and of all.
         """
         n_splits = min(self.cv, int(np.unique(y, return_counts=True)[1].min()))
         folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=self.random_state)
         metric = metric or self.metric_
         rows: list[dict[str, float]] = []
-        n_bad = 0
-        for C in sorted({float(c) for c in self.Cs}):
+        n_bad, best_oof = 0, None
+        for C in sorted({float(c) for c in (self.Cs if Cs is None else Cs)}):
             out = cross_validate(self._make_pipeline(C, X.shape), X, y, cv=folds, n_jobs=self.n_jobs,
-                                 return_estimator=True, error_score="raise", scoring=SCORERS[metric])
+                                 return_estimator=True, return_indices=True, error_score="raise",
+                                 scoring=SCORERS[metric])
             n_bad += sum(not _converged(est) for est in out["estimator"])
             scores = out["test_score"]
             rows.append({"C": C, "mean": float(scores.mean()), "std": float(scores.std())})
@@ -191,7 +237,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                        C, n_splits, metric, 100 * rows[-1]["mean"], seconds)
             if rows[-1]["mean"] < max(r["mean"] for r in rows):
                 break
-        return rows, n_bad, len(rows) * n_splits
+            if len(rows) == 1 or rows[-1]["mean"] > max(r["mean"] for r in rows[:-1]):
+                best_oof = _out_of_fold(out, X)  # a tie keeps the smaller C's, as fit does
+        return rows, best_oof, n_bad, len(rows) * n_splits
 
     def _check_x(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "pipeline_")
@@ -209,6 +257,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         network surgery turns into a convolution."""
         svm = self.pipeline_.named_steps["svm"]
         arrays = {"coef": svm.coef_, "intercept": svm.intercept_, "classes": self.classes_.astype(str)}
+        if getattr(self, "temperature_", None) is not None:
+            arrays["temperature"] = np.array(self.temperature_)
         scaler = self.pipeline_.named_steps["scale"]
         if isinstance(scaler, StandardScaler):
             arrays.update(scale_mean=scaler.mean_, scale_var=scaler.var_, scale_scale=scaler.scale_)
@@ -242,6 +292,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.n_iter_ = svm.n_iter_ = int(meta["n_iter"])
         self.converged_ = self.n_iter_ < self.max_iter
         self.extra_ = dict(meta["extra"])
+        # probes saved before calibration (format <= 2) have no temperature: no predict_proba (see `calibrated`)
+        self.temperature_ = float(arrays["temperature"]) if "temperature" in arrays else None
 
 
 def _positive(value: Any) -> bool:
@@ -268,6 +320,15 @@ def check_xy(X: Any, y: Any, *, for_cv: bool) -> tuple[np.ndarray, np.ndarray]:
         small = ", ".join(f"{c!s} ({n})" for c, n in zip(classes, counts, strict=True) if n < 2)
         raise DataError(f"Cross-validation needs at least 2 samples of every class; too few: class {small}.")
     return X, y
+
+
+def _out_of_fold(out: Mapping[str, Any], X: np.ndarray) -> np.ndarray:
+    """Each row's decision scores from the fold model that did not train on it (cross_validate's estimators)."""
+    parts = [(idx, est.decision_function(X[idx])) for est, idx in zip(out["estimator"], out["indices"]["test"])]
+    oof = np.zeros((len(X), *parts[0][1].shape[1:]))
+    for idx, scores in parts:
+        oof[idx] = scores
+    return oof
 
 
 def _converged(pipe: Pipeline) -> bool:

@@ -1,5 +1,6 @@
 """Scores of a classifier on labelled codes: accuracy, balanced accuracy, macro-F1, confusion matrix and per-class
-report, in one Evaluation; and which score chooses C and ranks the sweep (`cv_metric`)."""
+report, in one Evaluation; which score chooses C and ranks the sweep (`cv_metric`); and how well probabilities
+are calibrated (`expected_calibration_error`, the one definition every report and benchmark uses)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,27 @@ if TYPE_CHECKING:
     from transferkit.probe.linear import LinearProbe
 
 SCORERS = {"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy"}  # metric -> sklearn scoring name
+ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017 ("On Calibration of Modern Neural Networks")
+
+
+def expected_calibration_error(y: Any, proba: Any, classes: Any = None, *, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the top class: the share-weighted mean, over `n_bins` equal-width bins of
+    top-class probability ((0, 1/n], ..., ((n-1)/n, 1]), of |accuracy - mean probability| in the bin.
+
+    Why one definition: ECE moves with its binning, so a figure means something only if every report and
+    benchmark bins the same way. `proba` (n, n_classes) has columns in `classes` order (default 0..n_classes-1).
+    """
+    proba = np.asarray(proba, dtype=np.float64)
+    y = np.asarray(y)
+    if proba.ndim != 2 or len(proba) != len(y) or not len(y):
+        raise DataError(f"proba must be (n, n_classes) with one row per label; got {proba.shape} for {len(y)} labels")
+    classes = np.arange(proba.shape[1]) if classes is None else np.asarray(classes)
+    confidence = proba.max(1)
+    correct = classes[proba.argmax(1)] == y
+    bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    # per bin: |sum of correct - sum of probability| / n = (its share) x |accuracy - mean probability|
+    gap = np.abs(np.bincount(bins, correct, n_bins) - np.bincount(bins, confidence, n_bins))
+    return float(gap.sum() / len(y))
 
 
 def imbalance_ratio(y: Any) -> float:

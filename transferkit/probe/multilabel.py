@@ -3,7 +3,8 @@ decision threshold per label chosen on out-of-fold scores to maximise that label
 
 Why: in multi-label data each label is its own yes/no question with its own base rate, so a label is scored
 by average precision (no threshold needed) and decided by a threshold of its own; the SVM margin (0) would
-favour frequent labels. The thresholds come from folds the SVMs did not train on, as the test set will.
+favour frequent labels. The thresholds come from folds the SVMs did not train on, as the test set will, and so
+does `predict_proba`'s Platt sigmoid per label (probe.calibration).
 The fitted SVMs are stored as one (n_labels, n_features) coefficient matrix, the same arrays a LinearProbe
 saves, so saving, loading and network surgery work alike.
 """
@@ -22,6 +23,7 @@ from sklearn.model_selection import KFold
 from sklearn.utils.validation import check_X_y
 
 from transferkit.errors import DataError, ParameterError
+from transferkit.probe.calibration import fit_platt, platt_proba
 from transferkit.probe.linear import LinearProbe, warn_unconverged
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ class MultiLabelProbe(LinearProbe):
         best = max(self.cv_results_, key=lambda r: r["mean"])  # ties: the first, i.e. the smaller C
         self.best_C_, self.cv_score_ = best["C"], best["mean"]
         self.thresholds_ = best_thresholds(Y[rows], oof)
+        self.temperature_ = None  # one softmax over labels means nothing here: each label has its own sigmoid
+        self.platt_ = fit_platt(oof, Y[rows]) if self.calibrate else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             self.pipeline_, bad = self._fit_labels(X, Y, self.best_C_)
@@ -96,6 +100,17 @@ class MultiLabelProbe(LinearProbe):
         """Per-label SVM scores, (n, n_labels)."""
         return _scores(self.pipeline_, self._check_x(X))
 
+    def proba_from_scores(self, scores: Any) -> np.ndarray:
+        """(n, n_labels) probability of each label on its own (Platt: sigmoid(a s + b), fitted on out-of-fold
+        scores), so a row need not sum to 1; the order is `classes_`'s."""
+        if getattr(self, "platt_", None) is None:
+            return super().proba_from_scores(scores)  # the error: no calibration
+        return platt_proba(scores, self.platt_)
+
+    @property
+    def calibrated(self) -> bool:
+        return getattr(self, "platt_", None) is not None
+
     def predict(self, X: Any) -> np.ndarray:
         """(n, n_labels) 0/1: label j where its score reaches thresholds_[j]."""
         return (self.decision_function(X) >= self.thresholds_).astype(np.int64)
@@ -105,13 +120,17 @@ class MultiLabelProbe(LinearProbe):
         return mean_average_precision(np.asarray(y), self.decision_function(X))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {**super().arrays(), "thresholds": self.thresholds_}
+        platt = {} if getattr(self, "platt_", None) is None else {"platt": self.platt_}
+        return {**super().arrays(), "thresholds": self.thresholds_, **platt}
 
     def _restore(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         super()._restore(arrays, meta)
         self.thresholds_ = np.asarray(arrays["thresholds"], dtype=np.float64)
         if self.thresholds_.shape != (len(self.classes_),):
             raise ValueError("thresholds do not match the labels")
+        self.platt_ = np.asarray(arrays["platt"], dtype=np.float64) if "platt" in arrays else None  # format <= 2
+        if self.platt_ is not None and self.platt_.shape != (len(self.classes_), 2):
+            raise ValueError("platt does not match the labels")
 
     def _cv_rows(self, n: int) -> np.ndarray:
         """At most cv_max_samples rows (a seeded random subset) to choose C and thresholds on."""

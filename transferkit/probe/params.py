@@ -29,4 +29,5 @@ PROBE = {
     "cv_max_samples": [Interval(Integral, 2, None, closed="left"), None],  # and >= 2 x cv, checked in fit
     "class_weight": [StrOptions(CLASS_WEIGHTS), dict, None],  # dict: {class: weight}, Python only (as sklearn)
     "metric": [StrOptions(METRICS)],
+    "calibrate": ["boolean"],  # predict_proba: a temperature fitted on out-of-fold scores
 }
