@@ -85,20 +85,21 @@ def _arg(args, kwargs, i: int, name: str, default):
 
 
 class _Tracker(TorchFunctionMode):
-    """Propagates an (Axis, Axis) geometry through every op; tensors are held so that ids stay unique."""
+    """Propagates an (Axis, Axis) geometry through every op. Keyed weakly by tensor: an activation is freed
+    when the network drops it, so tracking costs no more memory than the forward pass itself."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.geo: dict[int, tuple[Axis, Axis]] = {}
-        self.keep: list[torch.Tensor] = []
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.geo = WeakIdKeyDictionary()  # tensor -> (Axis, Axis)
         self.global_context = False
 
     def set(self, t: torch.Tensor, g: tuple[Axis, Axis]) -> None:
-        self.geo[id(t)] = g
-        self.keep.append(t)
+        self.geo[t] = g
 
     def get(self, t) -> tuple[Axis, Axis] | None:
-        return self.geo.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return self.geo.get(t) if isinstance(t, torch.Tensor) else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
