@@ -70,6 +70,14 @@ class Field:
                                box[..., 2].clamp(0, h - 1), box[..., 3].clamp(0, w - 1)], -1)
         return box
 
+    def rescaled(self, input_shape: tuple[int, int]) -> Field:
+        """This field in the pixels of an image of `input_shape` (h, w) that was resized to this field's input:
+        pixel centres map as (c + 0.5) / f - 0.5 (Pillow's resize), sizes and jumps as 1 / f."""
+        fy, fx = self.input_shape[0] / input_shape[0], self.input_shape[1] / input_shape[1]
+        y = Axis(self.y.jump / fy, self.y.size / fy, (self.y.start + 0.5) / fy - 0.5)
+        x = Axis(self.x.jump / fx, self.x.size / fx, (self.x.start + 0.5) / fx - 0.5)
+        return Field(y, x, self.shape, tuple(input_shape), self.global_context)
+
     def to_dict(self) -> dict:
         return {"jump": [self.y.jump, self.x.jump], "size": [self.y.size, self.x.size],
                 "start": [self.y.start, self.x.start], "shape": list(self.shape),
