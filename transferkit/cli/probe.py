@@ -133,9 +133,9 @@ def _predict_dense(model_dir: str, images: tuple[Path, ...], as_json: bool, out:
         if "labels" in row:  # multi-label: every label found, or '-' for none
             best = "; ".join(f"{t['label']} {t['probability']:.3f}" for t in row["labels"]) or "-"
         f, n = row["field"], len(row["scales"])
-        at = f" at {n} scales (finest:" if n > 1 else " ("
-        click.echo(f"{path}\t{row['map_size'][0]}x{row['map_size'][1]} cells{at} stride {f['jump'][0]:.3g} px, "
-                   f"field {f['size'][0]:.3g} px)\t{best}")
+        at = f" at {n} scales (finest: " if n > 1 else " ("
+        click.echo(f"{path}\t{row['map_size'][0]}x{row['map_size'][1]} cells{at}stride {f['jump'][0]:.4g} px, "
+                   f"field {f['size'][0]:.4g} px)\t{best}")
         hinted = hinted or _scale_hint(row, options)
 
 
