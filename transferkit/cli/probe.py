@@ -11,7 +11,7 @@ from transferkit.cli import cli
 from transferkit.codes.params import EXTRACTOR
 from transferkit.probe.params import AUTO_BALANCED_RATIO, PROBE
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
-from transferkit.surgery.params import DEFAULT_HEATMAPS, DENSE
+from transferkit.surgery.params import DEFAULT_HEATMAPS, DENSE, MAX_MEGAPIXELS
 
 
 @cli.command()
@@ -70,8 +70,8 @@ def _number(text: str) -> float | str:
               help="With --dense: directory for IMAGE.npz, IMAGE-heatmap.png and IMAGE-classes.png.")
 @click.option("--window", is_flag=True, help="With --dense: each cell is the head on one training-size window.")
 @click.option("--scale", type=click_type(DENSE["scale"]), multiple=True,
-              help="With --dense: resize each image by this factor first; repeat for several scales, averaged "
-                   "[default: its own size].")
+              help="With --dense: resize each image by this factor first; repeat for several scales, averaged; "
+                   f"each at most {MAX_MEGAPIXELS} megapixels [default: its own size].")
 @click.option("--short-side", type=click_type(DENSE["short_side"]), multiple=True, metavar="N",
               help="With --dense: resize each image so its shorter side is N px; repeatable, averaged with --scale.")
 @click.option("--class", "classes", multiple=True, metavar="NAME",

@@ -122,8 +122,9 @@ class DenseClassifier:
         `short_side` and averaged (transferkit.surgery.multiscale)."""
         from transferkit.surgery.multiscale import dense_maps, plan
 
-        steps = plan(self, (image.height, image.width), scale=scale, short_side=short_side)
-        return dense_maps(self, image, steps)
+        source = getattr(image, "filename", "") or "<PIL image>"  # what errors call it
+        steps = plan(self, (image.height, image.width), scale=scale, short_side=short_side, source=source)
+        return dense_maps(self, image, steps, source)
 
 
 def _imagenet_classes(n: int) -> list[str]:
