@@ -144,3 +144,26 @@ def test_probe_maps_are_softmax_probabilities_of_its_margins_and_scales_help(tmp
     row = json.loads(result.output.strip().splitlines()[-1])
     assert row["top"][0]["label"] == "flower" and row["top"][0]["probability"] > 0.5, row["top"]
     assert sum(t["probability"] for t in row["top"]) == pytest.approx(1, abs=1e-5) and "hint" not in result.output
+
+
+def test_maps_of_other_scales_are_sampled_where_the_finest_cells_lie():
+    """Bilinear sampling through each field's own stride and offset reproduces a map that is linear in the
+    image's pixels exactly, inside the coarse map; past its last cell the border cell's value holds."""
+    from transferkit.surgery.receptive_field import Axis, Field
+
+    coarse = Field(Axis(64, 100, 31.5), Axis(64, 100, 40.0), (4, 6), (256, 384))
+    fine = Field(Axis(32, 60, 15.5), Axis(32, 60, 15.5), (8, 12), (256, 384))
+    c = coarse.centres()  # (4, 6, 2) as (y, x)
+    values = torch.stack([c[..., 0], c[..., 1]]).float()  # channel 0: y, channel 1: x, at every coarse cell
+    got = _resample(values, coarse, fine)
+    want = fine.centres().permute(2, 0, 1).float()
+    lo, hi = c.reshape(-1, 2).min(0).values.float(), c.reshape(-1, 2).max(0).values.float()
+    torch.testing.assert_close(got, torch.maximum(torch.minimum(want, hi.view(2, 1, 1)), lo.view(2, 1, 1)))
+
+
+def test_a_size_below_one_stride_is_refused_naming_the_parameter(clf, china):
+    from transferkit.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="at least 32x32") as err:
+        clf.maps(load_image(china), short_side=[128, 16])
+    assert err.value.param == "short_side"
