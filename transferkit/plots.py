@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -140,25 +140,87 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], path: str | Path
     return _save(fig, path)
 
 
-def plot_heatmap(image: np.ndarray, heat: np.ndarray, field: Any, path: str | Path, *, title: str = "") -> Path:
+def plot_heatmap(image: np.ndarray, heat: np.ndarray, field: Any, path: str | Path | BinaryIO, *,
+                 title: str = "") -> Path | BinaryIO:
     """Save the image with a per-cell score map over it; each cell drawn at its receptive field's centre.
 
     `field` is a transferkit.surgery.receptive_field.Field: cell (i, j) sits at start + jump * (i, j) in input pixels,
     so the map lines up with the image whatever the network's strides and padding.
     """
-    h, w = heat.shape
+    return plot_heatmaps(image, [heat], [title or "score map"], field, path, label="")
+
+
+def _extent(field: Any, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    """Where an (h, w) map of `field`'s cells lies on the image: left, right, bottom, top in pixels."""
+    h, w = shape
     (y0, x0), (jy, jx) = (field.y.start, field.x.start), (field.y.jump, field.x.jump)
-    extent = (x0 - jx / 2, x0 + jx * (w - 0.5), y0 + jy * (h - 0.5), y0 - jy / 2)  # left, right, bottom, top
-    fig = _figure(figsize=(7.0, 7.0 * image.shape[0] / max(1, image.shape[1]) + 0.6))
-    ax = fig.add_subplot()
+    return x0 - jx / 2, x0 + jx * (w - 0.5), y0 + jy * (h - 0.5), y0 - jy / 2
+
+
+def _under_image(ax: Any, image: np.ndarray) -> None:
     ax.imshow(image)
-    shown = ax.imshow(heat, cmap="jet", alpha=0.45, extent=extent, interpolation="nearest")
     ax.set_xlim(-0.5, image.shape[1] - 0.5)
     ax.set_ylim(image.shape[0] - 0.5, -0.5)
-    fig.colorbar(shown, ax=ax, fraction=0.035)
-    ax.set_title(title or "score map", fontsize=10)
-    ax.set_xlabel(f"{h}x{w} cells, stride {jy:g}x{jx:g} px, receptive field {field.y.size:g}x{field.x.size:g} px",
-                  fontsize=8)
+
+
+def _grid_text(field: Any, shape: tuple[int, int]) -> str:
+    return (f"{shape[0]}x{shape[1]} cells, stride {field.y.jump:.4g}x{field.x.jump:.4g} px, receptive field "
+            f"{field.y.size:.4g}x{field.x.size:.4g} px")
+
+
+def plot_heatmaps(image: np.ndarray, heats: Sequence[np.ndarray], titles: Sequence[str], field: Any,
+                  path: str | Path | BinaryIO, *, label: str = "probability per cell") -> Path | BinaryIO:
+    """Save one panel per map (a class's probability per cell over the image), up to 3 across; `label` says what
+    the values are. Colours run from 0 to the map's own maximum: a flat map looks flat, a peak stands out."""
+    n = len(heats)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    aspect = image.shape[0] / max(1, image.shape[1])
+    fig = _figure(figsize=(min(7.0, 14.0 / cols) * cols, (min(7.0, 14.0 / cols) * aspect + 0.8) * rows + 0.4))
+    for i, (heat, title) in enumerate(zip(heats, titles)):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        _under_image(ax, image)
+        vmax = max(float(np.nanmax(heat)), 1e-6) if label else None
+        shown = ax.imshow(heat, cmap="jet", alpha=0.45, extent=_extent(field, heat.shape), interpolation="nearest",
+                          vmin=0 if label else None, vmax=vmax)
+        fig.colorbar(shown, ax=ax, fraction=0.035)
+        ax.set_title(f"{title} (max {vmax:.3g})" if label else title, fontsize=10)
+        ax.set_xlabel(_grid_text(field, heat.shape), fontsize=8)
+    if label:
+        fig.suptitle(label, fontsize=9)
+    return _save(fig, path)
+
+
+_MAX_LEGEND = 9  # classes with their own colour in a class map (tab10 without its grey); the rest share grey
+
+
+def plot_class_map(image: np.ndarray, top_class: np.ndarray, classes: Sequence[str], field: Any,
+                   path: str | Path | BinaryIO, *, title: str = "most probable class per cell") -> Path | BinaryIO:
+    """Save the image with each cell coloured by its most probable class, and a legend: the classes covering
+    most cells (with their share of cells) in their own colour, any others in grey."""
+    from matplotlib import colormaps
+    from matplotlib.patches import Patch
+
+    ids, counts = np.unique(top_class, return_counts=True)
+    ranked = ids[np.argsort(-counts, kind="stable")]
+    shown = ranked[:_MAX_LEGEND]
+    palette = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 7]  # 7 is grey: kept for the rest
+    colour = {int(k): palette[i] for i, k in enumerate(shown)}
+    rgba = np.zeros((*top_class.shape, 4))
+    for (i, j), k in np.ndenumerate(top_class):
+        rgba[i, j] = (*colour.get(int(k), (0.5, 0.5, 0.5)), 0.5)
+    fig = _figure(figsize=(9.0, 6.0 * image.shape[0] / max(1, image.shape[1]) + 1.0))
+    ax = fig.add_subplot()
+    _under_image(ax, image)
+    ax.imshow(rgba, extent=_extent(field, top_class.shape), interpolation="nearest")
+    share = dict(zip(ids.tolist(), (100 * counts / top_class.size).tolist()))
+    handles = [Patch(color=colour[int(k)], label=f"{classes[k]} ({share[int(k)]:.0f}%)") for k in shown]
+    if len(ranked) > len(shown):
+        rest = sum(share[int(k)] for k in ranked[len(shown):])
+        handles.append(Patch(color=(0.5, 0.5, 0.5), label=f"{len(ranked) - len(shown)} others ({rest:.0f}%)"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title="class (% of cells)")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(_grid_text(field, top_class.shape), fontsize=8)
     return _save(fig, path)
 
 
@@ -177,10 +239,14 @@ def _annotate_cells(ax: Any, values: np.ndarray, counts: np.ndarray, normalize: 
         ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path | BinaryIO) -> Path | BinaryIO:
+    """PNG to `path`, or into a binary file object (for a caller that publishes the bytes atomically)."""
+    fig.tight_layout()
+    if hasattr(path, "write"):
+        fig.savefig(path, format="png")
+        return path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     fig.savefig(path, format="png")
     logger.debug("wrote %s", path)  # often inside a folder not yet published: the command names the final one
     return path

@@ -111,11 +111,17 @@ def _converts_to_per_label_score_maps(probe_dir, probe, files, tmp_path, cli_run
     row = dense_predict(clf, big, tmp_path / "maps")
     maps = np.load(tmp_path / "maps" / "big.npz")
     assert maps["scores"].shape[0] == 10 and maps["thresholds"] == pytest.approx(clf.thresholds)
-    image_scores = maps["scores"].mean((1, 2))
-    assert [x["label"] for x in row["labels"]] == [clf.classes[k] for k in np.argsort(-image_scores)
+    image_scores, thresholds = maps["scores"].mean((1, 2)), np.asarray(clf.thresholds)
+    # probabilities: sigmoid(score - threshold), per cell and for the image (0.5 = the label's threshold)
+    np.testing.assert_allclose(maps["probabilities"], 1 / (1 + np.exp(thresholds[:, None, None] - maps["scores"])),
+                               rtol=1e-5, atol=1e-6)
+    image_p = 1 / (1 + np.exp(thresholds - image_scores))
+    assert [x["label"] for x in row["labels"]] == [clf.classes[k] for k in np.argsort(-image_p)
                                                    if image_scores[k] >= clf.thresholds[k]]
     out = cli_run("predict", tmp_path / "conv", big, "--dense").output
-    assert out.split("\t")[-1].strip() == ("; ".join(f"{x['label']} {x['score']:.3f}" for x in row["labels"]) or "-")
+    assert "# probabilities: sigmoid of SVM score minus the label's threshold" in out
+    assert out.split("\t")[-1].strip() == ("; ".join(f"{x['label']} {x['probability']:.3f}" for x in row["labels"])
+                                           or "-")
     clf.thresholds = [float("inf"), float("-inf"), *clf.thresholds[2:]]  # labels never / always seen in training
     save_converted(clf, tmp_path / "conv2")
     assert load_converted(tmp_path / "conv2").thresholds == clf.thresholds  # JSON has no infinity: kept as text

@@ -11,6 +11,7 @@ from transferkit.cli import DataPath, cli
 from transferkit.codes.params import EXTRACTOR
 from transferkit.probe.params import AUTO_BALANCED_RATIO, PROBE
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
+from transferkit.surgery.params import DEFAULT_HEATMAPS, DENSE, MAX_MEGAPIXELS
 
 
 @cli.command()
@@ -71,42 +72,35 @@ def _number(text: str) -> float | str:
               help="List the K most probable classes (multi-label: in --json's 'top'; the text lists those found).")
 @click.option("--raw", is_flag=True, help="Raw scores instead of probabilities: a probe's SVM scores, a run's logits.")
 @click.option("--dense", is_flag=True,
-              help="Score map of each image at its own size (any size): npz + heat map per image in --out.")
+              help="Probability map of each image (any size): npz, heat maps and a class map per image in --out.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="With --dense: directory for IMAGE.npz and IMAGE-heatmap.png.")
+              help="With --dense: directory for IMAGE.npz, IMAGE-heatmap.png and IMAGE-classes.png.")
 @click.option("--window", is_flag=True, help="With --dense: each cell is the head on one training-size window.")
+@click.option("--scale", type=click_type(DENSE["scale"]), multiple=True,
+              help="With --dense: resize each image by this factor first; repeat for several scales, averaged; "
+                   f"each at most {MAX_MEGAPIXELS} megapixels [default: its own size].")
+@click.option("--short-side", type=click_type(DENSE["short_side"]), multiple=True, metavar="N",
+              help="With --dense: resize each image so its shorter side is N px; repeatable, averaged with --scale.")
+@click.option("--class", "classes", multiple=True, metavar="NAME",
+              help=f"With --dense: draw this class's heat map; repeatable [default: the top {DEFAULT_HEATMAPS}].")
 @click.option("--weights", default="auto", show_default=True, help="With --dense and a timm model name as MODEL.")
 def predict(model_dir: str, images: tuple[Path, ...], batch_size: int, as_json: bool, topk: int, raw: bool,
-            dense: bool, out: Path | None, window: bool, weights: str) -> None:
+            dense: bool, out: Path | None, window: bool, scale: tuple[float, ...], short_side: tuple[int, ...],
+            classes: tuple[str, ...], weights: str) -> None:
     """Classify IMAGES (files or folders) with MODEL: a probe directory or a fine-tuning run directory.
 
     Prints each image's most probable class and its probability (--topk K: the K most probable): the probe's
     calibrated probability or the fine-tuned network's softmax; --raw prints the scores before that. With --dense,
     MODEL may also be a converted directory (`transferkit convert`) or a timm model name (its ImageNet head),
-    and each image is scored at every location: see docs/surgery.md.
+    and each image gets a probability per location, at its own size or at the sizes --scale and --short-side
+    give: see docs/surgery.md.
     """
     if dense:
-        from transferkit.jobs import image_files
-        from transferkit.surgery.dense import dense_predict, load_classifier
-
-        if out is not None:  # before the network loads: never into the images' folders
-            from transferkit.runtime.outputs import check_output
-            from transferkit.surgery.dense import DENSE_KIND
-
-            check_output(out, DENSE_KIND, inputs=images)
-        clf = load_classifier(model_dir, window=window, weights=weights)
-        for path in image_files(list(images)):
-            row = dense_predict(clf, path, out)
-            if as_json:
-                click.echo(json.dumps(row))
-                continue
-            best = ", ".join(f"{t['label']} {t['score']:.3f}" for t in row["top"][:3])
-            if "labels" in row:  # multi-label: every label found, or '-' for none
-                best = "; ".join(f"{t['label']} {t['score']:.3f}" for t in row["labels"]) or "-"
-            f = row["field"]
-            click.echo(f"{path}\t{row['map_size'][0]}x{row['map_size'][1]} cells (stride {f['jump'][0]:g} px, "
-                       f"field {f['size'][0]:g} px)\t{best}")
+        _predict_dense(model_dir, images, as_json, out, window, weights,
+                       {"scale": list(scale), "short_side": list(short_side), "classes": list(classes)})
         return
+    if scale or short_side or classes:
+        raise click.UsageError("--scale, --short-side and --class need --dense")
     from transferkit.jobs import predict_images
 
     if not Path(model_dir).is_dir():
@@ -120,6 +114,50 @@ def predict(model_dir: str, images: tuple[Path, ...], batch_size: int, as_json: 
             click.echo(f"{row['source']}\t{found}")
         else:  # the source, then label and score of each of the top K
             click.echo("\t".join([row["source"], *(f"{t['label']}\t{t['score']:.3f}" for t in row["top"])]))
+
+
+def _predict_dense(model_dir: str, images: tuple[Path, ...], as_json: bool, out: Path | None, window: bool,
+                   weights: str, options: dict) -> None:
+    """`predict --dense`: one line per image (the map's size and geometry in the image's pixels, the most
+    probable classes), what the probabilities are once, and a hint when the image dwarfs the training size."""
+    from transferkit.jobs import image_files
+    from transferkit.surgery.dense import dense_predict, load_classifier
+
+    if out is not None:  # before the network loads: never into the images' folders
+        from transferkit.runtime.outputs import check_output
+        from transferkit.surgery.dense import DENSE_KIND
+
+        check_output(out, DENSE_KIND, inputs=images)
+    clf = load_classifier(model_dir, window=window, weights=weights)
+    hinted = False
+    for i, path in enumerate(image_files(list(images))):
+        row = dense_predict(clf, path, out, **options)
+        if as_json:
+            click.echo(json.dumps(row))
+            continue
+        if i == 0:
+            click.echo(f"# probabilities: {row['probability']}")
+        best = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in row["top"][:3])
+        if "labels" in row:  # multi-label: every label found, or '-' for none
+            best = "; ".join(f"{t['label']} {t['probability']:.3f}" for t in row["labels"]) or "-"
+        f, n = row["field"], len(row["scales"])
+        at = f" at {n} scales (finest: " if n > 1 else " ("
+        click.echo(f"{path}\t{row['map_size'][0]}x{row['map_size'][1]} cells{at}stride {f['jump'][0]:.4g} px, "
+                   f"field {f['size'][0]:.4g} px)\t{best}")
+        hinted = hinted or _scale_hint(row, options)
+
+
+def _scale_hint(row: dict, options: dict) -> bool:
+    """Say once when an image's short side is over 4x the training size and no scale was asked for: objects
+    much larger than the training items give flat maps (issue 18); return whether it was said."""
+    train, side = min(row["train_size"]), min(row["image_size"])
+    if options["scale"] or options["short_side"] or side <= 4 * train:
+        return False
+    sides = [s for s in (train, 2 * train, 4 * train) if s < side]
+    click.echo(f"hint: {row['source']} is {side} px on its shorter side, {side / train:.0f}x the {train} px the "
+               "classifier was trained at; if its objects are much larger than that, the map may be flat: try "
+               + " ".join(f"--short-side {s}" for s in sides), err=True)
+    return True
 
 
 @cli.command()

@@ -8,25 +8,32 @@ it rebuilds without the source's files.
 
 from __future__ import annotations
 
-import io
 import json
-from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from transferkit.codes.params import RENAMED
-from transferkit.errors import DataError, ModelError
-from transferkit.runtime.atomic import write_bytes_atomic, write_json_atomic
-from transferkit.runtime.outputs import building, claim
+from transferkit.errors import DataError, ModelError, ParameterError
+from transferkit.runtime.atomic import write_json_atomic
+from transferkit.runtime.outputs import building
+from transferkit.runtime.params import validate
 from transferkit.surgery.fc_to_conv import FullyConvNet, fc_to_conv, probe_head, probe_to_conv, timm_head_ops
+from transferkit.surgery.params import DEFAULT_HEATMAPS, DENSE
 
 FORMAT = "transferkit.convert/2"  # 2: pools named as in timm (format 1's 'avgmax' is 'catavgmax')
 FORMAT_1 = "transferkit.convert/1"
 CONVERT_JSON = "convert.json"
 CONVERTED_KIND, DENSE_KIND = "converted", "dense maps"  # output kinds (transferkit.runtime.outputs)
 WEIGHTS = "fully_conv.safetensors"
+
+if TYPE_CHECKING:
+    from transferkit.surgery.multiscale import DenseMaps
 
 
 @dataclass
@@ -40,22 +47,84 @@ class DenseClassifier:
     spec: dict  # architecture: rebuilds the net without the source's weights (see `_skeleton`)
     scores: str  # "logits" (softmax gives probabilities; multi-label: sigmoids) or "svm" (a probe's decision values)
     thresholds: list[float] | None = None  # multi-label: per label, on sigmoids (runs) or SVM scores (probes)
+    temperature: float | None = None  # scores are divided by it before the softmax/sigmoid; None: not calibrated
+    _min_size: tuple[int, int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def multilabel(self) -> bool:
         return self.thresholds is not None
 
-    def probabilities(self, scores: torch.Tensor) -> torch.Tensor | None:
-        """Probabilities from logits over dim 0 (softmax; multi-label: a sigmoid each), None for SVM scores."""
-        if self.scores != "logits":
-            return None
-        return scores.sigmoid() if self.multilabel else scores.softmax(0)
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """Probabilities from scores over dim 0: the one place dense scores become probabilities.
+
+        Logits: softmax (multi-label: a sigmoid each). A probe's SVM margins: softmax too (multi-label: the
+        sigmoid of score minus the label's threshold, so 0.5 is the threshold); uncalibrated unless a
+        `temperature` is known. `probability_kind` says which, for every file and line that shows them.
+        """
+        t = self.temperature or 1.0
+        if self.scores == "logits":
+            return (scores / t).sigmoid() if self.multilabel else (scores / t).softmax(0)
+        if self.multilabel:
+            shift = torch.tensor(self.thresholds, dtype=scores.dtype).view(-1, *[1] * (scores.dim() - 1))
+            return ((scores - shift) / t).sigmoid()
+        return (scores / t).softmax(0)
+
+    @property
+    def probability_kind(self) -> str:
+        """What `probabilities` are, in words: printed and plotted beside them."""
+        t = "" if self.temperature is None else f" / temperature {self.temperature:.3g} (calibrated)"
+        if self.scores == "logits":
+            return f"sigmoid of each label's logit{t}" if self.multilabel else f"softmax of the logits{t}"
+        if self.multilabel:
+            return f"sigmoid of SVM score minus the label's threshold{t or ' (uncalibrated; 0.5 = threshold)'}"
+        return f"softmax of the SVM margins{t or ', temperature 1 (uncalibrated)'}"
+
+    def found(self, probabilities: torch.Tensor) -> list[int]:
+        """Multi-label: the labels whose image probability reaches their threshold, most probable first."""
+        cut = self.thresholds if self.scores == "logits" else [0.5] * len(self.classes)
+        return [k for k in probabilities.argsort(descending=True).tolist() if probabilities[k] >= cut[k]]
+
+    def class_indices(self, names: Sequence[str]) -> list[int]:
+        """Indices of the classes `names`; an unknown name is a ParameterError on `classes`."""
+        import difflib
+
+        for name in names:
+            if name not in self.classes:
+                near = difflib.get_close_matches(name, self.classes, n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                listed = ", ".join(self.classes[:5]) + (", ..." if len(self.classes) > 5 else "")
+                raise ParameterError(f"The 'classes' parameter of dense_predict must name classes of this model. "
+                                     f"Got {name!r} instead ({hint}{len(self.classes)} classes: {listed}).",
+                                     param="classes")
+        return [self.classes.index(name) for name in names]
+
+    def min_input_size(self) -> tuple[int, int]:
+        """The smallest input a resize may give: a sliding-window head's training size (each cell classifies one
+        such window), else one stride of the network (one full cell), measured once at the training size."""
+        if not self.net.mean_is_logits:
+            return self.net.input_size
+        if self._min_size is None:
+            from transferkit.surgery.receptive_field import receptive_field
+
+            _, f = receptive_field(self.net, torch.zeros(1, 3, *self.net.input_size))
+            self._min_size = (math.ceil(f.y.jump), math.ceil(f.x.jump))
+        return self._min_size
 
     def preprocess(self, image) -> torch.Tensor:
         """(1, 3, H, W) normalised tensor of a PIL image at its own size: no resize, no crop."""
         x = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 255).permute(2, 0, 1)
         mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
         return ((x - mean) / std).unsqueeze(0)
+
+    def maps(self, image, *, scale: float | Sequence[float] | None = None,
+             short_side: int | Sequence[int] | None = None) -> DenseMaps:
+        """Per-cell probabilities of a PIL image at its own size, or resized by each `scale` / to each
+        `short_side` and averaged (transferkit.surgery.multiscale)."""
+        from transferkit.surgery.multiscale import dense_maps, plan
+
+        source = getattr(image, "filename", "") or "<PIL image>"  # what errors call it
+        steps = plan(self, (image.height, image.width), scale=scale, short_side=short_side, source=source)
+        return dense_maps(self, image, steps, source)
 
 
 def _imagenet_classes(n: int) -> list[str]:
@@ -137,8 +206,9 @@ def _from_probe(path: Path, window: bool) -> DenseClassifier:
             "n_features": int(arrays["coef"].shape[1]), "n_outputs": len(classes), "input_size": size, "window": window,
             "pre_logits": layer.index is None and pool == "avg", "multilabel": multilabel, "source": str(path)}
     mean, std = _norm(extractor.data_config_)
+    temperature = None if multilabel else probe.temperature_  # the probe's calibration (None: saved before it)
     return DenseClassifier(net, classes, mean, std, spec, "svm",
-                           [float(t) for t in probe.thresholds_] if multilabel else None)
+                           [float(t) for t in probe.thresholds_] if multilabel else None, temperature=temperature)
 
 
 def save_converted(clf: DenseClassifier, out: str | Path) -> Path:
@@ -151,7 +221,7 @@ def save_converted(clf: DenseClassifier, out: str | Path) -> Path:
         write_json_atomic(tmp / CONVERT_JSON, {
             "format": FORMAT, "spec": clf.spec, "classes": clf.classes, "mean": list(clf.mean), "std": list(clf.std),
             "scores": clf.scores, "mean_is_logits": clf.net.mean_is_logits, "parity_error": clf.net.parity_error,
-            "head": str(clf.net.head),
+            "head": str(clf.net.head), "temperature": clf.temperature,
             # JSON has no infinity: a label never (always) seen in training has threshold "inf" ("-inf")
             "thresholds": None if clf.thresholds is None else [t if np.isfinite(t) else str(t) for t in clf.thresholds],
         })
@@ -175,7 +245,8 @@ def load_converted(path: str | Path) -> DenseClassifier:
     net.load_state_dict(load_state_dict_file(path / WEIGHTS))
     thresholds = meta.get("thresholds")  # absent before multi-label existed
     return DenseClassifier(net.eval(), meta["classes"], tuple(meta["mean"]), tuple(meta["std"]), meta["spec"],
-                           meta["scores"], None if thresholds is None else [float(t) for t in thresholds])
+                           meta["scores"], None if thresholds is None else [float(t) for t in thresholds],
+                           meta.get("temperature"))  # absent before probabilities were calibrated
 
 
 def _skeleton(spec: dict) -> FullyConvNet:
@@ -202,69 +273,49 @@ def _skeleton(spec: dict) -> FullyConvNet:
 
 
 @torch.no_grad()
-def dense_predict(clf: DenseClassifier, image_path: str | Path, out: str | Path | None = None, *,
-                  top: int = 5) -> dict:
-    """Score map of one image at its own size, with each cell's receptive field; files to `out` if given.
+def dense_predict(clf: DenseClassifier, image_path: str | Path, out: str | Path | None = None, *, top: int = 5,
+                  scale: float | Sequence[float] | None = None, short_side: int | Sequence[int] | None = None,
+                  classes: Sequence[str] | None = None) -> dict:
+    """Probability map of one image, at its own size or at each `scale` / `short_side` averaged; files to `out`.
 
-    Writes STEM.npz (scores (K, h, w), top class per cell, cell centres and boxes in input pixels) and
-    STEM-heatmap.png (the image under the map of the class that wins on average). A multi-label classifier
-    also gives 'labels': every label whose image score (the map's mean; for a run, its sigmoid) reaches the
-    label's threshold, as `transferkit predict` lists them; its heat map shows the highest of those.
+    Every value shown is a probability (`clf.probability_kind` says which, and the result's 'probability'):
+    per cell, and for the image (per scale the probabilities of the map's mean score, which for a pooled head is
+    the network's own prediction on the whole image at that size, averaged over scales). `top` lists the most
+    probable classes; a multi-label classifier also gives 'labels', every label whose image probability reaches
+    its threshold. Files (transferkit.surgery.dense_files): STEM.npz, STEM-heatmap.png (a panel per class in
+    `classes`, else the top ones) and STEM-classes.png (each cell coloured by its most probable class).
     """
     from transferkit.data.decode import load_image
-    from transferkit.surgery.receptive_field import receptive_field
+    from transferkit.surgery.multiscale import dense_maps, plan
 
+    validate(DENSE, {"top": top}, "dense_predict")
+    chosen = clf.class_indices(list(classes or ()))  # before any work: a misspelt class is a one-line error
     image = load_image(image_path)
-    x = clf.preprocess(image)
-    min_h, min_w = clf.net.input_size if not clf.net.mean_is_logits else (1, 1)
-    if x.shape[-2] < min_h or x.shape[-1] < min_w:
-        raise DataError(f"image '{image_path}' is {x.shape[-1]}x{x.shape[-2]}; this network's head needs at least "
-                        f"{min_w}x{min_h} (the size it was converted at)")
-    try:
-        scores, field = receptive_field(clf.net, x)
-    except RuntimeError as e:
-        raise DataError(f"image '{image_path}' ({x.shape[-1]}x{x.shape[-2]}) is too small for this network: "
-                        f"{str(e).splitlines()[0]}") from e
-    scores = scores[0].float()  # (K, h, w)
-    if scores.shape[0] != len(clf.classes):
-        raise ModelError(f"the network gives {scores.shape[0]} scores for {len(clf.classes)} classes")
-    probs = clf.probabilities(scores)
-    cell = scores.argmax(0)  # (h, w)
-    overall = scores.mean((1, 2))  # the original logits where mean_is_logits holds
-    order = overall.argsort(descending=True)[:top].tolist()
+    steps = plan(clf, (image.height, image.width), scale=scale, short_side=short_side, source=image_path)
+    maps = dense_maps(clf, image, steps, image_path)
+    order = maps.image_probabilities.argsort(descending=True).tolist()
+
+    def entry(k: int) -> dict:
+        row = {"label": clf.classes[k], "probability": float(maps.image_probabilities[k])}
+        if maps.mean_scores is not None:  # one scale: the map's mean raw score (the original logits or margins)
+            row["mean_score"] = float(maps.mean_scores[k])
+        return row
+
     result = {
-        "source": str(image_path), "image_size": [image.height, image.width], "map_size": list(cell.shape),
-        "top": [{"label": clf.classes[k], "score": float(overall[k])} for k in order],
-        "field": field.to_dict(), "mean_is_logits": clf.net.mean_is_logits,
+        "source": str(image_path), "image_size": [image.height, image.width], "map_size": list(maps.field.shape),
+        "probability": clf.probability_kind, "top": [entry(k) for k in order[:top]],
+        "field": maps.field.to_dict(), "mean_is_logits": clf.net.mean_is_logits,
+        "train_size": list(clf.net.input_size),
+        "scales": [{"input_size": list(s.size), "map_size": list(m), **({s.param: s.value} if s.param else {})}
+                   for s, m in zip(maps.steps, maps.map_sizes)],
     }
     if clf.multilabel:
-        image_scores = clf.probabilities(overall) if probs is not None else overall
-        found = [k for k in image_scores.argsort(descending=True).tolist() if image_scores[k] >= clf.thresholds[k]]
-        result["labels"] = [{"label": clf.classes[k], "score": float(image_scores[k])} for k in found]
+        found = clf.found(maps.image_probabilities)
+        result["labels"] = [entry(k) for k in found]
         order = found + [k for k in order if k not in found]
     if out is not None:
-        result["files"] = _write_maps(clf, image, image_path, out, scores, probs, cell, field, order[0])
+        from transferkit.surgery.dense_files import write_maps
+
+        n = 1 if len(clf.classes) == 2 and not clf.multilabel else DEFAULT_HEATMAPS  # binary: p and 1 - p
+        result["files"] = write_maps(clf, image, image_path, out, maps, chosen or order[:n])
     return result
-
-
-def _write_maps(clf: DenseClassifier, image, image_path: str | Path, out: str | Path, scores: torch.Tensor,
-                probs: torch.Tensor | None, cell: torch.Tensor, field, winner: int) -> list[str]:
-    """STEM.npz (every map) and STEM-heatmap.png (the map of class `winner` over the image) into `out`."""
-    out = claim(out, DENSE_KIND, inputs=[image_path])  # never into the images' folder
-    stem = Path(image_path).stem
-    arrays = {"scores": scores.numpy(), "top_class": cell.numpy(), "centres": field.centres().numpy(),
-              "boxes": field.boxes().numpy(), "boxes_clipped": field.boxes(clip=True).numpy(),
-              "classes": np.array(clf.classes)}
-    if probs is not None:
-        arrays["probabilities"] = probs.numpy()
-    if clf.multilabel:
-        arrays["thresholds"] = np.asarray(clf.thresholds)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    write_bytes_atomic(out / f"{stem}.npz", buffer.getvalue())
-    from transferkit.plots import plot_heatmap
-
-    heat = (probs if probs is not None else scores)[winner].numpy()
-    plot_heatmap(np.asarray(image), heat, field, out / f"{stem}-heatmap.png",
-                 title=f"{clf.classes[winner]} ({'probability' if probs is not None else 'SVM score'} per cell)")
-    return [str(out / f"{stem}.npz"), str(out / f"{stem}-heatmap.png")]

@@ -70,6 +70,14 @@ class Field:
                                box[..., 2].clamp(0, h - 1), box[..., 3].clamp(0, w - 1)], -1)
         return box
 
+    def rescaled(self, input_shape: tuple[int, int]) -> Field:
+        """This field in the pixels of an image of `input_shape` (h, w) that was resized to this field's input:
+        pixel centres map as (c + 0.5) / f - 0.5 (Pillow's resize), sizes and jumps as 1 / f."""
+        fy, fx = self.input_shape[0] / input_shape[0], self.input_shape[1] / input_shape[1]
+        y = Axis(self.y.jump / fy, self.y.size / fy, (self.y.start + 0.5) / fy - 0.5)
+        x = Axis(self.x.jump / fx, self.x.size / fx, (self.x.start + 0.5) / fx - 0.5)
+        return Field(y, x, self.shape, tuple(input_shape), self.global_context)
+
     def to_dict(self) -> dict:
         return {"jump": [self.y.jump, self.x.jump], "size": [self.y.size, self.x.size],
                 "start": [self.y.start, self.x.start], "shape": list(self.shape),
@@ -85,20 +93,21 @@ def _arg(args, kwargs, i: int, name: str, default):
 
 
 class _Tracker(TorchFunctionMode):
-    """Propagates an (Axis, Axis) geometry through every op; tensors are held so that ids stay unique."""
+    """Propagates an (Axis, Axis) geometry through every op. Keyed weakly by tensor: an activation is freed
+    when the network drops it, so tracking costs no more memory than the forward pass itself."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.geo: dict[int, tuple[Axis, Axis]] = {}
-        self.keep: list[torch.Tensor] = []
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.geo = WeakIdKeyDictionary()  # tensor -> (Axis, Axis)
         self.global_context = False
 
     def set(self, t: torch.Tensor, g: tuple[Axis, Axis]) -> None:
-        self.geo[id(t)] = g
-        self.keep.append(t)
+        self.geo[t] = g
 
     def get(self, t) -> tuple[Axis, Axis] | None:
-        return self.geo.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return self.geo.get(t) if isinstance(t, torch.Tensor) else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
