@@ -123,7 +123,7 @@ def test_bad_class_scale_and_short_side_are_one_line_errors_naming_the_flag(chin
     assert result.exit_code == 2 and "need --dense" in result.output
 
 
-def test_probe_maps_are_softmax_probabilities_of_its_margins_and_scales_help(tmp_path, photo_folder, sample_images,
+def test_probe_maps_are_calibrated_probabilities_of_its_margins_and_scales_help(tmp_path, photo_folder, sample_images,
                                                                                cli_run):
     """A probe trained on 64 px crops (200 px of the photos, shrunk 3x): the dense map prints probabilities that
     say what they are, and a hint names --short-side when the photo is far larger than the training items."""
@@ -135,10 +135,14 @@ def test_probe_maps_are_softmax_probabilities_of_its_margins_and_scales_help(tmp
     sample_images["flower.jpg"].save(flower)
     result = cli_run("predict", tmp_path / "probe", flower, "--dense", "-o", tmp_path / "d")
     lines = result.output.splitlines()
-    assert "# probabilities: softmax of the SVM margins, temperature 1 (uncalibrated)" in lines
+    from transferkit.probe.linear import LinearProbe
+
+    t = LinearProbe.load(tmp_path / "probe" / "probe").temperature_  # the probe's own calibration reaches the map
+    assert t is not None and f"# probabilities: softmax of the SVM margins / temperature {t:.3g} (calibrated)" in lines
     assert "hint: " in result.output and "--short-side 64 --short-side 128 --short-side 256" in result.output
     with np.load(tmp_path / "d" / "flower.npz") as z:
-        np.testing.assert_allclose(z["probabilities"], torch.from_numpy(z["scores"]).softmax(0).numpy(), rtol=1e-6)
+        np.testing.assert_allclose(z["probabilities"], (torch.from_numpy(z["scores"]) / t).softmax(0).numpy(),
+                                   rtol=1e-5)
     result = cli_run("predict", tmp_path / "probe", flower, "--dense", "--json", "--short-side", "64",
                      "--short-side", "128")
     row = json.loads(result.output.strip().splitlines()[-1])
