@@ -17,7 +17,7 @@ from transferkit.codes.pooling import compute_codes, parse_pools, pool_map, sele
 from transferkit.codes.store import FeatureStore
 from transferkit.data.datasets import open_dataset
 from transferkit.errors import DataError, ModelError
-from transferkit.models.backbones import resolve_layers
+from transferkit.models.layers import resolve_layers
 from transferkit.probe.linear import LinearProbe
 from transferkit.runtime.outputs import OutputError
 
