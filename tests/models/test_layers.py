@@ -59,8 +59,9 @@ def test_a_bad_layer_names_the_parameter_and_the_choices(lite0):
     assert err.value.param == "layer" and "(head)" not in str(err.value)
     with pytest.raises(ParameterError, match="'head' has no feature map \\(its pooled features are 'pre_logits'\\)"):
         resolve_layers(lite0, 8)
-    with pytest.raises(ParameterError, match="Got '9' instead"):
-        resolve_layers(lite0, 9)
+    for bad in (9, "-1"):  # counted as --freeze-until counts: no index past the head, none from the end
+        with pytest.raises(ParameterError, match=f"Got '{bad}' instead"):
+            resolve_layers(lite0, bad)
     assert [la.name for la in resolve_layers(lite0, "pre_logits,blocks.3,0")] == ["stem", "blocks.3", "pre_logits"]
 
 

@@ -11,7 +11,7 @@ of its own: its pooled features are the named layer 'pre_logits'.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -42,8 +42,11 @@ class Layer:
         return self.channels is not None
 
 
-def model_layers(model: nn.Module) -> list[Layer]:
-    """Every stage in network order (stem first, head last), then pre_logits."""
+def model_layers(model: nn.Module, measure: bool = True) -> list[Layer]:
+    """Every stage in network order (stem first, head last), then pre_logits.
+
+    `measure=False` skips the dry run that sizes the maps of stages outside feature_info (their channels and
+    reduction stay None until `_measured`): resolving a feature_info layer needs no forward pass."""
     stages, stage_of = stage_map(model)
     module_stage = _module_stages(model, stage_of)
     features: dict[int, tuple[int, dict]] = {}  # stage -> (feature_info index, entry); the last entry wins
@@ -53,7 +56,7 @@ def model_layers(model: nn.Module) -> list[Layer]:
             features[s] = (i, d)
     hooked = {s.index: _output_module(model, s.name, s.index, module_stage) for s in stages[:-1]
               if s.index not in features}
-    shapes = _map_shapes(model, [m for m in hooked.values() if m is not None])
+    shapes = _map_shapes(model, [m for m in hooked.values() if m is not None]) if measure else {}
     layers = []
     for s in stages:
         if s.index in features:
@@ -154,30 +157,40 @@ def _keep(into: dict[str, torch.Tensor], name: str):
 def resolve_layers(model: nn.Module, spec: str | int) -> list[Layer]:
     """Parse `layer`: a stage index or name (as `transferkit layers` lists them), 'pre_logits', 'all' (timm's
     feature stages and pre_logits: what the sweep tries), or a comma list of these."""
-    layers = model_layers(model)
+    layers = model_layers(model, measure=False)
     text = str(spec).strip()
     if "," in text:
         chosen = {la.name: la for part in text.split(",") for la in resolve_layers(model, part)}
         order = {la.name: i for i, la in enumerate(layers)}
-        return sorted(chosen.values(), key=lambda la: (order.get(la.name, la.stage), la.stage is None))
+        last = len(layers)  # a legacy name of a map timm files under the head (DenseNet's final norm): at the end
+        return sorted(chosen.values(), key=lambda la: (order.get(la.name, last if la.stage is None else la.stage),
+                                                       la.stage is None))
     if text == ALL:
         return [la for la in layers if la.feature is not None or la.name == PRE_LOGITS]
     if text.replace("_", "-") == "pre-logits":
         return [layers[-1]]
     stages = layers[:-1]
     found = next((la for la in stages if text == la.name), None)
-    if found is None and text.lstrip("-").isdigit() and -len(stages) <= int(text) < len(stages):
+    if found is None and text.isascii() and text.isdigit() and int(text) < len(stages):  # as --freeze-until counts
         found = stages[int(text)]
     if found is None:
         found = _legacy_name(model, layers, text)
+    if found is not None and found.module is not None:
+        found = _measured(model, found)
     if found is not None and found.has_map:
         return [found]
-    choices = ", ".join(f"{la.stage} ({la.name})" for la in stages if la.has_map)
+    choices = ", ".join(f"{la.stage} ({la.name})" for la in model_layers(model)[:-1] if la.has_map)
     why = (f"'{found.name}' has no feature map (its pooled features are 'pre_logits'); " if found is not None and
            found.name == stages[-1].name else f"'{found.name}' has no feature map; " if found is not None else "")
     arch = model.pretrained_cfg.get("architecture", type(model).__name__)
     raise ParameterError(f"The 'layer' parameter must be a stage index or name of {arch}: {choices}; or "
                          f"'pre_logits', 'all', or a comma list. {why}Got '{spec}' instead.", param="layer")
+
+
+def _measured(model: nn.Module, layer: Layer) -> Layer:
+    """`layer` (a hooked stage) with the channels and reduction of its map, if its output is one."""
+    channels, reduction = _map_shapes(model, [layer.module]).get(layer.module, (None, None))
+    return replace(layer, channels=channels, reduction=reduction)
 
 
 def _legacy_name(model: nn.Module, layers: list[Layer], name: str) -> Layer | None:
