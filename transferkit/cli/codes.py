@@ -23,8 +23,9 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
                "(AVX512-BF16/AMX); fp16 autocast on CUDA. fp32 turns reduced precision off.")
 @click.option("--layer", default="pre_logits", show_default=True,
               help="A stage index or name as `transferkit layers` lists them (the same as finetune "
-                   "--freeze-until; 'head' has no feature map), pre_logits, a comma list, 'all' (the stages marked * "
-                   "and pre_logits), or 'auto' (those x every pooling, then a sweep picks the best).")
+                   "--freeze-until; not 'head': its pooled output is pre_logits), pre_logits, a comma list, 'all' "
+                   "(the stages marked * and pre_logits), or 'auto' (those x every pooling, then a sweep picks the "
+                   "best).")
 @click.option("--pool", default="avg", show_default=True,
               help="avg, max, avgmax (their mean), catavgmax (both, concatenated), a grid like 2x2 that keeps "
                    "location, a comma list, or 'all'.")
