@@ -39,6 +39,23 @@ def test_help_says_codes(cli_run):
 def test_layers(cli_run):
     out = cli_run("layers").output
     assert "blocks.4" in out and "pre_logits" in out and "1280" in out
+    assert out == cli_run("finetune", "--list-stages").output  # one table, one vocabulary
+    resnet = cli_run("layers", "test_resnet").output
+    assert resnet == cli_run("finetune", "--list-stages", "--model", "test_resnet").output and "layer3" in resnet
+
+
+def test_extract_reads_every_stage_the_table_lists(photo_folder, tmp_path, cli_run):
+    """`--layer` takes the names and indices `--list-stages` prints, also stages outside timm's feature_info."""
+    args = ["extract", photo_folder, "--weights", "package", "--image-size", "32", "--precision", "fp32",
+            "--engine", "torch", "--no-cache"]
+    cli_run(*args, "--layer", "stem,blocks.3,6", "-o", tmp_path / "codes")
+    meta = json.loads((tmp_path / "codes" / "meta.json").read_text())
+    assert list(meta["keys"]) == ["stem|avg", "blocks.3|avg", "blocks.5|avg"]
+    assert [meta["keys"][k]["dim"] for k in meta["keys"]] == [32, 80, 192]
+    _bad(cli_run(*args, "--layer", "head", "-o", tmp_path / "head", ok=False),
+         "Error: Invalid value for '--layer': must be a stage index or name of tf_efficientnet_lite0: 0 (stem), ",
+         "'head' has no feature map (its pooled features are 'pre_logits'); Got 'head' instead.")
+    assert not (tmp_path / "head").exists()
 
 
 def test_extract_sweep_probe_predict(photo_folder, tmp_path, sample_images, cli_run):
@@ -91,7 +108,8 @@ def _bad(result, *needles: str) -> None:
 def test_errors_name_the_culprit(photo_folder, tmp_path, cli_run):
     out = tmp_path / "codes"
     _bad(cli_run("extract", photo_folder, "-o", out, "--model", "resnet_18", ok=False), "unknown model 'resnet_18'")
-    _bad(cli_run("extract", photo_folder, "-o", out, "--layer", "blocks.99", ok=False), "unknown layer 'blocks.99'")
+    _bad(cli_run("extract", photo_folder, "-o", out, "--layer", "blocks.99", ok=False),
+         "Invalid value for '--layer'", "Got 'blocks.99' instead")
     _bad(cli_run("extract", photo_folder, "-o", out, "--pool", "mean", ok=False), "'mean'")
     wrong = tmp_path / "wrong.pth"
     torch.save({"w": torch.zeros(3)}, wrong)

@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {  # public name -> the module (under transferkit) that defines it
     "create_backbone": "models.backbones",
-    "layer_table": "models.backbones",
-    "model_layers": "models.backbones",
+    "layer_table": "models.layers",
+    "model_layers": "models.layers",
     "ImageDataset": "data.datasets",
     "load_image": "data.datasets",
     "open_dataset": "data.datasets",

@@ -80,8 +80,9 @@ def extract_features(
     decode_threads: int | None = None,
     progress: bool = True,
 ) -> FeatureStore:
-    """Extract codes to `out`. layer='auto' extracts every stage x pooling and runs the sweep
-    (on a sample of `sweep_samples` images for larger sets, then only the winner for all images).
+    """Extract codes to `out`. layer='auto' extracts layer 'all' (timm's feature stages and pre_logits) x every
+    pooling and runs the sweep (on a sample of `sweep_samples` images for larger sets, then only the winner for
+    all images).
 
     `like` copies the CodeSpec of another feature directory's chosen codes (`like_options`), so a test set
     is encoded exactly as its training set was. With `cache`, codes already
@@ -148,7 +149,7 @@ def _extract_best(
     dataset: ImageDataset, out: Path, extractor: FeatureExtractor, n: int, skip_bad: bool, progress: bool,
     cache: bool = True,
 ) -> FeatureStore:
-    """Sweep every stage x pooling on a stratified sample of `n` images, then extract only the winner for all.
+    """Sweep layer 'all' x every pooling on a stratified sample of `n` images, then extract only the winner for all.
 
     Keeps disk and memory in proportion to the chosen codes, not to every candidate's.
     """

@@ -18,7 +18,7 @@ from transferkit.codes.pooling import compute_codes, pool_map, select_pairs
 from transferkit.codes.store import FeatureStore
 from transferkit.data.datasets import open_dataset
 from transferkit.errors import DataError, ModelError
-from transferkit.models.backbones import resolve_layers
+from transferkit.models.layers import resolve_layers
 from transferkit.probe.linear import LinearProbe
 from transferkit.runtime.outputs import OutputError
 

@@ -26,7 +26,6 @@ from transferkit.finetune.loop import (
     replace_head,
     resolve_stage,
     set_train_mode,
-    stage_table,
     warmup_cosine,
 )
 from transferkit.finetune.rundir import load_finetuned
@@ -55,8 +54,6 @@ def test_stages_of_lite0(lite0):
     assert sum(s.n_params for s in stages) == sum(p.numel() for p in lite0.parameters())
     after_blocks = ("classifier", "conv_head", "bn2")  # the head: the classifier and what follows the last block
     assert stages[-1].n_params == sum(p.numel() for n, p in lite0.named_parameters() if n.startswith(after_blocks))
-    table = stage_table(lite0).splitlines()
-    assert len(table) == 10 and table[1].split()[:2] == ["0", "stem"] and table[-1].split()[:2] == ["8", "head"]
 
 
 @pytest.mark.parametrize(
@@ -82,6 +79,8 @@ def test_resolve_stage(lite0):
     assert "stem" in str(err.value) and "blocks.6" in str(err.value) and err.value.param == "freeze_until"
     with pytest.raises(ModelError):
         resolve_stage(lite0, 9)
+    with pytest.raises(ParameterError, match="'pre_logits' is the head's pooled features, not a stage: 'head' trains"):
+        resolve_stage(lite0, "pre_logits")
 
 
 def test_freeze_until_sets_requires_grad_and_bn_modes():

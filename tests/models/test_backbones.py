@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from transferkit.errors import ModelError, ParameterError, WeightsError
-from transferkit.models.backbones import create_backbone, layer_table, model_layers, resolve_layers
+from transferkit.models.backbones import create_backbone
 from transferkit.models.weights import PACKAGED_WEIGHTS, packaged_weights_file, resolve_weights
 
 BUILDINGS = {698: "palace", 442: "bell cote", 663: "monastery", 538: "dome", 497: "church"}
@@ -103,18 +103,3 @@ def test_packaged_table_has_siblings():
     assert {"tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"} <= set(PACKAGED_WEIGHTS)
     assert packaged_weights_file("tf_efficientnet_lite0").suffix == ".pth"
     assert packaged_weights_file("resnet18") is None
-
-
-def test_layers_follow_feature_info(lite0):
-    layers = model_layers(lite0)
-    assert [la.name for la in layers] == ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6", "pre_logits"]
-    assert [la.channels for la in layers] == [16, 24, 40, 112, 320, 1280]
-    assert resolve_layers(lite0, "3")[0].name == "blocks.4"
-    assert resolve_layers(lite0, -1)[0].name == "blocks.6"
-    assert resolve_layers(lite0, "pre-logits")[0].name == "pre_logits"
-    assert len(resolve_layers(lite0, "all")) == 6
-    assert "blocks.4" in layer_table(lite0)
-    with pytest.raises(ModelError, match=r"unknown layer 'blocks.9'.*3 \(blocks.4\)"):
-        resolve_layers(lite0, "blocks.9")
-    with pytest.raises(ModelError, match="unknown layer '7'"):
-        resolve_layers(lite0, 7)

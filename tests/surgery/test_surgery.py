@@ -145,12 +145,13 @@ def test_receptive_field_arithmetic_same_and_valid():
 
 
 def test_probe_parity(tmp_path, photo_folder):
-    """A probe on an earlier stage with a 2x2 grid, and one on pre-logits: mean map == SVM decision."""
+    """A probe on an earlier stage with a 2x2 grid, one on pre-logits, one on a stage outside timm's feature_info
+    (blocks.3, read by a hook): mean map == SVM decision."""
     from transferkit.codes.extractor import FeatureExtractor
     from transferkit.jobs import extract_features, train_probe
     from transferkit.probe.linear import LinearProbe
 
-    for layer, pool in (("blocks.4", "2x2"), ("pre_logits", "avg"), ("blocks.6", "max")):
+    for layer, pool in (("blocks.4", "2x2"), ("pre_logits", "avg"), ("blocks.6", "max"), ("blocks.3", "avg")):
         codes, probe_dir = tmp_path / f"codes-{layer}-{pool}", tmp_path / f"probe-{layer}-{pool}"
         extract_features(photo_folder, codes, weights="package", layer=layer, pool=pool, image_size=64,
                          precision="fp32", progress=False)  # parity is an fp32 claim
@@ -173,6 +174,28 @@ def test_probe_parity(tmp_path, photo_folder):
 
     table = summarize_model(str(probe_dir)).table()  # `summary` takes a probe: its backbone at its codes' size
     assert "probe" in table and "blocks.6|max" in table and "input: 1x3x64x64" in table
+
+
+def test_a_converted_probe_of_format_2_loads_on_the_same_layer(tmp_path, photo_folder):
+    """Formats 1-2 stored a probe's layer as its index into timm's feature_info ('stage_index': 3 is blocks.4 of
+    Lite0, which is stage 5); format 3 stores the name. The old file rebuilds the same network."""
+    from transferkit.jobs import extract_features, train_probe
+
+    extract_features(photo_folder, tmp_path / "codes", weights="package", layer="blocks.4", pool="2x2", image_size=64,
+                     precision="fp32", progress=False)
+    train_probe(tmp_path / "codes", tmp_path / "probe", cv=2)
+    clf = load_classifier(tmp_path / "probe")
+    save_converted(clf, tmp_path / "conv")
+    file = tmp_path / "conv" / "convert.json"
+    meta = json.loads(file.read_text())
+    assert meta["format"] == "transferkit.convert/3" and meta["spec"]["layer"] == "blocks.4"
+    spec = {k: v for k, v in meta["spec"].items() if k != "layer"}
+    file.write_text(json.dumps({**meta, "format": "transferkit.convert/2", "spec": {**spec, "stage_index": 3}}))
+    old = load_converted(tmp_path / "conv")
+    assert old.net.trunk.layer.name == "blocks.4"
+    x = torch.randn(1, 3, 80, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(old.net(x), clf.net(x))
 
 
 def test_save_and_reload_without_source(tmp_path, lite0):

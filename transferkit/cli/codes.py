@@ -22,8 +22,10 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
                "enough to repay it, else fp32 there likewise, else bf16 in torch on CPUs with native bf16 "
                "(AVX512-BF16/AMX); fp16 autocast on CUDA. fp32 turns reduced precision off.")
 @click.option("--layer", default="pre_logits", show_default=True,
-              help="pre_logits, a stage index or timm module name (see `transferkit layers`), 'all', "
-                   "or 'auto' (every stage x pooling, then a sweep picks the best).")
+              help="A stage index or name as `transferkit layers` lists them (the same as finetune "
+                   "--freeze-until; not 'head': its pooled output is pre_logits), pre_logits, a comma list, 'all' "
+                   "(the stages marked * and pre_logits), or 'auto' (those x every pooling, then a sweep picks the "
+                   "best).")
 @click.option("--pool", default="avg", show_default=True,
               help="avg, max, avgmax (their mean), catavgmax (both, concatenated), a grid like 2x2 that keeps "
                    "location, a comma list, or 'all'.")
@@ -132,10 +134,12 @@ def sweep(features: Path, cv: int, max_samples: int, metric: str) -> None:
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
 def layers(model: str) -> None:
-    """List the layers of MODEL that --layer accepts."""
+    """List the stages of MODEL: the names and indices --layer and finetune --freeze-until accept (the same
+    table as finetune --list-stages)."""
     import timm
 
-    from transferkit.models.backbones import check_model_name, layer_table
+    from transferkit.models.backbones import check_model_name
+    from transferkit.models.layers import layer_table
 
     check_model_name(model)
     click.echo(layer_table(timm.create_model(model, pretrained=False)))

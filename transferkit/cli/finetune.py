@@ -17,8 +17,10 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Run directory for checkpoints and metrics.")
 @model_options
 @click.option("--freeze-until", default="none", show_default=True,
-              help="Train only stages from this one up: a stage name or index, 'head' (head only), 'none' (all).")
-@click.option("--list-stages", "list_stages", is_flag=True, help="Print the stages of --model and exit.")
+              help="Train only stages from this one up: a stage name or index as --list-stages prints them (the "
+                   "same as extract --layer), 'head' (head only), 'none' (all).")
+@click.option("--list-stages", "list_stages", is_flag=True,
+              help="Print the stages of --model (the table `transferkit layers` prints) and exit.")
 @click.option("--epochs", type=click_type(FINETUNE["epochs"]), default=5, show_default=True)
 @click.option("--lr", type=click_type(FINETUNE["lr"]), default=3e-3, show_default=True,
               help="Learning rate of the head; lower layers get less (--layer-decay or --lr-range).")
@@ -68,12 +70,12 @@ def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stage
     """
     import timm
 
-    from transferkit.finetune.loop import stage_table
     from transferkit.models.backbones import check_model_name
+    from transferkit.models.layers import layer_table
 
     if list_stages:
         check_model_name(options["model"])
-        click.echo(stage_table(timm.create_model(options["model"], pretrained=False)))
+        click.echo(layer_table(timm.create_model(options["model"], pretrained=False)))
         return
     if resume is not None:
         if out is not None and out.resolve() != resume.resolve():

@@ -14,7 +14,8 @@ from torch import nn
 from transferkit.codes.params import grid_size
 from transferkit.codes.spec import key_name
 from transferkit.errors import ModelError
-from transferkit.models.backbones import PRE_LOGITS, Layer
+from transferkit.models.backbones import PRE_LOGITS
+from transferkit.models.layers import Layer, forward_layers
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +44,12 @@ def pooled_dim(layer: Layer, pool: str) -> int:
 def compute_codes(model: nn.Module, x: torch.Tensor, pairs: Sequence[tuple[Layer, str]]) -> dict[str, torch.Tensor]:
     """One forward pass -> {'layer|pool': (B, D)} for every requested (layer, pool) pair.
 
-    Stages come from timm's `forward_intermediates`; pre_logits with 'avg' is timm's own
-    `forward_head(pre_logits=True)`, other pools pool the final feature map.
+    Stage maps come from transferkit.models.layers.forward_layers (timm's `forward_intermediates` for its
+    feature_info stages); pre_logits with 'avg' is timm's own `forward_head(pre_logits=True)`, other pools pool
+    the final feature map.
     """
-    stages = {la.index: la.name for la, _ in pairs if la.index is not None}
     want_final = any(la.name == PRE_LOGITS for la, _ in pairs)
-    maps: dict[str, torch.Tensor] = {}
-    if stages:
-        idx = sorted(stages)
-        out = model.forward_intermediates(x, indices=idx, intermediates_only=not want_final, stop_early=not want_final)
-        final, inter = out if want_final else (None, out)
-        maps = {stages[i]: fmap for i, fmap in zip(idx, inter)}
-    else:
-        final = model.forward_features(x)
+    final, maps = forward_layers(model, x, list(dict.fromkeys(la for la, _ in pairs)), want_final)
     codes: dict[str, torch.Tensor] = {}
     for layer, pool in pairs:
         if layer.name == PRE_LOGITS and pool == "avg":

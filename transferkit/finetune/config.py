@@ -22,7 +22,7 @@ class FinetuneConfig:
 
     model: str = "tf_efficientnet_lite0"
     weights: str = "auto"
-    freeze_until: str = "none"  # 'none', 'head', a stage index or name (see stage_table)
+    freeze_until: str = "none"  # 'none', 'head', a stage index or name (see models.layers.layer_table)
     epochs: int = 5
     batch_size: int = 64  # per process under torchrun
     image_size: int | None = None  # None: the model's pretrained input size

@@ -53,7 +53,6 @@ from transferkit.models.stages import (  # noqa: F401  (re-exported: the fine-tu
     replace_head,
     resolve_stage,
     set_train_mode,
-    stage_table,
     warmup_cosine,
 )
 from transferkit.models.weights import load_state_dict_file

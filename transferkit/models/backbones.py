@@ -1,4 +1,4 @@
-"""Pretrained backbones: timm models with offline weight resolution, and their named layers."""
+"""Pretrained backbones: timm models with offline weight resolution (their layers: transferkit.models.layers)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from transferkit.errors import ModelError, WeightsError
-from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
+from transferkit.models.params import DEFAULT_MODEL
 from transferkit.models.weights import match_state_dict, resolve_weights, state_dict_sha256
 
 log = logging.getLogger(__name__)
@@ -29,16 +29,6 @@ class WeightsInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A place in the network whose activations can serve as CNN codes."""
-
-    name: str  # timm module name ("blocks.4") or "pre_logits"
-    index: int | None  # index into model.feature_info; None for pre_logits
-    channels: int
-    reduction: int  # input pixels per feature-map cell along one side
 
 
 def check_model_name(name: str) -> None:
@@ -90,47 +80,3 @@ def _from_hub(name: str, tried: list[str], **kwargs) -> nn.Module:
             f"no pretrained weights found for '{name}': " + "; ".join(tried)
             + ". Set the 'weights' parameter to a file, or to 'random' to start from random weights."
         ) from e
-
-
-def model_layers(model: nn.Module) -> list[Layer]:
-    """The stages timm reports in `feature_info`, then the pooled pre-logits features."""
-    info = model.feature_info
-    dicts = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
-    layers = [Layer(d["module"], i, d["num_chs"], d["reduction"]) for i, d in enumerate(dicts)]
-    last = layers[-1].reduction if layers else 32
-    return [*layers, Layer(PRE_LOGITS, None, model.num_features, last)]
-
-
-def resolve_layers(model: nn.Module, spec: str | int) -> list[Layer]:
-    """Parse a --layer value: a stage index, a timm module name, 'pre_logits', 'all', or a comma list."""
-    layers = model_layers(model)
-    text = str(spec).strip()
-    if "," in text:
-        chosen = {la.name: la for part in text.split(",") for la in resolve_layers(model, part)}
-        return [la for la in layers if la.name in chosen]  # network order, no repeats
-    if text == "all":
-        return layers
-    if text.replace("_", "-") == "pre-logits":
-        return [layers[-1]]
-    stages = layers[:-1]
-    if text.lstrip("-").isdigit():
-        i = int(text)
-        if -len(stages) <= i < len(stages):
-            return [stages[i]]
-    for layer in stages:
-        if text == layer.name:
-            return [layer]
-    choices = ", ".join(f"{i} ({s.name})" for i, s in enumerate(stages))
-    raise ModelError(
-        f"unknown layer '{spec}' for {model.pretrained_cfg.get('architecture', 'this model')}; "
-        f"choose a stage index or name: {choices}; or pre_logits, all"
-    )
-
-
-def layer_table(model: nn.Module) -> str:
-    """Human-readable list of the layers --layer accepts."""
-    rows = [f"{'index':>5}  {'layer':<12} {'channels':>8} {'stride':>6}"]
-    for layer in model_layers(model):
-        idx = "" if layer.index is None else str(layer.index)
-        rows.append(f"{idx:>5}  {layer.name:<12} {layer.channels:>8} {layer.reduction:>6}")
-    return "\n".join(rows)

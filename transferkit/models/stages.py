@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from transferkit.errors import ModelError, ParameterError
+from transferkit.models.backbones import PRE_LOGITS
 from transferkit.models.params import HEAD, HEADS  # noqa: F401  (HEADS: re-exported)
 from transferkit.runtime.params import validate
 
@@ -59,8 +60,9 @@ def _param_labels(model: nn.Module, coarse: bool) -> tuple[dict[str, int], dict[
     return ids, labels
 
 
-def _stage_map(model: nn.Module) -> tuple[list[Stage], dict[str, int]]:
-    """Stages in network order (head last) and the stage index of every parameter name."""
+def stage_map(model: nn.Module) -> tuple[list[Stage], dict[str, int]]:
+    """Stages in network order (head last) and the stage index of every parameter name (what
+    transferkit.models.layers builds the one vocabulary of layers on)."""
     ids, labels = _param_labels(model, coarse=True)
     trunk = sorted({gid for name, gid in ids.items() if labels[name] != "head"})
     names = {gid: next(labels[n] for n in ids if ids[n] == gid and labels[n] != "head") for gid in trunk}
@@ -74,13 +76,7 @@ def _stage_map(model: nn.Module) -> tuple[list[Stage], dict[str, int]]:
 
 def list_stages(model: nn.Module) -> list[Stage]:
     """The model's coarse stages, stem first and head last, with parameter counts."""
-    return _stage_map(model)[0]
-
-
-def stage_table(model: nn.Module) -> str:
-    """Aligned text of the stages --freeze-until accepts (what --list-stages prints)."""
-    rows = [f"{'index':>5}  {'stage':<14} {'params':>12}"]
-    return "\n".join(rows + [f"{s.index:>5}  {s.name:<14} {s.n_params:>12,}" for s in list_stages(model)])
+    return stage_map(model)[0]
 
 
 def resolve_stage(model: nn.Module, spec: str | int) -> int:
@@ -90,13 +86,15 @@ def resolve_stage(model: nn.Module, spec: str | int) -> int:
     if str(spec).strip() in known:
         return known[str(spec).strip()]
     valid = ", ".join(f"{s.index} ({s.name})" for s in stages)
+    why = ("'pre_logits' is the head's pooled features, not a stage: 'head' trains the head only. "
+           if str(spec).strip().replace("-", "_") == PRE_LOGITS else "")
     raise ParameterError(f"The 'freeze_until' parameter must be 'none', 'head', a stage index or a stage name: "
-                         f"{valid}. Got '{spec}' instead.", param="freeze_until")
+                         f"{valid}. {why}Got '{spec}' instead.", param="freeze_until")
 
 
 def freeze_until(model: nn.Module, stage: int) -> nn.Module:
     """Train only stages >= `stage` (in place), and record which modules are now wholly frozen."""
-    _, stage_of = _stage_map(model)
+    _, stage_of = stage_map(model)
     for name, param in model.named_parameters():
         param.requires_grad = stage_of[name] >= stage
     model.frozen_modules = _fully_frozen(model)
@@ -174,7 +172,7 @@ def _local_head(model: nn.Module, num_classes: int, image_size: int | tuple[int,
                              f"classifier module (EfficientNet, ResNet, ...); {arch} has none. Use 'linear' or 'mlp'.",
                              param="head")
     size = _pair_size(model, image_size)
-    with _eval_no_grad(model):
+    with eval_no_grad(model):
         device = next(model.parameters()).device
         features = model.forward_features(torch.zeros(1, 3, *size, device=device))  # (1, C, h, w)
     channels, map_size = features.shape[1], tuple(features.shape[-2:])
@@ -200,7 +198,7 @@ def _reaches_unpooled(model: nn.Module, local: nn.Module, features: torch.Tensor
     seen = []
     hook = local.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape)))
     try:
-        with _eval_no_grad(model):
+        with eval_no_grad(model):
             model.forward_head(features)
     except (RuntimeError, ModelError):
         pass  # e.g. a flattened map refused by LocallyConnected2d: `seen` tells
@@ -224,7 +222,7 @@ def _pair_size(model: nn.Module, image_size: int | tuple[int, int] | None) -> tu
 
 
 @contextlib.contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+def eval_no_grad(model: nn.Module) -> Iterator[None]:  # also transferkit.models.layers' dry run
     """Within the block: eval mode and no autograd; every module's previous mode comes back after."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -258,7 +256,7 @@ def param_groups(model: nn.Module, lr: float, *, layer_decay: float | None = Non
         raise ModelError("pass layer_decay or lr_range, not both")
     if layer_decay is not None:
         return _layer_decay_groups(model, lr, layer_decay, weight_decay)
-    stages, stage_of = _stage_map(model)
+    stages, stage_of = stage_map(model)
     trainable = sorted({stage_of[n] for n, p in model.named_parameters() if p.requires_grad})
     stage_lr = dict.fromkeys(trainable, lr)
     if lr_range is not None:

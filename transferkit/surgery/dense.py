@@ -17,16 +17,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
 from transferkit.codes.params import RENAMED
 from transferkit.errors import DataError, ModelError, ParameterError
+from transferkit.models.backbones import PRE_LOGITS
+from transferkit.models.layers import Layer, feature_module, resolve_layers
 from transferkit.runtime.atomic import write_json_atomic
 from transferkit.runtime.outputs import building
 from transferkit.runtime.params import validate
 from transferkit.surgery.fc_to_conv import FullyConvNet, fc_to_conv, probe_head, probe_to_conv, timm_head_ops
 from transferkit.surgery.params import DEFAULT_HEATMAPS, DENSE
 
-FORMAT = "transferkit.convert/2"  # 2: pools named as in timm (format 1's 'avgmax' is 'catavgmax')
+# 3: a probe's layer by name ('layer'); formats 1-2 stored its index into timm's feature_info ('stage_index'),
+# read by `_probe_layer`. 2: pools named as in timm (format 1's 'avgmax' is 'catavgmax')
+FORMAT = "transferkit.convert/3"
+FORMAT_2 = "transferkit.convert/2"
 FORMAT_1 = "transferkit.convert/1"
 CONVERT_JSON = "convert.json"
 CONVERTED_KIND, DENSE_KIND = "converted", "dense maps"  # output kinds (transferkit.runtime.outputs)
@@ -195,16 +201,17 @@ def _from_probe(path: Path, window: bool) -> DenseClassifier:
         raise ModelError(f"probe '{path}' uses codes of several layers or pools; only one can be converted")
     layer, pool = extractor.pairs_[0]
     backbone = extractor.backbone_.cpu()
-    if layer.index is None and pool == "avg":  # pre_logits: the model's own pooling path (forward_head)
+    pre_logits = layer.name == PRE_LOGITS and pool == "avg"
+    if pre_logits:  # the model's own pooling path (forward_head)
         classifier = backbone.get_classifier()
         ops = [op for op in timm_head_ops(backbone) if op is not classifier] + ops[-1:]
     size = extractor.data_config_["input_size"][-1] if extractor.image_size is None else extractor.image_size
-    net = probe_to_conv(backbone, layer.index, ops, size, window=window)
+    net = probe_to_conv(backbone, layer, ops, size, window=window)
     names = probe.extra_["classes"]
     classes = [names[int(c)] for c in probe.classes_]  # score column k is label probe.classes_[k]
-    spec = {"kind": "probe", "model": probe.extra_["model"], "stage_index": layer.index, "pool": pool, "l2": l2,
+    spec = {"kind": "probe", "model": probe.extra_["model"], "layer": layer.name, "pool": pool, "l2": l2,
             "n_features": int(arrays["coef"].shape[1]), "n_outputs": len(classes), "input_size": size, "window": window,
-            "pre_logits": layer.index is None and pool == "avg", "multilabel": multilabel, "source": str(path)}
+            "pre_logits": pre_logits, "multilabel": multilabel, "source": str(path)}
     mean, std = _norm(extractor.data_config_)
     temperature = None if multilabel else probe.temperature_  # the probe's calibration (None: saved before it)
     return DenseClassifier(net, classes, mean, std, spec, "svm",
@@ -237,7 +244,7 @@ def load_converted(path: str | Path) -> DenseClassifier:
         meta = json.loads((path / CONVERT_JSON).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"'{path}' is not a converted model directory: {e}") from e
-    if meta.get("format") not in (FORMAT, FORMAT_1):
+    if meta.get("format") not in (FORMAT, FORMAT_2, FORMAT_1):
         raise DataError(f"'{path / CONVERT_JSON}' has format {meta.get('format')!r}, expected {FORMAT!r}")
     if meta["format"] == FORMAT_1 and "pool" in meta["spec"]:
         meta["spec"]["pool"] = RENAMED.get(meta["spec"]["pool"], meta["spec"]["pool"])
@@ -269,7 +276,16 @@ def _skeleton(spec: dict) -> FullyConvNet:
     if spec["pre_logits"]:
         classifier = model.get_classifier()
         ops = [op for op in timm_head_ops(model) if op is not classifier] + ops[-1:]
-    return probe_to_conv(model, spec["stage_index"], ops, size, window=window)
+    return probe_to_conv(model, _probe_layer(model, spec), ops, size, window=window)
+
+
+def _probe_layer(model: nn.Module, spec: dict) -> Layer:
+    """The layer a probe was converted on: by name (format 3), or, in formats 1-2, by its index into timm's
+    feature_info ('stage_index'; None: pre_logits), which is the layer named after that feature_info module."""
+    if "layer" in spec:
+        return resolve_layers(model, spec["layer"])[0]
+    index = spec["stage_index"]
+    return resolve_layers(model, PRE_LOGITS if index is None else feature_module(model, index))[0]
 
 
 @torch.no_grad()

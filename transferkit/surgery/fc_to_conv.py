@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferkit.errors import ModelError
+from transferkit.models.backbones import PRE_LOGITS
+from transferkit.models.layers import Layer, forward_layers
 
 GLOBAL_KINDS = ("avg", "max", "avgmax", "catavgmax")  # timm's pool types, as transferkit.codes.pooling names them
 PARITY_ATOL = 1e-4
@@ -134,14 +136,14 @@ class Features(nn.Module):
 
 
 class Intermediate(nn.Module):
-    """A timm model's feature map after stage `index` (forward_intermediates)."""
+    """A timm model's feature map after stage `layer` (transferkit.models.layers.forward_layers)."""
 
-    def __init__(self, model: nn.Module, index: int) -> None:
+    def __init__(self, model: nn.Module, layer: Layer) -> None:
         super().__init__()
-        self.model, self.index = model, index
+        self.model, self.layer = model, layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_intermediates(x, indices=[self.index], intermediates_only=True)[0]
+        return forward_layers(self.model, x, [self.layer], final=False)[1][self.layer.name]
 
 
 def _size(input_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -370,14 +372,14 @@ def probe_head(coef: np.ndarray, intercept: np.ndarray, pool: str, scale_mean: n
     return [*pooling, *([L2Normalize()] if l2 else []), linear]
 
 
-def probe_to_conv(backbone: nn.Module, stage_index: int | None, ops: list[nn.Module],
+def probe_to_conv(backbone: nn.Module, layer: Layer, ops: list[nn.Module],
                   input_size: int | tuple[int, int], *, window: bool = False) -> FullyConvNet:
-    """A probe on stage `stage_index` (None: the final map) of `backbone` as a fully convolutional net.
+    """A probe on `layer` of `backbone` (pre_logits: the final map) as a fully convolutional net.
 
     `ops` are the probe's head modules (see `probe_head`); for pre_logits with 'avg' pass the model's own
     head ops without its classifier followed by the Linear.
     """
     backbone = backbone.eval().float()
-    trunk = Features(backbone) if stage_index is None else Intermediate(backbone, stage_index)
+    trunk = Features(backbone) if layer.name == PRE_LOGITS else Intermediate(backbone, layer)
     reference = nn.Sequential(trunk, *ops).eval()
     return _assemble(trunk, ops, _size(input_size), window, reference=reference)
