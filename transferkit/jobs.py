@@ -24,7 +24,7 @@ from transferkit.data.datasets import IMAGE_EXTENSIONS, ImageDataset, open_datas
 from transferkit.data.decode import collate
 from transferkit.data.transforms import build_transform
 from transferkit.errors import DataError, ParameterError
-from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS
+from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.weights import weights_argument
 from transferkit.probe.linear import DEFAULT_CS, LinearProbe
 from transferkit.probe.metrics import (

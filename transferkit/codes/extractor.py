@@ -22,8 +22,9 @@ from transferkit.data.datasets import ImageDataset
 from transferkit.data.decode import DecodeTarget, collate, decode_ahead, load_image, threaded_batches
 from transferkit.data.transforms import build_transform, decode_target, describe_transform
 from transferkit.errors import DataError
-from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS, create_backbone
+from transferkit.models.backbones import create_backbone
 from transferkit.models.layers import resolve_layers
+from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.runtime.device import default_device
 from transferkit.runtime.params import sklearn_constraints, validate
 from transferkit.runtime.progress import progress_bar

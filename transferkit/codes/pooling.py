@@ -14,8 +14,8 @@ from torch import nn
 from transferkit.codes.params import grid_size
 from transferkit.codes.spec import key_name
 from transferkit.errors import ModelError
-from transferkit.models.backbones import PRE_LOGITS
 from transferkit.models.layers import Layer, forward_layers
+from transferkit.models.params import PRE_LOGITS
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from transferkit.errors import ModelError, ParameterError
-from transferkit.models.backbones import PRE_LOGITS
+from transferkit.models.params import PRE_LOGITS
 from transferkit.models.stages import eval_no_grad, stage_map
 
 ALL = "all"  # timm's feature_info stages and pre_logits: what `--layer auto` sweeps

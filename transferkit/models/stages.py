@@ -15,8 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from transferkit.errors import ModelError, ParameterError
-from transferkit.models.backbones import PRE_LOGITS
-from transferkit.models.params import HEAD, HEADS  # noqa: F401  (HEADS: re-exported)
+from transferkit.models.params import HEAD, HEADS, PRE_LOGITS  # noqa: F401  (HEADS: re-exported)
 from transferkit.runtime.params import validate
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,8 @@ from transferkit.data.transforms import build_transform, describe_transform
 from transferkit.errors import DataError
 from transferkit.finetune.config import FinetuneConfig
 from transferkit.jobs import SWEEP_SAMPLES, load_data
-from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS, create_backbone
+from transferkit.models.backbones import create_backbone
+from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.stages import freeze_until, replace_head, resolve_stage, set_train_mode
 from transferkit.probe.linear import LinearProbe
 from transferkit.probe.sweep import sweep

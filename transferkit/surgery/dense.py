@@ -21,8 +21,8 @@ from torch import nn
 
 from transferkit.codes.params import RENAMED
 from transferkit.errors import DataError, ModelError, ParameterError
-from transferkit.models.backbones import PRE_LOGITS
 from transferkit.models.layers import Layer, feature_module, resolve_layers
+from transferkit.models.params import PRE_LOGITS
 from transferkit.runtime.atomic import write_json_atomic
 from transferkit.runtime.outputs import building
 from transferkit.runtime.params import validate

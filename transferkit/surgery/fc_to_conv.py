@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferkit.errors import ModelError
-from transferkit.models.backbones import PRE_LOGITS
 from transferkit.models.layers import Layer, forward_layers
+from transferkit.models.params import PRE_LOGITS
 
 GLOBAL_KINDS = ("avg", "max", "avgmax", "catavgmax")  # timm's pool types, as transferkit.codes.pooling names them
 PARITY_ATOL = 1e-4
