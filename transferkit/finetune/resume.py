@@ -43,6 +43,8 @@ def run_data(out: Path, meta: dict, *, need_train: bool = True) -> tuple[ImageDa
     """The training data (when `need_train`) and the given validation data (None: a hold-out or none) recorded in
     config.json's 'source', opened again. The fingerprint check of `finetune` says whether it is still the same."""
     source = meta.get("source")
+    if not need_train and not isinstance(source, dict):  # an older run given its training data: val as it was
+        return None, None
     if not isinstance(source, dict) or not isinstance(source.get("train"), str):
         raise DataError(f"'{out}' does not record where its data is (it was made by an older transferkit): "
                         f"give its data (train)")

@@ -69,10 +69,6 @@ def check_run_dir(out: Path, meta: dict, resume: bool, inputs: list) -> dict | N
                             f"or choose another 'out' directory")
         return None
     old = read_run(out)
-    data = data_diff(old, meta)
-    if data:
-        raise DataError(f"cannot resume '{out}': the data is not the run's ({'; '.join(data)}); give the run's "
-                        f"data or none (its recorded data is then used)")
     was, now = old["config"].get("epochs"), meta["config"]["epochs"]
     if isinstance(was, int) and now < was:
         raise RunMismatch(f"cannot resume '{out}': epochs: run has {was}, now {now}; a run can be extended (epochs "
@@ -80,11 +76,16 @@ def check_run_dir(out: Path, meta: dict, resume: bool, inputs: list) -> dict | N
     extending = isinstance(was, int) and now > was
     diff = [(k, line) for k, line in config_diff(old, meta) if not (extending and k in EXTENDABLE)]
     if diff:
-        may = ("they would change what its trained epochs mean; a new run needs a new 'out'"
+        may = ("that would change what its trained epochs mean; start a new run in another 'out'"
                if any(k not in EXTENDABLE for k, _ in diff) else
-               f"{', '.join(EXTENDABLE[1:])} may change only to extend it: epochs larger than {was}")
+               f"{', '.join(EXTENDABLE[1:-1])} and {EXTENDABLE[-1]} may change only when extending it: epochs "
+               f"larger than {was}")
         raise RunMismatch(f"cannot resume '{out}': it was started with different settings: "
                           f"{'; '.join(line for _, line in diff)} ({may})", param=diff[0][0])
+    data = data_diff(old, meta)  # after the settings: another seed or val_fraction also holds out other images
+    if data:
+        raise DataError(f"cannot resume '{out}': the data is not the run's ({'; '.join(data)}); give the run's "
+                        f"data or none (its recorded data is then used)")
     return old
 
 
