@@ -184,6 +184,10 @@ def test_python_refusals_name_the_parameter(tmp_path, finished, shared_photo_fol
     with pytest.raises(DataError, match=r"the data is not the run's \(data.n_train: run has 14, now 13"):
         resume_run(run, train=open_dataset(fewer), epochs=4, progress=False)
     meta = json.loads((run / "config.json").read_text())
+    for bad in ("cosine", [{"first": 2, "epochs": 2, "lr": 0.003, "warmup_epochs": 0.5}], [{"first": 1}]):
+        (run / "config.json").write_text(json.dumps({**meta, "cycles": bad}))
+        with pytest.raises(DataError, match="config.json: field 'cycles' must"):
+            resume_run(run, progress=False)
     meta["source"]["train"] = str(tmp_path / "moved")
     (run / "config.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=r"from its recorded data \(cannot open dataset .*moved.*give its data"):

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from transferkit.errors import DataError
 from transferkit.finetune.config import FinetuneConfig
 from transferkit.models.stages import param_groups, warmup_cosine
 
@@ -48,9 +49,19 @@ class WarmupCosine:
 def run_cycles(meta: dict | None, config: FinetuneConfig) -> list[Cycle]:
     """The cycles recorded in a run's config.json (`meta`), or the one cycle of a run that was never extended."""
     saved = (meta or {}).get("cycles")
-    if saved:
-        return [Cycle(**c) for c in saved]
-    return [Cycle(1, config.epochs, config.lr, config.warmup_epochs)]
+    if not saved:
+        return [Cycle(1, config.epochs, config.lr, config.warmup_epochs)]
+    fields = {"first": int, "epochs": int, "lr": (int, float), "warmup_epochs": (int, float)}
+    if not isinstance(saved, list) or not all(
+            isinstance(c, dict) and c.keys() == fields.keys() and all(isinstance(c[k], t) for k, t in fields.items())
+            for c in saved):
+        raise DataError(f"config.json: field 'cycles' must be a list of {{first, epochs, lr, warmup_epochs}}; "
+                        f"got {saved!r}")
+    cycles = [Cycle(**c) for c in saved]
+    firsts = [c.first for c in cycles]
+    if firsts[0] != 1 or firsts != sorted(set(firsts)) or min(c.epochs for c in cycles) < 1:
+        raise DataError(f"config.json: field 'cycles' must start at epoch 1, each later, none empty; got {saved!r}")
+    return cycles
 
 
 def extend(cycles: list[Cycle], config: FinetuneConfig, trained: int, stopped: bool) -> list[Cycle]:
