@@ -192,11 +192,18 @@ def test_python_refusals_name_the_parameter(tmp_path, finished, shared_photo_fol
     (run / "config.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=r"from its recorded data \(cannot open dataset .*moved.*give its data"):
         resume_run(run, progress=False)
-    del meta["source"]
+    # a run written before runs recorded their data, cycles and names hash, and schedules their bounds
+    for key in ("source", "cycles", "warnings"):
+        del meta[key]
+    del meta["data"]["names_sha256"]
     (run / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match="does not record where its data is"):
+    checkpoint = json.loads((run / "checkpoint.json").read_text())
+    checkpoint["scheduler"]["lr_lambdas"] = [{}]  # functools.partial: LambdaLR saved nothing of it
+    (run / "checkpoint.json").write_text(json.dumps(checkpoint))
+    with pytest.raises(DataError, match=r"does not record where its data is .*give its data \(DATA"):
         resume_run(run, progress=False)
-    resume_run(run, train=open_dataset(shared_photo_folder), progress=False)  # given: it is checked, and fits
+    result = resume_run(run, train=open_dataset(shared_photo_folder), epochs=3, progress=False)  # checked: it fits
+    assert len(result.history) == 3 and json.loads((run / "config.json").read_text())["cycles"][1]["first"] == 3
 
 
 def test_cli_resume_with_per_class_needs_data(tmp_path, finished, cli_run):

@@ -47,13 +47,14 @@ def run_data(out: Path, meta: dict, *, need_train: bool = True) -> tuple[ImageDa
         return None, None
     if not isinstance(source, dict) or not isinstance(source.get("train"), str):
         raise DataError(f"'{out}' does not record where its data is (it was made by an older transferkit): "
-                        f"give its data (train)")
+                        f"give its data (DATA, or train= in Python)")
     skip_bad = bool(source.get("skip_bad", False))
     try:
         train = open_dataset(source["train"], skip_bad=skip_bad) if need_train else None
         val = open_dataset(source["val"], skip_bad=skip_bad) if isinstance(source.get("val"), str) else None
     except DataError as e:
-        raise DataError(f"cannot resume '{out}' from its recorded data ({e}); give its data (train, val)") from e
+        raise DataError(f"cannot resume '{out}' from its recorded data ({e}); give its data (DATA and --val, or "
+                        f"train= and val= in Python)") from e
     per_class = source.get("max_per_class")
     if train is not None and isinstance(per_class, int) and not train.multilabel:
         train = train.subset(per_class)  # the whole set again, or the per-class subset the run was given
