@@ -106,7 +106,8 @@ def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stage
         meta = read_run(resume) if resume is not None else None
         config = _finetune_config(ctx, options, meta)
         if train is None:  # --find-lr on a run, without DATA
-            train, val = rs.run_data(resume, meta)
+            train, recorded_val = rs.run_data(resume, meta)
+            val = val if val is not None else recorded_val
         if find_lr:
             result = lr_finder.find_lr(train, out, config, progress=progress)
             click.echo(f"suggested --lr {result.suggestion:.2g} (a tenth of the lowest-loss LR); "

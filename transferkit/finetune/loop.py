@@ -202,8 +202,9 @@ def _restore(run: Run, old: dict, cycles: list[Cycle]) -> dict:
         stopped = loop["epoch"] >= cycles[-1].last or patience_over(loop["epoch"], loop["best"][0],
                                                                     cycle_at(cycles, loop["epoch"]), was.early_stop)
         cycles = extend(cycles, config, loop["epoch"], stopped)
-        log.info("extending '%s' from %d to %d epochs: a new warmup+cosine cycle from epoch %d at lr %g", out,
-                 was.epochs, config.epochs, cycles[-1].first, config.lr)
+        log.info("extending '%s' from %d to %d epochs: a new %s cycle from epoch %d at lr %g", out, was.epochs,
+                 config.epochs, "one-cycle" if config.schedule == "onecycle" else "warmup+cosine", cycles[-1].first,
+                 config.lr)
     else:
         log.info("resuming '%s' after epoch %d of %d", out, loop["epoch"], config.epochs)
     run.cycles = cycles
