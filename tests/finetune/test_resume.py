@@ -67,14 +67,14 @@ def _rows(run: Path) -> list[dict]:
 
 
 def test_resume_alone_continues_a_killed_run_from_the_cli(tmp_path, photo_folder, cli_run, monkeypatch):
-    """DATA given relative to one directory, the resume run from another with nothing but --resume RUN: the data
-    comes from config.json, and the weights are those of a run that was never killed."""
-    whole = finetune(open_dataset(photo_folder), tmp_path / "whole", dataclasses.replace(CONFIG, epochs=3),
+    """DATA given relative to one directory (7 of its 8 images per class), the resume run from another with nothing
+    but --resume RUN: the data comes from config.json, and the weights are those of a run that was never killed."""
+    whole = finetune(open_dataset(photo_folder).subset(7), tmp_path / "whole", dataclasses.replace(CONFIG, epochs=3),
                      progress=False)
     monkeypatch.chdir(photo_folder.parent)
-    _kill_at_step(monkeypatch, 5)  # 3 steps per epoch: the middle of epoch 2
-    result = cli_run("-q", "finetune", photo_folder.name, "-o", tmp_path / "killed", "--epochs", "3", *OPTIONS,
-                     ok=False)
+    _kill_at_step(monkeypatch, 5)  # 12 training images, 3 steps per epoch: the middle of epoch 2
+    result = cli_run("-q", "finetune", photo_folder.name, "--per-class", "7", "-o", tmp_path / "killed",
+                     "--epochs", "3", *OPTIONS, ok=False)
     assert result.exit_code != 0 and json.loads((tmp_path / "killed" / "checkpoint.json").read_text())["loop"][
         "epoch"] == 1
     monkeypatch.undo()
@@ -86,7 +86,8 @@ def test_resume_alone_continues_a_killed_run_from_the_cli(tmp_path, photo_folder
     assert [float(r["train_loss"]) for r in _rows(tmp_path / "killed")] == pytest.approx(
         [h["train_loss"] for h in whole.history], rel=1e-5)  # metrics.csv keeps 6 digits
     meta = json.loads((tmp_path / "killed" / "config.json").read_text())
-    assert meta["source"]["train"] == str(photo_folder) and meta["best_epoch"] == whole.best_epoch
+    assert meta["source"]["train"] == str(photo_folder) and meta["source"]["max_per_class"] == 7
+    assert meta["n_train"] == 12 and meta["best_epoch"] == whole.best_epoch
 
 
 def test_extend_a_finished_run_with_a_new_cycle(tmp_path, finished, shared_photo_folder, caplog):
