@@ -21,7 +21,8 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
                    "same as extract --layer), 'head' (head only), 'none' (all).")
 @click.option("--list-stages", "list_stages", is_flag=True,
               help="Print the stages of --model (the table `transferkit layers` prints) and exit.")
-@click.option("--epochs", type=click_type(FINETUNE["epochs"]), default=5, show_default=True)
+@click.option("--epochs", type=click_type(FINETUNE["epochs"]), default=5, show_default=True,
+              help="With --resume: more than the run's extends it by a new warmup+cosine cycle over the added epochs.")
 @click.option("--lr", type=click_type(FINETUNE["lr"]), default=3e-3, show_default=True,
               help="Learning rate of the head; lower layers get less (--layer-decay or --lr-range).")
 @click.option("--layer-decay", type=click_type(FINETUNE["layer_decay"]), default=0.9, show_default=True,
@@ -59,7 +60,9 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.option("--seed", type=click_type(FINETUNE["seed"]), default=0, show_default=True)
 @click.option("--num-workers", type=click_type(FINETUNE["num_workers"]), default=0, show_default=True)
 @click.option("--resume", "resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Continue the run in this directory from its last checkpoint; options not given are the run's.")
+              help="Continue the run in this directory from its last checkpoint, exactly as if never stopped; DATA "
+                   "and options not given are the run's. With a larger --epochs, extend a finished run (--lr, "
+                   "--warmup-epochs and --early-stop may then change too).")
 @click.option("--find-lr", is_flag=True, help="Run the LR range test, save lr_find.png to --out and exit.")
 @click.pass_context
 def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stages: bool, resume: Path | None,
@@ -67,6 +70,11 @@ def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stage
     """Fine-tune --model on DATA, partly (--freeze-until) or whole, with per-layer learning rates.
 
     Runs as is under `torchrun --nproc-per-node N` (DistributedDataParallel; --batch-size is per process).
+
+    `finetune --resume RUN` continues a killed run; `finetune --resume RUN --epochs N` trains a finished one on to
+    epoch N: the added epochs get their own warmup and cosine to 0 at --lr (the run's unless given), like fastai's
+    `fit` after `fine_tune`, instead of a stretched cosine that would jump the LR back up. The best epoch may stay
+    one of the earlier ones.
     """
     import timm
 
@@ -80,24 +88,34 @@ def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stage
     if resume is not None:
         if out is not None and out.resolve() != resume.resolve():
             raise click.UsageError(f"--out '{out}' and --resume '{resume}' name different runs; give one")
+        if per_class is not None and data is None:
+            raise click.UsageError("--per-class applies to DATA: give DATA too, or neither (the run's data is used)")
         out = resume
-    if data is None or out is None:
-        raise click.UsageError("DATA and --out are required (or use --list-stages)")
+    elif data is None or out is None:
+        raise click.UsageError("DATA and --out are required (or use --resume RUN, or --list-stages)")
     from transferkit.finetune import loop as ft
     from transferkit.finetune import lr_finder
+    from transferkit.finetune import resume as rs
     from transferkit.finetune.rundir import read_run
     from transferkit.jobs import load_data
 
-    config = _finetune_config(ctx, options, read_run(resume)["config"] if resume else None)
-    train = load_data(data, per_class=per_class)
-    progress = ctx.obj["progress"]
-    if find_lr:
-        result = lr_finder.find_lr(train, out, config, progress=progress)
-        click.echo(f"suggested --lr {result.suggestion:.2g} (a tenth of the lowest-loss LR); "
-                   f"plot: {out / 'lr_find.png'}")
-        return
+    train = load_data(data, per_class=per_class) if data is not None else None
     val = load_data(val_data) if val_data is not None else None
-    result = ft.finetune(train, out, config, val=val, progress=progress, resume=resume is not None)
+    progress = ctx.obj["progress"]
+    if resume is not None and not find_lr:
+        result = rs.resume_run(out, train=train, val=val, progress=progress, **_given(ctx, _config_values(options)))
+    else:
+        meta = read_run(resume) if resume is not None else None
+        config = _finetune_config(ctx, options, meta)
+        if train is None:  # --find-lr on a run, without DATA
+            train, recorded_val = rs.run_data(resume, meta)
+            val = val if val is not None else recorded_val
+        if find_lr:
+            result = lr_finder.find_lr(train, out, config, progress=progress)
+            click.echo(f"suggested --lr {result.suggestion:.2g} (a tenth of the lowest-loss LR); "
+                       f"plot: {out / 'lr_find.png'}")
+            return
+        result = ft.finetune(train, out, config, val=val, progress=progress)
     if result.evaluation is not None:
         click.echo(result.evaluation.report)
         click.echo(f"best epoch {result.best_epoch}: validation {result.evaluation.summary()} -> {out}")
@@ -105,24 +123,34 @@ def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stage
         click.echo(f"best epoch {result.best_epoch} (no validation set) -> {out}")
 
 
-def _finetune_config(ctx: click.Context, options: dict, saved: dict | None):
-    """FinetuneConfig from the options; on --resume, from the run's config with the options given on top."""
-    from transferkit.finetune.config import FinetuneConfig
-
+def _config_values(options: dict) -> dict:
+    """The options as FinetuneConfig fields (flags turned into values, LO:HI pairs parsed)."""
     values = dict(options)
     values["augment"] = not values.pop("no_augment")
     values["cache"] = not values.pop("no_cache")
     values["lr_range"] = _lo_hi(values["lr_range"], "--lr-range", FINETUNE["lr_range"][0])
     values["crop_scale"] = _lo_hi(values["crop_scale"], "--crop-scale", FINETUNE["crop_scale"][0])
     values["clip_grad"] = values["clip_grad"] or None
-    if saved is None:
-        return FinetuneConfig(**values)
-    import dataclasses
+    return values
 
+
+def _given(ctx: click.Context, values: dict) -> dict:
+    """The fields whose options were given on the command line: on --resume, the rest are the run's."""
     param = {"augment": "no_augment", "cache": "no_cache"}
-    given = {k: v for k, v in values.items()
-             if ctx.get_parameter_source(param.get(k, k)) == click.core.ParameterSource.COMMANDLINE}
-    return dataclasses.replace(FinetuneConfig.from_dict(saved), **given)  # a given option that differs is refused
+    return {k: v for k, v in values.items()
+            if ctx.get_parameter_source(param.get(k, k)) == click.core.ParameterSource.COMMANDLINE}
+
+
+def _finetune_config(ctx: click.Context, options: dict, meta: dict | None):
+    """FinetuneConfig from the options; on --resume, from the run's config with the options given on top."""
+    from transferkit.finetune.config import FinetuneConfig
+
+    values = _config_values(options)
+    if meta is None:
+        return FinetuneConfig(**values)
+    from transferkit.finetune.resume import run_config
+
+    return run_config(meta, _given(ctx, values))  # a given option that differs is refused when the run starts
 
 
 def _lo_hi(text: str | None, option: str, pair) -> tuple[float, float] | None:

@@ -1,6 +1,8 @@
 """Fine-tuning: the training loop (`loop`) and its config (`config`), what a run trains on (`loaders`: hold-out,
-transforms, loaders), resumable checkpoints (`checkpoint`), the run directory (`rundir`), the frozen-prefix
-activation cache (`prefix_cache`) and the LR range test (`lr_finder`).
+transforms, loaders), the optimizer and the LR schedule in cycles (`schedule`), resumable checkpoints
+(`checkpoint`), the run directory (`rundir`), resuming or extending a run from its directory alone (`resume`), the
+best model's validation report (`evaluation`), the frozen-prefix activation cache (`prefix_cache`) and the LR range
+test (`lr_finder`).
 
 May import `runtime`, `data`, `models`, `codes` (device and precision), `probe` (metrics) and `errors`.
 """

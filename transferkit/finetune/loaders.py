@@ -39,6 +39,26 @@ def split_train_val(train: ImageDataset, val: ImageDataset | None, config: Finet
     return train.select(np.sort(fit_idx)), train.select(np.sort(val_idx))
 
 
+# Below this many validation images, one image is worth more than a point of accuracy and the binomial standard
+# error of an accuracy near 90%, sqrt(0.9 * 0.1 / n), is over 3 points: more than late epochs differ by.
+MIN_VAL_IMAGES = 100
+
+
+def small_val_warning(n_val: int, *, given: bool) -> str | None:
+    """Why a best epoch picked on `n_val` validation images is mostly noise, and what to do instead; None when
+    there is no validation set or it is large enough (MIN_VAL_IMAGES). `given`: a val set, not a hold-out."""
+    if not 0 < n_val < MIN_VAL_IMAGES:
+        return None
+    se = 100 * math.sqrt(0.9 * 0.1 / n_val)
+    more = "a larger val set" if given else "a larger val_fraction (--val-fraction) or a val set"
+    instead = ("Keep the last epoch instead (no val set)" if given else
+               "Train on every image and keep the last epoch (val_fraction=0, --val-fraction 0)")
+    return (f"the validation set has only {n_val} images: one image moves accuracy by {100 / n_val:.1f} points and "
+            f"its standard error at 90% accuracy is {se:.1f} points, more than epochs usually differ by, so the best "
+            f"epoch is picked largely by noise. {instead}, validate on {more} of at least {MIN_VAL_IMAGES} images, "
+            f"or compare settings by k-fold cross-validation.")
+
+
 def _transforms(model: nn.Module, config: FinetuneConfig):
     import timm.data
 

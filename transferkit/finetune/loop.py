@@ -8,7 +8,6 @@ its checkpoint-EPOCH.safetensors (see transferkit.finetune.checkpoint). Only ran
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import random
@@ -26,11 +25,13 @@ from transferkit.data.datasets import ImageDataset
 from transferkit.errors import DataError, TransferkitError
 from transferkit.finetune.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.finetune.config import DEFAULT_CONFIG, FinetuneConfig, build_model
+from transferkit.finetune.evaluation import evaluate_best
 from transferkit.finetune.loaders import (
     balanced_weights,
     make_loaders,
     maybe_cache,
     positive_weights,
+    small_val_warning,
     split_train_val,
 )
 from transferkit.finetune.params import FINETUNE, OPTIMIZERS, SCHEDULES  # noqa: F401  (re-exported)
@@ -41,7 +42,19 @@ from transferkit.finetune.rundir import (
     check_run_dir,
     check_start_weights,
     create_run_dir,
+    data_source,
     fingerprint,
+)
+from transferkit.finetune.schedule import (  # noqa: F401  (make_optimizer re-exported)
+    Cycle,
+    as_json,
+    begin_cycle,
+    cycle_at,
+    extend,
+    make_optimizer,
+    make_scheduler,
+    patience_over,
+    run_cycles,
 )
 from transferkit.models.stages import (  # noqa: F401  (re-exported: the fine-tuning API in one import)
     HEADS,
@@ -78,6 +91,7 @@ class FinetuneResult:
     model: nn.Module
     cached: bool = False  # trained on frozen-prefix activations
     evaluation: Evaluation | MultiLabelEvaluation | None = None  # best model on the validation set (None: no val)
+    warnings: list[str] = field(default_factory=list)  # also in config.json: e.g. a validation set too small to trust
 
 
 @dataclass
@@ -98,6 +112,8 @@ class Run:
     loss_weight: torch.Tensor | None = None  # per class, config.class_weight='balanced'; None: plain cross-entropy
     step: int = 0
     last_saved: int = 0
+    cycles: list[Cycle] = field(default_factory=list)  # the LR schedule's cycles (transferkit.finetune.schedule)
+    steps_per_epoch: int = 0
 
 
 def finetune(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAULT_CONFIG, *,
@@ -121,9 +137,10 @@ def finetune(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFA
 
 def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, resume: bool, device, world: World):
     seed_everything(config.seed)
+    source = data_source(train, val)
     train, val = split_train_val(train, val, config)
     meta = {"format": FORMAT, "config": asdict(config), "classes": list(train.classes),
-            "multilabel": train.multilabel, "data": fingerprint(train, val)}
+            "multilabel": train.multilabel, "data": fingerprint(train, val), "source": source}
     inputs = [train.root, None if val is None else val.root]  # the run directory is never inside the data
     old = check_run_dir(out, meta, resume, inputs)  # before the model is built: a wrong --resume fails at once
     counts = train.class_counts()
@@ -133,7 +150,8 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
     check_start_weights(out, config, old, meta["weights"])
     loader, val_loader, data_meta = make_loaders(model, train, val, config, world)
     meta.update(data_meta)
-    run = _start(model, config, out, train.sources, device, world, steps=config.epochs * len(loader))
+    cycles = run_cycles(old, FinetuneConfig.from_dict(old["config"]) if old else config)
+    run = _start(model, config, out, train.sources, device, world, cycles[0], len(loader))
     run.multilabel = train.multilabel
     if config.class_weight == "balanced":  # multi-label: each label's negatives / positives (BCE's pos_weight)
         weights = (positive_weights(train.targets) if train.multilabel else
@@ -141,20 +159,21 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
         run.loss_weight = torch.tensor(weights, dtype=torch.float32, device=device)
         meta["class_weights"] = weights.tolist()
     if resume:  # the whole checkpoint is checked, and restored, before anything is written
-        loop = load_checkpoint(out, model, run.optimizer, run.scheduler, history_keys=METRICS)
-        if loop["epoch"] and not (out / "model-best.safetensors").is_file():  # read back when the run ends
-            raise DataError(f"cannot resume '{out}': model-best.safetensors, the best epoch so far, is missing")
-        log.info("resuming '%s' after epoch %d of %d", out, loop["epoch"], config.epochs)
-        run.step, run.last_saved = loop["step"], loop["epoch"]
+        loop = _restore(run, old, cycles)
         meta = {**{k: old[k] for k in RESULTS if k in old}, **meta}  # kept until this run replaces them
     else:  # the model, its weights and the data are checked: only now does the run directory appear
-        loop = _fresh_loop()
+        loop, run.cycles = _fresh_loop(), cycles
         create_run_dir(out, world, inputs)
+    meta["cycles"] = as_json(run.cycles)
     loader, val_loader, bypass = maybe_cache(model, config, train, val, loader, val_loader, out, device, world,
                                              progress)
     run.bypass = bypass["modules"]
     meta["cached_prefix"] = bypass["names"]
+    warning = small_val_warning(len(val or []), given=source["val"] is not None)
+    meta["warnings"] = [warning] if warning else []
     if world.main:
+        if warning:
+            log.warning("%s", warning)
         write_json_atomic(out / "config.json", meta)
     history, best = _fit(run, loader, val_loader, progress, loop)
     model.load_state_dict(load_state_dict_file(out / "model-best.safetensors"))
@@ -162,11 +181,34 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
     if world.main:
         meta.update(best_epoch=best[0], best_val_accuracy=best[1])
         if val_loader is not None:
-            ev = _final_eval(run, val_loader, train.classes)
+            ev = evaluate_best(run, val_loader, train.classes)
             meta["val"] = {k: v for k, v in ev.to_dict().items() if k not in ("labels", "confusion", "report")}
             meta["val"]["n"] = ev.n if run.multilabel else int(ev.confusion.sum())
         write_json_atomic(out / "config.json", meta)
-    return FinetuneResult(out, best[0], best[1], history, model.eval(), cached=bool(run.bypass), evaluation=ev)
+    return FinetuneResult(out, best[0], best[1], history, model.eval(), cached=bool(run.bypass), evaluation=ev,
+                          warnings=meta["warnings"])
+
+
+def _restore(run: Run, old: dict, cycles: list[Cycle]) -> dict:
+    """Load the last checkpoint into `run` and return its loop state; `run.cycles` are the run's, plus a new cycle
+    when `run.config.epochs` extends it (schedule.extend)."""
+    out, config = run.out, run.config
+    loop = load_checkpoint(out, run.model, run.optimizer, run.scheduler, history_keys=METRICS)
+    if loop["epoch"] and not (out / "model-best.safetensors").is_file():  # read back when the run ends
+        raise DataError(f"cannot resume '{out}': model-best.safetensors, the best epoch so far, is missing")
+    run.step, run.last_saved = loop["step"], loop["epoch"]
+    was = FinetuneConfig.from_dict(old["config"])
+    if config.epochs > was.epochs:
+        stopped = loop["epoch"] >= cycles[-1].last or patience_over(loop["epoch"], loop["best"][0],
+                                                                    cycle_at(cycles, loop["epoch"]), was.early_stop)
+        cycles = extend(cycles, config, loop["epoch"], stopped)
+        log.info("extending '%s' from %d to %d epochs: a new %s cycle from epoch %d at lr %g", out, was.epochs,
+                 config.epochs, "one-cycle" if config.schedule == "onecycle" else "warmup+cosine", cycles[-1].first,
+                 config.lr)
+    else:
+        log.info("resuming '%s' after epoch %d of %d", out, loop["epoch"], config.epochs)
+    run.cycles = cycles
+    return loop
 
 
 def seed_everything(seed: int) -> None:
@@ -179,44 +221,28 @@ def _fresh_loop() -> dict:
     return {"epoch": 0, "step": 0, "history": [], "best_key": [-math.inf, -math.inf], "best": [0, math.nan]}
 
 
-def make_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
-    layer_decay = None if config.lr_range else config.layer_decay
-    groups = param_groups(model, config.lr, layer_decay=layer_decay, lr_range=config.lr_range,
-                          weight_decay=config.weight_decay)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(groups, lr=config.lr)
-
-
-def _scheduler(optimizer, config: FinetuneConfig, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step schedule over each group's own lr, so the per-layer ratios hold throughout."""
-    warmup = round(config.warmup_epochs * steps / config.epochs)
-    if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=steps,
-            pct_start=min(max(warmup / steps, 0.01), 0.99), cycle_momentum=False)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_cosine, warmup=warmup, total=steps))
-
-
 def _start(model: nn.Module, config: FinetuneConfig, out: Path, sources: list[str], device, world: World,
-           steps: int) -> Run:
-    """Optimizer over the per-stage groups, the schedule, and the DDP wrapper under torchrun."""
-    optimizer = make_optimizer(model, config)
+           cycle: Cycle, steps_per_epoch: int) -> Run:
+    """Optimizer over the per-stage groups, the schedule of the first cycle, and the DDP wrapper under torchrun."""
+    optimizer = make_optimizer(model, config, cycle.lr)
     if world.main:
         log.info("learning rates:\n%s", lr_table(optimizer.param_groups))
-    scheduler = _scheduler(optimizer, config, steps)
+    scheduler = make_scheduler(optimizer, config, cycle, steps_per_epoch)
     net = model
     if world.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return Run(model, net, optimizer, scheduler, config, out, sources, device, world)
+    return Run(model, net, optimizer, scheduler, config, out, sources, device, world, steps_per_epoch=steps_per_epoch)
 
 
 def _fit(run: Run, loader, val_loader, progress: bool, loop: dict) -> tuple[list[dict], tuple[int, float]]:
     """Epochs with validation, checkpoints, metrics.csv and early stopping; returns (history, (epoch, acc))."""
     history, best_key, best = loop["history"], tuple(loop["best_key"]), tuple(loop["best"])
     for epoch in range(loop["epoch"] + 1, run.config.epochs + 1):
-        if run.config.early_stop and epoch - 1 - best[0] >= run.config.early_stop:
+        cycle = cycle_at(run.cycles, epoch)
+        if patience_over(epoch - 1, best[0], cycle, run.config.early_stop):
             break  # a resumed run that had already stopped early
+        if epoch == cycle.first > 1:  # an extension's cycle: fresh warmup+cosine, optimizer moments kept
+            run.scheduler = begin_cycle(run.model, run.optimizer, run.config, cycle, run.steps_per_epoch)
         seed_everything(run.config.seed * 100_003 + epoch * 1_009 + run.world.rank)  # resumable, distinct per rank
         loader.sampler.set_epoch(epoch)
         start = time.perf_counter()
@@ -243,7 +269,7 @@ def _fit(run: Run, loader, val_loader, progress: bool, loop: dict) -> tuple[list
         run.last_saved = epoch
         log.info("epoch %d: loss %.4f acc %.3f val_loss %.4f val_acc %.3f (%.0f img/s)", epoch, loss, acc, val_loss,
                  val_acc, rate)
-        if run.config.early_stop and epoch - best[0] >= run.config.early_stop:
+        if patience_over(epoch, best[0], cycle, run.config.early_stop):
             log.info("early stop: no val improvement in %d epochs (best: %d)", run.config.early_stop, best[0])
             break
     if run.world.distributed:
@@ -318,44 +344,6 @@ def _step(run: Run, loss: torch.Tensor, epoch: int, batch: int, files: list[str]
             raise TransferkitError(f"gradient norm is {norm.item()} {where}. Lower lr; {kept}.")
     run.optimizer.step()
     run.scheduler.step()
-
-
-@torch.no_grad()
-def _final_eval(run: Run, val_loader, classes: list[str]) -> Evaluation | MultiLabelEvaluation:
-    """Best model on the validation set: confusion.png and per-class scores (rank 0, whole val set)."""
-    from transferkit.plots import plot_confusion
-    from transferkit.probe.metrics import score_predictions
-
-    run.model.eval()
-    ys, preds = [], []  # multi-label: sigmoid scores, not predictions
-    loader = val_loader
-    if run.world.distributed:  # the sharded loader only covers this rank's part
-        loader = torch.utils.data.DataLoader(val_loader.dataset, batch_size=val_loader.batch_size,
-                                             collate_fn=val_loader.collate_fn)
-    with bypassed(run.bypass):
-        for x, y, _, _ in loader:
-            if x is None:
-                continue
-            with autocast(run.config.precision, run.device):
-                logits = run.model(to_device(x, run.device)).float()
-                preds.append((logits.sigmoid() if run.multilabel else logits.argmax(1)).cpu())
-            ys.append(y)
-    y, pred = torch.cat(ys).numpy(), torch.cat(preds).numpy()
-    if run.multilabel:  # per-label thresholds chosen here, on the validation set, and kept in config.json
-        from transferkit.probe.metrics import score_multilabel
-        from transferkit.probe.multilabel import best_thresholds
-
-        thresholds = best_thresholds(y, pred)  # on sigmoids: 2 never and 0 always predicts (JSON has no inf)
-        ev = score_multilabel(y, pred, np.where(np.isfinite(thresholds), thresholds, np.where(thresholds > 0, 2, 0)),
-                              classes)
-        write_text_atomic(run.out / "report.txt", ev.report)
-        return ev
-    ev = score_predictions(y, pred, np.arange(len(classes)), classes)
-    plot_confusion(ev.confusion, ev.labels, run.out / "confusion.png",
-                   title=f"best model on validation: {100 * ev.accuracy:.2f}% "
-                         f"(balanced {100 * ev.balanced_accuracy:.2f}%)")
-    write_text_atomic(run.out / "report.txt", ev.report)
-    return ev
 
 
 def _plot_curves(out: Path, history: list[dict]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from transferkit.data.datasets import ImageDataset
-from transferkit.errors import DataError
+from transferkit.errors import DataError, ParameterError
 from transferkit.finetune.config import FinetuneConfig
 from transferkit.models.backbones import WeightsInfo
 from transferkit.models.stages import replace_head
@@ -23,21 +24,44 @@ from transferkit.runtime.outputs import check_output, claim
 FORMAT = "transferkit.finetune/1"
 RUN_KIND = "run"  # the output kind in its marker (transferkit.runtime.outputs)
 RESULTS = ("best_epoch", "best_val_accuracy", "val")  # what a finished run adds to config.json
+EXTENDABLE = ("epochs", "lr", "warmup_epochs", "early_stop")  # may differ when a run is extended: the new cycle's
 
 
 def fingerprint(train: ImageDataset, val: ImageDataset | None) -> dict:
-    """What --resume checks the data against: sizes and a hash of every (source, label)."""
-    h = hashlib.sha256()
+    """What --resume checks the data against: sizes, a hash of every (source, label), and one of every (name under
+    its dataset's root, label), which is the same however the root is spelled (relative, absolute, moved)."""
+    h, names = hashlib.sha256(), hashlib.sha256()
     for part in (train, val):
-        for src, y in zip(part.sources, part.targets) if part is not None else ():
-            h.update(f"{src}\t{y}\n".encode())
+        if part is not None:
+            prefix = os.path.join(str(part.root), "")
+            for src, y in zip(part.sources, part.targets):
+                h.update(f"{src}\t{y}\n".encode())
+                name = src[len(prefix):] if src.startswith(prefix) else os.path.relpath(src, part.root)
+                names.update(f"{name}\t{y}\n".encode())
         h.update(b"--\n")
-    return {"n_train": len(train), "n_val": len(val or []), "sha256": h.hexdigest()}
+        names.update(b"--\n")
+    return {"n_train": len(train), "n_val": len(val or []), "sha256": h.hexdigest(), "names_sha256": names.hexdigest()}
+
+
+def data_source(train: ImageDataset, val: ImageDataset | None) -> dict:
+    """Where a run's data is, so that `resume_run(out)` can open it again without being given it.
+
+    `max_per_class`: the largest class of `train`; `open_dataset(train).subset(max_per_class)` is `train` again when
+    it was the whole dataset or a per-class subset of it (the fingerprint checks that it is).
+    """
+    return {"train": os.path.abspath(train.root), "val": None if val is None else os.path.abspath(val.root),
+            "max_per_class": None if train.multilabel else int(train.class_counts().max()),
+            "skip_bad": bool(train.skip_bad)}
+
+
+class RunMismatch(ParameterError, DataError):
+    """A resumed run given a setting that differs from the run's: names the parameter (the CLI: its flag)."""
 
 
 def check_run_dir(out: Path, meta: dict, resume: bool, inputs: list) -> dict | None:
     """A fresh run needs a directory without a run (and that transferkit may write: transferkit.runtime.outputs);
-    a resumed one the same config and data (returned)."""
+    a resumed one the same data and config, except what may change to extend it (EXTENDABLE). Returns the run's
+    config.json."""
     if not resume:
         check_output(out, RUN_KIND, inputs=inputs)
         if (out / "config.json").exists():
@@ -45,9 +69,23 @@ def check_run_dir(out: Path, meta: dict, resume: bool, inputs: list) -> dict | N
                             f"or choose another 'out' directory")
         return None
     old = read_run(out)
-    diff = config_diff(old, meta)
+    was, now = old["config"].get("epochs"), meta["config"]["epochs"]
+    if isinstance(was, int) and now < was:
+        raise RunMismatch(f"cannot resume '{out}': epochs: run has {was}, now {now}; a run can be extended (epochs "
+                          f"larger than {was}), not shortened", param="epochs")
+    extending = isinstance(was, int) and now > was
+    diff = [(k, line) for k, line in config_diff(old, meta) if not (extending and k in EXTENDABLE)]
     if diff:
-        raise DataError(f"cannot resume '{out}': it was started with different settings:\n" + "\n".join(diff))
+        may = ("that would change what its trained epochs mean; start a new run in another 'out'"
+               if any(k not in EXTENDABLE for k, _ in diff) else
+               f"{', '.join(EXTENDABLE[1:-1])} and {EXTENDABLE[-1]} may change only when extending it: epochs "
+               f"larger than {was}")
+        raise RunMismatch(f"cannot resume '{out}': it was started with different settings: "
+                          f"{'; '.join(line for _, line in diff)} ({may})", param=diff[0][0])
+    data = data_diff(old, meta)  # after the settings: another seed or val_fraction also holds out other images
+    if data:
+        raise DataError(f"cannot resume '{out}': the data is not the run's ({'; '.join(data)}); give the run's "
+                        f"data or none (its recorded data is then used)")
     return old
 
 
@@ -67,19 +105,28 @@ def create_run_dir(out: Path, world: World, inputs: list) -> None:
         claim(out, RUN_KIND, inputs=inputs)
 
 
-def config_diff(old: dict, new: dict) -> list[str]:
-    """Lines 'key: run has X, now Y' for the config, classes and data that differ."""
+def config_diff(old: dict, new: dict) -> list[tuple[str, str]]:
+    """(key, 'key: run has X, now Y') for each setting of the config that differs."""
     lines = []
     for key in sorted(set(old.get("config", {})) | set(new["config"])):
         a, b = old.get("config", {}).get(key), new["config"].get(key)
         if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
-            lines.append(f"  {key}: run has {a!r}, now {b!r}")
-    for key, part in (("classes", None), ("data", "n_train"), ("data", "n_val"), ("data", "sha256")):
+            lines.append((key, f"{key}: run has {a!r}, now {b!r}"))
+    return lines
+
+
+def data_diff(old: dict, new: dict) -> list[str]:
+    """'key: run has X, now Y' for the classes and data that differ (names_sha256 where both runs have it: the
+    root may be spelled differently, else the older sha256 of the sources as given)."""
+    same_names = "names_sha256" in old.get("data", {}) and "names_sha256" in new.get("data", {})
+    lines = []
+    for key, part in (("classes", None), ("data", "n_train"), ("data", "n_val"),
+                      ("data", "names_sha256" if same_names else "sha256")):
         a, b = old.get(key), new.get(key)
         if part is not None:
             a, b = (a or {}).get(part), (b or {}).get(part)
         if a != b:
-            lines.append(f"  {key if part is None else f'{key}.{part}'}: run has {a!r}, now {b!r}")
+            lines.append(f"{key if part is None else f'{key}.{part}'}: run has {a!r}, now {b!r}")
     return lines
 
 
