@@ -1,4 +1,4 @@
-"""FC -> conv surgery: parity with the original networks, dense maps with receptive fields, export.
+"""FC -> conv surgery: parity with the original networks, dense maps with receptive fields (export: test_export.py).
 
 Parity is checked in fp32 with torch.testing.assert_close on real weights (the packaged EfficientNet-Lite0,
 probes fitted on real images) and on random weights where only structure matters (ResNet, VGG, ConvNeXt).
@@ -7,7 +7,6 @@ probes fitted on real images) and on random weights where only structure matters
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -202,7 +201,7 @@ def test_clear_errors(tmp_path, sample_images):
         dense_predict(clf, tiny)
 
 
-def test_cli_convert_predict_dense_export(tmp_path, sample_images, caplog, cli_run):
+def test_cli_convert_predict_dense(tmp_path, sample_images, cli_run):
     image = tmp_path / "flower.jpg"
     sample_images["flower.jpg"].save(image)
     conv = tmp_path / "conv"
@@ -212,17 +211,7 @@ def test_cli_convert_predict_dense_export(tmp_path, sample_images, caplog, cli_r
     row = json.loads(result.output.strip().splitlines()[-1])
     assert row["map_size"] == [14, 20] and len(row["top"]) == 5 and row["mean_is_logits"]
     assert (tmp_path / "d" / "flower.npz").is_file() and (tmp_path / "d" / "flower-heatmap.png").is_file()
-    onnx_file = tmp_path / "lite0.onnx"
-    with caplog.at_level(logging.INFO):
-        cli_run("export", conv, "--format", "onnx", "-o", onnx_file, catch=True)
-    assert not [r for r in caplog.records if r.name.startswith("onnx")]  # the exporter's ~100 INFO lines stay quiet
-    from transferkit.surgery.export import check_onnx, written_here
-
-    assert written_here(onnx_file)  # marked: a later export may replace it (tests/test_faults.py: not a foreign file)
-
-    rows = check_onnx(load_converted(conv), onnx_file, [(224, 224), (257, 331)])
-    assert [r["map"] for r in rows] == [[7, 7], [9, 11]]
-    assert all(r["max_abs_diff"] < 1e-3 for r in rows), rows
+    # the converted directory's ONNX export: tests/surgery/test_export.py
 
 
 def test_cli_predict_needs_dense_for_a_model_name(tmp_path, sample_images, cli_run):
