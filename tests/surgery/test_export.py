@@ -20,7 +20,7 @@ import torch
 from timm.layers import create_conv2d, create_pool2d
 
 from transferkit.errors import ModelError
-from transferkit.surgery.dense import load_classifier, load_converted, save_converted
+from transferkit.surgery.dense import load_classifier, save_converted
 from transferkit.surgery.export import PRODUCER, RTOL, check_onnx, export_onnx, written_here
 from transferkit.surgery.onnx_same import exportable, register_symbolics
 
@@ -77,21 +77,22 @@ def test_a_size_frozen_by_tracing_fails_the_check_and_writes_nothing(tmp_path):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The converted packaged EfficientNet-Lite0 exported by the real command in its own process (default
-    logging, no -q): (converted dir, ONNX file, the process's stderr)."""
+    logging, no -q): (converted dir, ONNX file, the process's stderr, the converted classifier)."""
     root = tmp_path_factory.mktemp("export")
     conv = root / "lite0-fc"
-    save_converted(load_classifier("tf_efficientnet_lite0", weights="package"), conv)
+    clf = load_classifier("tf_efficientnet_lite0", weights="package")
+    save_converted(clf, conv)
     onnx_file = root / "lite0.onnx"
     env = {**os.environ, "TRANSFERKIT_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "transferkit", "export", str(conv), "-o", str(onnx_file)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout
-    return conv, onnx_file, proc.stderr
+    return conv, onnx_file, proc.stderr, clf
 
 
 def test_export_is_quiet_and_says_its_stages(exported):
-    *_, stderr = exported
+    _, _, stderr, _ = exported
     lines = stderr.splitlines()
     assert len(lines) <= 5, stderr  # the stages and one summary; no exporter INFO, no tracer warnings
     assert [line for line in lines if line.startswith("export: ")] == [
@@ -100,10 +101,9 @@ def test_export_is_quiet_and_says_its_stages(exported):
 
 
 def test_exported_file_describes_itself(exported):
-    conv, onnx_file, _ = exported
+    _, onnx_file, _, clf = exported
     model = onnx.load(onnx_file)
     meta = {p.key: p.value for p in model.metadata_props}
-    clf = load_converted(conv)
     assert written_here(onnx_file) and meta[PRODUCER]
     assert json.loads(meta["classes"]) == clf.classes and len(clf.classes) == 1000
     assert json.loads(meta["mean"]) == pytest.approx(clf.mean) and json.loads(meta["std"]) == pytest.approx(clf.std)
@@ -116,15 +116,15 @@ def test_exported_file_describes_itself(exported):
 
 
 def test_exported_file_matches_torch_at_sizes_it_was_not_traced_at(exported):
-    conv, onnx_file, _ = exported
-    rows = check_onnx(load_converted(conv), onnx_file, [(1, 224, 224), (2, 256, 320), (1, 231, 199), (1, 97, 33)])
+    _, onnx_file, _, clf = exported
+    rows = check_onnx(clf, onnx_file, [(1, 224, 224), (2, 256, 320), (1, 231, 199), (1, 97, 33)])
     assert [r["map"] for r in rows] == [[7, 7], [8, 10], [8, 7], [4, 2]]  # ceil(size / 32): SAME padding
 
 
-def test_onnxruntime_with_only_the_files_metadata_matches_predict(exported, sample_images, tmp_path, cli_run):
+def test_onnxruntime_with_only_the_files_metadata_matches_predict(exported, sample_images, lite0, tmp_path, cli_run):
     """Classify a real photo with onnxruntime, preprocessing it only as the file's metadata says, and compare
     with `transferkit predict --dense` on the converted model (the same image at its own size)."""
-    conv, onnx_file, _ = exported
+    conv, onnx_file, _, _ = exported
     image = tmp_path / "flower.jpg"
     sample_images["flower.jpg"].save(image)
     result = cli_run("predict", conv, image, "--dense", "--json")
@@ -147,10 +147,8 @@ def test_onnxruntime_with_only_the_files_metadata_matches_predict(exported, samp
     h, w = json.loads(meta["input_size"])
     small = np.asarray(Image.open(image).convert("RGB").resize((w, h), Image.BICUBIC), np.float32) / 255
     small = ((small - np.array(mean, np.float32)) / np.array(std, np.float32)).transpose(2, 0, 1)[None]
-    from transferkit.models.backbones import create_backbone
-
     with torch.no_grad():
-        logits = create_backbone("tf_efficientnet_lite0", "package").eval()(torch.from_numpy(small))[0].numpy()
+        logits = lite0.eval()(torch.from_numpy(small))[0].numpy()
     onnx_logits = session.run(["scores"], {"image": small})[0][0].mean((1, 2))
     np.testing.assert_allclose(onnx_logits, logits, atol=RTOL * np.abs(logits).max())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import timm
 import torch
@@ -168,6 +169,14 @@ def test_probe_parity(tmp_path, photo_folder):
         got = got[:, 1] if want.ndim == 1 else got  # binary: columns (-s, s)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{layer} {pool}")
         assert clf.scores == "svm" and clf.net.mean_is_logits == (pool == "avg")
+    # the sliding-window probe exports too, and its file says its scores are SVM values and its smallest input
+    from transferkit.surgery.export import check_onnx, export_onnx
+
+    done = export_onnx(clf, tmp_path / "probe.onnx")
+    meta = {p.key: p.value for p in onnx.load(done.path).metadata_props}
+    assert (meta["scores"], meta["probabilities"], json.loads(meta["min_input_size"])) == ("svm", "none", [64, 64])
+    assert json.loads(meta["classes"]) == clf.classes
+    assert [r["map"] for r in check_onnx(clf, done.path, [(1, 64, 64), (1, 97, 71)])] == [[1, 1], [3, 2]]
 
 
 def test_save_and_reload_without_source(tmp_path, lite0):
