@@ -67,11 +67,13 @@ def export(ctx: click.Context, source: str, fmt: str, out: Path, input_format: s
     from transferkit.surgery.export import export_onnx, written_here
 
     check_output_file(out, written_here)  # before the work: replace only a file transferkit exported
-    progress = ctx.obj["progress"]
-    if progress:
-        click.echo("export: loading...", err=True)
+    def stage(name: str) -> None:  # one line per stage on stderr (-q: none)
+        if ctx.obj["progress"]:
+            click.echo(f"export: {name}...", err=True)
+
+    stage("loading")
     clf = load_classifier(source, weights=weights)
-    done = export_onnx(clf, out, input_format=input_format, check=check, progress=progress,
+    done = export_onnx(clf, out, input_format=input_format, check=check, progress=stage,
                        verbose=ctx.find_root().params.get("verbose", 0) > 0)
     click.echo(f"wrote {out} ({len(clf.classes)} classes, input {input_format}, "
                f"{sum(done.seconds.values()):.1f} s)")

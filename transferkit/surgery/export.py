@@ -18,9 +18,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,11 +74,11 @@ class Exported:
 
 
 def export_onnx(clf: DenseClassifier, path: str | Path, *, input_format: str = "float", check: bool = True,
-                progress: bool = False, verbose: bool = False) -> Exported:
+                progress: Callable[[str], object] | None = None, verbose: bool = False) -> Exported:
     """Write `clf.net` as ONNX: input 'image' ('float': (B, 3, H, W) normalised; 'uint8': raw (B, 3, H, W)
     pixels; 'uint8-nhwc': (B, H, W, 3)), output 'scores' (B, K, h, w). With `check`, the written file must
-    match torch (`check_onnx`) before it replaces `path`. `progress`: the stage on stderr; `verbose`: let the
-    exporter's own warnings and logs through."""
+    match torch (`check_onnx`) before it replaces `path`. `progress` is called with each stage's name as it
+    starts ('tracing', 'writing', 'checking'); `verbose` lets the exporter's own warnings and logs through."""
     validate(EXPORT, {"input_format": input_format, "check": check, "progress": progress}, "export_onnx")
     path = check_output_file(path, written_here)
     done = Exported(path)
@@ -92,8 +91,8 @@ def export_onnx(clf: DenseClassifier, path: str | Path, *, input_format: str = "
 
             model = onnx.load_from_string(graph)
             onnx.helper.set_model_props(model, metadata(clf, input_format))
-            model.doc_string = f"transferkit {__version__}: {clf.spec.get('model')} ({clf.spec.get('kind')}), " \
-                               "fully convolutional; see metadata_props"
+            model.doc_string = (f"transferkit {__version__}: {clf.spec.get('model')} ({clf.spec.get('kind')}), "
+                                "fully convolutional; see metadata_props")
             onnx.save(model, str(tmp))
         if check:
             with _stage(done, "checking", progress):
@@ -115,17 +114,13 @@ def export_onnx(clf: DenseClassifier, path: str | Path, *, input_format: str = "
 
 
 @contextmanager
-def _stage(done: Exported, name: str, progress: bool) -> Iterator[None]:
-    """Time one stage into `done.seconds`; with `progress`, say it on stderr (one line when not a terminal)."""
-    tty = sys.stderr.isatty()
-    if progress:  # on a terminal each stage overwrites the last; piped, one line each
-        print(f"\rexport: {name}..." if tty else f"export: {name}...", end="" if tty else "\n", file=sys.stderr,
-              flush=True)
+def _stage(done: Exported, name: str, progress: Callable[[str], object] | None) -> Iterator[None]:
+    """Time one stage into `done.seconds`, telling `progress` its name first."""
+    if progress is not None:
+        progress(name)
     start = time.perf_counter()
     yield
     done.seconds[name] = time.perf_counter() - start
-    if progress and tty:
-        print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def _trace(clf: DenseClassifier, input_format: str, verbose: bool) -> bytes:

@@ -15,5 +15,5 @@ EXPORT = {
     "fmt": [StrOptions(FORMATS)],
     "input_format": [StrOptions(INPUT_FORMATS)],
     "check": ["boolean"],
-    "progress": ["boolean"],
+    "progress": [callable, None],  # called with each stage's name
 }
