@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from transferkit.cli import DEFAULT_MODEL, ImageSize, cli
+from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
+from transferkit.surgery.params import EXPORT
 
 
 @cli.command()
@@ -44,26 +46,39 @@ def convert(source: str, out: Path, image_size: int | None, input_size: int | No
 
 @cli.command()
 @click.argument("source", metavar="RUN_OR_MODEL")
-@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--format", "fmt", type=click_type(EXPORT["fmt"]), default="onnx", show_default=True)
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="File to write.")
+@click.option("--input-format", type=click_type(EXPORT["input_format"]), default="float", show_default=True,
+              help="What the file takes: float (B,3,H,W) normalised with the file's mean/std, or raw RGB pixels "
+                   "as uint8 (B,3,H,W) or uint8-nhwc (B,H,W,3), scaling and normalisation inside the graph.")
 @click.option("--weights", default="auto", show_default=True, help="For a timm model name.")
 @click.option("--check/--no-check", default=True, show_default=True,
-              help="Compare onnxruntime with torch at two input sizes.")
-def export(source: str, fmt: str, out: Path, weights: str, check: bool) -> None:
-    """Export the fully convolutional form of RUN_OR_MODEL (run, probe, converted dir, timm name), dynamic H x W."""
+              help="Compare onnxruntime with torch at two input sizes before the file is written.")
+@click.pass_context
+def export(ctx: click.Context, source: str, fmt: str, out: Path, input_format: str, weights: str,
+           check: bool) -> None:
+    """Export the fully convolutional form of RUN_OR_MODEL (run, probe, converted dir, timm name), dynamic H x W.
+
+    The file's metadata_props hold its classes, mean, std, input size and layout, and what its scores are.
+    """
     from transferkit.runtime.outputs import check_output_file
     from transferkit.surgery.dense import load_classifier
-    from transferkit.surgery.export import check_onnx, export_onnx, written_here
+    from transferkit.surgery.export import export_onnx, written_here
 
     check_output_file(out, written_here)  # before the work: replace only a file transferkit exported
+    def stage(name: str) -> None:  # one line per stage on stderr (-q: none)
+        if ctx.obj["progress"]:
+            click.echo(f"export: {name}...", err=True)
+
+    stage("loading")
     clf = load_classifier(source, weights=weights)
-    export_onnx(clf, out)
-    click.echo(f"wrote {out}")
-    if check:
-        h, w = clf.net.input_size
-        for row in check_onnx(clf, out, [(h, w), (h + 2 * h // 3 + 1, 2 * w - 3)]):
-            click.echo(f"onnxruntime vs torch at {row['size'][0]}x{row['size'][1]} (map {row['map'][0]}x"
-                       f"{row['map'][1]}): max |diff| {row['max_abs_diff']:.2g}")
+    done = export_onnx(clf, out, input_format=input_format, check=check, progress=stage,
+                       verbose=ctx.find_root().params.get("verbose", 0) > 0)
+    click.echo(f"wrote {out} ({len(clf.classes)} classes, input {input_format}, "
+               f"{sum(done.seconds.values()):.1f} s)")
+    for row in done.checks:
+        click.echo(f"onnxruntime vs torch at {row['size'][0]}x{row['size'][1]} (batch {row['batch']}, map "
+                   f"{row['map'][0]}x{row['map'][1]}): max |diff| {row['max_abs_diff']:.2g}")
 
 
 @cli.command()

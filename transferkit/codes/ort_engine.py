@@ -23,7 +23,7 @@ import json
 import logging
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +161,27 @@ def open_verified(path: Path, keys: Sequence[str], threads: int, side: int) -> O
         return None
 
 
+@contextlib.contextmanager
+def quiet_exporter(enabled: bool = True) -> Iterator[None]:
+    """Silence torch.onnx and its helpers while exporting (~100 INFO lines, tracer and deprecation warnings and
+    prints per export), so a command shows only its own lines; `enabled=False` (the CLI's -v) lets them through."""
+    if not enabled:
+        yield
+        return
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir", "torch.export",
+                                                "torch._dynamo")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
 def export_codes(net: CodesNet, path: Path, side: int, folded: int) -> None:
     """Write `net` as ONNX with a dynamic batch and a fixed side x side input (the exporter's chatter silenced),
     recording `folded` in the file's metadata."""
@@ -168,27 +189,17 @@ def export_codes(net: CodesNet, path: Path, side: int, folded: int) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
 
     def write(tmp: Path) -> None:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(net.eval(), (example,), dynamo=True, input_names=["image"],
-                                        dynamic_shapes=({0: batch},), opset_version=OPSET, verbose=False)
-            program.save(str(tmp))
+        program = torch.onnx.export(net.eval(), (example,), dynamo=True, input_names=["image"],
+                                    dynamic_shapes=({0: batch},), opset_version=OPSET, verbose=False)
+        program.save(str(tmp))
         import onnx
 
         model = onnx.load(str(tmp))
         onnx.helper.set_model_props(model, {FOLDED: str(folded)})
         onnx.save(model, str(tmp))
 
-    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir", "torch.export",
-                                                "torch._dynamo")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.ERROR)
-    try:
+    with quiet_exporter():
         atomic_write(path, write)
-    finally:
-        for q, level in zip(quiet, levels):
-            q.setLevel(level)
 
 
 @torch.no_grad()
