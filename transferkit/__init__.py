@@ -34,10 +34,14 @@ _EXPORTS = {  # public name -> the module (under transferkit) that defines it
     "Recipe": "recipes.recipe",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+_CALLABLE_ROOMS = ("audit",)  # a room named like its job, callable: transferkit.audit(...) runs audit.run.audit
+
+__all__ = [*_EXPORTS, *_CALLABLE_ROOMS, "__version__"]
 
 
 def __getattr__(name: str):
+    if name in _CALLABLE_ROOMS:
+        return importlib.import_module(f"transferkit.{name}")
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"transferkit.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'transferkit' has no attribute {name!r}")
