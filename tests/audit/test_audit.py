@@ -23,12 +23,15 @@ FILES = {"summary.json", "duplicates.csv", "label_issues.csv", "outliers.csv", "
 
 
 def plant(photos: Path, root: Path) -> dict[str, Path]:
-    """Copy `photos` to root/data and plant: an exact copy of temple/0.png, a flower filed under temple, and in
-    root/test a near-duplicate of flower/3.jpg (resized to 75% and back, JPEG quality 70) beside an unrelated image."""
+    """Copy `photos` to root/data and plant: an exact copy of temple/0.png, a flower filed under temple, an image of
+    noise among the flowers, and in root/test a near-duplicate of flower/3.jpg (resized to 75% and back, JPEG
+    quality 70) beside an unrelated image."""
     data = root / "data"
     shutil.copytree(photos, data)
     shutil.copyfile(data / "temple" / "0.png", data / "temple" / "0-copy.png")
     shutil.move(data / "flower" / "5.jpg", data / "temple" / "5-flower.jpg")
+    noise = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(data / "flower" / "noise.png")
     test = root / "test"
     for cls in ("flower", "temple"):
         (test / cls).mkdir(parents=True)
@@ -37,7 +40,7 @@ def plant(photos: Path, root: Path) -> dict[str, Path]:
     Image.open(data / "temple" / "2.png").transpose(Image.Transpose.ROTATE_90).save(test / "temple" / "turned.png")
     return {"data": data, "test": test, "leak": leak, "leaked": data / "flower" / "3.jpg",
             "copy": data / "temple" / "0-copy.png", "original": data / "temple" / "0.png",
-            "mislabelled": data / "temple" / "5-flower.jpg"}
+            "mislabelled": data / "temple" / "5-flower.jpg", "noise": data / "flower" / "noise.png"}
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +84,15 @@ def test_audit_flags_the_mislabelled_image(audited):
     noise = summary["label_issues"]["noise"]
     assert noise["top_pairs"][0]["given"] == "temple" and noise["top_pairs"][0]["true"] == "flower"
     assert 0 < noise["estimated_noise_rate"] < 0.2
-    assert summary["class_balance"]["counts"] == {"flower": 7, "temple": 10}
-    assert summary["class_balance"]["imbalance_ratio"] == pytest.approx(10 / 7, abs=1e-3)
+    assert summary["class_balance"]["counts"] == {"flower": 8, "temple": 10}
+    assert summary["class_balance"]["imbalance_ratio"] == pytest.approx(10 / 8, abs=1e-3)
+
+
+def test_audit_finds_the_image_of_noise_far_from_its_class(audited):
+    paths, out, _ = audited
+    outliers = rows(out / "outliers.csv")
+    assert [r["source"] for r in outliers] == [str(paths["noise"])], outliers
+    assert outliers[0]["label"] == "flower" and float(outliers[0]["score"]) > float(outliers[0]["threshold"])
 
 
 def test_audit_writes_every_file_and_a_self_contained_report(audited):
@@ -95,7 +105,7 @@ def test_audit_writes_every_file_and_a_self_contained_report(audited):
     assert "http://" not in page and "https://" not in page and "<script" not in page  # opens offline
     assert page.count("data:image/jpeg;base64,") >= 4  # both leak images, the copy pair, the mislabelled image
     assert str(paths["leak"]) in page and str(paths["mislabelled"]) in page
-    assert (out / "outliers.csv").read_text().startswith("source,label,score,threshold")
+    assert str(paths["noise"]) in page
 
 
 def test_a_failed_audit_leaves_the_previous_output_as_it_was(audited, tmp_path, cli_run):
