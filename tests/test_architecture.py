@@ -14,7 +14,7 @@ import transferkit
 PACKAGE = Path(transferkit.__file__).parent
 # the floors, lowest first: a module may import its own room and the floors below, never sideways or up
 LAYERS = [("errors",), ("runtime", "plots"), ("data",), ("models",), ("codes",), ("probe",), ("finetune",),
-          ("surgery",), ("jobs",), ("recipes",), ("cli",), ("__main__",)]
+          ("surgery",), ("jobs",), ("auditing",), ("recipes",), ("cli",), ("__main__",)]
 FLOOR = {room: level for level, rooms in enumerate(LAYERS) for room in rooms}
 
 

@@ -31,7 +31,9 @@ _EXPORTS = {  # public name -> the module (under transferkit) that defines it
     "freeze_until": "finetune.loop",
     "list_stages": "finetune.loop",
     "load_finetuned": "finetune.rundir",
+    "resume_run": "finetune.resume",
     "Recipe": "recipes.recipe",
+    "audit": "auditing.run",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
