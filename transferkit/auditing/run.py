@@ -22,7 +22,7 @@ from transferkit.codes.store import FeatureStore
 from transferkit.data.datasets import ImageDataset, open_dataset
 from transferkit.errors import DataError, ParameterError
 from transferkit.jobs import extract_features, like_options, load_data, read_sweep
-from transferkit.models.backbones import DEFAULT_MODEL, PRE_LOGITS
+from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.runtime.outputs import building, check_output
 from transferkit.runtime.params import validate
 
