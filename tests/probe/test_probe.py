@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -245,7 +246,8 @@ def test_sweep_subsamples_stratified(caplog):
     assert result.best["layer"] == "full"
 
 
-def test_sweep_shows_progress_on_stderr(capsys):
+def test_sweep_shows_progress_on_stderr(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # bars are drawn on a terminal only
     X, y = load_digits(return_X_y=True)
     sweep({("first16", "raw"): X[:, :16]}, y, Cs=(0.1,), progress=True)
     captured = capsys.readouterr()

@@ -76,12 +76,12 @@ def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stage
     `fit` after `fine_tune`, instead of a stretched cosine that would jump the LR back up. The best epoch may stay
     one of the earlier ones.
     """
-    import timm
-
-    from transferkit.models.backbones import check_model_name
-    from transferkit.models.layers import layer_table
-
     if list_stages:
+        import timm
+
+        from transferkit.models.backbones import check_model_name
+        from transferkit.models.layers import layer_table
+
         check_model_name(options["model"])
         click.echo(layer_table(timm.create_model(options["model"], pretrained=False)))
         return
@@ -93,6 +93,7 @@ def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stage
         out = resume
     elif data is None or out is None:
         raise click.UsageError("DATA and --out are required (or use --resume RUN, or --list-stages)")
+    _config_values(options)  # LO:HI pairs checked before torch and the data load
     from transferkit.finetune import loop as ft
     from transferkit.finetune import lr_finder
     from transferkit.finetune import resume as rs
