@@ -246,14 +246,43 @@ def test_nested_groups_name_the_flag_too():
 def test_start_up_answers_before_torch_loads(args, tmp_path):
     """Help, the recipe list and argument errors come before torch, timm or scikit-learn load (1-4 s each on 2
     cores): checked by what the process imported, which timing on a shared machine could not show."""
+    last, stderr = _heavy_imports(args, tmp_path)
+    assert last.startswith("HEAVY []"), (last, stderr)
+    assert last.endswith(" 0") == (args[0] in ("--help", "recipes")), (last, stderr)  # errors exit 2
+
+
+def _heavy_imports(args: list, cwd: Path) -> tuple[str, str]:
+    """Run `transferkit ARGS` in a fresh process: its last line ('HEAVY [heavy modules it imported] exit code'),
+    and its stderr."""
     code = ("import sys\nfrom transferkit.cli import main\nsys.argv = ['transferkit', *sys.argv[1:]]\n"
             "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
             "print('HEAVY', [m for m in ('torch', 'timm', 'sklearn') if m in sys.modules], code)")
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd,
                           timeout=120)
-    last = done.stdout.strip().splitlines()[-1]
-    assert last.startswith("HEAVY []"), (last, done.stderr)
-    assert last.endswith(" 0") == (args[0] in ("--help", "recipes")), (last, done.stderr)  # errors exit 2
+    return done.stdout.strip().splitlines()[-1], done.stderr
+
+
+def test_a_model_refused_once_refuses_before_torch_loads(lite0, photo_folder, tmp_path, code_cache):
+    """After the library refused a layer or stage of a model, its vocabulary is remembered (per timm version, in
+    the cache root): the CLI then refuses an unknown --layer or --freeze-until without torch, in the library's
+    words; a damaged table is ignored (the library checks as before)."""
+    from transferkit.models.layers import resolve_layers
+    from transferkit.models.vocabulary import vocabulary_file
+
+    with pytest.raises(ParameterError) as refused:
+        resolve_layers(lite0, "zz")
+    last, stderr = _heavy_imports(["extract", photo_folder, "-o", tmp_path / "c", "--layer", "blocks.2,zz"], tmp_path)
+    assert last == "HEAVY [] 1" and not (tmp_path / "c").exists(), (last, stderr)
+    said = str(refused.value).removeprefix("The 'layer' parameter ")
+    assert f"Error: Invalid value for '--layer': {said}" in stderr.splitlines()
+    last, stderr = _heavy_imports(["finetune", photo_folder, "-o", tmp_path / "r", "--freeze-until", "zz"], tmp_path)
+    assert last == "HEAVY [] 1" and "Invalid value for '--freeze-until'" in stderr and "Got 'zz' instead" in stderr
+    file = vocabulary_file("tf_efficientnet_lite0")
+    assert file.is_relative_to(code_cache)
+    file.write_text('{"model": "tf_efficientnet_lite0", "accepted": 3}')  # damaged: no early answer
+    last, _ = _heavy_imports(["extract", photo_folder, "-o", tmp_path / "c", "--layer", "zz", "--image-size", "32"],
+                             tmp_path)
+    assert last.startswith("HEAVY ['torch'") and last.endswith(" 1")  # the library refused it, after loading
 
 
 def test_log_lines_read_plainly():

@@ -55,6 +55,10 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
             like: Path | None, cache: bool, fold_bn: bool, engine: str, exact_decode: bool, decode_threads: int | None,
             profile: bool) -> None:
     """Write CNN codes of every image in DATA (folder, CSV manifest or IDX) to a codes directory."""
+    from transferkit.models.vocabulary import refuse_early
+
+    if like is None:  # a layer the model is known not to have: refused before torch loads
+        refuse_early(model, "layer", layer)
     from transferkit.jobs import extract_features
 
     if profile:

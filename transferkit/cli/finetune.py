@@ -94,6 +94,10 @@ def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stage
     elif data is None or out is None:
         raise click.UsageError("DATA and --out are required (or use --resume RUN, or --list-stages)")
     _config_values(options)  # LO:HI pairs checked before torch and the data load
+    if resume is None:  # a stage the model is known not to have: refused before torch loads
+        from transferkit.models.vocabulary import refuse_early
+
+        refuse_early(options["model"], "freeze_until", options["freeze_until"])
     from transferkit.finetune import loop as ft
     from transferkit.finetune import lr_finder
     from transferkit.finetune import resume as rs

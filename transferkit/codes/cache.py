@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import uuid
 from collections import OrderedDict
@@ -32,6 +31,7 @@ import numpy as np
 
 from transferkit.data.hashing import DIGEST
 from transferkit.runtime.atomic import atomic_write, write_json_atomic
+from transferkit.runtime.cache_root import default_root
 
 if TYPE_CHECKING:
     from transferkit.codes.spec import CodeSpec
@@ -39,13 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the meaning of stored codes changes
-
-
-def default_root() -> Path:
-    """``$TRANSFERKIT_CACHE`` if set, else ``$XDG_CACHE_HOME/transferkit`` (``~/.cache/transferkit``)."""
-    if os.environ.get("TRANSFERKIT_CACHE"):
-        return Path(os.environ["TRANSFERKIT_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transferkit"
 
 
 def space_id(spec: Mapping) -> str:

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from transferkit.codes import ort_engine
-from transferkit.codes.cache import default_root
 from transferkit.codes.pooling import compute_codes
 from transferkit.codes.spec import engine_file
 from transferkit.codes.timing import STEPS, Choice, Timings, choose, time_calls
 from transferkit.errors import ModelError
 from transferkit.models.fold_bn import fold_checked
+from transferkit.runtime.cache_root import default_root
 from transferkit.runtime.device import autocast, resolve_precision
 
 if TYPE_CHECKING:

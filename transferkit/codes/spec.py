@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transferkit.codes import ort_engine
-from transferkit.codes.cache import default_root, space_id
+from transferkit.codes.cache import space_id
 from transferkit.errors import DataError
+from transferkit.runtime.cache_root import default_root
 
 if TYPE_CHECKING:
     from transferkit.codes.extractor import FeatureExtractor

@@ -18,7 +18,8 @@ from torch import nn
 
 from transferkit.errors import ModelError, ParameterError
 from transferkit.models.params import PRE_LOGITS
-from transferkit.models.stages import eval_no_grad, stage_map
+from transferkit.models.stages import eval_no_grad, list_stages, stage_map, stage_refusal
+from transferkit.models.vocabulary import SPEC, write_vocabulary
 
 ALL = "all"  # timm's feature_info stages and pre_logits: what `--layer auto` sweeps
 DRY_RUN_SIDE = 64  # input side of the dry run that measures hooked maps: a multiple of every usual stride (32)
@@ -179,12 +180,32 @@ def resolve_layers(model: nn.Module, spec: str | int) -> list[Layer]:
         found = _measured(model, found)
     if found is not None and found.has_map:
         return [found]
-    choices = ", ".join(f"{la.stage} ({la.name})" for la in model_layers(model)[:-1] if la.has_map)
     why = (f"'{found.name}' has no feature map (its pooled features are 'pre_logits'); " if found is not None and
            found.name == stages[-1].name else f"'{found.name}' has no feature map; " if found is not None else "")
-    arch = model.pretrained_cfg.get("architecture", type(model).__name__)
-    raise ParameterError(f"The 'layer' parameter must be a stage index or name of {arch}: {choices}; or "
-                         f"'pre_logits', 'all', or a comma list. {why}Got '{spec}' instead.", param="layer")
+    remember_vocabulary(model)  # a refused value: the next bad one is refused before torch loads
+    raise layer_refusal(model, spec, why)
+
+
+def layer_refusal(model: nn.Module, spec: object, why: str = "") -> ParameterError:
+    """The error for a `layer` value `model` does not have (`why`: the reason, when it names a stage)."""
+    choices = ", ".join(f"{la.stage} ({la.name})" for la in model_layers(model)[:-1] if la.has_map)
+    return ParameterError(f"The 'layer' parameter must be a stage index or name of {_arch(model)}: {choices}; or "
+                          f"'pre_logits', 'all', or a comma list. {why}Got '{spec}' instead.", param="layer")
+
+
+def _arch(model: nn.Module) -> str:
+    return model.pretrained_cfg.get("architecture", type(model).__name__)
+
+
+def remember_vocabulary(model: nn.Module) -> None:
+    """Write the `layer` and `freeze_until` values `model` accepts (models.vocabulary), and the messages for the
+    rest, so the CLI refuses an unknown value next time without torch. Stage names without a map are kept as
+    accepted: the library refuses them with its reason."""
+    stages = list_stages(model)
+    names = [*(s.name for s in stages), *(str(s.index) for s in stages)]
+    accepted = {"layer": [*names, *(d["module"] for d in _feature_info(model))], "freeze_until": names}
+    messages = {"layer": str(layer_refusal(model, SPEC)), "freeze_until": str(stage_refusal(stages, SPEC))}
+    write_vocabulary(_arch(model), accepted, messages)
 
 
 def _measured(model: nn.Module, layer: Layer) -> Layer:
@@ -208,6 +229,7 @@ def layer_table(model: nn.Module) -> str:
 
     '*' marks the layers `--layer all` / `auto` extract and the sweep ranks.
     """
+    remember_vocabulary(model)  # who reads the table may type a value next: it is checked before torch loads
     rows = [f"{'index':>5}  {'name':<24} {'channels':>8} {'stride':>6} {'params':>12}  sweep"]
     for la in model_layers(model):
         swept = "*" if la.feature is not None or la.name == PRE_LOGITS else ""

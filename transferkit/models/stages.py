@@ -84,11 +84,19 @@ def resolve_stage(model: nn.Module, spec: str | int) -> int:
     known = {"none": 0, **{str(s.index): s.index for s in stages}, **{s.name: s.index for s in stages}}
     if str(spec).strip() in known:
         return known[str(spec).strip()]
-    valid = ", ".join(f"{s.index} ({s.name})" for s in stages)
     why = ("'pre_logits' is the head's pooled features, not a stage: 'head' trains the head only. "
            if str(spec).strip().replace("-", "_") == PRE_LOGITS else "")
-    raise ParameterError(f"The 'freeze_until' parameter must be 'none', 'head', a stage index or a stage name: "
-                         f"{valid}. {why}Got '{spec}' instead.", param="freeze_until")
+    from transferkit.models.layers import remember_vocabulary  # layers builds on stages: imported when refusing
+
+    remember_vocabulary(model)  # the next bad value is refused before torch loads
+    raise stage_refusal(stages, spec, why)
+
+
+def stage_refusal(stages: list[Stage], spec: object, why: str = "") -> ParameterError:
+    """The error for a `freeze_until` value that names no stage (`why`: the reason, when there is one)."""
+    valid = ", ".join(f"{s.index} ({s.name})" for s in stages)
+    return ParameterError(f"The 'freeze_until' parameter must be 'none', 'head', a stage index or a stage name: "
+                          f"{valid}. {why}Got '{spec}' instead.", param="freeze_until")
 
 
 def freeze_until(model: nn.Module, stage: int) -> nn.Module:
