@@ -85,19 +85,7 @@ def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stage
         check_model_name(options["model"])
         click.echo(layer_table(timm.create_model(options["model"], pretrained=False)))
         return
-    if resume is not None:
-        if out is not None and out.resolve() != resume.resolve():
-            raise click.UsageError(f"--out '{out}' and --resume '{resume}' name different runs; give one")
-        if per_class is not None and data is None:
-            raise click.UsageError("--per-class applies to DATA: give DATA too, or neither (the run's data is used)")
-        out = resume
-    elif data is None or out is None:
-        raise click.UsageError("DATA and --out are required (or use --resume RUN, or --list-stages)")
-    _config_values(options)  # LO:HI pairs checked before torch and the data load
-    if resume is None:  # a stage the model is known not to have: refused before torch loads
-        from transferkit.models.vocabulary import refuse_early
-
-        refuse_early(options["model"], "freeze_until", options["freeze_until"])
+    out = _check_arguments(data, out, resume, per_class, options)
     from transferkit.finetune import loop as ft
     from transferkit.finetune import lr_finder
     from transferkit.finetune import resume as rs
@@ -126,6 +114,25 @@ def finetune(ctx: click.Context, data: Path | None, out: Path | None, list_stage
         click.echo(f"best epoch {result.best_epoch}: validation {result.evaluation.summary()} -> {out}")
     else:
         click.echo(f"best epoch {result.best_epoch} (no validation set) -> {out}")
+
+
+def _check_arguments(data: Path | None, out: Path | None, resume: Path | None, per_class: int | None,
+                     options: dict) -> Path:
+    """Everything that can be refused before torch and the data load; returns the run directory."""
+    if resume is not None:
+        if out is not None and out.resolve() != resume.resolve():
+            raise click.UsageError(f"--out '{out}' and --resume '{resume}' name different runs; give one")
+        if per_class is not None and data is None:
+            raise click.UsageError("--per-class applies to DATA: give DATA too, or neither (the run's data is used)")
+        out = resume
+    elif data is None or out is None:
+        raise click.UsageError("DATA and --out are required (or use --resume RUN, or --list-stages)")
+    _config_values(options)  # LO:HI pairs
+    if resume is None:  # a stage the model is known not to have (models.vocabulary)
+        from transferkit.models.vocabulary import refuse_early
+
+        refuse_early(options["model"], "freeze_until", options["freeze_until"])
+    return out
 
 
 def _config_values(options: dict) -> dict:
