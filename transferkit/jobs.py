@@ -259,13 +259,15 @@ def train_probe(
 def _probe_key(train: FeatureStore, layer: str | None, pool: str | None, metric: str) -> str:
     """The codes a probe trains on: layer 'best' is the sweep's winner (sweeping first if none was run); no layer
     and no pool on codes of several views is the sweep's winner when one was run, else an error that lists them."""
-    if layer == "best" or (layer is None and pool is None and len(train.keys) > 1 and read_sweep(train)):
-        if read_sweep(train) is None:
-            sweep_features(train, metric=metric)
-        key = read_sweep(train)
-        log.info("codes: %s (the layer sweep's best)", key)
-        return key
-    if layer is None and pool is None and len(train.keys) > 1:
+    several = layer is None and pool is None and len(train.keys) > 1
+    best = read_sweep(train) if layer == "best" or several else None  # sweep.json, read once
+    if layer == "best" and best is None:  # no sweep yet: run it, then read its winner as any later run will
+        sweep_features(train, metric=metric)
+        best = read_sweep(train)
+    if best is not None:
+        log.info("codes: %s (the layer sweep's best)", best)
+        return best
+    if several:
         shown = ", ".join(train.keys[:6]) + (f", ... ({len(train.keys)} in all)" if len(train.keys) > 6 else "")
         raise ParameterError(f"The 'layer' parameter must name the codes to train on: '{train.path}' holds several "
                              f"({shown}). Set layer='best' to let the layer sweep choose, or a layer (and pool).",
