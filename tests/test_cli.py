@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -262,27 +263,77 @@ def _heavy_imports(args: list, cwd: Path) -> tuple[str, str]:
     return done.stdout.strip().splitlines()[-1], done.stderr
 
 
-def test_a_model_refused_once_refuses_before_torch_loads(lite0, photo_folder, tmp_path, code_cache):
+def test_a_model_refused_once_refuses_before_torch_loads(photo_folder, tmp_path, code_cache):
     """After the library refused a layer or stage of a model, its vocabulary is remembered (per timm version, in
     the cache root): the CLI then refuses an unknown --layer or --freeze-until without torch, in the library's
     words; a damaged table is ignored (the library checks as before)."""
+    import timm
+
     from transferkit.models.layers import resolve_layers
     from transferkit.models.vocabulary import vocabulary_file
 
+    model = ["--model", "test_resnet", "--weights", "random"]  # no table ships for it
     with pytest.raises(ParameterError) as refused:
-        resolve_layers(lite0, "zz")
-    last, stderr = _heavy_imports(["extract", photo_folder, "-o", tmp_path / "c", "--layer", "blocks.2,zz"], tmp_path)
+        resolve_layers(timm.create_model("test_resnet", pretrained=False), "zz")
+    last, stderr = _heavy_imports(["extract", photo_folder, "-o", tmp_path / "c", "--layer", "layer2,zz", *model],
+                                  tmp_path)
     assert last == "HEAVY [] 1" and not (tmp_path / "c").exists(), (last, stderr)
     said = str(refused.value).removeprefix("The 'layer' parameter ")
     assert f"Error: Invalid value for '--layer': {said}" in stderr.splitlines()
-    last, stderr = _heavy_imports(["finetune", photo_folder, "-o", tmp_path / "r", "--freeze-until", "zz"], tmp_path)
+    last, stderr = _heavy_imports(["finetune", photo_folder, "-o", tmp_path / "r", "--freeze-until", "zz", *model],
+                                  tmp_path)
     assert last == "HEAVY [] 1" and "Invalid value for '--freeze-until'" in stderr and "Got 'zz' instead" in stderr
-    file = vocabulary_file("tf_efficientnet_lite0")
+    file = vocabulary_file("test_resnet")
     assert file.is_relative_to(code_cache)
-    file.write_text('{"model": "tf_efficientnet_lite0", "accepted": 3}')  # damaged: no early answer
-    last, _ = _heavy_imports(["extract", photo_folder, "-o", tmp_path / "c", "--layer", "zz", "--image-size", "32"],
-                             tmp_path)
+    file.write_text('{"model": "test_resnet", "accepted": 3}')  # damaged: no early answer
+    last, _ = _heavy_imports(["extract", photo_folder, "-o", tmp_path / "c", "--layer", "zz", "--image-size", "32",
+                              *model], tmp_path)
     assert last.startswith("HEAVY ['torch'") and last.endswith(" 1")  # the library refused it, after loading
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_the_packaged_models_tables_ship_and_answer_on_a_fresh_cache(name, photo_folder, tmp_path, code_cache):
+    """The models whose weights transferkit installs ship their vocabulary for this timm version, equal to what the
+    network says: a first bad --layer or --freeze-until is refused before torch loads, even on an empty cache.
+    (After a timm upgrade: write the new tables with models.vocabulary.write_vocabulary(vocabulary(net),
+    SHIPPED).)"""
+    import timm
+
+    from transferkit.models.layers import vocabulary
+    from transferkit.models.vocabulary import SHIPPED, vocabulary_file
+
+    shipped = vocabulary_file(name, SHIPPED)
+    assert shipped.is_file(), f"no table for this timm version: {shipped}"
+    assert json.loads(shipped.read_text()) == vocabulary(timm.create_model(name, pretrained=False))
+    assert not any(code_cache.iterdir())
+    for args in (["extract", photo_folder, "-o", tmp_path / "c", "--layer", "blocks.9"],
+                 ["finetune", photo_folder, "-o", tmp_path / "r", "--freeze-until", "12"]):
+        last, stderr = _heavy_imports([*args, "--model", name], tmp_path)
+        assert last == "HEAVY [] 1" and ("Got 'blocks.9' instead" in stderr or "Got '12' instead" in stderr), (
+            last, stderr)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_data_folder_without_classes_is_refused_before_torch_loads(photo_folder, tmp_path):
+    """An empty DATA folder, one with a single class, or a class folder without images: refused in the words
+    open_dataset uses, before torch loads, nothing written."""
+    from transferkit.data.datasets import open_dataset
+    from transferkit.errors import DataError
+
+    empty, one, hollow = tmp_path / "empty", tmp_path / "one", tmp_path / "hollow"
+    empty.mkdir()
+    shutil.copytree(photo_folder / "flower", one / "flower")
+    shutil.copytree(photo_folder, hollow)
+    (hollow / "zebra" / "notes").mkdir(parents=True)
+    (hollow / "zebra" / "notes" / "readme.txt").write_text("not an image")
+    for data in (empty, one, hollow):
+        with pytest.raises(DataError) as said:
+            open_dataset(data)
+        for args in (["extract", data, "-o", tmp_path / "c"], ["finetune", data, "-o", tmp_path / "r"],
+                     ["run", "small-similar", data, "-o", tmp_path / "p"]):
+            last, stderr = _heavy_imports(args, tmp_path)
+            assert last == "HEAVY [] 1" and stderr.splitlines() == [f"Error: {said.value}"], (last, stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "hollow", "one", "photos"]
 
 
 def test_log_lines_read_plainly():

@@ -20,8 +20,9 @@ from transferkit.codes.extractor import FeatureExtractor
 from transferkit.codes.params import POOL_NAMES
 from transferkit.codes.spec import CodeSpec
 from transferkit.codes.store import KIND, FeatureStore
-from transferkit.data.datasets import IMAGE_EXTENSIONS, ImageDataset, open_dataset, scan_images
+from transferkit.data.datasets import ImageDataset, open_dataset
 from transferkit.data.decode import collate
+from transferkit.data.folders import no_images, scan_images
 from transferkit.data.transforms import build_transform
 from transferkit.errors import DataError, ParameterError
 from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
@@ -345,7 +346,7 @@ def image_files(paths: list[str | Path]) -> list[str]:
     for p in paths:
         found = next(in_folders) if p.is_dir() else [str(p)]
         if not found:
-            raise DataError(f"folder '{p}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise no_images(p, what="folder")
         files += found
     return files
 

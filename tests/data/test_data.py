@@ -14,8 +14,9 @@ from PIL import Image
 from sklearn.datasets import load_digits, load_sample_images
 from torch.utils.data import DataLoader
 
-from transferkit.data.datasets import IMAGE_EXTENSIONS, ImageDataset, open_dataset
+from transferkit.data.datasets import ImageDataset, open_dataset
 from transferkit.data.decode import collate, decode_ahead, load_image
+from transferkit.data.folders import IMAGE_EXTENSIONS
 from transferkit.data.transforms import build_transform, describe_transform
 from transferkit.errors import DataError
 

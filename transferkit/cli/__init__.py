@@ -85,17 +85,28 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 class DataPath(click.Path):
     """A data set argument (folder, CSV, IDX file or IDX prefix), refused in a fraction of a second if it is none
-    of them, before a command imports torch (open_dataset checks its content later)."""
+    of them, or a folder with fewer than `min_classes` class folders or a class without images, before a command
+    imports torch (open_dataset checks the rest later)."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_classes: int = 2) -> None:
         super().__init__(path_type=Path)
+        self.min_classes = min_classes
 
     def convert(self, value, param, ctx) -> Path:
         from transferkit.data.params import ACCEPTED_FORMS, could_be_data
 
         if not could_be_data(value):
             self.fail(f"'{value}': no such file, folder or IDX prefix. Expected {ACCEPTED_FORMS}.", param, ctx)
-        return super().convert(value, param, ctx)
+        path = super().convert(value, param, ctx)
+        if Path(path).is_dir():
+            from transferkit.data.folders import check_folder
+            from transferkit.errors import DataError
+
+            try:
+                check_folder(Path(path), self.min_classes)
+            except DataError as e:  # as open_dataset would say it later: not a usage error
+                raise click.ClickException(str(e)) from e
+        return path
 
 
 class ImageSize(click.ParamType):

@@ -20,14 +20,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from transferkit.data.decode import DecodeTarget, load_image
+from transferkit.data.folders import class_folders, no_images, scan_images
 from transferkit.data.hashing import content_hash
 from transferkit.data.known_sets import known_class_names
 from transferkit.data.params import ACCEPTED_FORMS, IDX_SUFFIXES
 from transferkit.errors import DataError
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 _Parts = tuple[list[str], np.ndarray, list[str], np.ndarray | None]  # sources, targets, classes, pixels
 _IDX_IMAGES_MAGIC = 0x00000803  # uint8, 3 dimensions
@@ -196,79 +195,15 @@ def open_dataset(
 
 def _scan_folder(root: Path, min_classes: int) -> _Parts:
     """One sorted subfolder per class; image files found recursively, sorted, hidden entries skipped."""
-    try:
-        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    except OSError as exc:  # a folder that may not be read: the user's to fix, in one line
-        raise DataError(f"cannot list dataset folder '{root}': {exc.strerror or exc}") from exc
-    if len(class_dirs) < min_classes:
-        raise DataError(
-            f"dataset folder '{root}' has {len(class_dirs)} class folder(s); need at least {min_classes} "
-            f"(one subfolder of images per class)"
-        )
+    class_dirs = class_folders(root, min_classes)
     sources: list[str] = []
     targets: list[int] = []
     for label, (class_dir, files) in enumerate(zip(class_dirs, scan_images(class_dirs))):
         if not files:
-            raise DataError(f"class folder '{class_dir}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise no_images(class_dir)
         sources += files
         targets += [label] * len(files)
     return sources, np.asarray(targets, dtype=np.int64), [d.name for d in class_dirs], None
-
-
-def scan_images(folders: Sequence[Path]) -> list[list[str]]:
-    """The image files under each of `folders`: recursive, sorted, hidden entries skipped, symlinks followed.
-
-    Each directory is walked once: a symlink to an ancestor, to one of `folders`, or to a directory already
-    walked is not followed (`ln -s .. odd/up` would list the whole tree again and again, under the wrong class).
-    A file reached twice under one folder (a symlink beside its target, a hard link) is listed once. One
-    warning counts what was skipped.
-    """
-    walked = {key for folder in folders for key in map(_identity, (folder, *Path(folder).resolve().parents))}
-    loops: list[str] = []
-    repeats: list[str] = []
-    out = [sorted(_walk_once(folder, walked, loops, repeats)) for folder in folders]
-    if loops or repeats:
-        log.warning(
-            "listed each image once: skipped %d folder link(s) to an ancestor or a folder already scanned%s and "
-            "%d file(s) reached twice%s", len(loops), f" (e.g. '{loops[0]}')" if loops else "", len(repeats),
-            f" (e.g. '{repeats[0]}')" if repeats else "")
-    return out
-
-
-def _walk_once(folder: Path, walked: set, loops: list[str], repeats: list[str]) -> list[str]:
-    """scan_images for one folder: adds to `walked` (directory identities) and to the skipped `loops`/`repeats`."""
-    found: list[str] = []
-    seen: set[tuple[int, int] | None] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        keep = []
-        for name in sorted(d for d in dirnames if not d.startswith(".")):  # sorted: the same link wins every time
-            key = _identity(os.path.join(dirpath, name))
-            if key is not None and key in walked:
-                loops.append(os.path.join(dirpath, name))
-                continue
-            walked.add(key)
-            keep.append(name)
-        dirnames[:] = keep  # os.walk descends into these only
-        for name in sorted(filenames):
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = os.path.join(dirpath, name)
-            key = _identity(path)  # None (a broken link): listed, and decoding says what is wrong
-            if key is not None and key in seen:
-                repeats.append(path)
-                continue
-            seen.add(key)
-            found.append(path)
-    return found
-
-
-def _identity(path: str | Path) -> tuple[int, int] | None:
-    """(device, inode) of what `path` leads to, following symlinks; None if it cannot be reached."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _read_manifest(manifest: Path) -> _Parts:

@@ -198,14 +198,19 @@ def _arch(model: nn.Module) -> str:
 
 
 def remember_vocabulary(model: nn.Module) -> None:
-    """Write the `layer` and `freeze_until` values `model` accepts (models.vocabulary), and the messages for the
-    rest, so the CLI refuses an unknown value next time without torch. Stage names without a map are kept as
-    accepted: the library refuses them with its reason."""
+    """Write `model`'s vocabulary under the cache root (models.vocabulary), so the CLI refuses an unknown value
+    next time without torch."""
+    write_vocabulary(vocabulary(model))
+
+
+def vocabulary(model: nn.Module) -> dict:
+    """The `layer` and `freeze_until` values `model` accepts, and the messages for the rest. Stage names without
+    a map are kept as accepted: the library refuses them with its reason."""
     stages = list_stages(model)
     names = [*(s.name for s in stages), *(str(s.index) for s in stages)]
     accepted = {"layer": [*names, *(d["module"] for d in _feature_info(model))], "freeze_until": names}
     messages = {"layer": str(layer_refusal(model, SPEC)), "freeze_until": str(stage_refusal(stages, SPEC))}
-    write_vocabulary(_arch(model), accepted, messages)
+    return {"model": _arch(model), "accepted": accepted, "messages": messages}
 
 
 def _measured(model: nn.Module, layer: Layer) -> Layer:

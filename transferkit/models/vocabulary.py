@@ -1,7 +1,8 @@
-"""The `layer` and `freeze_until` values a model accepts, remembered per model and timm version under the cache
-root, so the CLI refuses a bad `--layer` or `--freeze-until` in a fraction of a second, before torch and timm load
-(~5 s on 2 cores). `models.layers.remember_vocabulary` writes a model's table (with the network at hand: after a
-refused value, and by `transferkit layers`); this module reads it and is light: no torch."""
+"""The `layer` and `freeze_until` values a model accepts, per model and timm version, so the CLI refuses a bad
+`--layer` or `--freeze-until` in a fraction of a second, before torch and timm load (~5 s on 2 cores). The tables
+of the models whose weights transferkit installs ship in `vocabularies/`; others are remembered under the cache
+root by `models.layers.remember_vocabulary` (with the network at hand: after a refused value, and by
+`transferkit layers`). This module reads them and is light: no torch."""
 
 from __future__ import annotations
 
@@ -18,36 +19,61 @@ SPEC = "{spec}"  # where a message names the refused value
 KEYWORDS = {"layer": ("all", "auto", "pre_logits", "pre-logits"), "freeze_until": ("none",)}
 
 
-def vocabulary_file(model: str) -> Path | None:
-    """The table's file: names depend on the timm version, so each version has its own (None: no timm)."""
+SHIPPED = Path(__file__).parent / "vocabularies"  # the tables of the models whose weights ship on PyPI
+
+
+def vocabulary_file(model: str, root: Path | None = None) -> Path | None:
+    """The table's file under `root` (default: the cache root's 'vocabulary' folder): names depend on the timm
+    version, so each version has its own (None: no timm)."""
     try:
         timm_version = version("timm")
     except PackageNotFoundError:
         return None
-    return default_root() / "vocabulary" / f"{model.replace('/', '_')}.timm-{timm_version}.json"
+    return (root or default_root() / "vocabulary") / f"{model.replace('/', '_')}.timm-{timm_version}.json"
 
 
-def write_vocabulary(model: str, accepted: dict[str, list[str]], messages: dict[str, str]) -> None:
-    """Remember what `model` accepts, and the library's message (with SPEC) for anything else."""
-    file = vocabulary_file(model)
+def write_vocabulary(table: dict, root: Path | None = None) -> None:
+    """Remember what `table['model']` accepts, and the library's message (with SPEC) for anything else (the
+    dict `models.layers.vocabulary` makes)."""
+    file = vocabulary_file(table["model"], root)
     if file is None:
         return
     with contextlib.suppress(OSError):  # a cache that cannot be written only costs the early check
         file.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(file, {"model": model, "accepted": accepted, "messages": messages})
+        write_json_atomic(file, table)
+
+
+def read_vocabulary(model: str) -> dict | None:
+    """`model`'s table: the one remembered in the cache root, else the one shipped with transferkit for this timm
+    version; None if neither is there or readable (then nothing is refused early)."""
+    for root in (None, SHIPPED):
+        file = vocabulary_file(model, root)
+        try:
+            table = json.loads(file.read_text(encoding="utf-8")) if file is not None else None
+        except (OSError, ValueError):
+            continue
+        if _well_formed(table, model):
+            return table
+    return None
+
+
+def _well_formed(table: object, model: str) -> bool:
+    """Whether `table` is `model`'s, with a list of accepted values and a message (with SPEC) per parameter."""
+    try:
+        return table["model"] == model and all(
+            isinstance(table["accepted"][p], list) and SPEC in table["messages"][p] for p in KEYWORDS)
+    except (KeyError, TypeError):
+        return False
 
 
 def refuse_early(model: str, param: str, spec: object) -> None:
     """Raise the library's own ParameterError if `model`'s remembered table has no `spec` (for `layer`, any part
-    of a comma list). Silent when nothing is remembered or the file is damaged: the library checks later anyway."""
-    file = vocabulary_file(model)
-    try:
-        table = json.loads(file.read_text(encoding="utf-8")) if file is not None else None
-        accepted, message = set(table["accepted"][param]), table["messages"][param]
-        valid = table["model"] == model and isinstance(message, str) and SPEC in message
-    except (OSError, ValueError, KeyError, TypeError):
+    of a comma list). Silent when nothing is known or the file is damaged: the library checks later anyway."""
+    table = read_vocabulary(model)
+    if table is None:
         return
+    accepted, message = set(table["accepted"][param]), table["messages"][param]
     parts = [p.strip() for p in str(spec).split(",")] if param == "layer" else [str(spec).strip()]
     bad = next((p for p in parts if p not in accepted and p not in KEYWORDS[param]), None)
-    if valid and bad is not None:
+    if bad is not None:
         raise ParameterError(message.replace(SPEC, bad if param == "layer" else str(spec)), param=param)
