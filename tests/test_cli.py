@@ -314,6 +314,34 @@ def test_the_packaged_models_tables_ship_and_answer_on_a_fresh_cache(name, photo
     assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
 
 
+def test_argument_errors_come_before_torch_loads(photo_folder, tmp_path):
+    """Unknown model names (checked against timm's names shipped for this timm version, which a test here keeps
+    equal to timm.list_models()), a bad --pool, a folder that is no codes directory, a missing run, a bad recipe
+    field: each one line, exit 1, before torch or timm load (run --set validates with scikit-learn's checker)."""
+    import timm
+
+    from transferkit.models.vocabulary import model_names_file
+
+    assert model_names_file().read_text().split() == timm.list_models()
+    not_codes = tmp_path / "not-codes"
+    not_codes.mkdir()
+    cases = {
+        ("extract", photo_folder, "-o", "c", "--model", "resnet5"): "unknown model 'resnet5'. Did you mean: resnet50",
+        ("finetune", photo_folder, "-o", "r", "--model", "lite0"): "unknown model 'lite0'",
+        ("layers", "efficientnet_lite9"): "unknown model 'efficientnet_lite9'. Did you mean",
+        ("export", "no/such/run", "-o", "f.onnx"): "'no/such/run': no such run, probe or converted model",
+        ("summary", "bogus_net"): "unknown model 'bogus_net'",
+        ("extract", photo_folder, "-o", "c", "--pool", "mean"): "Invalid value for '--pool': must be one of",
+        ("probe", not_codes, "-o", "p"): f"'{not_codes}' is not a codes directory (no meta.json)",
+        ("run", "small-similar", photo_folder, "--set", "epochs=2"): "unknown field 'epochs' in recipe",
+    }
+    for args, said in cases.items():
+        last, stderr = _heavy_imports(list(args), tmp_path)
+        assert last.startswith("HEAVY [") and "torch" not in last and last.endswith(" 1"), (args, last, stderr)
+        assert stderr.splitlines()[-1].startswith(f"Error: {said}"), (args, stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-codes", "photos"]
+
+
 def test_a_data_folder_without_classes_is_refused_before_torch_loads(photo_folder, tmp_path):
     """An empty DATA folder, one with a single class, or a class folder without images: refused in the words
     open_dataset uses, before torch loads, nothing written."""

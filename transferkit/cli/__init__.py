@@ -109,6 +109,47 @@ class DataPath(click.Path):
         return path
 
 
+class ModelName(click.ParamType):
+    """A timm model name, refused before torch loads if the names shipped for this timm version lack it
+    (models.vocabulary); with `paths`, an existing file or folder (a run, a probe) is taken as it is."""
+
+    name = "model"
+
+    def __init__(self, paths: bool = False) -> None:
+        self.paths = paths
+
+    def convert(self, value, param, ctx) -> str:
+        from transferkit.errors import ModelError
+        from transferkit.models.vocabulary import refuse_unknown_model
+
+        if self.paths and not Path(value).exists() and "/" in str(value) and ":" not in str(value):
+            raise click.ClickException(f"'{value}': no such run, probe or converted model (nor a timm model name)")
+        if not (self.paths and Path(value).exists()):
+            try:
+                refuse_unknown_model(str(value))
+            except ModelError as e:  # as create_backbone would say it later
+                raise click.ClickException(str(e)) from e
+        return str(value)
+
+
+class CodesPath(click.Path):
+    """A codes directory (`transferkit extract`'s output), refused before torch loads if it is none."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, file_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx) -> Path:
+        from transferkit.codes.store import FeatureStore
+        from transferkit.errors import DataError
+
+        path = super().convert(value, param, ctx)
+        try:
+            FeatureStore(path)
+        except DataError as e:  # as the command would say it later
+            raise click.ClickException(str(e)) from e
+        return path
+
+
 class ImageSize(click.ParamType):
     """`--image-size`, one form in every command: N (N x N pixels); also HxW where a command takes rectangles
     (`pairs`). Each side has the limits of the library's table (`allowed`, default data.params.IMAGE_SIZE)."""
@@ -145,7 +186,8 @@ def model_options(f=None, *, table=FINETUNE, precision: str = "fp32",
     f = click.option("--weights", default="auto", show_default=True,
                      help="A .safetensors/.pth file, 'auto' (installed package, then timm hub), 'package', "
                           "'hub', or 'random'.")(f)
-    f = click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Any timm model name.")(f)
+    f = click.option("--model", type=ModelName(), default=DEFAULT_MODEL, show_default=True,
+                     help="Any timm model name.")(f)
     return f
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from transferkit.cli import DEFAULT_MODEL, DataPath, cli, model_options
+from transferkit.cli import DEFAULT_MODEL, DataPath, ModelName, cli, model_options
 from transferkit.codes.params import EXTRACTOR
 from transferkit.probe.params import AUTO_BALANCED_RATIO, PROBE
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
@@ -55,10 +55,12 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
             like: Path | None, cache: bool, fold_bn: bool, engine: str, exact_decode: bool, decode_threads: int | None,
             profile: bool) -> None:
     """Write CNN codes of every image in DATA (folder, CSV manifest or IDX) to a codes directory."""
+    from transferkit.codes.params import parse_pools
     from transferkit.models.vocabulary import refuse_early
 
-    if like is None:  # a layer the model is known not to have: refused before torch loads
+    if like is None:  # a layer the model is known not to have, a pooling that is none: refused before torch loads
         refuse_early(model, "layer", layer)
+        parse_pools(pool)
     from transferkit.jobs import extract_features
 
     if profile:
@@ -136,7 +138,7 @@ def sweep(features: Path, cv: int, max_samples: int, metric: str) -> None:
 
 
 @cli.command()
-@click.argument("model", default=DEFAULT_MODEL)
+@click.argument("model", type=ModelName(), default=DEFAULT_MODEL)
 def layers(model: str) -> None:
     """List the stages of MODEL: the names and indices --layer and finetune --freeze-until accept (the same
     table as finetune --list-stages)."""

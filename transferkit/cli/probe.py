@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from transferkit.cli import DataPath, cli
+from transferkit.cli import CodesPath, DataPath, cli
 from transferkit.codes.params import EXTRACTOR
 from transferkit.probe.params import AUTO_BALANCED_RATIO, PROBE
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
@@ -15,9 +15,9 @@ from transferkit.surgery.params import DEFAULT_HEATMAPS, DENSE, MAX_MEGAPIXELS
 
 
 @cli.command()
-@click.argument("train", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("train", type=CodesPath())
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Directory for the probe.")
-@click.option("--test", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+@click.option("--test", type=CodesPath(), default=None,
               help="Codes directory to evaluate on (extract it with --like TRAIN).")
 @click.option("--layer", default=None,
               help="Layer of the codes to use, or 'best' (the layer sweep's choice; sweeps first if none was run) "
@@ -36,6 +36,10 @@ from transferkit.surgery.params import DEFAULT_HEATMAPS, DENSE, MAX_MEGAPIXELS
 def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: str | None, C: str,
           scaling: str, cv: int, class_weight: str | None, metric: str, max_iter: int) -> None:
     """Train a linear SVM on the codes in TRAIN; report accuracy, balanced accuracy and macro-F1 on TEST."""
+    from transferkit.codes.params import parse_pools
+
+    if pool is not None:
+        parse_pools(pool)  # before torch loads
     from transferkit.jobs import train_probe
 
     C = C if C == "auto" else _number(C)  # LinearProbe checks its limits (PROBE["C"]); its error names the flag

@@ -50,7 +50,6 @@ def run(recipe: str, data: Path, test: Path | None, out: Path | None, overrides:
         per_class: int | None, test_per_class: int | None, image_size: int | None) -> None:
     """Run RECIPE (a name from `transferkit recipes` or a .toml file) on DATA end to end; score on --test."""
     from transferkit import recipes
-    from transferkit.jobs import load_data
 
     changes = recipes.parse_overrides(overrides)
     if image_size is not None:
@@ -59,7 +58,9 @@ def run(recipe: str, data: Path, test: Path | None, out: Path | None, overrides:
         changes["image_size"] = image_size
     if test_per_class is not None and test is None:
         raise click.UsageError("--test-per-class needs --test")
-    chosen = recipes.resolve(recipe).replace(**changes)
+    chosen = recipes.resolve(recipe).replace(**changes)  # a bad field or value: refused before torch loads
+    from transferkit.jobs import load_data
+
     test_data = None if test is None else load_data(test, per_class=test_per_class)
     result = chosen.run(load_data(data, per_class=per_class), test_data, out or Path(chosen.name),
                         progress=click.get_current_context().obj["progress"])

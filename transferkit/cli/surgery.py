@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from transferkit.cli import DEFAULT_MODEL, ImageSize, cli
+from transferkit.cli import DEFAULT_MODEL, ImageSize, ModelName, cli
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
 from transferkit.surgery.params import EXPORT
 
 
 @cli.command()
-@click.argument("source", metavar="RUN_OR_MODEL")
+@click.argument("source", metavar="RUN_OR_MODEL", type=ModelName(paths=True))
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for convert.json and fully_conv.safetensors.")
 @click.option("--image-size", type=ImageSize(), default=None,
@@ -45,7 +45,7 @@ def convert(source: str, out: Path, image_size: int | None, input_size: int | No
 
 
 @cli.command()
-@click.argument("source", metavar="RUN_OR_MODEL")
+@click.argument("source", metavar="RUN_OR_MODEL", type=ModelName(paths=True))
 @click.option("--format", "fmt", type=click_type(EXPORT["fmt"]), default="onnx", show_default=True)
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="File to write.")
 @click.option("--input-format", type=click_type(EXPORT["input_format"]), default="float", show_default=True,
@@ -82,7 +82,7 @@ def export(ctx: click.Context, source: str, fmt: str, out: Path, input_format: s
 
 
 @cli.command()
-@click.argument("model", default=DEFAULT_MODEL)
+@click.argument("model", type=ModelName(paths=True), default=DEFAULT_MODEL)
 @click.option("--image-size", type=ImageSize(pairs=True), default=None,
               help="Input size, N or HxW [default: the model's pretrained size, or the run's or probe's].")
 def summary(model: str, image_size: int | tuple[int, int] | None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,8 +10,9 @@ import timm
 import torch
 from torch import nn
 
-from transferkit.errors import ModelError, WeightsError
+from transferkit.errors import WeightsError
 from transferkit.models.params import DEFAULT_MODEL
+from transferkit.models.vocabulary import unknown_model
 from transferkit.models.weights import match_state_dict, resolve_weights, state_dict_sha256
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,7 @@ class WeightsInfo:
 def check_model_name(name: str) -> None:
     """Fail early, with the closest names, on a model timm does not know."""
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        hint = f" Did you mean: {', '.join(close)}?" if close else " See `timm.list_models()`."
-        raise ModelError(f"unknown model '{name}'.{hint}")
+        raise unknown_model(name, timm.list_models())
 
 
 def create_backbone(name: str = DEFAULT_MODEL, weights: str | Path = "auto", **kwargs) -> nn.Module:

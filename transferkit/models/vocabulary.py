@@ -11,7 +11,7 @@ import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from transferkit.errors import ParameterError
+from transferkit.errors import ModelError, ParameterError
 from transferkit.runtime.atomic import write_json_atomic
 from transferkit.runtime.cache_root import default_root
 
@@ -30,6 +30,37 @@ def vocabulary_file(model: str, root: Path | None = None) -> Path | None:
     except PackageNotFoundError:
         return None
     return (root or default_root() / "vocabulary") / f"{model.replace('/', '_')}.timm-{timm_version}.json"
+
+
+def model_names_file(root: Path = SHIPPED) -> Path | None:
+    """The file of the model names timm knows (timm.list_models()), one per line, per timm version."""
+    try:
+        return root / f"timm-{version('timm')}.models.txt"
+    except PackageNotFoundError:
+        return None
+
+
+def unknown_model(name: str, known: list[str]) -> ModelError:
+    """The error for a model name timm does not know, with the closest names it does."""
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else " See `timm.list_models()`."
+    return ModelError(f"unknown model '{name}'.{hint}")
+
+
+def refuse_unknown_model(name: str) -> None:
+    """Raise `unknown_model` if the names shipped for this timm version lack `name` (its architecture: a
+    pretrained tag after '.' is timm's to check). Silent without the file, and for hub names ('hf-hub:...')."""
+    file = model_names_file()
+    if ":" in name or "/" in name or file is None:
+        return
+    try:
+        known = file.read_text(encoding="utf-8").split()
+    except OSError:
+        return
+    if known and name.split(".", 1)[0] not in known:
+        raise unknown_model(name, known)
 
 
 def write_vocabulary(table: dict, root: Path | None = None) -> None:
