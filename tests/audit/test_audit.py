@@ -3,9 +3,16 @@ mislabelled image), on Fashion-MNIST with planted label flips, and the bad input
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import html
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +114,115 @@ def test_audit_writes_every_file_and_a_self_contained_report(audited):
     assert page.count("data:image/jpeg;base64,") >= 4  # both leak images, the copy pair, the mislabelled image
     assert str(paths["leak"]) in page and str(paths["mislabelled"]) in page
     assert str(paths["noise"]) in page
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # Debian's package: .ci/install
+# Appended to a copy of report.html: sorts every table by each sortable column (twice: up, then down), records the
+# rows each time in <pre id='probe'>, then throws a planted error, which shows that uncaught errors are reported.
+PROBE = """<script>
+var found = [];
+document.querySelectorAll("table").forEach(function (table, t) {
+  var rows = function () {
+    return Array.prototype.map.call(table.tBodies[0].rows, function (r) {
+      return Array.prototype.map.call(r.cells, function (c) { return c.textContent.trim(); });
+    });
+  };
+  var before = rows();
+  table.querySelectorAll("th button").forEach(function (b) {
+    var th = b.parentNode, seen = {table: t, col: th.cellIndex, before: before};
+    b.click(); seen.up = rows(); seen.up_sort = th.getAttribute("aria-sort");
+    b.click(); seen.down = rows(); seen.down_sort = th.getAttribute("aria-sort");
+    found.push(seen);
+  });
+});
+var pre = document.createElement("pre");
+pre.id = "probe";
+pre.textContent = JSON.stringify(found);
+document.body.appendChild(pre);
+throw new Error("planted-by-the-test");
+</script>"""
+
+
+def chromium(page: Path, profile: Path) -> tuple[str, list[str]]:
+    """Load `page` in headless Chromium: the DOM after its scripts ran, and the console lines (console messages and
+    uncaught exceptions, which Chromium logs to stderr as '...:CONSOLE...] "message", source: URL (line)')."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        dom, log = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the browser's helpers, if any outlived it
+        proc.communicate()
+    assert proc.returncode == 0 and "</html>" in dom, log[-2000:]
+    return dom, [line for line in log.splitlines() if ":CONSOLE" in line]
+
+
+class _Tables(HTMLParser):
+    """The rendered tables of a DOM, by the <h2> heading before each: lists of rows of cell texts."""
+
+    def __init__(self, dom: str) -> None:
+        super().__init__()
+        self.tables, self.heading, self.text, self.row = {}, "", None, None
+        self.feed(dom)
+
+    def handle_starttag(self, tag: str, attrs) -> None:
+        if tag in ("h2", "td", "th"):
+            self.text = ""
+        elif tag == "tr":
+            self.row = []
+        elif tag == "table":
+            self.tables[self.heading] = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "h2":
+            self.heading = self.text.split(" (")[0]
+        elif tag in ("td", "th"):
+            self.row.append(self.text.strip())
+        elif tag == "tr" and self.row is not None:
+            self.tables[self.heading].append(self.row)
+        if tag in ("h2", "td", "th"):
+            self.text = None
+
+    def handle_data(self, data: str) -> None:
+        if self.text is not None:
+            self.text += data
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs a headless browser: Debian's chromium package (.ci/install)")
+def test_report_renders_in_chromium_without_errors_and_sorts(audited, tmp_path):
+    """report.html as a browser shows it: no console message or uncaught error, the planted leak, exact copy and
+    mislabelled image in their tables; every sortable column sorts up then down, numbers numerically."""
+    paths, out, _ = audited
+    dom, console = chromium(out / "report.html", tmp_path / "profile")
+    assert console == [], console
+    tables = _Tables(dom).tables
+    leak = tables["Leakage: the same image in DATA and TEST"]
+    assert [(r[1], r[3]) for r in leak[1:]] == [(f"data: {paths['leaked']}", f"test: {paths['leak']}")], leak
+    within = tables["Duplicates within a set"]
+    copies = {f"data: {paths['original']}", f"data: {paths['copy']}"}
+    assert [r[4:] for r in within if {r[1], r[3]} == copies] == [["exact", "1.0000"]], within
+    issues = tables["Likely label errors"]
+    assert issues[1][1:4] == [str(paths["mislabelled"]), "temple", "flower"], issues
+    assert tables["Class counts"][1:] == [["flower", "8"], ["temple", "10"]]
+
+    probed = tmp_path / "probed.html"
+    probed.write_text((out / "report.html").read_text().replace("</body>", PROBE + "</body>"))
+    dom, console = chromium(probed, tmp_path / "profile")
+    assert len(console) == 1 and "Uncaught Error: planted-by-the-test" in console[0], console  # errors are seen
+    found = json.loads(html.unescape(re.search(r"<pre id=\"probe\">(.*?)</pre>", dom, re.S).group(1)))
+    assert len(found) == len(dom.split("<button")) - 1 > 10  # every sortable column was probed
+    for seen in found:
+        col, up, down = seen["col"], seen["up"], seen["down"]
+        assert sorted(up) == sorted(seen["before"]) == sorted(down), seen  # rows move whole
+        assert (seen["up_sort"], seen["down_sort"]) == ("ascending", "descending")
+        values = [r[col] for r in up]
+        assert [r[col] for r in down] == values[::-1], seen
+        if all(re.fullmatch(r"[0-9.]+", v) for v in values):
+            assert values == sorted(values, key=float), seen
+    counts = [s for s in found if s["up"][0][0] in ("flower", "temple") and s["col"] == 1]
+    assert [[r[1] for r in s["up"]] for s in counts] == [["8", "10"]]  # as numbers: as text, "10" < "8"
 
 
 def test_a_failed_audit_leaves_the_previous_output_as_it_was(audited, tmp_path, cli_run):
