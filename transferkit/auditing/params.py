@@ -24,3 +24,7 @@ AUDIT = {
     "cv": [Interval(Integral, 2, None, closed="left")],
     "max_rows": [Interval(Integral, 0, None, closed="left")],  # rows per report.html section (the CSVs have all)
 }
+
+RETRIEVAL = {  # `neighbors`
+    "k": [Interval(Integral, 1, None, closed="left")],  # most similar images listed per query
+}
