@@ -26,7 +26,7 @@ SIZE = 64  # px: the photo crops are 64 x 64
 # A blurred, re-encoded copy of a 64 px crop keeps only ~0.9 cosine similarity of codes (docs/audit.md), below the
 # default 0.95 that keeps look-alike pairs out of large sets; 0.85 still leaves every other cross pair out here.
 NEAR = 0.85
-FILES = {"summary.json", "duplicates.csv", "label_issues.csv", "outliers.csv", "report.html"}
+FILES = {"summary.json", "duplicates.csv", "label_issues.csv", "outliers.csv", "report.html", "cleaned.csv"}  # --fix
 
 
 def plant(photos: Path, root: Path) -> dict[str, Path]:
@@ -52,13 +52,20 @@ def plant(photos: Path, root: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory, shared_photo_folder, cli_run):
-    """The planted set audited once through the CLI (no code cache: module fixtures run outside code_cache)."""
+    """The planted set audited once through the CLI (no code cache: module fixtures run outside code_cache), with
+    --fix relabel; paths['before']: DATA's and TEST's files (and bytes) before the audit."""
     root = tmp_path_factory.mktemp("audit")
     paths = plant(shared_photo_folder, root)
+    paths["before"] = (tree(paths["data"]), tree(paths["test"]))
     out = root / "out"
     result = cli_run("-q", "audit", paths["data"], "--test", paths["test"], "-o", out, "--image-size", SIZE,
-                     "--near-threshold", NEAR, "--no-cache")
+                     "--near-threshold", NEAR, "--no-cache", "--fix", "relabel")
     return paths, out, result.output
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root`, by relative path, with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def rows(path: Path) -> list[dict]:
@@ -223,6 +230,69 @@ def test_report_renders_in_chromium_without_errors_and_sorts(audited, tmp_path):
             assert values == sorted(values, key=float), seen
     counts = [s for s in found if s["up"][0][0] in ("flower", "temple") and s["col"] == 1]
     assert [[r[1] for r in s["up"]] for s in counts] == [["8", "10"]]  # as numbers: as text, "10" < "8"
+
+
+def test_fix_relabel_writes_a_manifest_without_copies_and_leaks_touching_no_image(audited):
+    """cleaned.csv loads as a data set: the second image of each duplicate pair within DATA and the leaked DATA
+    image are left out, the likely label errors carry the suggested label, the rest their own; DATA and TEST are
+    as they were."""
+    from transferkit.data.datasets import open_dataset
+
+    paths, out, output = audited
+    assert (tree(paths["data"]), tree(paths["test"])) == paths["before"]
+    cleaned = open_dataset(out / "cleaned.csv")
+    label = {s: cleaned.classes[t] for s, t in zip(cleaned.sources, cleaned.targets)}
+    pairs = rows(out / "duplicates.csv")
+    gone = {p["source_b"] for p in pairs if p["scope"] == "within" and p["set_b"] == "data"} | \
+        {p["source_a"] for p in pairs if p["scope"] == "leakage"}
+    assert str(paths["leaked"]) in gone and not gone & set(label)
+    assert [s for s in (paths["copy"], paths["original"]) if str(s) in label] != [], "both copies left out"
+    assert str(paths["copy"]) not in label or str(paths["original"]) not in label, "both copies kept"
+    assert label[str(paths["mislabelled"])] == "flower"  # filed under temple, relabelled as suggested
+    suggested = {r["source"]: r["suggested_label"] for r in rows(out / "label_issues.csv")}
+    assert label == {s: suggested.get(s, Path(s).parent.name) for s in map(str, sorted(paths["data"].rglob("*.*")))
+                     if s not in gone}
+    fixed = json.loads((out / "summary.json").read_text())["fix"]
+    assert (fixed["fix"], fixed["kept"], fixed["images"]) == ("relabel", len(label), len(label) + len(gone))
+    assert fixed["relabelled"] == len(set(suggested) - gone) >= 1
+    assert f"{len(label)} of {len(label) + len(gone)} images kept" in output
+
+
+def test_fix_drop_leaves_the_likely_label_errors_out(audited, tmp_path):
+    """The same findings with fix 'drop' (cleaning.write_cleaned, fed the audit's CSVs): the relabelled images
+    are left out instead; nothing else changes."""
+    from transferkit.auditing.cleaning import write_cleaned
+    from transferkit.data.datasets import open_dataset
+
+    paths, out, _ = audited
+    data, test = open_dataset(paths["data"]), open_dataset(paths["test"])
+    index = {s: i for i, s in enumerate([*data.sources, *test.sources])}
+    pairs = [{"scope": p["scope"], "a": index[p["source_a"]], "b": index[p["source_b"]]}
+             for p in rows(out / "duplicates.csv")]
+    issues = [{"index": index[r["source"]], "suggested": r["suggested_label"]} for r in rows(out / "label_issues.csv")]
+    fixed = write_cleaned(tmp_path, data, pairs, issues, "drop")
+    dropped, relabelled = open_dataset(tmp_path / "cleaned.csv"), open_dataset(out / "cleaned.csv")
+    flagged = {data.sources[r["index"]] for r in issues}
+    assert str(paths["mislabelled"]) in flagged and str(paths["mislabelled"]) not in dropped.sources
+    assert dropped.sources == [s for s in relabelled.sources if s not in flagged]
+    assert all(dropped.classes[t] == Path(s).parent.name for s, t in zip(dropped.sources, dropped.targets))
+    assert fixed["kept"] == len(dropped) and fixed["relabelled"] == 0 and fixed["left_out"]["label_issues"] >= 1
+
+
+def test_fix_is_refused_for_idx_and_unknown_values_writing_nothing(photo_folder, tmp_path, cli_run):
+    import transferkit
+
+    result = cli_run("audit", photo_folder, "-o", tmp_path / "out", "--fix", "remove", ok=False)
+    assert result.exit_code == 2 and "'--fix'" in result.output
+    with pytest.raises(ParameterError) as err:
+        transferkit.audit(photo_folder, tmp_path / "out", fix="remove")
+    assert err.value.param == "fix"
+    idx = Path("/usr/share/datasets/fashion-mnist/t10k")  # IDX images have no file for a manifest to list
+    if idx.with_name("t10k-images-idx3-ubyte.gz").exists():  # dataset-fashion-mnist
+        result = cli_run("audit", idx, "-o", tmp_path / "out", "--fix", "drop", ok=False)
+        assert result.exit_code == 1 and "Invalid value for '--fix'" in result.output.strip().splitlines()[-1]
+        assert "IDX" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_failed_audit_leaves_the_previous_output_as_it_was(audited, tmp_path, cli_run):

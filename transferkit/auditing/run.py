@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.auditing import duplicates as dup
+from transferkit.auditing.cleaning import check_fixable, write_cleaned
 from transferkit.auditing.label_issues import find_issues, out_of_fold_probabilities
 from transferkit.auditing.outliers import class_balance, find_outliers
 from transferkit.auditing.params import AUDIT, CV, NEAR_THRESHOLD, NEIGHBORS, OUTLIER_MADS
@@ -61,6 +62,7 @@ def audit(
     outlier_mads: float = OUTLIER_MADS,
     cv: int = CV,
     max_rows: int = 100,
+    fix: str | None = None,
     cache: bool = True,
     progress: bool = True,
 ) -> AuditResult:
@@ -69,10 +71,14 @@ def audit(
 
     Codes come from `extract_features` (the code cache is reused); `layer='auto'` uses the sweep's choice. Label
     errors and outliers are looked for in `data`; duplicates in both, and across them (leakage).
+
+    `fix` ('drop' or 'relabel') also writes cleaned.csv, a manifest of `data` without its duplicates, its images
+    leaked into `test` and (drop) its likely label errors, or with those given the suggested label (relabel).
     """
     _check_params(near_threshold=near_threshold, neighbors=neighbors, outlier_mads=outlier_mads, cv=cv,
-                  max_rows=max_rows, layer=layer, pool=pool)
+                  max_rows=max_rows, layer=layer, pool=pool, fix=fix)
     dataset = data if isinstance(data, ImageDataset) else load_data(data)
+    check_fixable(dataset, fix)
     test_set = test if test is None or isinstance(test, ImageDataset) else open_dataset(test, min_classes=1)
     if test_set is not None:
         check_test_classes(dataset, test_set)
@@ -94,6 +100,8 @@ def audit(
         result = _find(dataset, test_set, codes, test_codes, near_threshold=near_threshold, neighbors=neighbors,
                        outlier_mads=outlier_mads, cv=cv)
         result.summary.update(codes=codes_meta, seconds=round(time.perf_counter() - start, 3))
+        if fix is not None:  # cleaned.csv: DATA as a manifest, without what the audit found
+            result.summary["fix"] = write_cleaned(tmp, dataset, result.duplicates, result.label_issues, fix)
         items = _items(dataset, test_set)
         write_csvs(tmp, items, result.duplicates, result.label_issues, result.outliers)
         write_summary(tmp, result.summary)
