@@ -155,7 +155,9 @@ def chromium(page: Path, profile: Path) -> tuple[str, list[str]]:
     uncaught exceptions, which Chromium logs to stderr as '...:CONSOLE...] "message", source: URL (line)')."""
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
            f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    home = {v: str(profile) for v in ("HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}  # crash reports, caches: not ~
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **home})
     try:
         dom, log = proc.communicate(timeout=60)
     finally:
