@@ -45,6 +45,7 @@ class AuditResult:
     sources: list[str]
 
 
+# Over 60 lines only by its 18 parameters, one a line: the body is the job's steps, one call each.
 def audit(
     data: str | Path | ImageDataset,
     out: str | Path,
@@ -70,10 +71,8 @@ def audit(
     and report.html to `out`, all at once or not at all.
 
     Codes come from `extract_features` (the code cache is reused); `layer='auto'` uses the sweep's choice. Label
-    errors and outliers are looked for in `data`; duplicates in both, and across them (leakage).
-
-    `fix` ('drop' or 'relabel') also writes cleaned.csv, a manifest of `data` without its duplicates, its images
-    leaked into `test` and (drop) its likely label errors, or with those given the suggested label (relabel).
+    errors and outliers are looked for in `data`; duplicates in both, and across them (leakage). `fix` ('drop',
+    'relabel') also writes cleaned.csv, `data` as a manifest without what was found (auditing.cleaning).
     """
     _check_params(near_threshold=near_threshold, neighbors=neighbors, outlier_mads=outlier_mads, cv=cv,
                   max_rows=max_rows, layer=layer, pool=pool, fix=fix)
