@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -88,3 +90,15 @@ def test_python_errors_name_the_parameter(codes, tmp_path):
         with pytest.raises(ParameterError) as err:
             transferkit.neighbors(codes, **kwargs)
         assert err.value.param == param, err.value
+
+
+def test_a_wrong_argument_is_refused_before_torch_loads(codes, shared_photo_folder, tmp_path):
+    """A layer the directory lacks, in a fresh process: the one-line error comes before torch (and timm) import."""
+    code = ("import sys\nfrom transferkit.cli import main\nsys.argv = ['transferkit', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('HEAVY', [m for m in ('torch', 'timm') if m in sys.modules], code)")
+    args = ["neighbors", codes, shared_photo_folder / "flower" / "3.jpg", "--layer", "nope"]
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "HEAVY [] 1", done
+    assert "Invalid value for '--layer'" in done.stderr
