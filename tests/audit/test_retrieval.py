@@ -4,6 +4,7 @@ encoded exactly as the directory's codes were (real weights, real photo crops)."
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,11 @@ def test_the_sweeps_pick_is_the_default(codes, shared_photo_folder, tmp_path, cl
     sweep_features(FeatureStore(swept), progress=False)
     best = read_sweep(FeatureStore(swept))
     assert pick_key(FeatureStore(swept), None) == best
+    for named in ("5", "blocks.4", "5|avg", "blocks.4|avg"):  # as `transferkit layers` names it, from meta.json
+        assert pick_key(FeatureStore(codes), named) == "blocks.4|avg", named
+    assert pick_key(FeatureStore(codes), "pre-logits") == "pre_logits|avg"
+    with pytest.raises(ParameterError, match=re.escape("Got '5|max'")):
+        pick_key(FeatureStore(codes), "5|max")
     query = shared_photo_folder / "temple" / "2.png"
     result = cli_run("-q", "neighbors", swept, query, "-k", "2", "--json")
     row = json.loads(result.output.strip().splitlines()[-1])
@@ -69,8 +75,8 @@ def test_bad_input_is_one_line_naming_the_argument(case, codes, shared_photo_fol
     args, code, expected = {
         "missing_image": ([query, tmp_path / "absent.jpg", "--layer", "pre_logits"], 1,
                           ["Invalid value for 'IMAGE...'", "absent.jpg' does not exist"]),
-        "unknown_layer": ([query, "--layer", "5"], 1,
-                          ["Invalid value for '--layer'", "blocks.4|avg, pre_logits|avg", "Got '5'"]),
+        "unknown_layer": ([query, "--layer", "3"], 1,  # stage 3 is not in the directory (5 is: blocks.4)
+                          ["Invalid value for '--layer'", "blocks.4|avg, pre_logits|avg", "Got '3'"]),
         "no_layer_among_several": ([query], 1, ["Invalid value for '--layer'", "holds several (blocks.4|avg, "
                                                                               "pre_logits|avg)"]),
         "k_zero": ([query, "-k", "0"], 2, ["Invalid value for '-k'"]),

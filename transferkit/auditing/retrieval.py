@@ -30,8 +30,9 @@ def neighbors(features: str | Path | FeatureStore, images: Sequence[str | Path],
     codes are most similar (cosine), most similar first: [{'source', 'neighbors': [{'source', 'label',
     'similarity'}, ...]}, ...].
 
-    `layer`: which of the directory's codes to compare, a layer as it names them ('pre_logits', 'blocks.4') or a
-    'layer|pool' key; default the layer sweep's pick if the directory was swept, else its only kind of codes.
+    `layer`: which of the directory's codes to compare: a layer as `transferkit layers` names it ('pre_logits',
+    'blocks.4', or its stage index '5'), or 'layer|pool'; default the layer sweep's pick if the directory was swept,
+    else its only kind of codes.
     """
     validate(RETRIEVAL, {"k": k}, "neighbors")  # batch_size: FeatureExtractor checks it
     if isinstance(images, (str, Path)) or not images:
@@ -72,12 +73,27 @@ def pick_key(store: FeatureStore, layer: str | None) -> str:
             return store.keys[0]
         raise ParameterError(f"The 'layer' parameter of neighbors must name the codes to compare: '{store.path}' "
                              f"holds several ({keys}) and no layer sweep chose one.", param="layer")
-    matches = [key for key in store.keys if layer in (key, key.split("|")[0])]
+    name, _, pool = str(layer).partition("|")
+    name = name.strip()
+    if name not in {key.split("|")[0] for key in store.keys}:  # '5' -> 'blocks.4', as the directory recorded it
+        name = _layer_names(store).get(name, name)
+    matches = [key for key in store.keys if key.split("|")[0] == name and (not pool or key.split("|")[1] == pool)]
     if len(matches) == 1:
         return matches[0]
     several = f" (layer {layer!r} has several poolings: name one as 'layer|pool')" if matches else ""
     raise ParameterError(f"The 'layer' parameter of neighbors must be one of the codes in '{store.path}': {keys}"
                          f"{several}. Got {layer!r} instead.", param="layer")
+
+
+def _layer_names(store: FeatureStore) -> dict[str, str]:
+    """Every way `transferkit layers` names a layer of the directory (stage index, timm module), to the name its
+    keys use: meta.json records each layer's stage and module, so no network is needed."""
+    names = {"pre-logits": "pre_logits"}
+    for entry in store.meta.get("layers", []):
+        for alias in (entry.get("stage"), entry.get("module")):
+            if alias is not None:
+                names[str(alias)] = entry["name"]
+    return names
 
 
 def _label_names(store: FeatureStore) -> list[str]:

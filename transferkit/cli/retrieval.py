@@ -19,8 +19,9 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.option("-k", "k", type=click_type(RETRIEVAL["k"]), default=5, show_default=True,
               help="Most similar images listed per query image.")
 @click.option("--layer", default=None,
-              help="Which of FEATURES' codes to compare: a layer as FEATURES names it (pre_logits, blocks.4) or "
-                   "'layer|pool'. Default: the layer sweep's pick if FEATURES was swept, else its only kind of codes.")
+              help="Which of FEATURES' codes to compare: a layer as `transferkit layers` names it (pre_logits, "
+                   "blocks.4 or its index 5), or 'layer|pool'. Default: the layer sweep's pick if FEATURES was swept, "
+                   "else its only kind of codes.")
 @click.option("--batch-size", type=click_type(EXTRACTOR["batch_size"]), default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query image.")
 def neighbors(features: Path, images: tuple[Path, ...], k: int, layer: str | None, batch_size: int,
