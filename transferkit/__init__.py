@@ -34,6 +34,7 @@ _EXPORTS = {  # public name -> the module (under transferkit) that defines it
     "resume_run": "finetune.resume",
     "Recipe": "recipes.recipe",
     "audit": "auditing.run",
+    "neighbors": "auditing.retrieval",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -3,9 +3,16 @@ mislabelled image), on Fashion-MNIST with planted label flips, and the bad input
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import html
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +26,7 @@ SIZE = 64  # px: the photo crops are 64 x 64
 # A blurred, re-encoded copy of a 64 px crop keeps only ~0.9 cosine similarity of codes (docs/audit.md), below the
 # default 0.95 that keeps look-alike pairs out of large sets; 0.85 still leaves every other cross pair out here.
 NEAR = 0.85
-FILES = {"summary.json", "duplicates.csv", "label_issues.csv", "outliers.csv", "report.html"}
+FILES = {"summary.json", "duplicates.csv", "label_issues.csv", "outliers.csv", "report.html", "cleaned.csv"}  # --fix
 
 
 def plant(photos: Path, root: Path) -> dict[str, Path]:
@@ -45,13 +52,20 @@ def plant(photos: Path, root: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory, shared_photo_folder, cli_run):
-    """The planted set audited once through the CLI (no code cache: module fixtures run outside code_cache)."""
+    """The planted set audited once through the CLI (no code cache: module fixtures run outside code_cache), with
+    --fix relabel; paths['before']: DATA's and TEST's files (and bytes) before the audit."""
     root = tmp_path_factory.mktemp("audit")
     paths = plant(shared_photo_folder, root)
+    paths["before"] = (tree(paths["data"]), tree(paths["test"]))
     out = root / "out"
     result = cli_run("-q", "audit", paths["data"], "--test", paths["test"], "-o", out, "--image-size", SIZE,
-                     "--near-threshold", NEAR, "--no-cache")
+                     "--near-threshold", NEAR, "--no-cache", "--fix", "relabel")
     return paths, out, result.output
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root`, by relative path, with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def rows(path: Path) -> list[dict]:
@@ -102,10 +116,185 @@ def test_audit_writes_every_file_and_a_self_contained_report(audited):
     page = (out / "report.html").read_text()
     for heading in ("Leakage", "Duplicates within a set", "Likely label errors", "Outliers", "Class counts"):
         assert f"<h2>{heading}" in page
-    assert "http://" not in page and "https://" not in page and "<script" not in page  # opens offline
+    assert "http://" not in page and "https://" not in page and " src=" not in page.replace(" src='data:", "")
+    assert page.count("<script") == 1 and "<script>" in page  # one inline script (sorting): opens offline
     assert page.count("data:image/jpeg;base64,") >= 4  # both leak images, the copy pair, the mislabelled image
     assert str(paths["leak"]) in page and str(paths["mislabelled"]) in page
     assert str(paths["noise"]) in page
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # Debian's package: .ci/install
+# Appended to a copy of report.html: sorts every table by each sortable column (twice: up, then down), records the
+# rows each time in <pre id='probe'>, then throws a planted error, which shows that uncaught errors are reported.
+PROBE = """<script>
+var found = [];
+document.querySelectorAll("table").forEach(function (table, t) {
+  var rows = function () {
+    return Array.prototype.map.call(table.tBodies[0].rows, function (r) {
+      return Array.prototype.map.call(r.cells, function (c) { return c.textContent.trim(); });
+    });
+  };
+  var before = rows();
+  table.querySelectorAll("th button").forEach(function (b) {
+    var th = b.parentNode, seen = {table: t, col: th.cellIndex, before: before};
+    b.click(); seen.up = rows(); seen.up_sort = th.getAttribute("aria-sort");
+    b.click(); seen.down = rows(); seen.down_sort = th.getAttribute("aria-sort");
+    found.push(seen);
+  });
+});
+var pre = document.createElement("pre");
+pre.id = "probe";
+pre.textContent = JSON.stringify(found);
+document.body.appendChild(pre);
+throw new Error("planted-by-the-test");
+</script>"""
+
+
+def chromium(page: Path, profile: Path) -> tuple[str, list[str]]:
+    """Load `page` in headless Chromium: the DOM after its scripts ran, and the console lines (console messages and
+    uncaught exceptions, which Chromium logs to stderr as '...:CONSOLE...] "message", source: URL (line)')."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()]
+    home = {v: str(profile) for v in ("HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}  # crash reports, caches: not ~
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **home})
+    try:
+        dom, log = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the browser's helpers, if any outlived it
+        proc.communicate()
+    assert proc.returncode == 0 and "</html>" in dom, log[-2000:]
+    return dom, [line for line in log.splitlines() if ":CONSOLE" in line]
+
+
+class _Tables(HTMLParser):
+    """The rendered tables of a DOM, by the <h2> heading before each: lists of rows of cell texts."""
+
+    def __init__(self, dom: str) -> None:
+        super().__init__()
+        self.tables, self.heading, self.text, self.row = {}, "", None, None
+        self.feed(dom)
+
+    def handle_starttag(self, tag: str, attrs) -> None:
+        if tag in ("h2", "td", "th"):
+            self.text = ""
+        elif tag == "tr":
+            self.row = []
+        elif tag == "table":
+            self.tables[self.heading] = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "h2":
+            self.heading = self.text.split(" (")[0]
+        elif tag in ("td", "th"):
+            self.row.append(self.text.strip())
+        elif tag == "tr" and self.row is not None:
+            self.tables[self.heading].append(self.row)
+        if tag in ("h2", "td", "th"):
+            self.text = None
+
+    def handle_data(self, data: str) -> None:
+        if self.text is not None:
+            self.text += data
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs a headless browser: Debian's chromium package (.ci/install)")
+def test_report_renders_in_chromium_without_errors_and_sorts(audited, tmp_path):
+    """report.html as a browser shows it: no console message or uncaught error, the planted leak, exact copy and
+    mislabelled image in their tables; every sortable column sorts up then down, numbers numerically."""
+    paths, out, _ = audited
+    dom, console = chromium(out / "report.html", tmp_path / "profile")
+    assert console == [], console
+    tables = _Tables(dom).tables
+    leak = tables["Leakage: the same image in DATA and TEST"]
+    assert [(r[1], r[3]) for r in leak[1:]] == [(f"data: {paths['leaked']}", f"test: {paths['leak']}")], leak
+    within = tables["Duplicates within a set"]
+    copies = {f"data: {paths['original']}", f"data: {paths['copy']}"}
+    assert [r[4:] for r in within if {r[1], r[3]} == copies] == [["exact", "1.0000"]], within
+    issues = tables["Likely label errors"]
+    assert issues[1][1:4] == [str(paths["mislabelled"]), "temple", "flower"], issues
+    assert tables["Class counts"][1:] == [["flower", "8"], ["temple", "10"]]
+
+    probed = tmp_path / "probed.html"
+    probed.write_text((out / "report.html").read_text().replace("</body>", PROBE + "</body>"))
+    dom, console = chromium(probed, tmp_path / "profile")
+    assert len(console) == 1 and "Uncaught Error: planted-by-the-test" in console[0], console  # errors are seen
+    found = json.loads(html.unescape(re.search(r"<pre id=\"probe\">(.*?)</pre>", dom, re.S).group(1)))
+    assert len(found) == len(dom.split("<button")) - 1 > 10  # every sortable column was probed
+    for seen in found:
+        col, up, down = seen["col"], seen["up"], seen["down"]
+        assert sorted(up) == sorted(seen["before"]) == sorted(down), seen  # rows move whole
+        assert (seen["up_sort"], seen["down_sort"]) == ("ascending", "descending")
+        values = [r[col] for r in up]
+        assert [r[col] for r in down] == values[::-1], seen
+        if all(re.fullmatch(r"[0-9.]+", v) for v in values):
+            assert values == sorted(values, key=float), seen
+    counts = [s for s in found if s["up"][0][0] in ("flower", "temple") and s["col"] == 1]
+    assert [[r[1] for r in s["up"]] for s in counts] == [["8", "10"]]  # as numbers: as text, "10" < "8"
+
+
+def test_fix_relabel_writes_a_manifest_without_copies_and_leaks_touching_no_image(audited):
+    """cleaned.csv loads as a data set: the second image of each duplicate pair within DATA and the leaked DATA
+    image are left out, the likely label errors carry the suggested label, the rest their own; DATA and TEST are
+    as they were."""
+    from transferkit.data.datasets import open_dataset
+
+    paths, out, output = audited
+    assert (tree(paths["data"]), tree(paths["test"])) == paths["before"]
+    cleaned = open_dataset(out / "cleaned.csv")
+    label = {s: cleaned.classes[t] for s, t in zip(cleaned.sources, cleaned.targets)}
+    pairs = rows(out / "duplicates.csv")
+    gone = {p["source_b"] for p in pairs if p["scope"] == "within" and p["set_b"] == "data"} | \
+        {p["source_a"] for p in pairs if p["scope"] == "leakage"}
+    assert str(paths["leaked"]) in gone and not gone & set(label)
+    assert [s for s in (paths["copy"], paths["original"]) if str(s) in label] != [], "both copies left out"
+    assert str(paths["copy"]) not in label or str(paths["original"]) not in label, "both copies kept"
+    assert label[str(paths["mislabelled"])] == "flower"  # filed under temple, relabelled as suggested
+    suggested = {r["source"]: r["suggested_label"] for r in rows(out / "label_issues.csv")}
+    assert label == {s: suggested.get(s, Path(s).parent.name) for s in map(str, sorted(paths["data"].rglob("*.*")))
+                     if s not in gone}
+    fixed = json.loads((out / "summary.json").read_text())["fix"]
+    assert (fixed["fix"], fixed["kept"], fixed["images"]) == ("relabel", len(label), len(label) + len(gone))
+    assert fixed["relabelled"] == len(set(suggested) - gone) >= 1
+    assert f"{len(label)} of {len(label) + len(gone)} images kept" in output
+
+
+def test_fix_drop_leaves_the_likely_label_errors_out(audited, tmp_path):
+    """The same findings with fix 'drop' (cleaning.write_cleaned, fed the audit's CSVs): the relabelled images
+    are left out instead; nothing else changes."""
+    from transferkit.auditing.cleaning import write_cleaned
+    from transferkit.data.datasets import open_dataset
+
+    paths, out, _ = audited
+    data, test = open_dataset(paths["data"]), open_dataset(paths["test"])
+    index = {s: i for i, s in enumerate([*data.sources, *test.sources])}
+    pairs = [{"scope": p["scope"], "a": index[p["source_a"]], "b": index[p["source_b"]]}
+             for p in rows(out / "duplicates.csv")]
+    issues = [{"index": index[r["source"]], "suggested": r["suggested_label"]} for r in rows(out / "label_issues.csv")]
+    fixed = write_cleaned(tmp_path, data, pairs, issues, "drop")
+    dropped, relabelled = open_dataset(tmp_path / "cleaned.csv"), open_dataset(out / "cleaned.csv")
+    flagged = {data.sources[r["index"]] for r in issues}
+    assert str(paths["mislabelled"]) in flagged and str(paths["mislabelled"]) not in dropped.sources
+    assert dropped.sources == [s for s in relabelled.sources if s not in flagged]
+    assert all(dropped.classes[t] == Path(s).parent.name for s, t in zip(dropped.sources, dropped.targets))
+    assert fixed["kept"] == len(dropped) and fixed["relabelled"] == 0 and fixed["left_out"]["label_issues"] >= 1
+
+
+def test_fix_is_refused_for_idx_and_unknown_values_writing_nothing(photo_folder, tmp_path, cli_run):
+    import transferkit
+
+    result = cli_run("audit", photo_folder, "-o", tmp_path / "out", "--fix", "remove", ok=False)
+    assert result.exit_code == 2 and "'--fix'" in result.output
+    with pytest.raises(ParameterError) as err:
+        transferkit.audit(photo_folder, tmp_path / "out", fix="remove")
+    assert err.value.param == "fix"
+    idx = Path("/usr/share/datasets/fashion-mnist/t10k")  # IDX images have no file for a manifest to list
+    if idx.with_name("t10k-images-idx3-ubyte.gz").exists():  # dataset-fashion-mnist
+        result = cli_run("audit", idx, "-o", tmp_path / "out", "--fix", "drop", ok=False)
+        assert result.exit_code == 1 and "Invalid value for '--fix'" in result.output.strip().splitlines()[-1]
+        assert "IDX" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_failed_audit_leaves_the_previous_output_as_it_was(audited, tmp_path, cli_run):

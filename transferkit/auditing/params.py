@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
-from transferkit.runtime.params import Interval
+from transferkit.runtime.params import Interval, StrOptions
 
 # Cosine similarity of L2-normalised codes at or above which two images are near-duplicates. Measured (docs/audit.md):
 # the closest distinct pair of 1,000 Fashion-MNIST images scores 0.954 (99th percentile 0.946), distinct overlapping
@@ -23,4 +23,9 @@ AUDIT = {
     "outlier_mads": [Interval(Real, 0, math.inf, closed="neither")],
     "cv": [Interval(Integral, 2, None, closed="left")],
     "max_rows": [Interval(Integral, 0, None, closed="left")],  # rows per report.html section (the CSVs have all)
+    "fix": [StrOptions(("drop", "relabel")), None],  # cleaned.csv: what becomes of likely label errors
+}
+
+RETRIEVAL = {  # `neighbors`
+    "k": [Interval(Integral, 1, None, closed="left")],  # most similar images listed per query
 }

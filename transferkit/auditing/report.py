@@ -1,7 +1,7 @@
 """The audit's files: duplicates.csv, label_issues.csv, outliers.csv, summary.json and report.html.
 
-report.html is one self-contained page: thumbnails are embedded as base64 JPEG data URIs, the style is inline,
-and nothing is fetched, so it opens offline and can be mailed as it is.
+report.html is one self-contained page: thumbnails are embedded as base64 JPEG data URIs, the style and the
+script that sorts its tables are inline, and nothing is fetched, so it opens offline and can be mailed as it is.
 """
 
 from __future__ import annotations
@@ -19,10 +19,34 @@ from transferkit.auditing.duplicates import LEAKAGE
 from transferkit.runtime.atomic import write_json_atomic, write_text_atomic
 
 THUMBNAIL = 64  # px, the longer side of each embedded thumbnail
+IMAGE = "image"  # the heading of a thumbnail column (not sortable)
 FILES = ("summary.json", "duplicates.csv", "label_issues.csv", "outliers.csv", "report.html")
 _STYLE = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:1em}"
           "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;font-size:13px}img{display:block}"
-          "th{background:#eee}.more{color:#666}")
+          "th{background:#eee}.more{color:#666}th button{font:inherit;border:0;background:none;padding:0;"
+          "cursor:pointer}th[aria-sort=ascending] button::after{content:' \\25B2'}"
+          "th[aria-sort=descending] button::after{content:' \\25BC'}")
+# Click (or Enter/Space on) a column's header button to sort its table by it, again to reverse. A column whose every
+# cell is a number sorts numerically, any other by text; rows that compare equal keep their order (stable sort).
+_SCRIPT = """
+function sortBy(button) {
+  var th = button.parentNode, table = th.closest("table"), body = table.tBodies[0], col = th.cellIndex;
+  var up = th.getAttribute("aria-sort") !== "ascending";
+  table.querySelectorAll("th[aria-sort]").forEach(function (h) { h.removeAttribute("aria-sort"); });
+  th.setAttribute("aria-sort", up ? "ascending" : "descending");
+  var rows = Array.prototype.slice.call(body.rows);
+  var text = function (r) { return r.cells[col].textContent.trim(); };
+  var numeric = rows.every(function (r) { return text(r) !== "" && isFinite(text(r)); });
+  rows.sort(function (a, b) {
+    var d = numeric ? Number(text(a)) - Number(text(b)) : text(a).localeCompare(text(b));
+    return up ? d : -d;
+  });
+  rows.forEach(function (r) { body.appendChild(r); });
+}
+document.querySelectorAll("th button").forEach(function (b) {
+  b.addEventListener("click", function () { sortBy(b); });
+});
+"""
 
 
 class Items:
@@ -65,7 +89,7 @@ def write_html(out: Path, items: Items, summary: dict, duplicates: list[dict], i
     thumb = _Thumbnails(items)
     leaks = [p for p in duplicates if p["scope"] == LEAKAGE]
     within = [p for p in duplicates if p["scope"] != LEAKAGE]
-    pair_head = ["image A", "source A", "image B", "source B", "kind", "similarity"]
+    pair_head = [IMAGE + " A", "source A", IMAGE + " B", "source B", "kind", "similarity"]
 
     def pair_row(p: dict) -> list[str]:
         a, b = p["a"], p["b"]
@@ -76,10 +100,10 @@ def write_html(out: Path, items: Items, summary: dict, duplicates: list[dict], i
     sections = [
         ("Leakage: the same image in DATA and TEST", "duplicates.csv", pair_head, leaks, pair_row),
         ("Duplicates within a set", "duplicates.csv", pair_head, within, pair_row),
-        ("Likely label errors", "label_issues.csv", ["image", "source", "given label", "suggested label", "quality"],
+        ("Likely label errors", "label_issues.csv", [IMAGE, "source", "given label", "suggested label", "quality"],
          issues, lambda r: [thumb(r["index"]), _text(items.sources[r["index"]]), _text(r["given"]),
                             _text(r["suggested"]), f"{r['quality']:.4f}"]),
-        ("Outliers", "outliers.csv", ["image", "source", "label", "score", "threshold"], outliers,
+        ("Outliers", "outliers.csv", [IMAGE, "source", "label", "score", "threshold"], outliers,
          lambda r: [thumb(r["index"]), _text(items.sources[r["index"]]), _text(r["label"]), f"{r['score']:.4f}",
                     f"{r['threshold']:.4f}"]),
     ]
@@ -96,7 +120,7 @@ def write_html(out: Path, items: Items, summary: dict, duplicates: list[dict], i
                          ["class", "images"], list(balance["counts"].items()),
                          lambda r: [_text(r[0]), str(r[1])], max_rows=len(balance["counts"])))
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>transferkit audit</title>"
-            f"<style>{_STYLE}</style></head><body>{''.join(body)}</body></html>\n")
+            f"<style>{_STYLE}</style></head><body>{''.join(body)}<script>{_SCRIPT}</script></body></html>\n")
     write_text_atomic(out / "report.html", page)
 
 
@@ -114,8 +138,10 @@ def _section(title: str, csv_name: str, head: list[str], rows: list, render: Cal
     if not rows:
         return f"<h2>{_text(title)}</h2><p>None found.</p>"
     cells = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in render(r)) + "</tr>" for r in shown)
-    header = "".join(f"<th>{_text(h)}</th>" for h in head)
-    return f"<h2>{_text(title)} ({len(rows)})</h2><table><tr>{header}</tr>{cells}</table>{more}"
+    header = "".join(f"<th>{_text(h)}</th>" if h.split()[0] == IMAGE else  # a thumbnail has nothing to sort by
+                     f"<th><button type='button' title='sort'>{_text(h)}</button></th>" for h in head)
+    return (f"<h2>{_text(title)} ({len(rows)})</h2><table><thead><tr>{header}</tr></thead><tbody>{cells}</tbody>"
+            f"</table>{more}")
 
 
 def _text(s: object) -> str:

@@ -1,8 +1,8 @@
 """`transferkit` command line: each command parses its options, calls one API function and prints.
 
-One module per command group (`codes`, `probe`, `finetune`, `surgery`, `recipes`, `cache`, `audit`), each adding its
-commands to the `cli` group defined here. The top floor: it may import every room, lazily inside each command so
-that `--help` stays fast; nothing imports it.
+One module per command group (`codes`, `probe`, `finetune`, `surgery`, `recipes`, `cache`, `audit`, `retrieval`),
+each adding its commands to the `cli` group defined here. The top floor: it may import every room, lazily inside
+each command so that `--help` stays fast; nothing imports it.
 """
 
 from __future__ import annotations
@@ -196,4 +196,4 @@ def main() -> None:
 
 
 # each module registers its commands on `cli` (they import it from here, so they come last)
-from transferkit.cli import audit, cache, codes, finetune, probe, recipes, surgery  # noqa: E402, F401
+from transferkit.cli import audit, cache, codes, finetune, probe, recipes, retrieval, surgery  # noqa: E402, F401

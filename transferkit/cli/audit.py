@@ -32,11 +32,14 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
               help="Folds of the out-of-fold probabilities that label errors are found with.")
 @click.option("--max-rows", type=click_type(AUDIT["max_rows"]), default=100, show_default=True,
               help="Rows per section of report.html (the CSV files list every finding).")
+@click.option("--fix", type=click_type(AUDIT["fix"]), default=None,
+              help="Also write OUT/cleaned.csv, a manifest of DATA without its duplicates and its images leaked into "
+                   "TEST, its likely label errors dropped or given the suggested label (relabel). DATA is not touched.")
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="Reuse codes of images already encoded the same way (see `transferkit cache`).")
 def audit(data: Path, test: Path | None, out: Path, model: str, weights: str, image_size: int | None,
           batch_size: int, precision: str, layer: str, pool: str, near_threshold: float, neighbors: int,
-          outlier_mads: float, cv: int, max_rows: int, cache: bool) -> None:
+          outlier_mads: float, cv: int, max_rows: int, fix: str | None, cache: bool) -> None:
     """Find what is wrong with DATA (folder, CSV manifest or IDX): duplicates, images leaked into TEST, likely
     label errors and outliers, from its CNN codes. Writes OUT/report.html (self-contained) and CSV files."""
     from transferkit.auditing.run import audit as run_audit
@@ -44,7 +47,8 @@ def audit(data: Path, test: Path | None, out: Path, model: str, weights: str, im
     result = run_audit(data, out, test=test, model=model, weights=weights, layer=layer, pool=pool,
                        image_size=image_size, batch_size=batch_size, precision=precision,
                        near_threshold=near_threshold, neighbors=neighbors, outlier_mads=outlier_mads, cv=cv,
-                       max_rows=max_rows, cache=cache, progress=click.get_current_context().obj["progress"])
+                       max_rows=max_rows, fix=fix, cache=cache,
+                       progress=click.get_current_context().obj["progress"])
     s = result.summary
     d = s["duplicates"]
     noise = s["label_issues"]["noise"].get("estimated_noise_rate")
@@ -53,3 +57,7 @@ def audit(data: Path, test: Path | None, out: Path, model: str, weights: str, im
                f"{d['within']} duplicate pair(s) within a set, {s['label_issues']['flagged']} likely label error(s)"
                + (f" (estimated noise {100 * noise:.1f}%)" if noise is not None else "")
                + f", {s['outliers']['flagged']} outlier(s) -> {out / 'report.html'}")
+    if fix is not None:
+        f = s["fix"]
+        click.echo(f"cleaned manifest: {f['kept']} of {f['images']} images kept, {f['relabelled']} relabelled "
+                   f"-> {out / f['file']}")
