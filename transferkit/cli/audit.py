@@ -7,14 +7,14 @@ from pathlib import Path
 import click
 
 from transferkit.auditing.params import AUDIT, CV, NEAR_THRESHOLD, NEIGHBORS, OUTLIER_MADS
-from transferkit.cli import cli, model_options
+from transferkit.cli import DataPath, cli, model_options
 from transferkit.codes.params import EXTRACTOR
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
 
 
 @cli.command()
-@click.argument("data", type=click.Path(path_type=Path))
-@click.option("--test", type=click.Path(path_type=Path), default=None,
+@click.argument("data", type=DataPath())
+@click.option("--test", type=DataPath(min_classes=1), default=None,
               help="A test set (folder, CSV or IDX) to look for leaked copies of DATA's images in.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Folder for report.html, duplicates.csv, label_issues.csv, outliers.csv and summary.json.")
@@ -42,6 +42,11 @@ def audit(data: Path, test: Path | None, out: Path, model: str, weights: str, im
           outlier_mads: float, cv: int, max_rows: int, fix: str | None, cache: bool) -> None:
     """Find what is wrong with DATA (folder, CSV manifest or IDX): duplicates, images leaked into TEST, likely
     label errors and outliers, from its CNN codes. Writes OUT/report.html (self-contained) and CSV files."""
+    from transferkit.codes.params import parse_pools
+    from transferkit.models.vocabulary import refuse_early
+
+    refuse_early(model, "layer", layer)  # before torch loads, as extract
+    parse_pools(pool)
     from transferkit.auditing.run import audit as run_audit
 
     result = run_audit(data, out, test=test, model=model, weights=weights, layer=layer, pool=pool,

@@ -8,13 +8,13 @@ from pathlib import Path
 import click
 
 from transferkit.auditing.params import RETRIEVAL
-from transferkit.cli import cli
+from transferkit.cli import CodesPath, cli
 from transferkit.codes.params import EXTRACTOR
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
 
 
 @cli.command()
-@click.argument("features", type=click.Path(path_type=Path))
+@click.argument("features", type=CodesPath())
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...", type=click.Path(path_type=Path))
 @click.option("-k", "k", type=click_type(RETRIEVAL["k"]), default=5, show_default=True,
               help="Most similar images listed per query image.")
