@@ -152,10 +152,10 @@ def test_overrides_parse_as_toml_scalars():
         recipes.parse_overrides(["epochs"])
 
 
-def test_set_with_an_unknown_key_fails_naming_it(tmp_path, cli_run):
-    result = cli_run("run", "large-similar", tmp_path, "--set", "epoch=5", ok=False)
+def test_set_with_an_unknown_key_fails_naming_it(photo_folder, cli_run):
+    result = cli_run("run", "large-similar", photo_folder, "--set", "epoch=5", ok=False)
     assert result.exit_code == 1
     assert "unknown field 'epoch'" in result.output and "Did you mean 'epochs'" in result.output
     assert len(result.output.strip().splitlines()) == 1
-    result = cli_run("run", "small-diferent", tmp_path, ok=False)
+    result = cli_run("run", "small-diferent", photo_folder, ok=False)
     assert result.exit_code == 1 and "Did you mean 'small-different'" in result.output
