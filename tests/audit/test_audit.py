@@ -19,13 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from transferkit.auditing.params import NEAR_THRESHOLD
 from transferkit.errors import ParameterError
 from transferkit.runtime.outputs import MARKER
 
 SIZE = 64  # px: the photo crops are 64 x 64
-# A blurred, re-encoded copy of a 64 px crop keeps only ~0.9 cosine similarity of codes (docs/audit.md), below the
-# default 0.95 that keeps look-alike pairs out of large sets; 0.85 still leaves every other cross pair out here.
-NEAR = 0.85
 FILES = {"summary.json", "duplicates.csv", "label_issues.csv", "outliers.csv", "report.html", "cleaned.csv"}  # --fix
 
 
@@ -59,7 +57,7 @@ def audited(tmp_path_factory, shared_photo_folder, cli_run):
     paths["before"] = (tree(paths["data"]), tree(paths["test"]))
     out = root / "out"
     result = cli_run("-q", "audit", paths["data"], "--test", paths["test"], "-o", out, "--image-size", SIZE,
-                     "--near-threshold", NEAR, "--no-cache", "--fix", "relabel")
+                     "--no-cache", "--fix", "relabel")  # the default near-duplicate threshold
     return paths, out, result.output
 
 
@@ -79,7 +77,7 @@ def test_audit_finds_the_planted_leak_first_and_the_exact_copy(audited):
     first = pairs[0]
     assert (first["scope"], first["set_a"], first["set_b"]) == ("leakage", "data", "test"), pairs[:3]
     assert {first["source_a"], first["source_b"]} == {str(paths["leaked"]), str(paths["leak"])}
-    assert float(first["similarity"]) >= NEAR
+    assert float(first["similarity"]) >= NEAR_THRESHOLD
     assert [p["scope"] for p in pairs].count("leakage") == 1, pairs[:3]  # the turned image leaks nothing
     exact = [p for p in pairs if p["kind"] == "exact"]
     assert [{p["source_a"], p["source_b"]} for p in exact] == [{str(paths["copy"]), str(paths["original"])}]

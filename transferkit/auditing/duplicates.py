@@ -1,7 +1,8 @@
-"""Exact duplicates (same bytes: the content hash that keys the code cache) and near-duplicates (cosine similarity
-of codes at or above a threshold), within DATA and TEST and across them: a pair across is train/test leakage.
+"""Exact duplicates (same bytes: the content hash that keys the code cache) and near-duplicates (transformed copies:
+candidates by codes and thumbnails, verified on the images by `copies`), within DATA and TEST and across them: a
+pair across is train/test leakage.
 
-Images are numbered DATA first, then TEST (`n_data` is where TEST starts). Near-duplicates come from scikit-learn's
+Images are numbered DATA first, then TEST (`n_data` is where TEST starts). Candidates come from scikit-learn's
 brute-force cosine NearestNeighbors, k per image: exact for the closest k, O(n^2 d) time in blocks.
 """
 
@@ -11,6 +12,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
+
+from transferkit.auditing import copies
 
 LEAKAGE, WITHIN = "leakage", "within"  # a pair's scope: across DATA/TEST, or inside one of them
 EXACT, NEAR = "exact", "near"
@@ -43,26 +46,39 @@ def exact_duplicates(hashes: Sequence[bytes | None], n_data: int) -> list[dict]:
     return pairs
 
 
-def near_duplicates(codes: np.ndarray, n_data: int, *, threshold: float, neighbors: int,
+def near_duplicates(codes: np.ndarray, thumbs: np.ndarray, n_data: int, *, threshold: float, candidates: int,
                     exact: Sequence[dict] = ()) -> list[dict]:
-    """Pairs whose codes' cosine similarity is >= `threshold` among each image's `neighbors` nearest, leaving out
-    pairs already found as exact copies (or copies of one: same hash group).
+    """Pairs that `copies.verify` scores >= `threshold` and that are each other's best match (ties count), among
+    candidates: each image's `candidates` nearest by codes (cosine) and by 8 px thumbnails (correlation), leaving
+    out pairs already found as exact copies (or copies of one: same hash group). `thumbs`: `copies.thumbnails` of
+    the same images, in the same order. Of three or more copies of one image (that are not exact), only the
+    mutually closest pairs are reported.
 
+    Codes alone cannot decide: a resized copy of a small image scores below distinct look-alikes (docs/audit.md).
     TEST images are searched in a DATA-only index, so a leak is found however many TEST images look alike."""
-    unit = l2_normalise(codes)
-    data, test = unit[:n_data], unit[n_data:]
-    same = _copy_groups(exact, len(unit))
-    found: dict[tuple[int, int], float] = {}
-    searches = ((data, 0, data, 0), (test, n_data, test, n_data), (data, 0, test, n_data))  # (index, query)
-    for base, offset_b, query, offset_q in searches:
-        self_search = base is query
-        if len(base) < 1 + self_search or not len(query):
-            continue
-        for i, j, sim in _close(base, query, threshold, neighbors, self_search=self_search):
-            a, b = sorted((j + offset_b, i + offset_q))
-            if a != b and same[a] != same[b]:
-                found[(a, b)] = max(sim, found.get((a, b), -1.0))
-    return [_pair(NEAR, LEAKAGE if a < n_data <= b else WITHIN, a, b, s) for (a, b), s in found.items()]
+    same = _copy_groups(exact, len(codes))
+    pairs: set[tuple[int, int]] = set()
+    for space in (l2_normalise(codes), copies.sketches(thumbs)):
+        data, test = space[:n_data], space[n_data:]
+        searches = ((data, 0, data, 0), (test, n_data, test, n_data), (data, 0, test, n_data))  # (index, query)
+        for base, offset_b, query, offset_q in searches:
+            self_search = base is query
+            if len(base) < 1 + self_search or not len(query):
+                continue
+            for i, j in _nearest(base, query, candidates, self_search=self_search):
+                a, b = sorted((j + offset_b, i + offset_q))
+                if a != b and same[a] != same[b]:
+                    pairs.add((a, b))
+    found = np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+    scores = copies.verify(thumbs, found)
+    best = np.full(len(codes), -1.0, np.float32)  # each image's best copy score with any candidate
+    np.maximum.at(best, found[:, 0], scores)
+    np.maximum.at(best, found[:, 1], scores)
+    # mutual best matches only: a copy resembles its original more than anything else does, and vice versa, while a
+    # look-alike of the original may resemble a (blurred) copy more than the original (bench: 55 such pairs in 1164)
+    keep = (scores >= threshold) & (scores >= best[found[:, 0]]) & (scores >= best[found[:, 1]])
+    return [_pair(NEAR, LEAKAGE if a < n_data <= b else WITHIN, a, b, s)
+            for (a, b), s in zip(found[keep].tolist(), scores[keep].tolist())]
 
 
 def ranked(pairs: list[dict]) -> list[dict]:
@@ -70,16 +86,14 @@ def ranked(pairs: list[dict]) -> list[dict]:
     return sorted(pairs, key=lambda p: (p["scope"] != LEAKAGE, p["kind"] != EXACT, -p["similarity"], p["a"], p["b"]))
 
 
-def _close(base: np.ndarray, query: np.ndarray, threshold: float, k: int,
-           self_search: bool) -> list[tuple[int, int, float]]:
-    """(query row, base row, similarity) of each query row's k nearest base rows at or above `threshold`."""
+def _nearest(base: np.ndarray, query: np.ndarray, k: int, self_search: bool) -> list[tuple[int, int]]:
+    """(query row, base row) of each query row's k nearest base rows (unit rows: by cosine similarity)."""
     from sklearn.neighbors import NearestNeighbors
 
     k = min(k + self_search, len(base))  # searching a set in itself: each row finds itself first
-    dist, idx = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(base).kneighbors(query)
-    sim = 1.0 - dist  # (n_query, k)
-    rows, cols = np.nonzero(sim >= threshold)
-    return [(int(r), int(idx[r, c]), float(min(sim[r, c], 1.0))) for r, c in zip(rows, cols)]
+    idx = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(base).kneighbors(
+        query, return_distance=False)  # (n_query, k)
+    return [(r, int(j)) for r, row in enumerate(idx) for j in row]
 
 
 def _copy_groups(exact: Sequence[dict], n: int) -> np.ndarray:

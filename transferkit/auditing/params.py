@@ -8,17 +8,19 @@ from numbers import Integral, Real
 
 from transferkit.runtime.params import Interval, StrOptions
 
-# Cosine similarity of L2-normalised codes at or above which two images are near-duplicates. Measured (docs/audit.md):
-# the closest distinct pair of 1,000 Fashion-MNIST images scores 0.954 (99th percentile 0.946), distinct overlapping
-# photo crops up to 0.93: lower, and look-alikes flood the report. A JPEG-70 copy of a 64 px crop scores ~0.97, but a
-# resized-and-back copy of a small image only 0.84-0.91: lower it for those (the CLI's --near-threshold).
-NEAR_THRESHOLD = 0.95
-NEIGHBORS = 5  # nearest neighbours per image: candidate near-duplicates and the outlier score's k
+# Copy score (auditing.copies: correlation of 32 px grayscale thumbnails, best crop/blur view) at or above which two
+# images are near-duplicates. Measured on 200 planted copies in Fashion-MNIST (bench/audit_duplicates.py,
+# docs/audit.md): 96.5% of copies score >= 0.985 (crops are the misses); with mutual best matches, no pair beyond
+# them and the set's own near-identical items is reported. Higher drops crops (0.995: recall 0.885).
+NEAR_THRESHOLD = 0.985
+NEAR_CANDIDATES = 10  # candidates per image: its nearest by codes and its nearest by 8 px thumbnails
+NEIGHBORS = 5  # nearest neighbours per image for the outlier score
 OUTLIER_MADS = 3.0  # an outlier's score is above its class's median + this many (scaled) MADs
 CV = 5  # folds of the out-of-fold probabilities
 
 AUDIT = {
     "near_threshold": [Interval(Real, 0, 1, closed="right")],
+    "near_candidates": [Interval(Integral, 1, None, closed="left")],
     "neighbors": [Interval(Integral, 1, None, closed="left")],
     "outlier_mads": [Interval(Real, 0, math.inf, closed="neither")],
     "cv": [Interval(Integral, 2, None, closed="left")],

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.auditing import copies
 from transferkit.auditing import duplicates as dup
 from transferkit.auditing.cleaning import check_fixable, write_cleaned
 from transferkit.auditing.label_issues import find_issues, out_of_fold_probabilities
 from transferkit.auditing.outliers import class_balance, find_outliers
-from transferkit.auditing.params import AUDIT, CV, NEAR_THRESHOLD, NEIGHBORS, OUTLIER_MADS
+from transferkit.auditing.params import AUDIT, CV, NEAR_CANDIDATES, NEAR_THRESHOLD, NEIGHBORS, OUTLIER_MADS
 from transferkit.auditing.report import Items, write_csvs, write_html, write_summary
 from transferkit.codes.extract import extract
 from transferkit.codes.extractor import FeatureExtractor
@@ -59,6 +60,7 @@ def audit(
     batch_size: int = 64,
     precision: str = "auto",
     near_threshold: float = NEAR_THRESHOLD,
+    near_candidates: int = NEAR_CANDIDATES,
     neighbors: int = NEIGHBORS,
     outlier_mads: float = OUTLIER_MADS,
     cv: int = CV,
@@ -74,8 +76,8 @@ def audit(
     errors and outliers are looked for in `data`; duplicates in both, and across them (leakage). `fix` ('drop',
     'relabel') also writes cleaned.csv, `data` as a manifest without what was found (auditing.cleaning).
     """
-    _check_params(near_threshold=near_threshold, neighbors=neighbors, outlier_mads=outlier_mads, cv=cv,
-                  max_rows=max_rows, layer=layer, pool=pool, fix=fix)
+    _check_params(near_threshold=near_threshold, near_candidates=near_candidates, neighbors=neighbors,
+                  outlier_mads=outlier_mads, cv=cv, max_rows=max_rows, layer=layer, pool=pool, fix=fix)
     dataset = data if isinstance(data, ImageDataset) else load_data(data)
     check_fixable(dataset, fix)
     test_set = test if test is None or isinstance(test, ImageDataset) else open_dataset(test, min_classes=1)
@@ -96,8 +98,8 @@ def audit(
         for scratch in (store.path, None if test_store is None else test_store.path):
             if scratch is not None:
                 shutil.rmtree(scratch)  # the code cache keeps them; the audit's files are the output
-        result = _find(dataset, test_set, codes, test_codes, near_threshold=near_threshold, neighbors=neighbors,
-                       outlier_mads=outlier_mads, cv=cv)
+        result = _find(dataset, test_set, codes, test_codes, near_threshold=near_threshold,
+                       near_candidates=near_candidates, neighbors=neighbors, outlier_mads=outlier_mads, cv=cv)
         result.summary.update(codes=codes_meta, seconds=round(time.perf_counter() - start, 3))
         if fix is not None:  # cleaned.csv: DATA as a manifest, without what the audit found
             result.summary["fix"] = write_cleaned(tmp, dataset, result.duplicates, result.label_issues, fix)
@@ -145,14 +147,11 @@ def _codes(dataset: ImageDataset, test: ImageDataset | None, tmp: Path, *, layer
 
 
 def _find(dataset: ImageDataset, test: ImageDataset | None, codes: np.ndarray, test_codes: np.ndarray, *,
-          near_threshold: float, neighbors: int, outlier_mads: float, cv: int) -> AuditResult:
+          near_threshold: float, near_candidates: int, neighbors: int, outlier_mads: float, cv: int) -> AuditResult:
     """Every check on the codes in memory; the summary of what they found."""
     n_data = len(codes)
-    hashes = dataset.content_hashes() + (test.content_hashes() if test is not None else [])
-    exact = dup.exact_duplicates(hashes, n_data)
-    near = dup.near_duplicates(np.concatenate([codes, test_codes]), n_data, threshold=near_threshold,
-                               neighbors=neighbors, exact=exact)
-    pairs = dup.ranked(exact + near)
+    pairs = find_duplicates(dataset, test, codes, test_codes, near_threshold=near_threshold,
+                            near_candidates=near_candidates)
     labels = dataset.targets
     probs = out_of_fold_probabilities(codes, labels, cv=cv)
     issues, noise = find_issues(labels, probs, dataset.classes)
@@ -162,8 +161,8 @@ def _find(dataset: ImageDataset, test: ImageDataset | None, codes: np.ndarray, t
     summary = {
         "format": FORMAT, "data": str(dataset.root), "test": None if test is None else str(test.root),
         "n_data": n_data, "n_test": len(test_codes), "multilabel": dataset.multilabel,
-        "parameters": {"near_threshold": near_threshold, "neighbors": neighbors, "outlier_mads": outlier_mads,
-                       "cv": cv},
+        "parameters": {"near_threshold": near_threshold, "near_candidates": near_candidates, "neighbors": neighbors,
+                       "outlier_mads": outlier_mads, "cv": cv},
         "duplicates": {"leakage": count["exact_leakage"] + count["near_leakage"],
                        "within": count["exact_within"] + count["near_within"], **count},
         "label_issues": {"flagged": len(issues), "method": "cleanlab confident learning on out-of-fold "
@@ -173,6 +172,17 @@ def _find(dataset: ImageDataset, test: ImageDataset | None, codes: np.ndarray, t
     }
     return AuditResult(Path(), summary, pairs, issues, outliers, [*dataset.sources,
                                                                   *(test.sources if test is not None else [])])
+
+
+def find_duplicates(dataset: ImageDataset, test: ImageDataset | None, codes: np.ndarray, test_codes: np.ndarray, *,
+                    near_threshold: float = NEAR_THRESHOLD, near_candidates: int = NEAR_CANDIDATES) -> list[dict]:
+    """Exact and near duplicate pairs of DATA + TEST (indices: DATA's images, then TEST's), ranked: leakage first."""
+    hashes = dataset.content_hashes() + (test.content_hashes() if test is not None else [])
+    exact = dup.exact_duplicates(hashes, len(codes))
+    thumbs = np.concatenate([copies.thumbnails(s) for s in (dataset, test) if s is not None])
+    near = dup.near_duplicates(np.concatenate([codes, test_codes]), thumbs, len(codes), threshold=near_threshold,
+                               candidates=near_candidates, exact=exact)
+    return dup.ranked(exact + near)
 
 
 def _items(dataset: ImageDataset, test: ImageDataset | None) -> Items:

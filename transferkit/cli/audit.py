@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from transferkit.auditing.params import AUDIT, CV, NEAR_THRESHOLD, NEIGHBORS, OUTLIER_MADS
+from transferkit.auditing.params import AUDIT, CV, NEAR_CANDIDATES, NEAR_THRESHOLD, NEIGHBORS, OUTLIER_MADS
 from transferkit.cli import DataPath, cli, model_options
 from transferkit.codes.params import EXTRACTOR
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
@@ -23,9 +23,12 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
               help="Codes to audit on: pre_logits, a stage index or timm module name, or 'auto' (the sweep's pick).")
 @click.option("--pool", default="avg", show_default=True, help="Pooling of those codes, as for extract.")
 @click.option("--near-threshold", type=click_type(AUDIT["near_threshold"]), default=NEAR_THRESHOLD,
-              show_default=True, help="Cosine similarity of codes from which two images are near-duplicates.")
+              show_default=True, help="Copy score (correlation of aligned 32 px grayscale thumbnails, best crop or "
+              "blur) from which two images are near-duplicates.")
+@click.option("--near-candidates", type=click_type(AUDIT["near_candidates"]), default=NEAR_CANDIDATES,
+              show_default=True, help="Candidate near-duplicates per image: its nearest by codes and by thumbnails.")
 @click.option("--neighbors", type=click_type(AUDIT["neighbors"]), default=NEIGHBORS, show_default=True,
-              help="Nearest neighbours per image, for near-duplicates and the outlier score.")
+              help="Nearest neighbours per image for the outlier score.")
 @click.option("--outlier-mads", type=click_type(AUDIT["outlier_mads"]), default=OUTLIER_MADS, show_default=True,
               help="An outlier is farther from its class than the class's median + this many MADs.")
 @click.option("--cv", type=click_type(AUDIT["cv"]), default=CV, show_default=True,
@@ -38,8 +41,8 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="Reuse codes of images already encoded the same way (see `transferkit cache`).")
 def audit(data: Path, test: Path | None, out: Path, model: str, weights: str, image_size: int | None,
-          batch_size: int, precision: str, layer: str, pool: str, near_threshold: float, neighbors: int,
-          outlier_mads: float, cv: int, max_rows: int, fix: str | None, cache: bool) -> None:
+          batch_size: int, precision: str, layer: str, pool: str, near_threshold: float, near_candidates: int,
+          neighbors: int, outlier_mads: float, cv: int, max_rows: int, fix: str | None, cache: bool) -> None:
     """Find what is wrong with DATA (folder, CSV manifest or IDX): duplicates, images leaked into TEST, likely
     label errors and outliers, from its CNN codes. Writes OUT/report.html (self-contained) and CSV files."""
     from transferkit.codes.params import parse_pools
@@ -51,8 +54,8 @@ def audit(data: Path, test: Path | None, out: Path, model: str, weights: str, im
 
     result = run_audit(data, out, test=test, model=model, weights=weights, layer=layer, pool=pool,
                        image_size=image_size, batch_size=batch_size, precision=precision,
-                       near_threshold=near_threshold, neighbors=neighbors, outlier_mads=outlier_mads, cv=cv,
-                       max_rows=max_rows, fix=fix, cache=cache,
+                       near_threshold=near_threshold, near_candidates=near_candidates, neighbors=neighbors,
+                       outlier_mads=outlier_mads, cv=cv, max_rows=max_rows, fix=fix, cache=cache,
                        progress=click.get_current_context().obj["progress"])
     s = result.summary
     d = s["duplicates"]
