@@ -17,7 +17,8 @@ C (the exact probe's), the cosine of the two codes of each test image, the pixel
 decodings after the eval transform (uint8, of 255), and decode + transform ms/image in one thread (rough on a
 shared machine).
 
-    python bench/decode_fidelity.py                      # 5,000 train, the 10,000 official test images
+    python bench/decode_fidelity.py --train-per-class 300   # 3,000 train, the 10,000 official test images:
+                                                            # ~65 min on 2 shared cores (20 to write the JPEGs)
     python bench/decode_fidelity.py --train-per-class 200 --test-per-class 100   # a quick look
 """
 
