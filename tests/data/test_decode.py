@@ -13,7 +13,7 @@ from PIL import Image
 
 from transferkit.codes.extractor import FeatureExtractor
 from transferkit.codes.spec import CodeSpec
-from transferkit.data.decode import DecodeTarget, load_image
+from transferkit.data.decode import REDUCING_GAP, DecodeTarget, load_image
 from transferkit.data.transforms import build_transform, decode_target, describe_transform
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,7 +64,8 @@ def test_decoding_never_goes_below_the_target_nor_changes_small_images(large_pho
     target = DecodeTarget(256)
     for path in large_photos:
         exact, small = load_image(path), load_image(path, target)
-        assert small.mode == "RGB" and min(small.size) >= 256 and min(small.size) <= min(exact.size) // 2, path
+        assert small.mode == "RGB" and min(small.size) <= min(exact.size) // 2, path
+        assert min(small.size) >= (REDUCING_GAP * 256 if path.suffix == ".jpg" else 256), path  # JPEGs: 2x
         assert small.width / small.height == pytest.approx(exact.width / exact.height, rel=0.01)  # orientation
     sample_images["china.jpg"].save(tmp_path / "small.jpg")  # 640x427: less than 2x the target
     assert np.array_equal(np.asarray(load_image(tmp_path / "small.jpg", target)),
@@ -91,6 +92,34 @@ def test_draft_codes_point_where_exact_codes_do(large_photos):
     exact = FeatureExtractor(**FAST, exact_decode=True).fit().transform(large_photos)
     cos = (draft * exact).sum(1) / np.linalg.norm(draft, axis=1) / np.linalg.norm(exact, axis=1)
     assert cos.mean() >= 0.99 and cos.min() >= 0.97, cos
+
+
+@pytest.fixture(scope="module")
+def upscaled_items(tmp_path_factory) -> list:
+    """Eight Fashion-MNIST items upscaled into 1600x1200 JPEGs as bench/decode_fidelity.py makes them: smooth,
+    on a flat black ground with sensor noise, the case where drafting right down to the target failed."""
+    from transferkit.recipes.demo import fashion_mnist
+
+    root, data = tmp_path_factory.mktemp("items"), fashion_mnist("t10k")
+    rng, paths = np.random.default_rng(3), []
+    for i in range(8):
+        item = Image.fromarray(data._pixels[i]).resize((1200, 1200), Image.Resampling.BICUBIC)
+        canvas = Image.new("L", (1600, 1200))
+        canvas.paste(item, (200, 0))
+        noisy = np.asarray(canvas, dtype=np.float32) + rng.normal(0, 3, (1200, 1600))
+        paths.append(root / f"{i}.jpg")
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).convert("RGB").save(paths[-1], quality=92)
+    return paths
+
+
+def test_draft_codes_of_flat_noisy_images_point_where_exact_codes_do(upscaled_items):
+    """The same bar on images whose codes move with pixel noise (+-1 grey level of noise alone: cosine 0.84).
+    Drafting to 1x the target (1/4 scale here) gave 0.96 mean, 0.83 worst on 40 such items; to 2x, 0.996 / 0.989."""
+    draft = FeatureExtractor(**FAST).fit().transform(upscaled_items)
+    exact = FeatureExtractor(**FAST, exact_decode=True).fit().transform(upscaled_items)
+    cos = (draft * exact).sum(1) / np.linalg.norm(draft, axis=1) / np.linalg.norm(exact, axis=1)
+    assert cos.mean() >= 0.99 and cos.min() >= 0.97, cos
+    assert load_image(upscaled_items[0], DecodeTarget(256)).size == (800, 600)  # 1/2 scale: >= 2 x (342, 256)
 
 
 def test_draft_is_part_of_the_codes_identity(photo_folder, tmp_path):

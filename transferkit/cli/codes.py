@@ -45,7 +45,7 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
                    "else torch.")
 @click.option("--exact-decode", is_flag=True,
               help="Decode every image in full. By default a JPEG decodes at the smallest DCT scale still at least "
-                   "the size the transform resizes to, and large images are box-reduced to twice that first.")
+                   "twice the size the transform resizes to, and large images are box-reduced to twice that first.")
 @click.option("--decode-threads", type=click_type(EXTRACTOR["decode_threads"]), default=None,
               help="Threads that decode images. Default: one per core when decoding the first batch took longer "
                    "than the model on it, else decoding in turn.")
