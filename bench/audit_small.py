@@ -60,7 +60,7 @@ def transformed(img: Image.Image, rng) -> Image.Image:
 
 def near_duplicates(train, codes: np.ndarray, size: int, n: int = 100) -> dict:
     """Cosine similarity of planted copies to their originals vs of each copy's closest other training image."""
-    from transferkit.auditing.duplicates import l2_normalise
+    from transferkit.auditing.nearest import l2_normalise
 
     rng = np.random.default_rng(1)
     pick = rng.choice(len(train), n, replace=False)

@@ -16,12 +16,14 @@ pairs worth the exact one (32 px, 9 x 9 crop positions, 6 blurs).
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from transferkit.data.datasets import ImageDataset
-from transferkit.data.decode import DecodeTarget
+if TYPE_CHECKING:
+    from transferkit.data.datasets import ImageDataset
+
 
 THUMB = 32  # px: every image becomes a THUMB x THUMB grayscale thumbnail (aspect ignored, as pHash does)
 SKETCH = 8  # px: candidates are the nearest thumbnails at this size (normalised cross-correlation)
@@ -36,6 +38,8 @@ CHUNK = 2048  # pairs scored at once: (CHUNK, 32, 32) float32 arrays, a few MB
 
 def thumbnails(dataset: ImageDataset) -> np.ndarray:
     """(n, THUMB, THUMB) uint8 grayscale thumbnails, decoded no larger than needed (transferkit.data.decode)."""
+    from transferkit.data.decode import DecodeTarget  # torch: not on the CLI's way to its argument checks
+
     target = DecodeTarget(THUMB)
     out = np.empty((len(dataset), THUMB, THUMB), np.uint8)
     for i in range(len(dataset)):

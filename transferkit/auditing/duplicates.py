@@ -2,8 +2,8 @@
 candidates by codes and thumbnails, verified on the images by `copies`), within DATA and TEST and across them: a
 pair across is train/test leakage.
 
-Images are numbered DATA first, then TEST (`n_data` is where TEST starts). Candidates come from scikit-learn's
-brute-force cosine NearestNeighbors, k per image: exact for the closest k, O(n^2 d) time in blocks.
+Images are numbered DATA first, then TEST (`n_data` is where TEST starts). Candidates come from an exact k-nearest
+search per image (auditing.nearest: scikit-learn, faiss for large sets), O(n^2 d) time.
 """
 
 from __future__ import annotations
@@ -14,16 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from transferkit.auditing import copies
+from transferkit.auditing.nearest import l2_normalise, nearest
 
 LEAKAGE, WITHIN = "leakage", "within"  # a pair's scope: across DATA/TEST, or inside one of them
 EXACT, NEAR = "exact", "near"
-
-
-def l2_normalise(codes: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero): their dot products are cosine similarities."""
-    codes = np.asarray(codes, dtype=np.float32)
-    norms = np.linalg.norm(codes, axis=1, keepdims=True)
-    return codes / np.where(norms > 0, norms, 1)
 
 
 def exact_duplicates(hashes: Sequence[bytes | None], n_data: int) -> list[dict]:
@@ -88,11 +82,7 @@ def ranked(pairs: list[dict]) -> list[dict]:
 
 def _nearest(base: np.ndarray, query: np.ndarray, k: int, self_search: bool) -> list[tuple[int, int]]:
     """(query row, base row) of each query row's k nearest base rows (unit rows: by cosine similarity)."""
-    from sklearn.neighbors import NearestNeighbors
-
-    k = min(k + self_search, len(base))  # searching a set in itself: each row finds itself first
-    idx = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(base).kneighbors(
-        query, return_distance=False)  # (n_query, k)
+    _, idx = nearest(base, query, k, self_search=self_search)  # (n_query, k)
     return [(r, int(j)) for r, row in enumerate(idx) for j in row]
 
 

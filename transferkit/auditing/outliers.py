@@ -11,20 +11,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from transferkit.auditing.duplicates import l2_normalise
+from transferkit.auditing.nearest import l2_normalise, nearest
 
 MAD_SCALE = 1.4826  # MAD x this estimates the standard deviation of normally distributed scores
 
 
 def knn_distance(codes: np.ndarray, k: int) -> np.ndarray:
     """(n,) mean cosine distance of each row to its k nearest other rows (0 for a lone row: nothing to compare)."""
-    from sklearn.neighbors import NearestNeighbors
-
     if len(codes) < 2:
         return np.zeros(len(codes))
-    k = min(k, len(codes) - 1)
-    dist, _ = NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute").fit(codes).kneighbors(codes)
-    return dist[:, 1:].mean(1)  # column 0: the row itself (or an exact copy: distance 0 either way)
+    unit = l2_normalise(codes)
+    sims, _ = nearest(unit, unit, k, self_search=True)
+    return (1.0 - sims).mean(1)
 
 
 def robust_threshold(scores: np.ndarray, mads: float) -> float:

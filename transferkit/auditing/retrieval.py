@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.auditing.duplicates import l2_normalise
+from transferkit.auditing.nearest import l2_normalise
 from transferkit.auditing.params import RETRIEVAL
 from transferkit.codes.store import FeatureStore
 from transferkit.errors import ParameterError
