@@ -93,6 +93,7 @@ def audit(
         key = read_sweep(store) or store.keys[0]
         codes = store.load(key)
         test_codes = test_store.load(key) if test_store is not None else np.zeros((0, codes.shape[1]), np.float32)
+        coded = time.perf_counter()
         codes_meta = {"key": key, "model": store.meta["model"], "image_size": store.meta["image_size"],
                       "weights_sha256": store.meta["weights"]["sha256"]}
         for scratch in (store.path, None if test_store is None else test_store.path):
@@ -101,6 +102,7 @@ def audit(
         result = _find(dataset, test_set, codes, test_codes, near_threshold=near_threshold,
                        near_candidates=near_candidates, neighbors=neighbors, outlier_mads=outlier_mads, cv=cv)
         result.summary.update(codes=codes_meta, seconds=round(time.perf_counter() - start, 3))
+        result.summary["seconds_per_step"] = {"codes": round(coded - start, 3), **result.summary["seconds_per_step"]}
         if fix is not None:  # cleaned.csv: DATA as a manifest, without what the audit found
             result.summary["fix"] = write_cleaned(tmp, dataset, result.duplicates, result.label_issues, fix)
         items = _items(dataset, test_set)
@@ -150,12 +152,22 @@ def _find(dataset: ImageDataset, test: ImageDataset | None, codes: np.ndarray, t
           near_threshold: float, near_candidates: int, neighbors: int, outlier_mads: float, cv: int) -> AuditResult:
     """Every check on the codes in memory; the summary of what they found."""
     n_data = len(codes)
+    clock = [time.perf_counter()]
+    seconds = {}
+
+    def took(step: str) -> None:  # each step's wall time, in summary.json: what a large audit spends where
+        clock.append(time.perf_counter())
+        seconds[step] = round(clock[-1] - clock[-2], 3)
+
     pairs = find_duplicates(dataset, test, codes, test_codes, near_threshold=near_threshold,
                             near_candidates=near_candidates)
+    took("duplicates")
     labels = dataset.targets
     probs = out_of_fold_probabilities(codes, labels, cv=cv)
     issues, noise = find_issues(labels, probs, dataset.classes)
+    took("label_issues")
     outliers = find_outliers(codes, labels, dataset.classes, neighbors=neighbors, mads=outlier_mads)
+    took("outliers")
     count = {f"{k}_{s}": sum(p["kind"] == k and p["scope"] == s for p in pairs)
              for k in (dup.EXACT, dup.NEAR) for s in (dup.LEAKAGE, dup.WITHIN)}
     summary = {
@@ -169,6 +181,7 @@ def _find(dataset: ImageDataset, test: ImageDataset | None, codes: np.ndarray, t
                          "probabilities of a calibrated linear SVM on standardised codes", "noise": noise},
         "outliers": {"flagged": len(outliers)},
         "class_balance": class_balance(labels, dataset.classes),
+        "seconds_per_step": seconds,
     }
     return AuditResult(Path(), summary, pairs, issues, outliers, [*dataset.sources,
                                                                   *(test.sources if test is not None else [])])
