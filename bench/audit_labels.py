@@ -9,7 +9,8 @@ set, precision at recall 0.7 along the quality ranking, seconds; then LinearProb
 test images trained on the noisy labels, on the set cleaned by the audit (flagged images dropped), and on the true
 labels. Bar: 5% flips, precision >= 0.8 at recall >= 0.7.
 
-Usage: python bench/audit_labels.py [--size 64] [--layer L] [--pool P] [--rates 0.05,0.2] [--probe-c auto] [--doc]
+Usage: python bench/audit_labels.py [--size 64] [--layer L] [--pool P] [--rates 0.05,0.2] [--probe-c auto]
+       [--no-probe] [--compare] [--doc]
 """
 
 from __future__ import annotations
@@ -72,6 +73,21 @@ def precision_at_recall(quality: np.ndarray, flipped: np.ndarray, recall: float 
     return float(hits[k] / (k + 1))
 
 
+def compare(noisy: np.ndarray, probs: np.ndarray, flipped: np.ndarray) -> None:
+    """cleanlab's other filters (flagged, precision, recall) and rankings (precision at recall 0.7), same probs."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    for how in ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "low_normalized_margin",
+                "low_self_confidence"):
+        f = find_label_issues(noisy, probs, filter_by=how)
+        print(f"  filter_by={how}: flagged {f.sum()}, precision {flipped[f].mean():.3f}, recall "
+              f"{flipped[f].sum() / flipped.sum():.3f}")
+    for how in ("self_confidence", "normalized_margin", "confidence_weighted_entropy"):
+        quality = get_label_quality_scores(noisy, probs, method=how)
+        print(f"  ranked by {how}: precision at recall {RECALL} {precision_at_recall(quality, flipped):.3f}")
+
+
 def probe_accuracy(x, y, x_test, y_test, c: str) -> tuple[float, float]:
     from transferkit.probe.linear import LinearProbe
 
@@ -87,6 +103,7 @@ def main() -> None:
     ap.add_argument("--rates", default="0.05,0.2")
     ap.add_argument("--probe-c", default="auto", help="LinearProbe's C for the test accuracies ('auto': CV)")
     ap.add_argument("--no-probe", action="store_true", help="skip the noisy vs cleaned test accuracies")
+    ap.add_argument("--compare", action="store_true", help="also print cleanlab's other filters and rankings")
     ap.add_argument("--doc", action="store_true", help="write the section into docs/benchmarks.md")
     args = ap.parse_args()
 
@@ -128,6 +145,8 @@ def main() -> None:
         print(f"flips {rate:.0%}: flagged {flagged.sum()}, precision {prec:.3f}, recall {rec:.3f}, precision at "
               f"recall {RECALL}: {p_at:.3f}; out-of-fold accuracy {oof:.3f}; estimated noise "
               f"{noise['estimated_noise_rate']:.3f}; {seconds:.0f} s", flush=True)
+        if args.compare:
+            compare(noisy, probs, flipped)
         accs = ["-", "-", "-"]
         if not args.no_probe:
             noisy_acc, c1 = probe_accuracy(x, noisy, x_test, y_test, args.probe_c)
