@@ -178,7 +178,9 @@ def _find(dataset: ImageDataset, test: ImageDataset | None, codes: np.ndarray, t
         "duplicates": {"leakage": count["exact_leakage"] + count["near_leakage"],
                        "within": count["exact_within"] + count["near_within"], **count},
         "label_issues": {"flagged": len(issues), "method": "cleanlab confident learning on out-of-fold "
-                         "probabilities of a calibrated linear SVM on standardised codes", "noise": noise},
+                         "probabilities of a linear SVM on standardised codes (softmax of its scores, one fitted "
+                         "temperature)" if not dataset.multilabel else "cleanlab multi-label confident learning on "
+                         "out-of-fold probabilities of one logistic regression per label", "noise": noise},
         "outliers": {"flagged": len(outliers)},
         "class_balance": class_balance(labels, dataset.classes),
         "seconds_per_step": seconds,
