@@ -102,8 +102,9 @@ def test_audit_flags_the_mislabelled_image(audited):
 
 def test_audit_finds_the_image_of_noise_far_from_its_class(audited):
     paths, out, _ = audited
-    outliers = rows(out / "outliers.csv")
-    assert [r["source"] for r in outliers] == [str(paths["noise"])], outliers
+    outliers = rows(out / "outliers.csv")  # farthest first
+    assert outliers[0]["source"] == str(paths["noise"]), outliers
+    assert len(outliers) <= 3, outliers  # on the sweep's codes the flower filed under temple is far from it too
     assert outliers[0]["label"] == "flower" and float(outliers[0]["score"]) > float(outliers[0]["threshold"])
 
 
@@ -359,7 +360,8 @@ def test_multilabel_data_gets_label_issues_per_label(photo_folder, tmp_path):
             lines.append(f"{f},{'temple' if f.name == '5.jpg' and cls == 'flower' else labels}")
     manifest = tmp_path / "labels.csv"
     manifest.write_text("\n".join(lines) + "\n")
-    result = transferkit.audit(manifest, tmp_path / "out", image_size=SIZE, cv=3, progress=False)
+    result = transferkit.audit(manifest, tmp_path / "out", image_size=SIZE, cv=3, layer="pre_logits",
+                               progress=False)  # the codes this planted set was made on ('auto' sweeps 18 images)
     assert result.summary["multilabel"]
     assert set(result.summary["label_issues"]["noise"]["estimated_noise_rate_per_label"]) == {"flower", "plant",
                                                                                              "temple"}

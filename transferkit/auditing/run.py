@@ -24,7 +24,7 @@ from transferkit.codes.store import FeatureStore
 from transferkit.data.datasets import ImageDataset, open_dataset
 from transferkit.errors import DataError, ParameterError
 from transferkit.jobs import extract_features, like_options, load_data, read_sweep
-from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
+from transferkit.models.params import DEFAULT_MODEL
 from transferkit.runtime.outputs import building, check_output
 from transferkit.runtime.params import validate
 
@@ -54,7 +54,7 @@ def audit(
     test: str | Path | ImageDataset | None = None,
     model: str = DEFAULT_MODEL,
     weights: str = "auto",
-    layer: str = PRE_LOGITS,
+    layer: str = "auto",
     pool: str = "avg",
     image_size: int | None = None,
     batch_size: int = 64,
@@ -178,8 +178,8 @@ def _find(dataset: ImageDataset, test: ImageDataset | None, codes: np.ndarray, t
         "duplicates": {"leakage": count["exact_leakage"] + count["near_leakage"],
                        "within": count["exact_within"] + count["near_within"], **count},
         "label_issues": {"flagged": len(issues), "method": "cleanlab confident learning on out-of-fold "
-                         "probabilities of a linear SVM on standardised codes (softmax of its scores, one fitted "
-                         "temperature)" if not dataset.multilabel else "cleanlab multi-label confident learning on "
+                         "probabilities of a multinomial logistic regression on standardised codes"
+                         if not dataset.multilabel else "cleanlab multi-label confident learning on "
                          "out-of-fold probabilities of one logistic regression per label", "noise": noise},
         "outliers": {"flagged": len(outliers)},
         "class_balance": class_balance(labels, dataset.classes),

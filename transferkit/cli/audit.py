@@ -19,9 +19,10 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Folder for report.html, duplicates.csv, label_issues.csv, outliers.csv and summary.json.")
 @model_options(table=EXTRACTOR, precision="auto", help_precision="As for `transferkit extract`.")
-@click.option("--layer", default="pre_logits", show_default=True,
-              help="Codes to audit on: pre_logits, a stage index or timm module name, or 'auto' (the sweep's pick).")
-@click.option("--pool", default="avg", show_default=True, help="Pooling of those codes, as for extract.")
+@click.option("--layer", default="auto", show_default=True,
+              help="Codes to audit on: 'auto' (the layer and pooling the sweep picks on DATA, as extract --layer "
+                   "auto), pre_logits, or a stage index or name.")
+@click.option("--pool", default="avg", show_default=True, help="Pooling of a named --layer's codes, as for extract.")
 @click.option("--near-threshold", type=click_type(AUDIT["near_threshold"]), default=NEAR_THRESHOLD,
               show_default=True, help="Copy score (correlation of aligned 32 px grayscale thumbnails, best crop or "
               "blur) from which two images are near-duplicates.")

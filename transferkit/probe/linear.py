@@ -38,7 +38,7 @@ from transferkit.runtime.params import sklearn_constraints, validate
 logger = logging.getLogger(__name__)
 
 DEFAULT_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0)  # tried upwards, stopping past the peak
-DUAL_RATIO = 10  # liblinear's dual solver beats the primal one until n_samples > ~10 x n_features
+_DUAL_RATIO = 10  # liblinear's dual solver beats the primal one until n_samples > ~10 x n_features
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
@@ -186,7 +186,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     def _make_pipeline(self, C: float, shape: tuple[int, int]) -> Pipeline:
         scale = {"standard": StandardScaler(), "l2": Normalizer(), "none": "passthrough"}[self.scaling]
-        dual = shape[0] < DUAL_RATIO * shape[1]
+        dual = shape[0] < _DUAL_RATIO * shape[1]
         svm = LinearSVC(C=C, dual=dual, tol=self.tol, max_iter=self.max_iter, random_state=self.random_state,
                         class_weight=self.class_weight)
         return Pipeline([("scale", scale), ("svm", svm)])
