@@ -359,7 +359,7 @@ def three_images(tmp_path, sample_images) -> Path:
 
 def scan_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "transferkit.data.datasets" and r.levelname == "WARNING"]
+            if r.name == "transferkit.data.folders" and r.levelname == "WARNING"]
 
 
 def test_symlink_loop_in_a_class_folder_lists_each_image_once(three_images, caplog):

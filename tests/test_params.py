@@ -133,8 +133,9 @@ def test_cli_lists_the_choices_in_help_and_errors(cli_run):
     assert small.exit_code == 2 and "x>=8" in small.output
 
 
-def test_cli_reads_pair_limits_from_the_table(tmp_path, cli_run):
-    result = cli_run("finetune", tmp_path, "-o", tmp_path / "run", "--crop-scale", "0.5:0.2", ok=False, catch=True)
+def test_cli_reads_pair_limits_from_the_table(photo_folder, tmp_path, cli_run):
+    result = cli_run("finetune", photo_folder, "-o", tmp_path / "run", "--crop-scale", "0.5:0.2", ok=False,
+                     catch=True)
     assert result.exit_code == 2 and "0 < LO <= HI <= 1" in result.output
 
 
