@@ -36,6 +36,7 @@ from transferkit.auditing import duplicates as dup  # noqa: E402
 from transferkit.auditing.params import NEAR_CANDIDATES, NEAR_THRESHOLD  # noqa: E402
 from transferkit.auditing.run import _codes, find_duplicates  # noqa: E402
 from transferkit.data.datasets import ImageDataset  # noqa: E402
+from transferkit.jobs import read_sweep  # noqa: E402
 from transferkit.recipes.demo import fashion_mnist  # noqa: E402
 
 KINDS = ("resize", "jpeg", "crop", "brightness")
@@ -90,6 +91,8 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--layer", default="auto", help="the audit's codes (default: its default, the sweep's pick)")
+    ap.add_argument("--pool", default="avg")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = ap.parse_args()
 
@@ -99,10 +102,10 @@ def main() -> None:
     test_planted, originals, kinds = planted(train, test, args.copies, args.seed + 1)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        store, test_store = _codes(train, test_planted, Path(tmp), layer="pre_logits", pool="avg", cache=True,
+        store, test_store = _codes(train, test_planted, Path(tmp), layer=args.layer, pool=args.pool, cache=True,
                                    model="tf_efficientnet_lite0", weights="auto", image_size=args.image_size,
                                    batch_size=64, precision="auto", progress=False)
-        key = store.keys[0]
+        key = read_sweep(store) or store.keys[0]
         codes, test_codes = store.load(key), test_store.load(key)
     encode = time.perf_counter() - start
     n, n_test = len(train), len(test)
