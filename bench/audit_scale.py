@@ -1,11 +1,14 @@
 """The audit of all of Fashion-MNIST (60,000 train + 10,000 test images) as a user runs it, twice in a row: the
 first run encodes (or finds its codes in the code cache), the second audits from cached codes. Whole-process wall
 time and peak memory (ru_maxrss of the child), the audit's own time per step (summary.json), and what it found.
+Also draws what it found in the official train vs test (docs/images/audit-fmnist-*.png): the most similar
+train/test pairs, the most likely label errors (given -> suggested) and the strongest outliers.
 Usage: python bench/audit_scale.py [--image-size 64] [--work DIR] [--no-doc]."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import resource
 import shutil
@@ -19,6 +22,73 @@ from machine import machine_lines, write_section  # noqa: E402
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+IMAGES = DOC.parent / "images"
+SHOWN = 12  # findings drawn per figure
+
+
+def pixels_by_source() -> dict[str, object]:
+    """Each Fashion-MNIST image's 28x28 pixels by its source string (what the audit's CSVs name)."""
+    from transferkit.recipes.demo import fashion_mnist
+
+    out = {}
+    for split in ("train", "t10k"):
+        data = fashion_mnist(split)
+        out.update(zip(data.sources, data._pixels))
+    return out
+
+
+def figure(panels: list[list[tuple[object, str]]], title: str, path: Path) -> None:
+    """A grid of captioned images: one column per finding, one row per image of it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = max(len(p) for p in panels), len(panels)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols, 1.45 * rows + 0.4), squeeze=False)
+    for c, panel in enumerate(panels):
+        for r in range(rows):
+            ax = axes[r][c]
+            ax.axis("off")
+            if r < len(panel):
+                img, caption = panel[r]
+                ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+                ax.set_title(caption, fontsize=6.5)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_findings(out: Path) -> list[str]:
+    """Figures of the audit's top findings in `out`'s CSVs; markdown lines that show them."""
+    px = pixels_by_source()
+    short = {"train": "train", "t10k": "test"}
+
+    def name(source: str) -> str:
+        file, row = source.rsplit("#", 1)
+        return f"{short[Path(file).name.split('-')[0]]} #{row}"
+
+    def read(file: str) -> list[dict]:
+        with open(out / file, newline="") as f:
+            return list(csv.DictReader(f))
+
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    leaks = [d for d in read("duplicates.csv") if d["scope"] == "leakage"][:SHOWN]
+    figure([[(px[d["source_a"]], name(d["source_a"])), (px[d["source_b"]], f"{name(d['source_b'])}\n"
+             f"{float(d['similarity']):.3f}")] for d in leaks],
+           "Most similar train (top) / test (bottom) pairs: copy score", IMAGES / "audit-fmnist-leakage.png")
+    issues = read("label_issues.csv")[:SHOWN]
+    figure([[(px[d["source"]], f"{name(d['source'])}\n{d['given_label']}\n-> {d['suggested_label']}")]
+            for d in issues], "Most likely label errors in train: given -> suggested",
+           IMAGES / "audit-fmnist-labels.png")
+    outliers = sorted(read("outliers.csv"), key=lambda d: -float(d["score"]))[:SHOWN]
+    figure([[(px[d["source"]], f"{name(d['source'])}\n{d['label']}")] for d in outliers],
+           "Strongest outliers in train (far from every image of their class)", IMAGES / "audit-fmnist-outliers.png")
+    return ["What it found, the top of each list (the report.html shows the same with every row):", "",
+            "![train/test pairs](images/audit-fmnist-leakage.png)", "",
+            "![label errors](images/audit-fmnist-labels.png)", "",
+            "![outliers](images/audit-fmnist-outliers.png)"]
 
 
 def run(args: list[str]) -> tuple[float, float]:
@@ -65,6 +135,8 @@ def main() -> None:
               f"{s['label_issues']['flagged']} likely label error(s) (estimated noise "
               f"{100 * s['label_issues']['noise'].get('estimated_noise_rate', float('nan')):.1f}%), "
               f"{s['outliers']['flagged']} outlier(s)."]
+    if not opts.no_doc:
+        lines += ["", *draw_findings(out)]
     print("\n".join(lines))
     if not opts.no_doc:
         write_section(DOC, "audit-scale", "\n".join(lines))

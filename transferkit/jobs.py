@@ -38,6 +38,7 @@ from transferkit.probe.metrics import (
 from transferkit.probe.multilabel import MultiLabelProbe
 from transferkit.probe.saved import is_probe_dir, load_probe_dir
 from transferkit.probe.sweep import SweepResult, sweep
+from transferkit.probe.sweep_cache import cached_sweep
 from transferkit.runtime.atomic import write_json_atomic, write_text_atomic
 from transferkit.runtime.device import autocast, default_device
 from transferkit.runtime.outputs import add_files, building, check_output, new_tmp
@@ -113,7 +114,7 @@ def extract_features(
         return _extract_best(dataset, Path(out), extractor, sweep_samples, skip_bad, progress, cache)
     store = extract(dataset, out, extractor, skip_bad=skip_bad, cache=cache)
     if auto:
-        sweep_features(store, progress=progress)
+        sweep_features(store, progress=progress, cache=cache)
     return store
 
 
@@ -162,7 +163,7 @@ def _extract_best(
     scratch = new_tmp(out.with_name(f"{out.name}.sweep"), KIND)  # marked and hidden: never a user's folder
     try:
         sample = extract(dataset.select(np.sort(idx)), scratch / "codes", extractor, skip_bad=skip_bad, cache=cache)
-        best = sweep_features(sample, progress=progress).best
+        best = sweep_features(sample, progress=progress, cache=cache).best
         extractor.set_params(layer=best["layer"], pool=best["pool"]).fit()
         store = extract(dataset, out, extractor, skip_bad=skip_bad, cache=cache)
         for name in SWEEP_FILES:
@@ -174,16 +175,19 @@ def _extract_best(
 
 
 def sweep_features(
-    store: FeatureStore, *, cv: int = 3, max_samples: int | None = 5000, progress: bool = True, metric: str = "auto"
+    store: FeatureStore, *, cv: int = 3, max_samples: int | None = 5000, progress: bool = True, metric: str = "auto",
+    cache: bool = True,
 ) -> SweepResult:
     """Score every layer x pooling in `store` by CV probe accuracy (`metric`: 'auto' is balanced accuracy on
-    imbalanced classes; multi-label codes: mAP); write sweep.json (it records the metric) and sweep.png beside it."""
+    imbalanced classes; multi-label codes: mAP); write sweep.json (it records the metric) and sweep.png beside it.
+    With `cache`, the result of the same sweep on the same codes and labels is reused (probe.sweep_cache)."""
     from transferkit.plots import plot_sweep
 
     if len(store.keys) < 2:
         raise DataError(f"'{store.path}' holds one kind of codes; extract with layer='all', pool='all' to sweep")
     codes = {tuple(k.split("|")): store.load(k) for k in store.keys}
-    result = sweep(codes, store.labels, cv=cv, max_samples=max_samples, progress=progress, metric=metric)
+    run = cached_sweep if cache else sweep
+    result = run(codes, store.labels, cv=cv, max_samples=max_samples, progress=progress, metric=metric)
     write_json_atomic(store.path / SWEEP_FILE, result.to_dict())
     what = {"balanced_accuracy": "CV balanced accuracy", "mAP": "CV mAP"}.get(result.metric, "CV accuracy")
     plot_sweep(result.rows, store.path / "sweep.png", title=f"{store.meta['model']}: {what} of a linear SVM",

@@ -69,3 +69,35 @@ def test_distinct_look_alikes_are_not_verified_as_copies(items):
     assert sim.max(1).mean() > 0.9  # they do look alike at 8 px
     scores = copies.verify(thumbs, pairs)
     assert (scores >= NEAR_THRESHOLD).mean() <= 0.05, np.sort(scores)[-12:]
+
+
+def _reference_score(ta: np.ndarray, tb: np.ndarray) -> float:
+    """One pair, straight from the definition: the best correlation of either image (whole, at the pass's size)
+    with any view of the other; the exact pass only for pairs that reach COARSE_FLOOR in the cheap one."""
+    def corr(u: np.ndarray, v: np.ndarray) -> float:
+        u, v = u.ravel() - u.mean(), v.ravel() - v.mean()
+        return float(u @ v / max(np.linalg.norm(u) * np.linalg.norm(v), 1e-12))
+
+    def best(spec, a, b):
+        plain = copies.resampling(copies.THUMB, spec[0], 0, copies.THUMB)
+        return max(corr(my @ a @ mx.T, plain @ b @ plain.T) for my, mxs in copies._views(*spec) for mx in mxs)
+
+    a, b = ta.astype(np.float64), tb.astype(np.float64)
+    coarse = max(best(copies.COARSE, a, b), best(copies.COARSE, b, a))
+    return coarse if coarse < copies.COARSE_FLOOR else max(best(copies.FINE, a, b), best(copies.FINE, b, a))
+
+
+def test_batched_scores_equal_the_definition_pair_by_pair(items, monkeypatch):
+    """verify computes each image's views once and shares them among its pairs, a few images at a time: the same
+    scores as pair by pair (float32 vs float64: 1e-4), with banks of 3 images so that pairs span banks."""
+    originals = items._pixels[:12]
+    made = np.stack([np.asarray(t(Image.fromarray(p)).convert("L")) for t, p in zip(TRANSFORMS.values(), originals)])
+    thumbs = copies.thumbnails(as_dataset(np.concatenate([originals, made])))
+    pairs = np.array([(0, 12), (1, 13), (2, 14), (3, 15), (4, 16), (5, 17), (0, 1), (0, 5), (0, 17), (6, 7),
+                      (9, 10), (11, 12), (3, 3)])
+    monkeypatch.setattr(copies, "BANK_BYTES", 3 * 4 * 32 * 32 * 87)
+    scores = copies.verify(thumbs, pairs)
+    want = np.array([min(_reference_score(thumbs[a], thumbs[b]), 1.0) for a, b in pairs])
+    assert np.abs(scores - want).max() < 1e-4, np.c_[scores, want]
+    assert (scores[:6] >= copies.COARSE_FLOOR).all() and (scores[6:] < copies.COARSE_FLOOR).any()  # both passes
+    assert copies.verify(thumbs, np.zeros((0, 2), np.int64)).shape == (0,)
