@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, ClassVar
 
+from transferkit.errors import ParameterError
 from transferkit.finetune.params import FINETUNE
 from transferkit.runtime.params import validate
 
@@ -58,6 +59,9 @@ class FinetuneConfig:
         """Fail on a setting outside its limits (naming it) before anything is built; return self."""
         validate(self._parameter_constraints, {f.name: getattr(self, f.name) for f in fields(self)},
                  type(self).__name__)
+        if self.head_init == "probe" and self.head != "linear":
+            raise ParameterError(f"The 'head_init' parameter 'probe' fits a linear head; head={self.head!r} is not "
+                                 "one. Use head='linear' or head_init='prior'.", param="head_init")
         if self.precision == "fp16":  # needs CUDA: ask torch only then
             from transferkit.runtime.device import autocast, default_device
 

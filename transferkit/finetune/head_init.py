@@ -85,10 +85,7 @@ def init_head_from_probe(model: nn.Module, train: ImageDataset, config: Finetune
                          device: torch.device) -> dict:
     """Set the linear head of `model` (in place) to a logistic regression fitted on its pre-logits codes of
     `train`; returns what was fitted (C, cross-validated and training accuracy) for config.json."""
-    head = model.get_classifier()
-    if config.head != "linear" or not isinstance(head, nn.Linear):
-        raise ParameterError(f"The 'head_init' parameter 'probe' fits a linear head; head={config.head!r} is not "
-                             "one. Use head='linear' or head_init='prior'.", param="head_init")
+    head = model.get_classifier()  # head='linear' (FinetuneConfig.validate)
     if train.multilabel:
         raise ParameterError("The 'head_init' parameter 'probe' fits one softmax over the classes; multi-label "
                              "data needs one sigmoid per label. Use head_init='prior'.", param="head_init")
