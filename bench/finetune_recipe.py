@@ -8,7 +8,9 @@ with --force to redo one. Runs go one at a time. Writes the 'finetune-recipe' se
 
     python bench/finetune_recipe.py --runs base        # the plain recipe, partial and full (~15 min)
     python bench/finetune_recipe.py --runs single      # one change each: EMA, mixup/cutmix, LP-FT
-    python bench/finetune_recipe.py --runs combined    # the winners together, 96 px, 60 epochs
+    python bench/finetune_recipe.py --runs size        # 96 px; 60 epochs
+    python bench/finetune_recipe.py --runs freeze      # frozen until blocks.2 / blocks.4 (partial: blocks.3)
+    python bench/finetune_recipe.py --runs combined    # the winners together
     python bench/finetune_recipe.py --runs NAME[,NAME] # single runs
 """
 
@@ -37,6 +39,10 @@ RUNS = {  # name: (group, settings); SMALL = 64 px, 30 epochs, batch 32, crops 0
     "partial-mix": ("single", {**PARTIAL, "mixup": 0.2, "cutmix": 1.0}),
     "partial-lpft": ("single", {**PARTIAL, "head_init": "probe"}),
     "full-lpft": ("single", {**FULL, "head_init": "probe"}),
+    "partial-96px": ("size", {**PARTIAL, "image_size": 96}),
+    "partial-60ep": ("size", {**PARTIAL, "epochs": 60}),
+    "partial-b2": ("freeze", {**PARTIAL, "freeze_until": "blocks.2"}),
+    "partial-b4": ("freeze", {**PARTIAL, "freeze_until": "blocks.4"}),
 }
 BASELINE = "partial"
 
