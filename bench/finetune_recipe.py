@@ -43,6 +43,7 @@ RUNS = {  # name: (group, settings); SMALL = 64 px, 30 epochs, batch 32, crops 0
     "partial-60ep": ("size", {**PARTIAL, "epochs": 60}),
     "partial-b2": ("freeze", {**PARTIAL, "freeze_until": "blocks.2"}),
     "partial-b4": ("freeze", {**PARTIAL, "freeze_until": "blocks.4"}),
+    "partial-mix-60ep": ("combined", {**PARTIAL, "mixup": 0.2, "cutmix": 1.0, "epochs": 60}),  # mixup needs time
 }
 BASELINE = "partial"
 
@@ -63,7 +64,7 @@ def table(work: Path) -> str:
     ]
     common = {**SMALL, "freeze_until": None}
     for name, row in rows.items():
-        c = row["config"]
+        c = {k: tuple(v) if isinstance(v, list) else v for k, v in row["config"].items()}  # JSON: lists
         changes = ", ".join(f"{k}={v}" for k, v in c.items()
                             if k not in ("freeze_until", "image_size", "epochs") and common.get(k, "-") != v) or "-"
         delta = f"{100 * (row['test_acc'] - base['test_acc']):+.2f}" if base else "-"
