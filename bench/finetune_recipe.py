@@ -5,13 +5,14 @@ The training set is the first 100 images of each class (1,000 images, as bench/f
 and the probe rows of bench/fashion_mnist.py); every image is trained on (val 0%) and the last epoch is scored on
 the official 10,000 test images, plain and with flip TTA. Each run's figures are cached in WORK/NAME.json; rerun
 with --force to redo one. Runs go one at a time. Writes the 'finetune-recipe' section of docs/benchmarks.md.
+The runs in docs/benchmarks.md ran with OMP_NUM_THREADS=1 (one process per name in --runs).
 
-    python bench/finetune_recipe.py --runs base        # the plain recipe, partial and full (~15 min)
+    python bench/finetune_recipe.py --runs base        # the plain recipe, partial and full
     python bench/finetune_recipe.py --runs single      # one change each: EMA, mixup/cutmix, LP-FT
     python bench/finetune_recipe.py --runs size        # 96 px; 60 epochs
     python bench/finetune_recipe.py --runs freeze      # frozen until blocks.2 / blocks.4 (partial: blocks.3)
     python bench/finetune_recipe.py --runs combined    # the winners together
-    python bench/finetune_recipe.py --runs bar60k      # all 60,000 images with the options (~1 h each, 2 cores)
+    python bench/finetune_recipe.py --runs bar60k      # all 60,000 images with the options (about an hour each)
     python bench/finetune_recipe.py --runs NAME[,NAME] # single runs
 """
 
@@ -81,7 +82,8 @@ def table(work: Path) -> str:
         "test images; 'TTA' adds the horizontally flipped image. Every run: AdamW, warmup + cosine, lr 3e-3 at the",
         "head with layer decay 0.9, label smoothing 0.1, random resized crops 0.6-1, flips, random erasing 0.25,",
         "batch 32, fp32, seed 0; 'changes' lists what differs. One seed per row: differences under ~0.5 points",
-        "are within run-to-run noise. Wall times are rough (shared cores): other jobs ran on the same 2 cores.",
+        "are within run-to-run noise. Run with `OMP_NUM_THREADS=1` (torch threads 1): on 2 cores shared with",
+        "other jobs, 2 torch threads trained about 20x slower (rough). Wall times are rough (shared cores).",
         "",
         "| run | train images | freeze until | changes | image | epochs | test acc | TTA | vs partial "
         "| wall, rough (shared cores) |",
