@@ -59,6 +59,7 @@ What the rows say (2026-11-27, one seed each):
 - **No option reaches the 88.5% bar at 100/class.** The best plain scores are mixup + cutmix (87.74%, 88.23% with
   flip TTA) and 96 px (87.73%, 88.19% TTA), both about +0.3 over the plain partial recipe: within run-to-run
   noise (the same plain recipe scored 87.23% on 2026-11-24 with 2 torch threads and 87.42% here with 1).
+- **Schedule length**: mixup + cutmix over 60 epochs scored 87.57% (88.03% TTA), no better than over 30.
 - **EMA** (`ema_decay=0.999`): the same plain accuracy as without it. Under warmup + cosine to 0 the last epochs
   hardly move the weights, so their average is close to the last step; timm's warmup also caps the decay near
   0.99 after ~930 steps, whatever `ema_decay` says.
