@@ -63,8 +63,8 @@ What the rows say (2026-11-27, one seed each):
 - **EMA** (`ema_decay=0.999`): the same plain accuracy as without it. Under warmup + cosine to 0 the last epochs
   hardly move the weights, so their average is close to the last step; timm's warmup also caps the decay near
   0.99 after ~930 steps, whatever `ema_decay` says.
-- **LP-FT** (`head_init=probe`): partial +0.04; full fine-tuning 87.19% against 86.70% for the plain full run of
-  2026-11-24 (bench/finetune_fmnist.py '100-full'; not rerun here): +0.5, one seed, another day. The probe on
+- **LP-FT** (`head_init=probe`): partial +0.04; full fine-tuning 87.19% against 87.26% for the plain full run
+  here ('full'; 86.70% on 2026-11-24 with 2 threads): no gain. The probe on
   lite0's pre-logits codes (C 0.1 by CV, CV accuracy 83.2%) fits the 1,000 clean training codes perfectly, and
   its confident logits raise the first epoch's loss under augmentation (2.11 against 1.70 for the random head,
   partial runs), the opposite of what LP-FT wants; a softer probe (smaller C, or its logits rescaled) is untried.
