@@ -26,10 +26,13 @@ LITE0 = dict(weights="package", image_size=32, batch_size=4, num_workers=0)
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
-def test_resume_after_kill_gives_bit_identical_weights(tmp_path, photo_folder, monkeypatch):
-    """Same seed; the run dies in epoch 2; --resume finishes it with exactly the uninterrupted weights."""
+@pytest.mark.parametrize("settings", [dict(head="mlp"), dict(ema_decay=0.9, mixup=0.4, cutmix=1.0)],
+                         ids=["mlp", "ema-mixup"])
+def test_resume_after_kill_gives_bit_identical_weights(tmp_path, photo_folder, monkeypatch, settings):
+    """Same seed; the run dies in epoch 2; --resume finishes it with exactly the uninterrupted weights (with an EMA:
+    the saved files are the average, restored from the checkpoint)."""
     data = open_dataset(photo_folder)
-    config = FinetuneConfig(**LITE0, epochs=3, head="mlp")  # augmentation + dropout: every RNG matters
+    config = FinetuneConfig(**LITE0, epochs=3, **settings)  # augmentation + dropout or mixup: every RNG matters
     whole = finetune(data, tmp_path / "whole", config, progress=False)
 
     import transferkit.finetune.loop as ft

@@ -49,6 +49,17 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
               help="balanced: weight the loss of each class by n / (n_classes x its count), for imbalanced classes.")
 @click.option("--sampler", type=click_type(FINETUNE["sampler"]), default=None,
               help="balanced: draw training images class-balanced (with replacement) instead of shuffling.")
+@click.option("--ema-decay", type=click_type(FINETUNE["ema_decay"]), default=None,
+              help="Validate and save an exponential moving average of the weights, at most this decay per step "
+                   "(timm ModelEmaV3 with warmup); e.g. 0.999.")
+@click.option("--mixup", type=click_type(FINETUNE["mixup"]), default=0.0, show_default=True,
+              help="Mixup alpha (timm): train on blends of image pairs with blended targets; 0: off.")
+@click.option("--cutmix", type=click_type(FINETUNE["cutmix"]), default=0.0, show_default=True,
+              help="CutMix alpha (timm): paste a box of another image, targets by area; with --mixup, half the "
+                   "batches each.")
+@click.option("--head-init", type=click_type(FINETUNE["head_init"]), default="prior", show_default=True,
+              help="probe: start the head as a logistic regression fitted on the frozen network's codes (LP-FT); "
+                   "prior: random weights, biases the log class prior.")
 @click.option("--no-cache", is_flag=True, help="Recompute the frozen stages every step instead of caching them.")
 @click.option("--val-fraction", type=click_type(FINETUNE["val_fraction"]), default=0.1, show_default=True,
               help="Stratified hold-out for validation when --val is not given.")

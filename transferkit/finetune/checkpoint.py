@@ -1,4 +1,5 @@
-"""Training checkpoints that resume bit-exactly: model, optimizer, scheduler, RNG states and loop state.
+"""Training checkpoints that resume bit-exactly: model, optimizer, scheduler, RNG states, loop state and the
+weights' average (config.ema_decay) when a run keeps one.
 
 Tensors go to ``checkpoint-EPOCH.safetensors``; everything else, with that file's sha256, to
 ``checkpoint.json``. The JSON is replaced atomically after the tensors are on disk and only then is
@@ -63,13 +64,17 @@ def _join_optimizer(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
 
 
 def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, loop: dict) -> Path:
-    """Write the state after a finished epoch (`loop` holds epoch, step, history, best ...)."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, loop: dict, *,
+                    ema: nn.Module | None = None) -> Path:
+    """Write the state after a finished epoch (`loop` holds epoch, step, history, best ...; `ema`: the average of
+    the weights, as 'ema.NAME' tensors)."""
     from safetensors.torch import save_file
 
     rng_meta, rng_tensors = rng_state()
     opt_meta, opt_tensors = _split_optimizer(optimizer)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     tensors.update(opt_tensors)
     tensors.update(rng_tensors)
     name = f"checkpoint-{loop['epoch']:04d}.safetensors"
@@ -84,13 +89,16 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimize
 
 
 def load_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, *, history_keys: tuple[str, ...] = ()) -> dict:
-    """Restore everything `save_checkpoint` wrote (RNGs included) and return its loop state.
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, *, history_keys: tuple[str, ...] = (),
+                    ema: nn.Module | None = None) -> dict:
+    """Restore everything `save_checkpoint` wrote (RNGs and `ema` included) and return its loop state.
 
     All of it is checked (`read_checkpoint`) before anything is restored.
     """
-    meta, tensors = read_checkpoint(out, model, optimizer, scheduler, history_keys=history_keys)
+    meta, tensors = read_checkpoint(out, model, optimizer, scheduler, history_keys=history_keys, ema=ema)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     optimizer.load_state_dict(_join_optimizer(meta["optimizer"], tensors))
     scheduler.load_state_dict(meta["scheduler"])
     set_rng_state(meta["rng"], tensors)
@@ -99,7 +107,8 @@ def load_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimize
 
 def read_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, *,
-                    history_keys: tuple[str, ...] = ()) -> tuple[dict, dict[str, torch.Tensor]]:
+                    history_keys: tuple[str, ...] = (),
+                    ema: nn.Module | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """checkpoint.json and its tensors, checked field by field against what loading them into these objects needs.
 
     A hand-edited, truncated or foreign checkpoint raises a one-line DataError naming the file and the first
@@ -119,7 +128,7 @@ def read_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimize
     except Exception as e:  # safetensors' own errors: the file is not what its hash promised
         detail = " ".join(str(e).split())
         raise DataError(f"'{path}' is not a readable safetensors file: {type(e).__name__}: {detail}") from e
-    _check_tensors(path, meta, tensors, model, optimizer)
+    _check_tensors(path, meta, tensors, model, optimizer, ema)
     return meta, tensors
 
 
@@ -239,12 +248,15 @@ def _check_like(f: _Fields, name: str, saved, live: dict) -> None:
 
 
 def _check_tensors(path: Path, meta: dict, tensors: dict[str, torch.Tensor], model: nn.Module,
-                   optimizer: torch.optim.Optimizer) -> None:
-    """The tensor file holds the model's tensors, the optimizer state the JSON points to, and the torch RNG."""
+                   optimizer: torch.optim.Optimizer, ema: nn.Module | None = None) -> None:
+    """The tensor file holds the model's tensors (and `ema`'s), the optimizer state the JSON points to, and the
+    torch RNG."""
     def bad(name: str, problem: str) -> DataError:
         return DataError(f"'{path}': tensor '{name}' {problem}; cannot resume from this checkpoint")
 
     need = {f"model.{k}": (v.shape, False) for k, v in model.state_dict().items()}  # name: (shape, 0-d allowed)
+    if ema is not None:
+        need.update({f"ema.{k}": (v.shape, False) for k, v in ema.state_dict().items()})
     live = [p for g in optimizer.param_groups for p in g["params"]]
     saved_ids = [p for g in meta["optimizer"]["param_groups"] for p in g["params"]]
     param_of = dict(zip(saved_ids, live))  # how torch's load_state_dict pairs saved ids with parameters

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, ClassVar
 
+from transferkit.errors import ParameterError
 from transferkit.finetune.params import FINETUNE
 from transferkit.runtime.params import validate
 
@@ -49,11 +50,18 @@ class FinetuneConfig:
     cache_memory_gb: float = 4.0  # larger caches are memory-mapped files in the run directory
     class_weight: str | None = None  # 'balanced': cross-entropy weighted by n / (n_classes x class count)
     sampler: str | None = None  # 'balanced': class-balanced sampling (with replacement) instead of a shuffle
+    ema_decay: float | None = None  # per-step cap of an EMA of the weights (timm ModelEmaV3, warmup); validated, saved
+    mixup: float = 0.0  # alpha of timm's Mixup (mixed pairs of images, mixed targets); 0: off
+    cutmix: float = 0.0  # alpha of timm's CutMix (a box pasted from another image); with mixup, half the batches each
+    head_init: str = "prior"  # 'probe': the head starts as a logistic regression fitted on frozen codes (LP-FT)
 
     def validate(self) -> FinetuneConfig:
         """Fail on a setting outside its limits (naming it) before anything is built; return self."""
         validate(self._parameter_constraints, {f.name: getattr(self, f.name) for f in fields(self)},
                  type(self).__name__)
+        if self.head_init == "probe" and self.head != "linear":
+            raise ParameterError(f"The 'head_init' parameter 'probe' fits a linear head; head={self.head!r} is not "
+                                 "one. Use head='linear' or head_init='prior'.", param="head_init")
         if self.precision == "fp16":  # needs CUDA: ask torch only then
             from transferkit.runtime.device import autocast, default_device
 

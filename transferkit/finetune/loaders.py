@@ -69,6 +69,13 @@ def _transforms(model: nn.Module, config: FinetuneConfig):
     return data_config, train_tf, eval_tf
 
 
+def eval_loader(model: nn.Module, dataset: ImageDataset, config: FinetuneConfig) -> torch.utils.data.DataLoader:
+    """`dataset` in order through the eval transform (no augmentation), in batches of at least 128."""
+    _, _, eval_tf = _transforms(model, config)
+    return torch.utils.data.DataLoader(dataset.with_transform(eval_tf), batch_size=max(config.batch_size, 128),
+                                       collate_fn=collate, num_workers=config.num_workers)
+
+
 def make_loaders(model: nn.Module, train: ImageDataset, val: ImageDataset | None, config: FinetuneConfig, world: World):
     """Train loader (shuffled per epoch by DistributedSampler, sharded per rank); val loader; transforms."""
     data_config, train_tf, eval_tf = _transforms(model, config)
@@ -151,7 +158,8 @@ def maybe_cache(model, config: FinetuneConfig, train, val, loader, val_loader, o
     why_not = ("augmentation is on; with augment=False (--no-augment) frozen stages run once, not every epoch"
                if config.augment else
                "train_bn updates frozen BatchNorms; train_bn=False (no --train-bn) lets them be cached"
-               if config.train_bn else "several processes" if world.distributed else None)
+               if config.train_bn else "mixup/cutmix mix the input images, not a stage's activations"
+               if config.mixup or config.cutmix else "several processes" if world.distributed else None)
     if why_not:
         log.info("frozen-prefix cache off: %s", why_not)
         return loader, val_loader, none
@@ -167,10 +175,8 @@ def maybe_cache(model, config: FinetuneConfig, train, val, loader, val_loader, o
              len(prefix), err)
 
     def activations(dataset, name):
-        plain = torch.utils.data.DataLoader(dataset.with_transform(eval_tf), batch_size=max(config.batch_size, 128),
-                                            collate_fn=collate, num_workers=config.num_workers)
-        return cache.compute(plain, len(dataset), out / f"prefix-cache-{name}.npy", config.cache_memory_gb, device,
-                             progress)
+        return cache.compute(eval_loader(model, dataset, config), len(dataset), out / f"prefix-cache-{name}.npy",
+                             config.cache_memory_gb, device, progress)
 
     start = time.perf_counter()
     cached_train = CachedDataset(activations(train, "train"), train.targets)

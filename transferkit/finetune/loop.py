@@ -23,9 +23,11 @@ from torch import nn
 
 from transferkit.data.datasets import ImageDataset
 from transferkit.errors import DataError, TransferkitError
+from transferkit.finetune.averaging import make_ema, saved_model
 from transferkit.finetune.checkpoint import load_checkpoint, save_checkpoint
 from transferkit.finetune.config import DEFAULT_CONFIG, FinetuneConfig, build_model
 from transferkit.finetune.evaluation import evaluate_best
+from transferkit.finetune.head_init import init_head_from_probe
 from transferkit.finetune.loaders import (
     balanced_weights,
     make_loaders,
@@ -34,6 +36,7 @@ from transferkit.finetune.loaders import (
     small_val_warning,
     split_train_val,
 )
+from transferkit.finetune.mixing import make_mixup, mix
 from transferkit.finetune.params import FINETUNE, OPTIMIZERS, SCHEDULES  # noqa: F401  (re-exported)
 from transferkit.finetune.prefix_cache import bypassed
 from transferkit.finetune.rundir import (
@@ -75,6 +78,9 @@ from transferkit.runtime.distributed import World, all_true, close_world, init_w
 from transferkit.runtime.progress import progress_bar
 
 if TYPE_CHECKING:
+    from timm.data import Mixup
+    from timm.utils import ModelEmaV3
+
     from transferkit.probe.metrics import Evaluation, MultiLabelEvaluation  # sklearn: imported when run evaluates
 
 log = logging.getLogger(__name__)
@@ -114,6 +120,8 @@ class Run:
     last_saved: int = 0
     cycles: list[Cycle] = field(default_factory=list)  # the LR schedule's cycles (transferkit.finetune.schedule)
     steps_per_epoch: int = 0
+    ema: ModelEmaV3 | None = None  # config.ema_decay: the average of the weights, validated and saved
+    mixup: Mixup | None = None  # config.mixup / config.cutmix
 
 
 def finetune(train: ImageDataset, out: str | Path, config: FinetuneConfig = DEFAULT_CONFIG, *,
@@ -148,11 +156,14 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
     model.to(device, memory_format=torch.channels_last)  # ~2x faster convs on CPU (oneDNN)
     meta["weights"] = model.weights_info.to_dict()
     check_start_weights(out, config, old, meta["weights"])
+    if config.head_init == "probe" and not resume:  # a resumed run's head comes from its checkpoint
+        meta["head_init"] = init_head_from_probe(model, train, config, device)
     loader, val_loader, data_meta = make_loaders(model, train, val, config, world)
     meta.update(data_meta)
     cycles = run_cycles(old, FinetuneConfig.from_dict(old["config"]) if old else config)
     run = _start(model, config, out, train.sources, device, world, cycles[0], len(loader))
     run.multilabel = train.multilabel
+    run.mixup = make_mixup(config, len(train.classes), train.multilabel)
     if config.class_weight == "balanced":  # multi-label: each label's negatives / positives (BCE's pos_weight)
         weights = (positive_weights(train.targets) if train.multilabel else
                    balanced_weights(train.targets, len(train.classes)))
@@ -168,6 +179,8 @@ def _finetune(train, out: Path, config: FinetuneConfig, val, progress: bool, res
     loader, val_loader, bypass = maybe_cache(model, config, train, val, loader, val_loader, out, device, world,
                                              progress)
     run.bypass = bypass["modules"]
+    if run.ema is not None:  # its copy of the frozen prefix is bypassed with the model's
+        run.bypass += [run.ema.module.get_submodule(name) for name in bypass["names"]]
     meta["cached_prefix"] = bypass["names"]
     warning = small_val_warning(len(val or []), given=source["val"] is not None)
     meta["warnings"] = [warning] if warning else []
@@ -193,7 +206,8 @@ def _restore(run: Run, old: dict, cycles: list[Cycle]) -> dict:
     """Load the last checkpoint into `run` and return its loop state; `run.cycles` are the run's, plus a new cycle
     when `run.config.epochs` extends it (schedule.extend)."""
     out, config = run.out, run.config
-    loop = load_checkpoint(out, run.model, run.optimizer, run.scheduler, history_keys=METRICS)
+    loop = load_checkpoint(out, run.model, run.optimizer, run.scheduler, history_keys=METRICS,
+                           ema=None if run.ema is None else run.ema.module)
     if loop["epoch"] and not (out / "model-best.safetensors").is_file():  # read back when the run ends
         raise DataError(f"cannot resume '{out}': model-best.safetensors, the best epoch so far, is missing")
     run.step, run.last_saved = loop["step"], loop["epoch"]
@@ -223,7 +237,8 @@ def _fresh_loop() -> dict:
 
 def _start(model: nn.Module, config: FinetuneConfig, out: Path, sources: list[str], device, world: World,
            cycle: Cycle, steps_per_epoch: int) -> Run:
-    """Optimizer over the per-stage groups, the schedule of the first cycle, and the DDP wrapper under torchrun."""
+    """Optimizer over the per-stage groups, the schedule of the first cycle, the weights' average (config.ema_decay)
+    and the DDP wrapper under torchrun."""
     optimizer = make_optimizer(model, config, cycle.lr)
     if world.main:
         log.info("learning rates:\n%s", lr_table(optimizer.param_groups))
@@ -231,7 +246,8 @@ def _start(model: nn.Module, config: FinetuneConfig, out: Path, sources: list[st
     net = model
     if world.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return Run(model, net, optimizer, scheduler, config, out, sources, device, world, steps_per_epoch=steps_per_epoch)
+    return Run(model, net, optimizer, scheduler, config, out, sources, device, world, steps_per_epoch=steps_per_epoch,
+               ema=make_ema(model, config.ema_decay))
 
 
 def _fit(run: Run, loader, val_loader, progress: bool, loop: dict) -> tuple[list[dict], tuple[int, float]]:
@@ -258,14 +274,14 @@ def _fit(run: Run, loader, val_loader, progress: bool, loop: dict) -> tuple[list
         if improved:
             best_key, best = key, (epoch, val_acc)
         if run.world.main:
-            _save(run.model, run.out / "model-last.safetensors")
+            _save(saved_model(run.model, run.ema), run.out / "model-last.safetensors")
             if improved:
-                _save(run.model, run.out / "model-best.safetensors")
+                _save(saved_model(run.model, run.ema), run.out / "model-best.safetensors")
             _write_metrics(run.out / "metrics.csv", history)
             _plot_curves(run.out, history)
             save_checkpoint(run.out, run.model, run.optimizer, run.scheduler,
                             {"epoch": epoch, "step": run.step, "history": history, "best_key": list(best_key),
-                             "best": list(best)})
+                             "best": list(best)}, ema=None if run.ema is None else run.ema.module)
         run.last_saved = epoch
         log.info("epoch %d: loss %.4f acc %.3f val_loss %.4f val_acc %.3f (%.0f img/s)", epoch, loss, acc, val_loss,
                  val_acc, rate)
@@ -282,12 +298,14 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
 
 
 def _epoch(run: Run, loader, epoch: int = 0, progress: bool = False) -> tuple[float, float, int]:
-    """One pass over `loader`: training for epoch >= 1, evaluation (no grad, eval mode) for epoch 0.
+    """One pass over `loader`: training for epoch >= 1, evaluation (no grad, eval mode) for epoch 0 of the model
+    a run saves (the weights' average with config.ema_decay).
 
     Loss, accuracy and count are summed over all ranks.
     """
     training = epoch > 0
-    set_train_mode(run.model, run.config.train_bn) if training else run.model.eval()
+    evaluated = saved_model(run.model, run.ema)
+    set_train_mode(run.model, run.config.train_bn) if training else evaluated.eval()
     total, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     bar = progress_bar(loader, desc=f"epoch {epoch}/{run.config.epochs}", enabled=training and progress, leave=False)
     with bypassed(run.bypass):
@@ -295,10 +313,13 @@ def _epoch(run: Run, loader, epoch: int = 0, progress: bool = False) -> tuple[fl
             if x is None:
                 continue
             x, y = to_device(x, run.device), y.to(run.device)
+            target = y  # mixup/cutmix: soft targets (B, classes); accuracy still counts the dominant image's class
+            if training and run.mixup is not None:
+                x, target = mix(run.mixup, x, y)
             with torch.set_grad_enabled(training), autocast(run.config.precision, run.device):
-                logits = (run.net if training else run.model)(x).float()
+                logits = (run.net if training else evaluated)(x).float()
                 weight = run.loss_weight if training else None  # validation loss: plain, comparable across runs
-                loss = training_loss(logits, y, run.config, weight)
+                loss = training_loss(logits, target, run.config, weight, run.multilabel)
             if training:
                 _step(run, loss, epoch, batch, [run.sources[i] for i in idx[:3].tolist()])
             total, seen = total + loss.item() * len(y), seen + len(y)
@@ -314,11 +335,12 @@ def _epoch(run: Run, loader, epoch: int = 0, progress: bool = False) -> tuple[fl
 
 
 def training_loss(logits: torch.Tensor, y: torch.Tensor, config: FinetuneConfig,
-          weight: torch.Tensor | None) -> torch.Tensor:
-    """Cross-entropy over the classes (`weight`: per class); for multi-label targets (B, classes), binary
-    cross-entropy per label (`weight`: each label's positive weight), label smoothing as timm's
-    BinaryCrossEntropy smooths: targets 1 - s + s/K and s/K for K labels."""
-    if y.ndim == 2:
+                  weight: torch.Tensor | None, multilabel: bool | None = None) -> torch.Tensor:
+    """Cross-entropy over the classes (`weight`: per class; `y` class indices, or soft targets (B, classes) from
+    mixup); for multi-label targets (B, classes), binary cross-entropy per label (`weight`: each label's positive
+    weight), label smoothing as timm's BinaryCrossEntropy smooths: targets 1 - s + s/K and s/K for K labels.
+    `multilabel` None: targets (B, classes) are multi-label."""
+    if y.ndim == 2 if multilabel is None else multilabel:
         off = config.label_smoothing / y.shape[1]
         target = y.float() * (1 - config.label_smoothing) + off
         return nn.functional.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
@@ -344,6 +366,8 @@ def _step(run: Run, loss: torch.Tensor, epoch: int, batch: int, files: list[str]
             raise TransferkitError(f"gradient norm is {norm.item()} {where}. Lower lr; {kept}.")
     run.optimizer.step()
     run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.step)
 
 
 def _plot_curves(out: Path, history: list[dict]) -> None:

@@ -15,6 +15,7 @@ from transferkit.runtime.params import Interval, Pair, StrOptions
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle")
 PRECISIONS = ("fp32", "bf16", "fp16")  # int8 is for codes only (ONNX Runtime)
+HEAD_INITS = ("prior", "probe")  # prior: random weights, bias the log class prior; probe: a fitted linear probe (LP-FT)
 SAMPLERS = ("balanced",)  # each epoch draws len(train) images, every class equally likely (with replacement)
 _AT_LEAST_1 = Interval(Integral, 1, None, closed="left")
 _AT_LEAST_0 = Interval(Real, 0, None, closed="left")
@@ -49,4 +50,8 @@ FINETUNE = {
     "cache_memory_gb": [Interval(Real, 0, None, closed="neither")],
     "class_weight": [StrOptions(CLASS_WEIGHTS), None],  # as the probe's: the loss weighted by inverse frequency
     "sampler": [StrOptions(SAMPLERS), None],
+    "ema_decay": [Interval(Real, 0, 1, closed="neither"), None],
+    "mixup": [_AT_LEAST_0],  # Beta(alpha, alpha) of timm's Mixup; 0: off
+    "cutmix": [_AT_LEAST_0],
+    "head_init": [StrOptions(HEAD_INITS)],
 }
