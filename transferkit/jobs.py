@@ -78,6 +78,7 @@ def extract_features(
     skip_bad: bool = False,
     like: str | Path | None = None,
     sweep_samples: int = SWEEP_SAMPLES,
+    combine: bool = True,
     cache: bool = True,
     fold_bn: bool = True,
     engine: str = "auto",
@@ -88,7 +89,8 @@ def extract_features(
     """Extract codes to `out`. layer='auto' extracts layer 'all' (timm's feature stages and pre_logits) x every
     pooling and runs the sweep (on a sample of `sweep_samples` images for larger sets, then only the winner for
     all images); the sweep's best views may be a combination (greedy selection: `sweep_features`), whose views
-    are then extracted. `views` ('blocks.2|4x4,blocks.4|catavgmax') asks for a combination explicitly.
+    are then extracted (`combine` False: the best single view). `views` ('blocks.2|4x4,blocks.4|catavgmax') asks
+    for a combination explicitly.
 
     `like` copies the CodeSpec of another feature directory's chosen codes (`like_options`), so a test set
     is encoded exactly as its training set was. With `cache`, codes already
@@ -111,10 +113,10 @@ def extract_features(
     if like is not None:
         check_like(extractor.fit(), FeatureStore(like))
     if auto and len(dataset) > sweep_samples:
-        return _extract_best(dataset, Path(out), extractor, sweep_samples, skip_bad, progress, cache)
+        return _extract_best(dataset, Path(out), extractor, sweep_samples, skip_bad, progress, cache, combine)
     store = extract(dataset, out, extractor, skip_bad=skip_bad, cache=cache)
     if auto:
-        sweep_features(store, progress=progress, select=True)
+        sweep_features(store, progress=progress, select=combine)
     return store
 
 
@@ -164,7 +166,7 @@ def check_like(extractor: FeatureExtractor, ref: FeatureStore) -> None:
 
 def _extract_best(
     dataset: ImageDataset, out: Path, extractor: FeatureExtractor, n: int, skip_bad: bool, progress: bool,
-    cache: bool = True,
+    cache: bool = True, combine: bool = True,
 ) -> FeatureStore:
     """Sweep layer 'all' x every pooling on a stratified sample of `n` images, then extract only the winner (one
     view or a combination) for all.
@@ -179,7 +181,7 @@ def _extract_best(
     scratch = new_tmp(out.with_name(f"{out.name}.sweep"), KIND)  # marked and hidden: never a user's folder
     try:
         sample = extract(dataset.select(np.sort(idx)), scratch / "codes", extractor, skip_bad=skip_bad, cache=cache)
-        sweep_features(sample, progress=progress, select=True)
+        sweep_features(sample, progress=progress, select=combine)
         spec = CodeSpec.from_meta(sample.meta, read_sweep(sample))
         if spec.views is None:
             extractor.set_params(layer=spec.layer, pool=spec.pool).fit()
