@@ -52,7 +52,7 @@ RUN_CONFIG = "config.json"  # what marks a fine-tuning run directory (transferki
 SWEEP_SAMPLES = 2000  # --layer auto on more images sweeps a stratified sample, then extracts only the winner
 # --layer auto's combination of views (greedy forward selection after the sweep, bench/multilayer.py): among the
 # sweep's best SELECT_CANDIDATES views, at most SELECT_MAX_VIEWS, each adding more than SELECT_MIN_GAIN CV accuracy
-SELECT_CANDIDATES, SELECT_MAX_VIEWS, SELECT_MIN_GAIN = 8, 3, 0.002
+SELECT_CANDIDATES, SELECT_MAX_VIEWS, SELECT_MIN_GAIN = 6, 3, 0.002
 
 
 def load_data(data: str | Path, *, per_class: int | None = None, skip_bad: bool = False) -> ImageDataset:

@@ -12,7 +12,7 @@ import torch
 from transferkit.codes.extractor import FeatureExtractor
 from transferkit.codes.spec import CodeSpec
 from transferkit.errors import ParameterError
-from transferkit.jobs import extract_features, predict_images, read_sweep, train_probe
+from transferkit.jobs import extract_features, predict_images, read_sweep, sweep_features, train_probe
 from transferkit.probe.sweep import select_views
 
 FAST = {"weights": "package", "image_size": 32, "precision": "fp32", "engine": "torch"}
@@ -90,6 +90,21 @@ def test_greedy_selection_adds_a_view_only_when_cv_rises(digits_folder, tmp_path
     assert picked.views == path.views[:n] and np.allclose([s["cv_accuracy"] for s in picked.steps], scores[:n])
     if n < 4:  # it stopped because the best next view did not raise CV accuracy enough
         assert scores[n] - scores[n - 1] <= 0.01
+
+
+def test_the_sweeps_selection_is_the_codes_like_and_probe_use(digits_folder, tmp_path):
+    """sweep_features(select=True), as `extract --layer auto` runs it: sweep.json records the selection, and when
+    it chose several views, read_sweep names the combination, which `--like` extracts and a probe trains on."""
+    store = extract_features(digits_folder, tmp_path / "codes", layer="blocks.1,blocks.2,blocks.4,pre_logits",
+                             pool="avg", progress=False, **FAST)
+    sweep_features(store, select=True, progress=False)
+    views = json.loads((store.path / "sweep.json").read_text())["selection"]["views"]
+    assert len(views) > 1  # on these 200 digits a second view raises CV accuracy
+    assert read_sweep(store) == "+".join(f"{la}|{p}" for la, p in views)
+    like = extract_features(digits_folder, tmp_path / "like", like=store.path, progress=False)
+    assert like.keys == [f"{la}|{p}" for la, p in views] and like.combination == read_sweep(store)
+    report = train_probe(store.path, tmp_path / "probe", test=like.path, cv=3)  # no layer: the selection's
+    assert report.key == read_sweep(store) and report.evaluation.accuracy > 0.9
 
 
 @pytest.mark.parametrize(("views", "says"), [
