@@ -166,7 +166,10 @@ What this measured (2026-11-27, on shared cores; accuracies are unaffected, no t
   implements (CodeSpec scaling 'concat').
 - 100/class: no gain: 86.88-87.11% for 2-4 views vs 87.01% alone (selection CV rose by 0.3 points, within its
   noise). `view` scaling was not measured at this size (stopped to free the cores).
-- 1000/class: see the rows above (selection on a stratified 2,000 of the 10,000, as `--layer auto` does).
+- 1000/class: selection (on a stratified 2,000 of the 10,000, as `--layer auto` does) picked blocks.2|4x4 +
+  blocks.4|catavgmax + blocks.1|4x4 (CV 88.0 -> 88.4 -> 88.7%); the pick's test fit did not finish before this
+  session's deadline (rerun the 1000 command above: finished steps are cached). The single view reproduces
+  90.68%.
 - all 60,000: not measured in this session: its selection was stopped to let 1000/class finish before the
   deadline (one 60k probe fit is ~20 min on 2 cores).
 - Selection runs where the sweep runs, on the same <= 2,000 rows and folds; CV there is noisy at 10/class (fold
