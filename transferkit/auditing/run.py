@@ -140,7 +140,8 @@ def _codes(dataset: ImageDataset, test: ImageDataset | None, tmp: Path, *, layer
     fold, the same engine: codes that compare), in scratch folders in `tmp`."""
     progress = {"batch_size": options["batch_size"], "progress": options["progress"]}
     if layer == "auto":  # the sweep picks the codes on DATA; TEST is encoded like its winner
-        store = extract_features(dataset, tmp / ".codes", layer=layer, pool=pool, cache=cache, **options)
+        store = extract_features(dataset, tmp / ".codes", layer=layer, pool=pool, cache=cache, combine=False,
+                                 **options)  # one view: the audit's checks were measured on single views
         extractor = FeatureExtractor(**like_options(store), **progress)
     else:
         extractor = FeatureExtractor(layer=layer, pool=pool, **options)

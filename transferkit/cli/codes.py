@@ -25,10 +25,14 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
               help="A stage index or name as `transferkit layers` lists them (the same as finetune "
                    "--freeze-until; not 'head': its pooled output is pre_logits), pre_logits, a comma list, 'all' "
                    "(the stages marked * and pre_logits), or 'auto' (those x every pooling, then a sweep picks the "
-                   "best).")
+                   "best, and greedy selection may add views to it: a combination, see --views).")
 @click.option("--pool", default="avg", show_default=True,
               help="avg, max, avgmax (their mean), catavgmax (both, concatenated), a grid like 2x2 that keeps "
                    "location, a comma list, or 'all'.")
+@click.option("--views", default=None,
+              help="A combination of views, side by side: a comma list of layer|pool pairs as codes are named, e.g. "
+                   "'blocks.2|4x4,blocks.4|catavgmax' (quoted: | is a pipe to the shell). Instead of --layer/--pool; "
+                   "--layer auto may choose one itself.")
 @click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
 @click.option("--num-workers", type=click_type(EXTRACTOR["num_workers"]), default=0, show_default=True,
               help="DataLoader workers.")
@@ -51,16 +55,14 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
                    "than the model on it, else decoding in turn.")
 @click.option("--profile", is_flag=True, help="First time decoding alone and the model alone on 256 images.")
 def extract(data: Path, out: Path, model: str, weights: str, image_size: int | None, batch_size: int,
-            precision: str, layer: str, pool: str, per_class: int | None, num_workers: int, skip_bad: bool,
-            like: Path | None, cache: bool, fold_bn: bool, engine: str, exact_decode: bool, decode_threads: int | None,
-            profile: bool) -> None:
+            precision: str, layer: str, pool: str, views: str | None, per_class: int | None, num_workers: int,
+            skip_bad: bool, like: Path | None, cache: bool, fold_bn: bool, engine: str, exact_decode: bool,
+            decode_threads: int | None, profile: bool) -> None:
     """Write CNN codes of every image in DATA (folder, CSV manifest or IDX) to a codes directory."""
-    from transferkit.codes.params import parse_pools
-    from transferkit.models.vocabulary import refuse_early
-
     if like is None:  # a layer the model is known not to have, a pooling that is none: refused before torch loads
-        refuse_early(model, "layer", layer)
-        parse_pools(pool)
+        _refuse_early(model, layer, pool, views)
+    elif views is not None:
+        raise click.UsageError("--views names the codes itself: give it without --like")
     from transferkit.jobs import extract_features
 
     if profile:
@@ -86,7 +88,7 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
         click.echo(f"engine: {choice['chosen']}: {choice['why']}")
 
     store = extract_features(
-        data, out, model=model, weights=weights, layer=layer, pool=pool, image_size=image_size,
+        data, out, model=model, weights=weights, layer=layer, pool=pool, views=views, image_size=image_size,
         batch_size=batch_size, precision=precision, num_workers=num_workers, per_class=per_class,
         skip_bad=skip_bad, like=like, cache=cache, fold_bn=fold_bn, engine=engine, exact_decode=exact_decode,
         decode_threads=decode_threads, progress=click.get_current_context().obj["progress"],
@@ -100,6 +102,26 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
                f"at {meta['images_per_second']} img/s{reuse}; weights {meta['weights']['source']} "
                f"sha256 {meta['weights']['sha256'][:12]}")
     _print_sweep(out)  # skipped images: extract logs one warning, meta.json lists them all
+
+
+def _refuse_early(model: str, layer: str, pool: str, views: str | None) -> None:
+    """Refuse, before torch loads, --layer/--pool/--views values the model is known not to have or that are none."""
+    from transferkit.codes.params import as_views_error, parse_pools, parse_views
+    from transferkit.errors import ParameterError
+    from transferkit.models.vocabulary import refuse_early
+
+    if views is None:
+        refuse_early(model, "layer", layer)
+        parse_pools(pool)
+        return
+    source = click.get_current_context().get_parameter_source
+    if any(source(p).name != "DEFAULT" for p in ("layer", "pool")):
+        raise click.UsageError("--views names the layers and pools itself: give it without --layer and --pool")
+    for view_layer, _ in parse_views(views):
+        try:
+            refuse_early(model, "layer", view_layer)
+        except ParameterError as err:
+            raise as_views_error(err, views) from None
 
 
 def _worker_rank() -> bool:
@@ -116,6 +138,11 @@ def _print_sweep(features: Path) -> None:
         best, metric = result["best"], result.get("metric", "accuracy").replace("_", " ")  # older: accuracy
         click.echo(f"sweep: best codes {best['layer']}|{best['pool']} (dim {best['dim']}) "
                    f"at {100 * best['cv_accuracy']:.2f}% CV {metric}; plot {features / 'sweep.png'}")
+        steps = result.get("selection", {}).get("steps", [])
+        if len(steps) > 1:
+            chosen = "+".join(f"{la}|{p}" for la, p in steps[-1]["views"])
+            click.echo(f"selection: views {chosen} at {100 * steps[-1]['cv_accuracy']:.2f}% CV {metric} (the codes "
+                       "a probe trains on by default)")
 
 
 @cli.command()

@@ -123,6 +123,7 @@ def _meta(extractor: FeatureExtractor, data: ImageDataset, kept: list[int], skip
 
     specs = extractor.code_specs()
     spec = next(iter(specs.values()))  # what every key shares: model, weights, transform, precision
+    combined = extractor.code_spec()
     return {
         "model": spec.model,
         "weights": extractor.backbone_.weights_info.to_dict(),
@@ -133,6 +134,9 @@ def _meta(extractor: FeatureExtractor, data: ImageDataset, kept: list[int], skip
             for la, p in extractor.pairs_
         },
         "code_spec": {key: s.to_dict() for key, s in specs.items()},  # CodeSpec.from_meta reads it
+        # a combination asked for by views: its views and how they are joined (CodeSpec.from_meta reads it)
+        "combinations": {} if extractor.views is None else {combined.key: {
+            "views": combined.views, "scaling": combined.scaling, "dim": extractor.n_features_out_}},
         "transform": spec.transform,
         "image_size": extractor.image_size,
         "precision": spec.precision,

@@ -15,13 +15,13 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from transferkit.codes.engine import Engine, check_choice
-from transferkit.codes.params import EXTRACTOR, parse_pools
+from transferkit.codes.params import EXTRACTOR, as_views_error, parse_pools, parse_views
 from transferkit.codes.pooling import pooled_dim, select_pairs
 from transferkit.codes.spec import CodeSpec, key_name
 from transferkit.data.datasets import ImageDataset
 from transferkit.data.decode import DecodeTarget, collate, decode_ahead, load_image, threaded_batches
 from transferkit.data.transforms import build_transform, decode_target, describe_transform
-from transferkit.errors import DataError
+from transferkit.errors import DataError, ParameterError
 from transferkit.models.backbones import create_backbone
 from transferkit.models.layers import resolve_layers
 from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
@@ -63,7 +63,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     `transform` takes an ImageDataset, a list of image paths or PIL images, or a uint8 array of
     shape (N, H, W) or (N, H, W, 3), and returns (N, D) float32 codes; with several layers or
-    pools the codes are concatenated in (layer, pool) order.
+    pools the codes are concatenated in (layer, pool) order; with `views` ('blocks.2|4x4,blocks.4|catavgmax': a
+    combination, `layer` and `pool` left at their defaults) exactly those views, in that order.
     """
 
     _parameter_constraints: dict = sklearn_constraints(EXTRACTOR)  # the limits live in transferkit.codes.params
@@ -75,6 +76,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         weights: str = "auto",
         layer: str | int = PRE_LOGITS,
         pool: str = "avg",
+        views: str | Sequence | None = None,
         image_size: int | None = None,
         batch_size: int = 64,
         precision: str = "auto",
@@ -89,6 +91,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.weights = weights
         self.layer = layer
         self.pool = pool
+        self.views = views
         self.image_size = image_size
         self.batch_size = batch_size
         self.precision = precision
@@ -108,7 +111,12 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         import timm.data
 
         validate(self._parameter_constraints, self.get_params(deep=False), type(self).__name__)
-        self.pools_ = parse_pools(self.pool)
+        views = None if self.views is None else parse_views(self.views)
+        if views is not None and (self.layer, self.pool) != (PRE_LOGITS, "avg"):
+            raise ParameterError(f"The 'views' parameter names the layers and pools itself: leave 'layer' and 'pool' "
+                                 f"at their defaults. Got views={self.views!r} with layer={self.layer!r}, "
+                                 f"pool={self.pool!r} instead.", param="views")
+        self.pools_ = parse_pools(self.pool) if views is None else list(dict.fromkeys(p for _, p in views))
         self.device_ = default_device()
         check_choice(self.precision, self.engine, self.device_)  # before the (slow) backbone is built
         self.backbone_ = create_backbone(self.model, self.weights)
@@ -120,7 +128,11 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         cfg = describe_transform(self.data_config_, self.image_size)
         self.side_ = cfg["input_size"][-1]
         self.mean_, self.std_ = (torch.tensor(cfg[k]).reshape(1, -1, 1, 1) for k in ("mean", "std"))
-        self.pairs_ = select_pairs(resolve_layers(self.backbone_, self.layer), self.pools_, self.side_)
+        if views is None:
+            self.pairs_ = select_pairs(resolve_layers(self.backbone_, self.layer), self.pools_, self.side_)
+        else:
+            self.pairs_ = [pair for layer, pool in views for pair in select_pairs(
+                _one_layer(self.backbone_, layer, self.views), [pool], self.side_)]
         self.keys_ = [key_name(la.name, p) for la, p in self.pairs_]
         self.n_features_out_ = sum(pooled_dim(la, p) for la, p in self.pairs_)
         self._engine = Engine(self)  # how runs execute the network: planned and prepared per run, not fitted
@@ -180,6 +192,10 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     def code_specs(self, precision: str | None = None) -> dict[str, CodeSpec]:
         """{'layer|pool': CodeSpec} of the codes this fitted extractor makes (`precision`: another than its own)."""
         return CodeSpec.per_key(self, precision)
+
+    def code_spec(self) -> CodeSpec:
+        """The CodeSpec of what `transform` returns: its views' codes side by side (one view: that view's spec)."""
+        return CodeSpec.combine(self.code_specs().values())
 
     def engine_path(self, precision: str = "fp32") -> Path:
         """Where the exported (fp32) or quantized (int8) engine of exactly these codes and input size is cached."""
@@ -270,6 +286,18 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         for layer, pool in self.pairs_:
             names += [f"{key_name(layer.name, pool)}:{i}" for i in range(pooled_dim(layer, pool))]
         return np.asarray(names, dtype=object)
+
+
+def _one_layer(model: torch.nn.Module, layer: str, views: object) -> list:
+    """The one layer a view names, as resolve_layers finds it ('all' names several: refused, naming `views`)."""
+    try:
+        found = resolve_layers(model, layer)
+    except ParameterError as err:
+        raise as_views_error(err, views) from None
+    if len(found) != 1:
+        raise ParameterError(f"The 'views' parameter must name one layer per view. Got {layer!r} in {views!r} "
+                             "instead.", param="views")
+    return found
 
 
 def _check_finite(codes: dict[str, np.ndarray], index: np.ndarray, data, engine: str | None, precision: str) -> None:

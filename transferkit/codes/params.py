@@ -22,6 +22,7 @@ EXTRACTOR = {
     "weights": [str, PathLike],  # 'auto', 'package', 'hub', 'random' or a weights file
     "layer": [str, Integral, list, tuple],  # resolved against the network in fit
     "pool": [str, list, tuple],  # parsed by parse_pools: 'avg', 'max', '[cat]avgmax', 'NxN', lists, 'all'
+    "views": [str, list, tuple, None],  # parsed by parse_views: 'layer|pool,layer|pool' (then not layer/pool)
     "image_size": IMAGE_SIZE,
     "batch_size": BATCH_SIZE,
     "precision": [StrOptions(PRECISIONS)],
@@ -42,6 +43,7 @@ ALL_POOLS = ("avg", "max", "catavgmax", "2x2", "4x4")
 # say 'avgmax' for the concatenation: their readers map the old names with this
 RENAMED = {"avgmax": "catavgmax"}
 POOL_NAMES = "timm"  # saved probes record it (their 'pool_names'); one without it is older and uses RENAMED
+COMBINED = "+"  # joins the views of a combination in its key: 'blocks.4|catavgmax+blocks.0|4x4'
 _GRID = re.compile(r"^(?:grid)?(\d)(?:x(\d))?$", re.ASCII)  # ASCII: int() would take '٣' for 3
 
 
@@ -71,3 +73,39 @@ def parse_pools(spec: str | Sequence[str]) -> list[str]:
 def grid_size(pool: str) -> int:
     """N for an 'NxN' grid pool, 0 for the global pools."""
     return int(pool.split("x")[0]) if pool[0].isdigit() else 0
+
+
+def view_keys(key: str) -> list[str]:
+    """The single-view 'layer|pool' keys a key names: its views for a combination, else itself."""
+    return key.split(COMBINED)
+
+
+def parse_views(spec: str | Sequence[str | Sequence[str]]) -> list[tuple[str, str]]:
+    """Validate a combination of views: 'blocks.2|4x4,blocks.4|catavgmax' (as feature files name codes, also
+    joined by '+'), or a list of such strings or of (layer, pool) pairs -> [(layer, pool), ...], pools
+    normalised as parse_pools does. The layers are checked against the network when the extractor is fitted."""
+    items = spec.replace("+", ",").split(",") if isinstance(spec, str) else list(spec)
+    views: list[tuple[str, str]] = []
+    for item in items:
+        parts = [p.strip() for p in (item.split("|") if isinstance(item, str) else item)]
+        if len(parts) != 2 or not all(parts) or parts[1] == "all" or "," in parts[1]:
+            raise ParameterError("The 'views' parameter must be a comma list of layer|pool pairs such as "
+                                 f"'blocks.2|4x4,blocks.4|catavgmax'. Got {item!r} in {spec!r} instead.", param="views")
+        try:
+            (pool,) = parse_pools(parts[1])
+        except ParameterError as err:
+            raise ParameterError(f"The 'views' parameter has a bad pool in {item!r}: {err}", param="views") from None
+        views.append((parts[0], pool))
+    if not views:
+        raise ParameterError(f"The 'views' parameter must name at least one layer|pool pair. Got {spec!r} instead.",
+                             param="views")
+    if len(set(views)) < len(views):
+        raise ParameterError(f"The 'views' parameter names a view twice. Got {spec!r} instead.", param="views")
+    return views
+
+
+def as_views_error(err: ParameterError, views: object) -> ParameterError:
+    """A refused layer of one view, as an error about `views` (the parameter, and flag, the user gave)."""
+    problem = str(err).replace("The 'layer' parameter must be", "each layer must be", 1)
+    return ParameterError(f"The 'views' parameter names a layer the model does not have: {problem} (in {views!r})",
+                          param="views")

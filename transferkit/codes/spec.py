@@ -10,12 +10,13 @@ ONNX Runtime engine key adds the runtime facts a graph file depends on, in `engi
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transferkit.codes import ort_engine
 from transferkit.codes.cache import space_id
+from transferkit.codes.params import COMBINED, view_keys
 from transferkit.errors import DataError
 from transferkit.runtime.cache_root import default_root
 
@@ -27,6 +28,10 @@ UNRECORDED = "fold_bn"  # the one field feature directories written before CodeS
 # algebra, parity-checked). The cache and the engines keep such codes apart; a probe may score one with the other,
 # as it always could. int8 is another matter: its own field (the quantisation recipe) always counts.
 ROUNDING = ("precision", "fold_bn")
+# How a combination joins its views. 'concat': side by side, as extracted; the probe then standardises every
+# column (LinearProbe scaling 'standard'), which bench/multilayer.py measured against scaling each view to the
+# same total variance.
+VIEW_SCALINGS = ("concat",)
 
 
 def key_name(layer: str, pool: str) -> str:
@@ -46,13 +51,40 @@ class CodeSpec:
     precision: str  # the resolved one ('fp32', 'bf16', 'fp16', 'int8'), never 'auto'
     int8: dict | None = None  # ort_engine.INT8, the quantization recipe, for int8 codes only
     fold_bn: bool | None = True  # None: not recorded (feature directories written before CodeSpec)
+    views: list | None = None  # a combination's [[layer, pool], ...] in column order; None: one view
+    scaling: str | None = None  # how a combination joins its views (VIEW_SCALINGS); None: one view
 
     __hash__ = None  # the dict fields are mutable: compare specs, do not hash them
 
     @property
     def key(self) -> str:
-        """The 'layer|pool' name of these codes in feature files."""
+        """The 'layer|pool' name of these codes in feature files ('layer|pool+layer|pool' for a combination)."""
+        if self.views:
+            return COMBINED.join(key_name(la, p) for la, p in self.views)
         return key_name(self.layer, self.pool)
+
+    def parts(self) -> list[CodeSpec]:
+        """The single views these codes are made of, in column order (the code cache keeps each apart)."""
+        if not self.views:
+            return [self]
+        return [replace(self, layer=la, pool=p, views=None, scaling=None) for la, p in self.views]
+
+    @classmethod
+    def combine(cls, specs: Iterable[CodeSpec], scaling: str = VIEW_SCALINGS[0]) -> CodeSpec:
+        """The spec of several views' codes joined (`scaling`) in this order; one view's spec is itself."""
+        specs = [p for s in specs for p in s.parts()]
+        if scaling not in VIEW_SCALINGS:
+            raise ValueError(f"scaling must be one of {', '.join(VIEW_SCALINGS)}; got {scaling!r}")
+        if len(specs) == 1:
+            return specs[0]
+        first = specs[0]
+        if apart := [s.key for s in specs if set(first.differences(s)) - {"layer", "pool"}]:
+            raise ValueError(f"views of one combination must differ only in layer and pool: {first.key} and "
+                             f"{apart[0]} differ in {first.describe_differences(specs[1])}")
+        if len({s.key for s in specs}) < len(specs):
+            raise ValueError(f"a combination names each view once; got {', '.join(s.key for s in specs)}")
+        return replace(first, layer=COMBINED.join(s.layer for s in specs), pool=COMBINED.join(s.pool for s in specs),
+                       views=[[s.layer, s.pool] for s in specs], scaling=scaling)
 
     @property
     def exact_decode(self) -> bool:
@@ -70,14 +102,16 @@ class CodeSpec:
         """The JSON form, as the code cache's spec.json stores it (no 'int8' entry unless int8: the space ids
         of caches written before CodeSpec stay the same)."""
         d = asdict(self)
-        if d["int8"] is None:
-            del d["int8"]
+        for name in ("int8", "views", "scaling"):  # absent when unused: single-view space ids stay as they were
+            if d[name] is None:
+                del d[name]
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CodeSpec:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        spec = cls(**{k: v for k, v in d.items() if k in names})
+        return replace(spec, views=[list(v) for v in spec.views]) if spec.views else spec
 
     def digest(self) -> str:
         """The code cache's space id of these codes (transferkit.codes.cache)."""
@@ -140,7 +174,11 @@ class CodeSpec:
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], key: str) -> CodeSpec:
         """The spec of `key`'s codes in a feature directory's meta.json, also one written before CodeSpec
-        (then fold_bn is known only where BatchNorms were folded, else None)."""
+        (then fold_bn is known only where BatchNorms were folded, else None). A combination's key
+        ('layer|pool+layer|pool') combines its views' specs, joined as meta.json's 'combinations' records."""
+        if COMBINED in key:
+            scaling = meta.get("combinations", {}).get(key, {}).get("scaling", VIEW_SCALINGS[0])
+            return cls.combine([cls.from_meta(meta, k) for k in view_keys(key)], scaling)
         if "code_spec" in meta:
             if key not in meta["code_spec"]:
                 raise DataError(f"meta.json has no codes for '{key}' (it has {', '.join(meta['code_spec'])})")

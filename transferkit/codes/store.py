@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.codes.params import RENAMED
+from transferkit.codes.params import RENAMED, view_keys
 from transferkit.errors import DataError
 from transferkit.runtime.atomic import naming, write_json_atomic
 from transferkit.runtime.outputs import check_output, new_tmp, publish
@@ -175,8 +175,19 @@ class FeatureStore:
             "name the layer and the pool"
         )
 
+    def has(self, key: str) -> bool:
+        """Whether `load(key)` finds these codes: one stored view, or a combination of stored views."""
+        return all(k in self.keys for k in view_keys(key))
+
+    @property
+    def combination(self) -> str | None:
+        """The key of the combination of views these codes were extracted as (`views`), if they were."""
+        return next(iter(self.meta.get("combinations", {})), None)
+
     def load(self, key: str) -> np.ndarray:
-        """(n, D) float32 codes for one 'layer|pool' key."""
-        if key not in self.keys:
+        """(n, D) float32 codes for one 'layer|pool' key, or a combination's ('layer|pool+layer|pool': its views'
+        codes side by side, as CodeSpec.combine describes them)."""
+        if not self.has(key):
             raise DataError(f"'{self.path}' has no codes for '{key}'; it has: {', '.join(self.keys)}")
-        return self._column(key).astype(np.float32, copy=False)
+        parts = [self._column(k).astype(np.float32, copy=False) for k in view_keys(key)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)

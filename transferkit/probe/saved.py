@@ -11,6 +11,7 @@ from transferkit.codes.extractor import FeatureExtractor
 from transferkit.codes.params import POOL_NAMES, RENAMED
 from transferkit.codes.spec import CodeSpec
 from transferkit.errors import DataError
+from transferkit.models.params import PRE_LOGITS
 from transferkit.models.weights import weights_argument
 from transferkit.probe.fileformat import META_FILE
 from transferkit.probe.linear import LinearProbe
@@ -50,14 +51,16 @@ def load_probe_dir(path: str | Path, *, batch_size: int = 64, progress: bool = F
     if probe.extra_.get("pool_names") != POOL_NAMES:
         probe.extra_ = _renamed_pools(probe.extra_)
     spec = CodeSpec.from_probe(probe.extra_)
+    one = spec.views is None  # else a combination: its views, side by side
     extractor = FeatureExtractor(
-        spec.model, weights=weights_argument(probe.extra_["weights"]), layer=spec.layer, pool=spec.pool,
-        image_size=probe.extra_["image_size"], batch_size=batch_size, precision="fp32" if exact else spec.precision,
+        spec.model, weights=weights_argument(probe.extra_["weights"]), layer=spec.layer if one else PRE_LOGITS,
+        pool=spec.pool if one else "avg", views=None if one else spec.key, image_size=probe.extra_["image_size"],
+        batch_size=batch_size, precision="fp32" if exact else spec.precision,
         fold_bn=not exact and spec.fold_bn is not False, engine="torch" if exact else "auto", progress=progress,
         exact_decode=spec.exact_decode,
     ).fit()
     # precision and folding settle when the extractor runs (and `exact` overrides them): compare the rest
-    built = replace(CodeSpec.from_extractor(extractor, spec.layer, spec.pool), precision=spec.precision,
+    built = replace(extractor.code_spec(), precision=spec.precision,
                     int8=spec.int8, fold_bn=spec.fold_bn)
     if built.differences(spec):
         raise DataError(f"the extractor rebuilt for probe '{path}' makes other codes than the probe was trained "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +110,95 @@ def sweep(
     logger.info("sweep: best view %s/%s (dim %d) at %.2f%% CV %s", best_row["layer"], best_row["pool"],
                 best_row["dim"], 100 * best_row["cv_accuracy"], metric)
     return SweepResult(rows=rows, best=best_row, metric=metric)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Greedy forward selection of views to concatenate (`select_views`)."""
+
+    views: list[tuple[str, str]]  # the chosen (layer, pool) views, in the order they were added
+    steps: list[dict[str, Any]]  # per round: {views, cv_accuracy, cv_std, C, added, candidates: {key: score}}
+    metric: str = "accuracy"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {"views": [list(v) for v in self.views], "steps": [dict(s) for s in self.steps], "metric": self.metric}
+
+
+def concat_views(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Views side by side (codes.spec scaling 'concat': the probe standardises every column)."""
+    return np.concatenate(parts, axis=1)
+
+
+def select_views(
+    codes: Mapping[tuple[str, str], Any],
+    y: Any,
+    *,
+    combine: Callable[[list[np.ndarray]], np.ndarray] = concat_views,
+    scaling: str = "standard",
+    first: tuple[str, str] | None = None,
+    max_views: int = 3,
+    min_gain: float = 0.002,
+    cv: int = 3,
+    max_samples: int | None = 2000,
+    random_state: int = 0,
+    progress: bool = True,
+    metric: str = "auto",
+) -> Selection:
+    """Greedy forward selection (as Head2Toe selects features, by view): start from `first` (the sweep's best
+    view, else the best by CV here), then add the view whose combination most raises the CV score, while it
+    rises by more than `min_gain` and fewer than `max_views` are chosen.
+
+    `combine(list of (n, d) arrays) -> (n, D)` joins views (with any per-view scaling); `scaling` is the
+    probe's own. Every candidate is scored on the same rows and folds, as in `sweep`.
+    """
+    if not codes:
+        raise DataError("select_views() needs at least one (layer, pool) view of the codes.")
+    if isinstance(max_views, bool) or not isinstance(max_views, int) or max_views < 1:
+        raise ParameterError(f"The 'max_views' parameter must be an int >= 1. Got {max_views!r} instead.",
+                             param="max_views")
+    score, metric = _view_scorer(codes, np.asarray(y), combine, scaling, cv, max_samples, random_state, metric)
+    if first is None:
+        firsts = {key: score([key]) for key in progress_bar(list(codes), desc="select", unit="view",
+                                                               enabled=progress)}
+        first = max(firsts, key=lambda k: (firsts[k]["cv_accuracy"], -firsts[k]["dim"]))
+    chosen = [first]
+    steps = [{"views": [list(first)], "added": list(first), **score(chosen)}]
+    while len(chosen) < max_views and (rest := [k for k in codes if k not in chosen]):
+        scores = {k: score([*chosen, k]) for k in progress_bar(rest, desc=f"select {len(chosen) + 1}",
+                                                              unit="view", enabled=progress)}
+        best = max(scores, key=lambda k: (scores[k]["cv_accuracy"], -scores[k]["dim"]))
+        gain = scores[best]["cv_accuracy"] - steps[-1]["cv_accuracy"]
+        logger.info("select: + %s|%s -> %.2f%% CV %s (%+.2f points)", *best, 100 * scores[best]["cv_accuracy"],
+                    metric, 100 * gain)
+        steps[-1]["candidates"] = {f"{k[0]}|{k[1]}": v["cv_accuracy"] for k, v in scores.items()}
+        if gain <= min_gain:
+            break
+        chosen.append(best)
+        steps.append({"views": [list(k) for k in chosen], "added": list(best), **scores[best]})
+    return Selection(views=chosen, steps=steps, metric=metric)
+
+
+def _view_scorer(codes: Mapping[tuple[str, str], Any], y: np.ndarray, combine: Callable, scaling: str, cv: int,
+                 max_samples: int | None, random_state: int, metric: str) -> tuple[Callable, str]:
+    """score(list of view keys) -> {cv_accuracy, cv_std, C, dim} of the sweep's probe on their combination, on the
+    sweep's rows and folds; and the metric it scores."""
+    rows_idx = _sweep_subset(y, max_samples, random_state)
+    probe = LinearProbe(cv=cv, max_iter=_SWEEP_MAX_ITER, tol=_SWEEP_TOL, random_state=random_state, metric=metric,
+                        scaling=scaling)
+    probe._check_params()
+    metric = cv_metric(metric, y[rows_idx])
+    views = {key: np.asarray(X)[rows_idx] for key, X in codes.items()}
+
+    def score(keys: list[tuple[str, str]]) -> dict[str, float]:
+        X, y_sub = check_xy(combine([views[k] for k in keys]), y[rows_idx], for_cv=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            path, *_ = probe._cv_path(X, y_sub, log_each=False, metric=metric)
+        best = max(path, key=lambda r: r["mean"])  # ties: the smaller C
+        return {"cv_accuracy": best["mean"], "cv_std": best["std"], "C": best["C"], "dim": int(X.shape[1])}
+
+    return score, metric
 
 
 def _sweep_subset(y: np.ndarray, max_samples: int | None, random_state: int) -> np.ndarray:
