@@ -68,19 +68,20 @@ def run_row(size: str, row: str, view: str, args) -> dict:
     train, test = fashion_mnist("train", per_class=per_class), fashion_mnist("t10k")
     X, Xt = codes(train, size, view, False, args.work, args), codes(test, "test", view, False, args.work, args)
     base, flip = row.removesuffix("+flip"), row.endswith("+flip")
-    cv = {"cv": 3} if len(train) > BIG else {}
-    t = time.perf_counter()
-    probe = LinearProbe(**ROWS[base], **cv).fit(X, train.targets)
-    result = {"size": size, "view": view, "row": row, "n_train": len(train), "head": probe.head_,
-              "C": probe.best_C_, "cv": probe.cv_score_}
-    if flip:  # the chosen head and C, refitted on the images and their mirror images
+    if flip:  # the head and C the base row chose by CV, refitted on the images and their mirror images
+        chosen = run_row(size, base, view, args)
         Xm = codes(train, size, view, True, args.work, args)
         Xtm = codes(test, "test", view, True, args.work, args)
-        params = {**ROWS[base], "head": probe.head_, "C": probe.best_C_ or 1.0, "calibrate": False}
+        t = time.perf_counter()
+        params = {**ROWS[base], "head": chosen["head"], "C": chosen["C"] or 1.0, "calibrate": False}
         probe = LinearProbe(**params).fit(np.concatenate([X, Xm]), np.concatenate([train.targets] * 2))
         scores = flip_average(probe.decision_function(Xt), probe.decision_function(Xtm))
-        result["accuracy_no_tta"] = float((probe.predict(Xt) == test.targets).mean())
+        result = {**chosen, "row": row, "accuracy_no_tta": float((probe.predict(Xt) == test.targets).mean())}
     else:
+        t = time.perf_counter()
+        probe = LinearProbe(**ROWS[base], **({"cv": 3} if len(train) > BIG else {})).fit(X, train.targets)
+        result = {"size": size, "view": view, "row": row, "n_train": len(train), "head": probe.head_,
+                  "C": probe.best_C_, "cv": probe.cv_score_}
         scores = probe.decision_function(Xt)
     result["accuracy"] = float((probe.classes_[scores.argmax(1)] == test.targets).mean())
     result["seconds"] = time.perf_counter() - t  # rough: shared cores

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +141,12 @@ def like_options(ref: FeatureStore, fold_bn: bool = True) -> dict[str, Any]:
 
 def check_like(extractor: FeatureExtractor, ref: FeatureStore) -> None:
     """Stop before any image is encoded when the extractor rebuilt from `ref`'s specs makes other codes than
-    `ref` holds: its weights resolve to another file now (weights 'auto'), or the model's config changed."""
+    `ref` holds (with `mirror`: than `ref` would hold of the mirror images): its weights resolve to another file
+    now (weights 'auto'), or the model's config changed."""
     for key, mine in extractor.code_specs().items():
         theirs = CodeSpec.from_meta(ref.meta, key)
+        if extractor.mirror:  # asked for: the mirror images' codes, made like `ref`'s in every other respect
+            theirs = replace(theirs, transform={**theirs.transform, MIRROR: True})
         if mine.scoring_differences(theirs):
             raise DataError(f"the codes made like '{ref.path}' would differ from its own: "
                             f"{mine.describe_differences(theirs, ('now', 'there'), mine.scoring_differences(theirs))}"

@@ -125,3 +125,19 @@ def test_mirrored_codes_are_the_codes_of_the_mirror_images(sample_images):
     spec, plain_spec = mirror.code_specs()["pre_logits|avg"], plain.code_specs()["pre_logits|avg"]
     assert spec.transform["mirror"] is True and "mirror" not in plain_spec.transform
     assert spec.digest() != plain_spec.digest()
+
+
+def test_extract_like_with_mirror_gives_the_mirror_codes_of_the_same_spec(photo_folder, tmp_path):
+    """A test set's mirror codes, made like the training codes (extract --like TRAIN --mirror), and cached apart."""
+    from transferkit.codes.spec import CodeSpec
+    from transferkit.jobs import extract_features
+
+    kw = {"layer": "blocks.4", "pool": "avg", "image_size": 32, "precision": "fp32", "engine": "torch",
+          "progress": False}
+    plain = extract_features(photo_folder, tmp_path / "plain", **kw)
+    mirror = extract_features(photo_folder, tmp_path / "mirror", like=tmp_path / "plain", mirror=True,
+                              progress=False)
+    mine, theirs = (CodeSpec.from_meta(s.meta, "blocks.4|avg") for s in (mirror, plain))
+    assert mine.differences(theirs) == ["transform"] and mine.transform == {**theirs.transform, "mirror": True}
+    assert mirror.meta["cache"]["computed"] == len(plain)  # not served from the plain codes' cache space
+    assert not np.allclose(mirror.load("blocks.4|avg"), plain.load("blocks.4|avg"))
