@@ -109,35 +109,45 @@ def test_flip_average_is_the_mean_of_the_two_score_matrices(digits):
     assert not np.array_equal(a, b)
 
 
-def test_mirrored_codes_are_the_codes_of_the_mirror_images(sample_images):
-    """extract's `mirror` flips after the resize; the codes of photos mirrored before it agree to rounding, and the
-    mirror is part of the CodeSpec, so the code cache keeps the two apart."""
-    from transferkit.codes.extractor import FeatureExtractor
+def test_the_mirror_transform_is_the_transform_of_the_mirror_image(sample_images):
+    """`mirror` flips after the resize: exactly the flipped eval transform, and to uint8 rounding the transform of
+    the photo mirrored first; the description (the CodeSpec's transform) records it, so the cache keys it apart."""
+    import torch
 
-    photos = [img.crop((0, 0, 320, 320)) for img in sample_images.values()]
-    kw = {"layer": "pre_logits", "image_size": 64, "precision": "fp32", "engine": "torch"}
-    mirror = FeatureExtractor(mirror=True, **kw).fit()
-    plain = FeatureExtractor(**kw).fit()
-    ours = mirror.transform(photos)
-    theirs = plain.transform([p.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in photos])
-    own = plain.transform(photos)
-    assert np.abs(ours - theirs).max() < 0.1 * np.abs(own - theirs).max()
-    spec, plain_spec = mirror.code_specs()["pre_logits|avg"], plain.code_specs()["pre_logits|avg"]
-    assert spec.transform["mirror"] is True and "mirror" not in plain_spec.transform
-    assert spec.digest() != plain_spec.digest()
+    from transferkit.data.transforms import build_transform, describe_transform, hflip
+
+    config = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+              "crop_pct": 0.875}  # tf_efficientnet_lite0's pretrained config
+    mirror, plain = ({**config, "mirror": m} for m in (True, False))
+    for photo in (img.crop((0, 0, 320, 320)) for img in sample_images.values()):  # square: no crop offset to round
+        ours = build_transform(mirror, 64, uint8=True)(photo)
+        torch.testing.assert_close(ours, hflip(build_transform(plain, 64, uint8=True)(photo)), rtol=0, atol=0)
+        theirs = build_transform(plain, 64, uint8=True)(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+        assert (ours.int() - theirs.int()).abs().max() <= 1
+    assert describe_transform(mirror, 64) == {**describe_transform(plain, 64), "mirror": True}
+    assert "mirror" not in describe_transform(plain, 64)
 
 
-def test_extract_like_with_mirror_gives_the_mirror_codes_of_the_same_spec(photo_folder, tmp_path):
-    """A test set's mirror codes, made like the training codes (extract --like TRAIN --mirror), and cached apart."""
+def test_cli_probe_head_and_extract_mirror(photo_folder, tmp_path, cli_run):
+    """`probe --head` reaches LinearProbe(head=...) and its metrics; a bad value is refused naming the flag;
+    `extract --like TRAIN --mirror` makes the mirror images' codes like TRAIN's (cached apart), which a probe will
+    not score as if they were TRAIN's kind."""
     from transferkit.codes.spec import CodeSpec
-    from transferkit.jobs import extract_features
+    from transferkit.codes.store import FeatureStore
 
-    kw = {"layer": "blocks.4", "pool": "avg", "image_size": 32, "precision": "fp32", "engine": "torch",
-          "progress": False}
-    plain = extract_features(photo_folder, tmp_path / "plain", **kw)
-    mirror = extract_features(photo_folder, tmp_path / "mirror", like=tmp_path / "plain", mirror=True,
-                              progress=False)
-    mine, theirs = (CodeSpec.from_meta(s.meta, "blocks.4|avg") for s in (mirror, plain))
+    train, mirror = tmp_path / "train", tmp_path / "mirror"
+    cli_run("extract", photo_folder, "-o", train, "--image-size", "32", "--precision", "fp32")
+    cli_run("extract", photo_folder, "-o", mirror, "--like", train, "--mirror")
+    plain, flipped = FeatureStore(train), FeatureStore(mirror)
+    mine, theirs = (CodeSpec.from_meta(s.meta, "pre_logits|avg") for s in (flipped, plain))
     assert mine.differences(theirs) == ["transform"] and mine.transform == {**theirs.transform, "mirror": True}
-    assert mirror.meta["cache"]["computed"] == len(plain)  # not served from the plain codes' cache space
-    assert not np.allclose(mirror.load("blocks.4|avg"), plain.load("blocks.4|avg"))
+    assert flipped.meta["cache"]["computed"] == len(plain)  # not served from the plain codes' cache space
+    assert not np.allclose(flipped.load("pre_logits|avg"), plain.load("pre_logits|avg"))
+    out = cli_run("probe", train, "--test", train, "--head", "ncm", "--cv", "2", "-o", tmp_path / "p").output
+    assert "probe on pre_logits|avg: ncm, CV accuracy" in out
+    metrics = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert (metrics["head"], metrics["C"]) == ("ncm", None) and metrics["test_accuracy"] >= 0.9
+    refused = cli_run("probe", train, "--test", mirror, "-o", tmp_path / "m", ok=False)
+    assert refused.exit_code == 1 and "transform.mirror None (train) vs True (test)" in refused.output
+    bad = cli_run("probe", train, "--head", "cosine", "-o", tmp_path / "q", ok=False)
+    assert bad.exit_code == 2 and "Invalid value for '--head'" in bad.output and "'cosine'" in bad.output
