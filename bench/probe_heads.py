@@ -55,7 +55,8 @@ VERDICT = (
     "points to the SVM at 10 / 100 / 1,000 per class and +0.36 to logistic regression on all 60k, but cost "
     "logistic regression at 100 and 1,000/class: an option, not a default. The cosine nearest-class-mean head and "
     "the L2 scalings did not win anywhere. None of these reaches the issue's bars (80.0 / 88.5 / 93.5%) on one "
-    "view: the heads move the probe by under a point.\n"
+    "view: the heads move the probe by under a point. Not run: the SVM rows on all 60k ('-' above; rerun "
+    "`--sizes full --rows svm,svm+flip`), and the untried cells ('-').\n"
 )
 BIG = 20_000  # above this many training images: 3-fold CV, as bench/fashion_mnist.py
 
