@@ -50,7 +50,8 @@ ROWS = {  # name: LinearProbe parameters
 VERDICT = (
     "What this decided: `LinearProbe`'s default head stays `svm`. Logistic regression beat it at 10/class (+0.95) "
     "and 100/class (+0.40) but not at 1,000/class (-0.06) or on all 60k (-0.12), so it is `head='logistic'`, "
-    "and `head='auto'` lets CV choose (it chose logistic at every size where it was run). Flip augmentation (`extract --mirror`, `probe.heads.flip_average`) added +0.12 / +0.47 / +0.14 "
+    "and `head='auto'` lets CV choose (it chose logistic at every size where it was run). Flip augmentation "
+    "(`extract --mirror`, `probe.heads.flip_average`) added +0.12 / +0.47 / +0.14 "
     "points to the SVM at 10 / 100 / 1,000 per class and +0.36 to logistic regression on all 60k, but cost "
     "logistic regression at 100 and 1,000/class: an option, not a default. The cosine nearest-class-mean head and "
     "the L2 scalings did not win anywhere. None of these reaches the issue's bars (80.0 / 88.5 / 93.5%) on one "
