@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from transferkit.codes.store import KIND, FeatureStore
 from transferkit.data.datasets import ImageDataset, open_dataset
 from transferkit.data.decode import collate
 from transferkit.data.folders import no_images, scan_images
-from transferkit.data.transforms import build_transform
+from transferkit.data.transforms import MIRROR, build_transform, hflip
 from transferkit.errors import DataError, ParameterError
 from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.weights import weights_argument
@@ -86,6 +86,7 @@ def extract_features(
     exact_decode: bool = False,
     decode_threads: int | None = None,
     progress: bool = True,
+    mirror: bool = False,
 ) -> FeatureStore:
     """Extract codes to `out`. layer='auto' extracts layer 'all' (timm's feature stages and pre_logits) x every
     pooling and runs the sweep (on a sample of `sweep_samples` images for larger sets, then only the winner for
@@ -97,13 +98,15 @@ def extract_features(
     `like` copies the CodeSpec of another feature directory's chosen codes (`like_options`), so a test set
     is encoded exactly as its training set was. With `cache`, codes already
     in the code cache (same model, weights, layer, pooling, transform and image bytes) are reused.
-    `exact_decode` decodes every image in full instead of no larger than the transform needs.
+    `exact_decode` decodes every image in full instead of no larger than the transform needs. `mirror`: the codes
+    of each image's horizontal mirror (what a flip-averaged probe scores beside the image's own).
     """
     if like is not None:
         same = like_options(FeatureStore(like), fold_bn)
         model, weights, layer, pool, views = (same[k] for k in ("model", "weights", "layer", "pool", "views"))
         image_size, precision, fold_bn, exact_decode = (same[k] for k in ("image_size", "precision", "fold_bn",
                                                                           "exact_decode"))
+        mirror = mirror or same["mirror"]
     auto = _check_auto(layer, views)
     dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class, skip_bad=skip_bad)
     check_output(out, KIND, inputs=[like, dataset.root])  # before the backbone loads: never the user's folders
@@ -111,6 +114,7 @@ def extract_features(
         model, weights=weights, layer="all" if auto else layer, pool="all" if auto else pool, views=views,
         image_size=image_size, batch_size=batch_size, precision=precision, num_workers=num_workers,
         fold_bn=fold_bn, engine=engine, exact_decode=exact_decode, decode_threads=decode_threads, progress=progress,
+        mirror=mirror,
     )
     if like is not None:
         check_like(extractor.fit(), FeatureStore(like))
@@ -137,8 +141,8 @@ def _check_auto(layer: str, views: object) -> bool:
 
 def like_options(ref: FeatureStore, fold_bn: bool = True) -> dict[str, Any]:
     """The FeatureExtractor parameters (model, weights, layer, pool, views, image_size, precision, fold_bn,
-    exact_decode) that make the codes of `ref` again: its chosen codes (`read_sweep`: the sweep's winner, or the
-    combination of views it holds), else all its codes, read from their CodeSpecs.
+    exact_decode, mirror) that make the codes of `ref` again: its chosen codes (`read_sweep`: the sweep's winner, or
+    the combination of views it holds), else all its codes, read from their CodeSpecs.
 
     The weights argument and image size are the requests that led to the specs' weights sha256 and
     transform; `fold_bn` is kept where `ref` predates CodeSpec and did not record it.
@@ -152,14 +156,17 @@ def like_options(ref: FeatureStore, fold_bn: bool = True) -> dict[str, Any]:
             "pool": "avg" if combined else ",".join(dict.fromkeys(s.pool for s in specs)),
             "views": spec.key if combined else None, "image_size": ref.meta["image_size"],
             "precision": spec.precision, "fold_bn": fold_bn if spec.fold_bn is None else spec.fold_bn,
-            "exact_decode": spec.exact_decode}
+            "exact_decode": spec.exact_decode, "mirror": bool(spec.transform.get(MIRROR))}
 
 
 def check_like(extractor: FeatureExtractor, ref: FeatureStore) -> None:
     """Stop before any image is encoded when the extractor rebuilt from `ref`'s specs makes other codes than
-    `ref` holds: its weights resolve to another file now (weights 'auto'), or the model's config changed."""
+    `ref` holds (with `mirror`: than `ref` would hold of the mirror images): its weights resolve to another file
+    now (weights 'auto'), or the model's config changed."""
     for key, mine in extractor.code_specs().items():
         theirs = CodeSpec.from_meta(ref.meta, key)  # a view of a combination: stored as any other
+        if extractor.mirror:  # asked for: the mirror images' codes, made like `ref`'s in every other respect
+            theirs = replace(theirs, transform={**theirs.transform, MIRROR: True})
         if mine.scoring_differences(theirs):
             raise DataError(f"the codes made like '{ref.path}' would differ from its own: "
                             f"{mine.describe_differences(theirs, ('now', 'there'), mine.scoring_differences(theirs))}"
@@ -271,6 +278,7 @@ def train_probe(
     class_weight: str | None = None,
     metric: str = "auto",
     max_iter: int = 5000,
+    head: str = "svm",
 ) -> ProbeReport:
     """Fit a LinearProbe on training codes, evaluate on test codes, save probe, metrics and plots to `out`.
 
@@ -286,15 +294,16 @@ def train_probe(
         check_compatible(train, test, key)
     kind = MultiLabelProbe if train.multilabel else LinearProbe  # one SVM per label, thresholds of their own
     probe = kind(C=C, Cs=Cs, scaling=scaling, cv=cv, class_weight=class_weight, metric=metric,
-                 max_iter=max_iter).fit(train.load(key), train.labels)
+                 max_iter=max_iter, head=head).fit(train.load(key), train.labels)
     code_spec = CodeSpec.from_meta(train.meta, key)  # load_probe_dir rebuilds the extractor from it
     spec = {"model": code_spec.model, "weights": train.meta["weights"], "image_size": train.meta["image_size"],
             "precision": code_spec.precision, "transform": code_spec.transform, "classes": train.meta["classes"],
             "layer": code_spec.layer, "pool": code_spec.pool, "key": key, "code_spec": code_spec.to_dict(),
             "pool_names": POOL_NAMES, "multilabel": train.multilabel}
     evaluation = None
-    metrics = {"key": key, "C": probe.best_C_, "cv_mAP" if train.multilabel else "cv_accuracy": probe.cv_score_,
-               "cv_metric": probe.metric_, "class_weight": class_weight, "n_train": len(train)}
+    metrics = {"key": key, "head": probe.head_, "C": probe.best_C_,
+               "cv_mAP" if train.multilabel else "cv_accuracy": probe.cv_score_, "cv_metric": probe.metric_,
+               "class_weight": class_weight, "n_train": len(train)}
     with building(out, PROBE_KIND, inputs=[train.path, test_path]) as tmp:
         probe.save(tmp / "probe", extra=spec)
         if test is not None:
@@ -593,6 +602,6 @@ def _run_probabilities(model: torch.nn.Module, dataset: ImageDataset, meta: dict
         with autocast(precision, device):
             p = activate(model(x).float())  # (B, n_classes)
             if tta:
-                p = (p + activate(model(x.flip(-1)).float())) / 2
+                p = (p + activate(model(hflip(x)).float())) / 2
         probs.append(p.cpu().numpy())
     return np.concatenate(probs)

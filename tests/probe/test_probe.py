@@ -121,7 +121,8 @@ def test_bad_scaling_is_named_with_the_allowed_values(digits):
     with pytest.raises(ModelError) as info:
         LinearProbe(scaling="x").fit(Xtr, ytr)
     assert str(info.value) == (
-        "The 'scaling' parameter of LinearProbe must be a str among {'standard', 'l2', 'none'}. Got 'x' instead."
+        "The 'scaling' parameter of LinearProbe must be a str among {'standard', 'l2', 'none', 'center_l2', "
+        "'standard_l2'}. Got 'x' instead."
     )
     assert isinstance(info.value, ValueError)
 

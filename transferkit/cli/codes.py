@@ -53,11 +53,14 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.option("--decode-threads", type=click_type(EXTRACTOR["decode_threads"]), default=None,
               help="Threads that decode images. Default: one per core when decoding the first batch took longer "
                    "than the model on it, else decoding in turn.")
+@click.option("--mirror", is_flag=True,
+              help="Codes of each image's horizontal mirror image (cached apart; a flip-augmented probe trains and "
+                   "scores on both).")
 @click.option("--profile", is_flag=True, help="First time decoding alone and the model alone on 256 images.")
 def extract(data: Path, out: Path, model: str, weights: str, image_size: int | None, batch_size: int,
             precision: str, layer: str, pool: str, views: str | None, per_class: int | None, num_workers: int,
             skip_bad: bool, like: Path | None, cache: bool, fold_bn: bool, engine: str, exact_decode: bool,
-            decode_threads: int | None, profile: bool) -> None:
+            decode_threads: int | None, mirror: bool, profile: bool) -> None:
     """Write CNN codes of every image in DATA (folder, CSV manifest or IDX) to a codes directory."""
     if like is None:  # a layer the model is known not to have, a pooling that is none: refused before torch loads
         _refuse_early(model, layer, pool, views)
@@ -74,7 +77,7 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
                                                 pool="all" if layer == "auto" else pool, image_size=image_size,
                                                 batch_size=batch_size, precision=precision, num_workers=num_workers,
                                                 fold_bn=fold_bn, engine=engine, exact_decode=exact_decode,
-                                                decode_threads=decode_threads),
+                                                decode_threads=decode_threads, mirror=mirror),
                                load_data(data, per_class=per_class))
         slower = "decoding" if p["decode_images_per_second"] < p["model_images_per_second"] else "the model"
         how = (f"so extract decodes in {p['decode_threads']} threads" if slower == "decoding"
@@ -91,7 +94,7 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
         data, out, model=model, weights=weights, layer=layer, pool=pool, views=views, image_size=image_size,
         batch_size=batch_size, precision=precision, num_workers=num_workers, per_class=per_class,
         skip_bad=skip_bad, like=like, cache=cache, fold_bn=fold_bn, engine=engine, exact_decode=exact_decode,
-        decode_threads=decode_threads, progress=click.get_current_context().obj["progress"],
+        decode_threads=decode_threads, progress=click.get_current_context().obj["progress"], mirror=mirror,
     )
     if _worker_rank():
         return  # under torchrun only rank 0 reports

@@ -23,7 +23,11 @@ from transferkit.surgery.params import DEFAULT_HEATMAPS, DENSE, MAX_MEGAPIXELS
               help="Layer of the codes to use, or 'best' (the layer sweep's choice; sweeps first if none was run) "
                    "[default: the only one, or the sweep's best].")
 @click.option("--pool", default=None, help="Pooling of the codes to use.")
-@click.option("--C", "C", default="auto", show_default=True, help="SVM C, or 'auto' for cross-validation.")
+@click.option("--C", "C", default="auto", show_default=True,
+              help="The head's regularisation C, or 'auto' for cross-validation.")
+@click.option("--head", type=click_type(PROBE["head"]), default="svm", show_default=True,
+              help="Linear SVM, multinomial logistic regression, cosine nearest-class-mean (ncm, no C), or auto: "
+                   "cross-validation chooses the head with its C.")
 @click.option("--scaling", type=click_type(PROBE["scaling"]), default="standard", show_default=True)
 @click.option("--cv", type=click_type(PROBE["cv"]), default=5, show_default=True, help="Folds for choosing C.")
 @click.option("--class-weight", type=click_type(PROBE["class_weight"]), default=None,
@@ -32,10 +36,11 @@ from transferkit.surgery.params import DEFAULT_HEATMAPS, DENSE, MAX_MEGAPIXELS
               help="CV score that chooses C; auto: balanced_accuracy when the largest class is over "
                    f"{AUTO_BALANCED_RATIO:g}x the smallest.")
 @click.option("--max-iter", type=click_type(PROBE["max_iter"]), default=5000, show_default=True,
-              help="Iterations per LinearSVC fit; raise it if fits do not converge.")
+              help="Iterations per SVM or logistic regression fit; raise it if fits do not converge.")
 def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: str | None, C: str,
-          scaling: str, cv: int, class_weight: str | None, metric: str, max_iter: int) -> None:
-    """Train a linear SVM on the codes in TRAIN; report accuracy, balanced accuracy and macro-F1 on TEST."""
+          head: str, scaling: str, cv: int, class_weight: str | None, metric: str, max_iter: int) -> None:
+    """Train a linear classifier (an SVM unless --head) on the codes in TRAIN; report accuracy, balanced accuracy
+    and macro-F1 on TEST."""
     from transferkit.codes.params import parse_pools
 
     if pool is not None:
@@ -44,12 +49,13 @@ def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: st
 
     C = C if C == "auto" else _number(C)  # LinearProbe checks its limits (PROBE["C"]); its error names the flag
     report = train_probe(train, out, test=test, layer=layer, pool=pool, C=C, scaling=scaling, cv=cv,
-                         class_weight=class_weight, metric=metric, max_iter=max_iter)
+                         class_weight=class_weight, metric=metric, max_iter=max_iter, head=head)
     p = report.probe
     multilabel = hasattr(p, "thresholds_")
     cv_text = ("" if p.cv_score_ != p.cv_score_ else f", CV mAP {p.cv_score_:.4f}" if multilabel else
                f", CV {p.metric_.replace('_', ' ')} {100 * p.cv_score_:.2f}%")
-    click.echo(f"probe on {report.key}: C={p.best_C_:g}{cv_text} -> {out}")
+    C_text = "" if p.best_C_ is None else f" C={p.best_C_:g}"  # nearest class mean: no C
+    click.echo(f"probe on {report.key}: {p.head_}{C_text}{cv_text} -> {out}")
     if report.evaluation is not None and multilabel:
         click.echo(report.evaluation.report)
         click.echo(f"test {report.evaluation.summary()}")

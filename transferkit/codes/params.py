@@ -32,6 +32,7 @@ EXTRACTOR = {
     "exact_decode": ["boolean"],
     "decode_threads": [Interval(Integral, 1, None, closed="left"), None],  # None: measured per run
     "progress": ["boolean"],
+    "mirror": ["boolean"],
 }
 
 # timm's names and meanings: 'avgmax' is the mean of avg and max, 'catavgmax' their concatenation; plus grids

@@ -21,6 +21,13 @@ _CONFIG_DEFAULTS: dict[str, Any] = {
     "crop_pct": 0.875,
     "crop_mode": "center",
 }
+MIRROR = "mirror"  # a description's key for the horizontal mirror image; present (True) only when mirrored
+
+
+def hflip(x):
+    """The horizontal mirror of an image tensor (..., H, W): the one flip of training's augmentation twin, the
+    mirrored codes (`build_transform(mirror)`) and test-time augmentation (finetune's evaluate --tta)."""
+    return x.flip(-1)
 
 
 def _effective_config(data_config: dict, image_size: int | None) -> dict[str, Any]:
@@ -41,14 +48,19 @@ def build_transform(data_config: dict, image_size: int | None = None, train: boo
                     **augment) -> Callable:
     """Preprocessing matching the backbone's pretrained config (timm's eval or training transform).
 
+    A config (or description) with `mirror` True ends the eval transform with the horizontal flip (`hflip`), so
+    the codes of mirror images are keyed apart in the code cache (describe_transform records it).
+
     `augment` goes to timm's create_transform when `train` (scale, hflip, color_jitter, re_prob ...).
     `uint8` stops before scaling and normalising (timm's prefetcher form: a (3, H, W) uint8 tensor), so a
     batch can be normalised at once (FeatureExtractor.normalize) instead of image by image.
     """
     from timm.data import create_transform  # timm is heavy; only pay for it when building transforms
+    from torchvision.transforms import Compose
 
-    return create_transform(**_effective_config(data_config, image_size), is_training=train,
-                            use_prefetcher=uint8, **(augment if train else {}))
+    transform = create_transform(**_effective_config(data_config, image_size), is_training=train,
+                                 use_prefetcher=uint8, **(augment if train else {}))
+    return Compose([transform, hflip]) if data_config.get(MIRROR) and not train else transform
 
 
 def decode_target(data_config: dict, image_size: int | None = None) -> DecodeTarget:
@@ -73,4 +85,6 @@ def describe_transform(data_config: dict, image_size: int | None = None, *, exac
     }
     if not exact_decode:
         description["decode"] = DECODE
+    if data_config.get(MIRROR):  # absent when not mirrored: the descriptions (and cache ids) of all other codes
+        description[MIRROR] = True
     return description

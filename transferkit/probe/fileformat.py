@@ -22,7 +22,9 @@ _FORMAT = "transferkit.probe"
 # 2: params gained class_weight and metric, and "metric" records what chose C; 1 still reads.
 # 3: arrays gained the calibration ("temperature"; multi-label: "platt", (a, b) per label), "calibration" names it
 # and params gained calibrate; 1 and 2 still read, without probabilities (LinearProbe.calibrated is False).
-_FORMAT_VERSION = 3
+# 4: "head" records the fitted head ('svm', 'logistic', 'ncm'; best_C is null for 'ncm'), params gained head,
+# scaling gained 'center_l2' and 'standard_l2'; 1-3 still read, as SVMs.
+_FORMAT_VERSION = 4
 ARRAYS_FILE = "arrays.npz"
 META_FILE = "probe.json"
 _META_KEYS = {"version", "params", "classes_dtype", "n_features_in", "best_C", "cv_score", "cv_results",
@@ -40,6 +42,7 @@ def write_probe(probe: LinearProbe, path: Path, extra: Mapping[str, Any] | None)
         "classes_dtype": probe.classes_.dtype.str if probe.classes_.dtype.kind in "iufb" else "str",
         "n_features_in": int(probe.n_features_in_),
         "best_C": probe.best_C_,
+        "head": probe.head_,
         "cv_score": None if math.isnan(probe.cv_score_) else probe.cv_score_,
         "cv_results": probe.cv_results_,
         "metric": probe.metric_,

@@ -1,7 +1,9 @@
-"""Linear SVM on CNN codes (LinearProbe): standardise, fit, and choose C by cross-validation.
+"""Linear classifier on CNN codes (LinearProbe): scale, fit, and choose C (and the head) by cross-validation.
 
 The probe is the classic "CNN features off-the-shelf" recipe: standardise the codes, fit a
-one-vs-rest linear SVM, and choose C by stratified cross-validation on the training set only.
+one-vs-rest linear SVM, and choose C by stratified cross-validation on the training set only. Other heads
+(`heads`: multinomial logistic regression, cosine nearest-class-mean) and scalings (L2-normalised codes) are
+parameters; head='auto' lets the same CV choose the head with its C.
 On imbalanced classes, `class_weight='balanced'` weights the SVM's errors by inverse class frequency, and
 `metric` (default 'auto') chooses C by balanced accuracy, so a C that ignores the rare classes does not win.
 `predict_proba` is softmax(scores / T), with one temperature T fitted on the out-of-fold scores of the folds that
@@ -23,26 +25,25 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedKFold, cross_validate
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
-from sklearn.svm import LinearSVC
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
 from transferkit.errors import DataError, ParameterError, TransferkitError
 from transferkit.probe.calibration import fit_temperature, temperature_proba
 from transferkit.probe.fileformat import ARRAYS_FILE, META_FILE, read_probe, write_probe
+from transferkit.probe.heads import make_head, make_scaler, n_iter, restore_head, restore_scaler, scaler_arrays
 from transferkit.probe.metrics import SCORERS, cv_metric, expected_calibration_error
-from transferkit.probe.params import PROBE, SCALINGS  # noqa: F401  (SCALINGS: re-exported)
+from transferkit.probe.params import AUTO_HEADS, PROBE, SCALINGS  # noqa: F401  (SCALINGS: re-exported)
 from transferkit.runtime.params import sklearn_constraints, validate
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0)  # tried upwards, stopping past the peak
-_DUAL_RATIO = 10  # liblinear's dual solver beats the primal one until n_samples > ~10 x n_features
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
-    """Linear SVM on CNN codes, C chosen by stratified CV on the training set only."""
+    """Linear classifier on CNN codes (`head`), C (and with head='auto' the head) chosen by stratified CV on the
+    training set only."""
 
     _parameter_constraints: dict = sklearn_constraints(PROBE)  # the limits live in transferkit.probe.params
 
@@ -61,6 +62,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         class_weight: str | Mapping[Any, float] | None = None,
         metric: str = "auto",
         calibrate: bool = True,
+        head: str = "svm",
     ) -> None:
         self.C = C  # no logic in __init__: clone()/set_params() must round-trip
         self.Cs = Cs
@@ -74,33 +76,36 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.class_weight = class_weight  # None, 'balanced' or {class: weight} (LinearSVC's class_weight)
         self.metric = metric  # what chooses C: 'accuracy', 'balanced_accuracy', or 'auto' (by imbalance)
         self.calibrate = calibrate  # fit predict_proba's temperature on out-of-fold scores (fixed C: `cv` more fits)
+        self.head = head  # 'svm', 'logistic', 'ncm' or 'auto' (CV chooses among AUTO_HEADS, each with its C)
 
     def fit(self, X: Any, y: Any) -> LinearProbe:
         """Choose C by stratified CV on X, y if C='auto' (smallest C first, stopping once the CV score drops;
-        the score is `metric`, resolved to `metric_`), fit on all of X, y, and (`calibrate`) fit predict_proba's
-        temperature on the out-of-fold scores at the chosen C."""
+        the score is `metric`, resolved to `metric_`), and the head if head='auto' (`head_`; 'ncm' has no C:
+        best_C_ None), fit on all of X, y, and (`calibrate`) fit predict_proba's temperature on the out-of-fold
+        scores at the chosen C."""
         self._check_params()
-        X, y = check_xy(X, y, for_cv=self.C == "auto")
+        choose = self.C == "auto" or self.head == "auto"
+        X, y = check_xy(X, y, for_cv=choose)
         self.classes_ = np.unique(y)
         self.n_features_in_ = X.shape[1]
         self.metric_ = cv_metric(self.metric, y)
         self.cv_results_, n_bad, n_fits, oof = [], 0, 0, None
-        X_cv, y_cv = self._cv_sample(X, y) if self.C == "auto" or self.calibrate else (X, y)
+        X_cv, y_cv = self._cv_sample(X, y) if choose or self.calibrate else (X, y)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            if self.C == "auto":
+            if choose:
                 self.n_cv_samples_ = len(y_cv)
-                self.cv_results_, oof, n_bad, n_fits = self._cv_path(X_cv, y_cv)
+                self.cv_results_, oof, n_bad, n_fits = self._cv_heads(X_cv, y_cv)
                 best = max(self.cv_results_, key=lambda r: r["mean"])  # ties: the first, i.e. smaller C
-                self.best_C_, self.cv_score_ = best["C"], best["mean"]
-                if self.best_C_ == max(self.Cs):
+                self.head_, self.best_C_, self.cv_score_ = best["head"], best["C"], best["mean"]
+                if self.C == "auto" and self.best_C_ == max(self.Cs):
                     logger.info("best C=%g is the largest in Cs; a larger C may do better", self.best_C_)
             else:
-                self.best_C_, self.cv_score_ = float(self.C), float("nan")
+                self.head_, self.best_C_, self.cv_score_ = self.head, _head_C(self.head, self.C), float("nan")
                 if self.calibrate and np.unique(y_cv, return_counts=True)[1].min() >= 2:
                     _, oof, n_bad, n_fits = self._cv_path(X_cv, y_cv, Cs=[self.best_C_], log_each=False)
             self.pipeline_ = self._make_pipeline(self.best_C_, X.shape).fit(X, y)
-        self.n_iter_ = int(self.pipeline_.named_steps["svm"].n_iter_)
+        self.n_iter_ = n_iter(self.pipeline_.named_steps["svm"])
         self.converged_ = self.n_iter_ < self.max_iter
         warn_unconverged(n_bad + (not self.converged_), n_fits + 1, self.max_iter)
         self.temperature_ = self._fit_temperature(oof, y_cv) if self.calibrate else None
@@ -124,7 +129,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return self.pipeline_.predict(X)
 
     def decision_function(self, X: Any) -> np.ndarray:
-        """SVM scores, (n, n_classes); (n,) for two classes, like scikit-learn."""
+        """The head's scores, (n, n_classes); (n,) for two classes, like scikit-learn."""
         X = self._check_x(X)
         return self.pipeline_.decision_function(X)
 
@@ -184,12 +189,28 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                 raise ParameterError(f"The {param!r} parameter of {type(self).__name__} must be {allowed}. "
                                      f"Got {getattr(self, param)!r} instead.")
 
-    def _make_pipeline(self, C: float, shape: tuple[int, int]) -> Pipeline:
-        scale = {"standard": StandardScaler(), "l2": Normalizer(), "none": "passthrough"}[self.scaling]
-        dual = shape[0] < _DUAL_RATIO * shape[1]
-        svm = LinearSVC(C=C, dual=dual, tol=self.tol, max_iter=self.max_iter, random_state=self.random_state,
-                        class_weight=self.class_weight)
-        return Pipeline([("scale", scale), ("svm", svm)])
+    def _make_pipeline(self, C: float | None, shape: tuple[int, int], head: str | None = None) -> Pipeline:
+        """Scaler and head (default: the fitted `head_`); the head's step keeps the name 'svm' of older probes."""
+        clf = make_head(head or self._head(), C, shape, tol=self.tol, max_iter=self.max_iter,
+                        random_state=self.random_state, class_weight=self.class_weight)
+        return Pipeline([("scale", make_scaler(self.scaling)), ("svm", clf)])
+
+    def _head(self) -> str:
+        """The fitted head, or before fit (the layer sweep's `_cv_path`) the head asked for ('auto': the SVM)."""
+        return getattr(self, "head_", None) or ("svm" if self.head == "auto" else self.head)
+
+    def _cv_heads(self, X: np.ndarray, y: np.ndarray) -> tuple[list[dict[str, Any]], np.ndarray, int, int]:
+        """`_cv_path` of each head to choose from (`head`, or AUTO_HEADS for 'auto'), its rows marked with the
+        head; the out-of-fold scores are the best row's."""
+        rows, oof, n_bad, n_fits, best = [], None, 0, 0, -np.inf
+        for head in AUTO_HEADS if self.head == "auto" else (self.head,):
+            Cs = [_head_C(head, self.C)] if self.C != "auto" or head == "ncm" else None
+            part, part_oof, bad, fits = self._cv_path(X, y, Cs=Cs, head=head)
+            rows += [{"head": head, **r} for r in part]
+            n_bad, n_fits = n_bad + bad, n_fits + fits
+            if max(r["mean"] for r in part) > best:
+                best, oof = max(r["mean"] for r in part), part_oof
+        return rows, oof, n_bad, n_fits
 
     def _cv_sample(self, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A stratified subset of at most cv_max_samples rows to choose C and calibrate on (all rows when None or
@@ -211,7 +232,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     def _cv_path(
         self, X: np.ndarray, y: np.ndarray, *, log_each: bool = True, metric: str | None = None,
-        Cs: Sequence[float] | None = None,
+        Cs: Sequence[float | None] | None = None, head: str | None = None,
     ) -> tuple[list[dict[str, float]], np.ndarray, int, int]:
         """CV score (`metric`, default `metric_`) for each C of `Cs` (default self.Cs) in ascending order,
         stopping once it falls below the best so far.
@@ -225,16 +246,17 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         metric = metric or self.metric_
         rows: list[dict[str, float]] = []
         n_bad, best_oof = 0, None
-        for C in sorted({float(c) for c in (self.Cs if Cs is None else Cs)}):
-            out = cross_validate(self._make_pipeline(C, X.shape), X, y, cv=folds, n_jobs=self.n_jobs,
+        head = head or self._head()
+        for C in [None] if head == "ncm" else sorted({float(c) for c in (self.Cs if Cs is None else Cs)}):
+            out = cross_validate(self._make_pipeline(C, X.shape, head), X, y, cv=folds, n_jobs=self.n_jobs,
                                  return_estimator=True, return_indices=True, error_score="raise",
                                  scoring=SCORERS[metric])
             n_bad += sum(not _converged(est) for est in out["estimator"])
             scores = out["test_score"]
             rows.append({"C": C, "mean": float(scores.mean()), "std": float(scores.std())})
             seconds = out["fit_time"].sum() + out["score_time"].sum()
-            logger.log(logging.INFO if log_each else logging.DEBUG, "C=%g: %d-fold CV %s %.2f%% (%.0f s)",
-                       C, n_splits, metric, 100 * rows[-1]["mean"], seconds)
+            logger.log(logging.INFO if log_each else logging.DEBUG, "%s C=%s: %d-fold CV %s %.2f%% (%.0f s)",
+                       head, C, n_splits, metric, 100 * rows[-1]["mean"], seconds)
             if rows[-1]["mean"] < max(r["mean"] for r in rows):
                 break
             if len(rows) == 1 or rows[-1]["mean"] > max(r["mean"] for r in rows[:-1]):
@@ -259,10 +281,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         arrays = {"coef": svm.coef_, "intercept": svm.intercept_, "classes": self.classes_.astype(str)}
         if getattr(self, "temperature_", None) is not None:
             arrays["temperature"] = np.array(self.temperature_)
-        scaler = self.pipeline_.named_steps["scale"]
-        if isinstance(scaler, StandardScaler):
-            arrays.update(scale_mean=scaler.mean_, scale_var=scaler.var_, scale_scale=scaler.scale_)
-        return arrays
+        return {**arrays, **scaler_arrays(self.pipeline_.named_steps["scale"])}
 
     def _restore(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         """Rebuild the fitted pipeline from saved arrays (same objects, so the same arithmetic)."""
@@ -270,26 +289,20 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         dtype = meta["classes_dtype"]
         classes = arrays["classes"]
         self.classes_ = (classes == "True") if dtype == "|b1" else classes.astype(dtype)
-        pipe = self._make_pipeline(float(meta["best_C"]), (0, n_features))
-        scaler = pipe.named_steps["scale"]
-        if isinstance(scaler, StandardScaler):
-            scaler.mean_, scaler.var_, scaler.scale_ = (
-                arrays["scale_mean"], arrays["scale_var"], arrays["scale_scale"])
-            scaler.n_features_in_, scaler.n_samples_seen_ = n_features, 0
-        elif isinstance(scaler, Normalizer):  # stateless: fitting only records the width
-            scaler.fit(np.zeros((1, n_features)))
+        self.head_ = meta.get("head", "svm")  # probes saved before heads were chosen: the SVM
+        self.best_C_ = None if meta["best_C"] is None else float(meta["best_C"])
+        pipe = self._make_pipeline(self.best_C_, (0, n_features))
+        restore_scaler(pipe.named_steps["scale"], arrays, n_features)
         svm = pipe.named_steps["svm"]
-        svm.coef_, svm.intercept_, svm.classes_ = arrays["coef"], arrays["intercept"], self.classes_
-        svm.n_features_in_ = n_features
+        restore_head(svm, arrays["coef"], arrays["intercept"], self.classes_, int(meta["n_iter"]))
         if svm.coef_.shape[1] != n_features or len(svm.intercept_) != svm.coef_.shape[0]:
             raise ValueError("coef/intercept shapes do not match n_features_in")
         self.pipeline_ = pipe
         self.n_features_in_ = n_features
-        self.best_C_ = float(meta["best_C"])
         self.cv_score_ = float("nan") if meta["cv_score"] is None else float(meta["cv_score"])
         self.cv_results_ = list(meta["cv_results"])
         self.metric_ = meta.get("metric", "accuracy")  # probes saved before the metric was recorded: accuracy
-        self.n_iter_ = svm.n_iter_ = int(meta["n_iter"])
+        self.n_iter_ = int(meta["n_iter"])
         self.converged_ = self.n_iter_ < self.max_iter
         self.extra_ = dict(meta["extra"])
         # probes saved before calibration (format <= 2) have no temperature: no predict_proba (see `calibrated`)
@@ -332,11 +345,16 @@ def _out_of_fold(out: Mapping[str, Any], X: np.ndarray) -> np.ndarray:
 
 
 def _converged(pipe: Pipeline) -> bool:
-    svm = pipe.named_steps["svm"]
-    return bool(svm.n_iter_ < svm.max_iter)
+    clf = pipe.named_steps["svm"]
+    return not hasattr(clf, "max_iter") or n_iter(clf) < clf.max_iter  # nearest-class-mean: no iterations
+
+
+def _head_C(head: str, C: float | str) -> float | None:
+    """The C a fixed-C fit of `head` uses: None for 'ncm', which has nothing to regularise."""
+    return None if head == "ncm" else float(C)
 
 
 def warn_unconverged(n_bad: int, n_fits: int, max_iter: int) -> None:
     if n_bad:
-        logger.warning("%d of %d LinearSVC fits did not converge within max_iter=%d; accuracy may be "
+        logger.warning("%d of %d probe fits did not converge within max_iter=%d; accuracy may be "
                        "slightly off (raise max_iter or lower C).", n_bad, n_fits, max_iter)

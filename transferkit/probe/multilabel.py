@@ -43,6 +43,10 @@ class MultiLabelProbe(LinearProbe):
             raise ParameterError("The 'class_weight' parameter of MultiLabelProbe must be None or 'balanced' (each "
                                  "label's SVM weighs its own positives and negatives). Got a dict instead.",
                                  param="class_weight")
+        if self.head != "svm":
+            raise ParameterError(f"The 'head' parameter of MultiLabelProbe must be 'svm' (one SVM per label). "
+                                 f"Got {self.head!r} instead.", param="head")
+        self.head_ = "svm"
         if self.metric != "auto":
             raise ParameterError(f"The 'metric' parameter of MultiLabelProbe must be 'auto' (C is chosen by mAP). "
                                  f"Got {self.metric!r} instead.", param="metric")

@@ -8,7 +8,11 @@ from numbers import Integral, Real
 
 from transferkit.runtime.params import Interval, StrOptions
 
-SCALINGS = ("standard", "l2", "none")
+# 'l2': unit-length rows; 'center_l2' / 'standard_l2': centre / standardise each feature, then rows of length
+# sqrt(n_features) (heads.UnitScaler: the scale of a standardised row, so the same Cs serve)
+SCALINGS = ("standard", "l2", "none", "center_l2", "standard_l2")
+HEADS = ("svm", "logistic", "ncm", "auto")  # linear SVM, multinomial logistic regression, cosine nearest-class-mean
+AUTO_HEADS = ("svm", "logistic", "ncm")  # what head='auto' chooses among, by the CV that chooses C
 CLASS_WEIGHTS = ("balanced",)  # scikit-learn's: weight each class by n_samples / (n_classes x its count)
 METRICS = ("auto", "accuracy", "balanced_accuracy")  # what chooses C and ranks the sweep; 'auto': by imbalance
 # largest / smallest class count above which metric='auto' scores by balanced accuracy. At 1.5 the largest class
@@ -30,4 +34,5 @@ PROBE = {
     "class_weight": [StrOptions(CLASS_WEIGHTS), dict, None],  # dict: {class: weight}, Python only (as sklearn)
     "metric": [StrOptions(METRICS)],
     "calibrate": ["boolean"],  # predict_proba: a temperature fitted on out-of-fold scores
+    "head": [StrOptions(HEADS)],
 }

@@ -10,6 +10,7 @@ from pathlib import Path
 from transferkit.codes.extractor import FeatureExtractor
 from transferkit.codes.params import POOL_NAMES, RENAMED
 from transferkit.codes.spec import CodeSpec
+from transferkit.data.transforms import MIRROR
 from transferkit.errors import DataError
 from transferkit.models.params import PRE_LOGITS
 from transferkit.models.weights import weights_argument
@@ -57,7 +58,7 @@ def load_probe_dir(path: str | Path, *, batch_size: int = 64, progress: bool = F
         pool=spec.pool if one else "avg", views=None if one else spec.key, image_size=probe.extra_["image_size"],
         batch_size=batch_size, precision="fp32" if exact else spec.precision,
         fold_bn=not exact and spec.fold_bn is not False, engine="torch" if exact else "auto", progress=progress,
-        exact_decode=spec.exact_decode,
+        exact_decode=spec.exact_decode, mirror=bool(spec.transform.get(MIRROR)),
     ).fit()
     # precision and folding settle when the extractor runs (and `exact` overrides them): compare the rest
     built = replace(extractor.code_spec(), precision=spec.precision,

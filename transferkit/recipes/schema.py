@@ -44,7 +44,8 @@ class ProbeSettings:
     num_workers: int = 0
     layer: str | int = PRE_LOGITS  # a stage name or index, 'pre_logits', or 'auto' (the layer sweep picks)
     pool: str = "avg"  # one pooling; 'all' with layer 'auto' (the sweep tries every one)
-    C: float | str = "auto"  # SVM C, or 'auto': cross-validated on the training set
+    head: str = "svm"  # 'svm', 'logistic', 'ncm' (nearest class mean) or 'auto' (CV chooses, as it chooses C)
+    C: float | str = "auto"  # the head's C, or 'auto': cross-validated on the training set
     cv: int = 5  # folds for choosing C
     scaling: str = "standard"
     class_weight: str | None = None  # 'balanced': weight the SVM's errors by inverse class frequency

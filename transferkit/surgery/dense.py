@@ -193,6 +193,9 @@ def _from_probe(path: Path, window: bool) -> DenseClassifier:
     from transferkit.probe.saved import load_probe_dir
 
     probe, extractor = load_probe_dir(path, batch_size=1, exact=True)
+    if probe.scaling in ("center_l2", "standard_l2"):  # a centre/scale before the L2 step: no conv op for it yet
+        raise ModelError(f"probe '{path}' was trained with scaling '{probe.scaling}'; only probes with scaling "
+                         "'standard', 'l2' or 'none' can be converted (any head)")
     arrays = probe.arrays()  # coef, intercept and the StandardScaler's statistics, as saved
     l2, multilabel = probe.scaling == "l2", isinstance(probe, MultiLabelProbe)
     ops = probe_head(arrays["coef"], arrays["intercept"], extractor.pools_[0], arrays.get("scale_mean"),
