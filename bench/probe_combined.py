@@ -65,6 +65,11 @@ def run(per_class: int, head: str, work: Path) -> dict:
     return result
 
 
+def cell(text: str) -> str:
+    """`text` for a markdown table cell: its pipes escaped."""
+    return text.replace("|", "\\|")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10,100")
@@ -80,7 +85,7 @@ def main() -> None:
         "mirror images, test scores averaged over each image and its mirror (Python: `extract_features(views=..., "
         "mirror=True)`, `probe.heads.flip_average`; not yet a CLI probe option).", "",
         "| train | views (dim) | head | C | test acc | + flip |", "|---|---|---|---|---|---|",
-        *[f"| {r['per_class']}/class | `{r['views'].replace('|', chr(92) + '|')}` ({r['dim']}) | {r['head']} | {r['C']} | "
+        *[f"| {r['per_class']}/class | `{cell(r['views'])}` ({r['dim']}) | {r['head']} | {r['C']} | "
           f"{100 * r['accuracy']:.2f}% | **{100 * r['accuracy_flip']:.2f}%** |" for r in rows],
     ])
     print(body)
