@@ -137,29 +137,37 @@ def table(work: Path) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="small,cache", help="groups or run names, comma-separated: "
-                        + ", ".join(sorted({g for g, _ in RUNS.values()} | set(RUNS))))
-    parser.add_argument("--work", type=Path, default=Path("bench/.work/finetune"))
+def main_for(runs: dict, *, default: str, work: str, section: str, title: str, table_of, doc: str | None = None
+             ) -> None:
+    """The command line of a fine-tuning bench: run the wanted (group or name) runs of `runs` that have no cached
+    figures in WORK, then write the table (`table_of(work)`) as `section` of docs/benchmarks.md."""
+    parser = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=default, help="groups or run names, comma-separated: "
+                        + ", ".join(sorted({g for g, _ in runs.values()} | set(runs))))
+    parser.add_argument("--work", type=Path, default=Path(work))
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--force", action="store_true", help="redo runs that have cached figures")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     wanted = set(args.runs.split(","))
-    unknown = wanted - set(RUNS) - {g for g, _ in RUNS.values()}
+    unknown = wanted - set(runs) - {g for g, _ in runs.values()}
     if unknown:
         parser.error(f"unknown --runs {', '.join(sorted(unknown))}")
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_flush_denormal(True)
     test = fashion_mnist("t10k")
-    for name, (group, settings) in RUNS.items():
+    for name, (group, settings) in runs.items():
         if (name in wanted or group in wanted) and (args.force or not (args.work / f"{name}.json").exists()):
             print("\n".join(machine_lines()), flush=True)
             run(name, settings, args.work, test, args.quiet)
-    body = "## Fine-tuning on Fashion-MNIST\n\n" + table(args.work)
-    write_section(args.doc, "finetune-fmnist", body)
+    body = f"## {title}\n\n" + table_of(args.work)
+    write_section(args.doc, section, body)
     print(body)
+
+
+def main() -> None:
+    main_for(RUNS, default="small,cache", work="bench/.work/finetune", section="finetune-fmnist",
+             title="Fine-tuning on Fashion-MNIST", table_of=table)
 
 
 if __name__ == "__main__":

@@ -18,20 +18,14 @@ The runs in docs/benchmarks.md ran with OMP_NUM_THREADS=1 (one process per name 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from finetune_fmnist import FULL as ALL_60K  # noqa: E402
-from finetune_fmnist import SMALL, run  # noqa: E402
-from machine import machine_lines, write_section  # noqa: E402
-
-from transferkit.recipes.demo import fashion_mnist  # noqa: E402
+from finetune_fmnist import SMALL, main_for  # noqa: E402
 
 PARTIAL = {**SMALL, "freeze_until": "blocks.3"}  # today's best at 100/class: 87.23% (bench/finetune_fmnist.py)
 FULL = {**SMALL, "freeze_until": "none"}
@@ -111,28 +105,8 @@ def table(work: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="base,single", help="groups or run names, comma-separated: "
-                        + ", ".join(sorted({g for g, _ in RUNS.values()} | set(RUNS))))
-    parser.add_argument("--work", type=Path, default=Path("bench/.work/finetune-recipe"))
-    parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
-    parser.add_argument("--force", action="store_true", help="redo runs that have cached figures")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args()
-    wanted = set(args.runs.split(","))
-    unknown = wanted - set(RUNS) - {g for g, _ in RUNS.values()}
-    if unknown:
-        parser.error(f"unknown --runs {', '.join(sorted(unknown))}")
-    args.work.mkdir(parents=True, exist_ok=True)
-    torch.set_flush_denormal(True)
-    test = fashion_mnist("t10k")
-    for name, (group, settings) in RUNS.items():
-        if (name in wanted or group in wanted) and (args.force or not (args.work / f"{name}.json").exists()):
-            print("\n".join(machine_lines()), flush=True)
-            run(name, settings, args.work, test, args.quiet)
-    body = "## Fine-tuning recipe at 100 images per class (Fashion-MNIST)\n\n" + table(args.work)
-    write_section(args.doc, "finetune-recipe", body)
-    print(body)
+    main_for(RUNS, default="base,single", work="bench/.work/finetune-recipe", section="finetune-recipe",
+             title="Fine-tuning recipe at 100 images per class (Fashion-MNIST)", table_of=table, doc=__doc__)
 
 
 if __name__ == "__main__":
