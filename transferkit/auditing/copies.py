@@ -93,7 +93,10 @@ def _best_view(thumbs: np.ndarray, pairs: np.ndarray, size: int, steps: int, blu
         plain[images] = _unit(m @ thumbs[images].astype(np.float32) @ m.T)
 
     def score(images: np.ndarray) -> None:
-        out = buffers.get() if not buffers.empty() else np.empty((per_bank, n_views, size * size), np.float32)
+        try:
+            out = buffers.get_nowait()
+        except queue.Empty:  # the first bank of each worker
+            out = np.empty((per_bank, n_views, size * size), np.float32)
         bank = _view_bank(thumbs[images].astype(np.float32), size, steps, blurs, out)  # (m, views, px)
         starts, ends = np.searchsorted(src, images, "left"), np.searchsorted(src, images, "right")
         for views, start, end in zip(bank, starts.tolist(), ends.tolist()):
