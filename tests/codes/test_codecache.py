@@ -99,10 +99,15 @@ def test_cli_no_cache_info_and_clean(photo_folder, tmp_path, code_cache, cli_run
     assert "tf_efficientnet_lite0: 1 kind(s), 16 rows" in info.output and "pre_logits|avg" not in info.output
     info = cli_run("cache", "info", "-v", ok=False, catch=True)  # details: one line per kind of codes
     assert info.exit_code == 0 and "tf_efficientnet_lite0  pre_logits|avg" in info.output and "16 images" in info.output
+    sweeps = code_cache / "sweeps"
+    sweeps.mkdir()
+    (sweeps / f"{'0' * 64}.json").write_text("{}")  # a remembered sweep (transferkit.probe.sweep_cache)
+    assert "1 remembered sweep result(s)" in cli_run("cache", "info", ok=False, catch=True).output
     clean = cli_run("cache", "clean", "--model", "resnet18", ok=False, catch=True)
-    assert "deleted 0" in clean.output and len(CodeCache().info()) == 1
+    assert "deleted 0" in clean.output and len(CodeCache().info()) == 1 and len(list(sweeps.iterdir())) == 1
     clean = cli_run("cache", "clean", ok=False, catch=True)
     assert clean.exit_code == 0 and "deleted 1" in clean.output and CodeCache().info() == []
+    assert "1 sweep result(s)" in clean.output and list(sweeps.iterdir()) == []
 
 
 def test_two_processes_extract_what_one_does(fmnist, tmp_path, code_cache):

@@ -40,7 +40,8 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
               help="Also write OUT/cleaned.csv, a manifest of DATA without its duplicates and its images leaked into "
                    "TEST, its likely label errors dropped or given the suggested label (relabel). DATA is not touched.")
 @click.option("--cache/--no-cache", default=True, show_default=True,
-              help="Reuse codes of images already encoded the same way (see `transferkit cache`).")
+              help="Reuse codes of images already encoded the same way, and the result of the same sweep "
+                   "(see `transferkit cache`).")
 def audit(data: Path, test: Path | None, out: Path, model: str, weights: str, image_size: int | None,
           batch_size: int, precision: str, layer: str, pool: str, near_threshold: float, near_candidates: int,
           neighbors: int, outlier_mads: float, cv: int, max_rows: int, fix: str | None, cache: bool) -> None:

@@ -21,6 +21,7 @@ def cache_info(ctx: click.Context, details: bool) -> None:
     from collections import defaultdict
 
     from transferkit.codes.cache import CodeCache
+    from transferkit.probe.sweep_cache import sweep_files
 
     store = CodeCache()
     entries = store.info()
@@ -29,6 +30,7 @@ def cache_info(ctx: click.Context, details: bool) -> None:
                f"{sum(e.bytes for e in entries) / 2**20:.1f} MiB in {store.root}")
     click.echo(f"{len(engines)} exported ONNX Runtime engine(s), "
                f"{sum(p.stat().st_size for p in engines) / 2**20:.1f} MiB in {store.root / 'engines'}")
+    click.echo(f"{len(sweep_files(store.root))} remembered sweep result(s) in {store.root / 'sweeps'}")
     by_model = defaultdict(list)
     for e in entries:
         by_model[e.spec.get("model", "?")].append(e)
@@ -47,11 +49,15 @@ def cache_info(ctx: click.Context, details: bool) -> None:
 @cache.command("clean")
 @click.option("--model", default=None, help="Only the codes of this model.")
 def cache_clean(model: str | None) -> None:
-    """Delete cached codes (all, or one model's); without --model the exported engines too."""
+    """Delete cached codes (all, or one model's); without --model the exported engines and remembered sweeps too."""
     from transferkit.codes.cache import CodeCache
+    from transferkit.probe.sweep_cache import sweep_files
 
     store = CodeCache()
     engines = [] if model else store.engines()
+    sweeps = [] if model else sweep_files(store.root)  # named by a digest only: a per-model clean leaves them
     gone = store.clear(model)
-    click.echo(f"deleted {len(gone)} kind(s) of codes, {sum(e.bytes for e in gone) / 2**20:.1f} MiB, and "
-               f"{len(engines)} engine(s) from {store.root}")
+    for path in sweeps:
+        path.unlink(missing_ok=True)
+    click.echo(f"deleted {len(gone)} kind(s) of codes, {sum(e.bytes for e in gone) / 2**20:.1f} MiB, "
+               f"{len(engines)} engine(s) and {len(sweeps)} sweep result(s) from {store.root}")

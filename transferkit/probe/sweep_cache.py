@@ -64,6 +64,12 @@ def cached_sweep(codes: Mapping[tuple[str, str], Any], y: Any, *, root: str | Pa
     return result
 
 
+def sweep_files(root: str | Path | None = None) -> list[Path]:
+    """The remembered sweeps in the cache root (`transferkit cache info` counts them, `cache clean` deletes them)."""
+    folder = Path(root if root is not None else default_root()) / "sweeps"
+    return sorted(folder.glob("*.json")) if folder.is_dir() else []
+
+
 def _read(path: Path, key: str) -> sweeping.SweepResult | None:
     """The SweepResult stored in `path` if it is whole and was made for `key`, else None (with a warning if the
     file exists but cannot be used)."""
