@@ -167,14 +167,16 @@ What this measured (2026-11-27, on shared cores; accuracies are unaffected, no t
 - 100/class: no gain: 86.88-87.11% for 2-4 views vs 87.01% alone (selection CV rose by 0.3 points, within its
   noise). `view` scaling was not measured at this size (stopped to free the cores).
 - 1000/class: selection (on a stratified 2,000 of the 10,000, as `--layer auto` does) picked blocks.2|4x4 +
-  blocks.4|catavgmax + blocks.1|4x4 (CV 88.0 -> 88.4 -> 88.7%); the pick's test fit did not finish before this
-  session's deadline (rerun the 1000 command above: finished steps are cached). The single view reproduces
-  90.68%.
+  blocks.4|catavgmax + blocks.1|4x4 (CV 88.0 -> 88.4 -> 88.7%): 91.36% vs 90.68% for the single view (+0.68;
+  measured 13:16-13:22 UTC).
 - all 60,000: not measured in this session: its selection was stopped to let 1000/class finish before the
   deadline (one 60k probe fit is ~20 min on 2 cores).
 - Selection runs where the sweep runs, on the same <= 2,000 rows and folds; CV there is noisy at 10/class (fold
   std ~5 points), which is why a second view can raise CV by 2 points and lower test accuracy.
-- The bars of issue 20 (>= 80.0% at 10/class, >= 88.5% at 100/class) are not reached by combining views alone.
+- The bars of issue 20 (>= 80.0% at 10/class, >= 88.5% at 100/class) are not reached by combining views alone
+  (with flip averaging, 10/class reaches 80.07-80.18%: section 'probe-combined').
+- Default: off (`extract_features(combine=False)`; `combine=True` asks for it): it wins at 10 and 1000/class, not at
+  100, and all 60k is unmeasured; making it the default wants the 60k row and the recipes x advise table.
 """
 
 
@@ -200,7 +202,8 @@ def table(results: dict, args, commands: list[str]) -> str:
              "- scalings: `concat` the plain concatenation, the probe standardises every column; `view` every "
              "column standardised, then each view x sqrt(mean dim / its dim) so every view has the same total "
              "variance, no further scaling in the probe.",
-             f"- (pick): where `extract --layer auto` stops: each view added raises selection CV by more than "
+             f"- (pick): where `--layer auto` with `combine=True` stops: each view added raises selection CV by "
+             f"more than "
              f"{100 * args.pick_gain:g} points, at most {args.pick_views} views. The first row of each size is the "
              "best single view (the sweep's).", "",
              "| train images | scaling | views (in the order added) | dim | selection CV % | test accuracy | C |",
