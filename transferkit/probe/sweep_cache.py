@@ -51,7 +51,7 @@ def cached_sweep(codes: Mapping[tuple[str, str], Any], y: Any, *, root: str | Pa
     """
     runs = {k: settings.pop(k) for k in ("progress", "n_jobs") if k in settings}
     key = sweep_key(codes, y, settings)
-    path = Path(root if root is not None else default_root()) / "sweeps" / f"{key}.json"
+    path = _folder(root) / f"{key}.json"
     if (found := _read(path, key)) is not None:
         log.info("sweep: reusing the result of the same sweep on the same codes (%s)", path)
         return found
@@ -66,8 +66,12 @@ def cached_sweep(codes: Mapping[tuple[str, str], Any], y: Any, *, root: str | Pa
 
 def sweep_files(root: str | Path | None = None) -> list[Path]:
     """The remembered sweeps in the cache root (`transferkit cache info` counts them, `cache clean` deletes them)."""
-    folder = Path(root if root is not None else default_root()) / "sweeps"
+    folder = _folder(root)
     return sorted(folder.glob("*.json")) if folder.is_dir() else []
+
+
+def _folder(root: str | Path | None) -> Path:
+    return Path(root if root is not None else default_root()) / "sweeps"
 
 
 def _read(path: Path, key: str) -> sweeping.SweepResult | None:
