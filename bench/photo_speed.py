@@ -63,15 +63,26 @@ def phone_jpeg(photo: Image.Image, size: tuple[int, int], rng: np.random.Generat
     return Image.fromarray(np.clip(big + rng.normal(0, 3, big.shape), 0, 255).astype(np.uint8))
 
 
-def make_photos(root: Path, n: int, size: tuple[int, int]) -> Path:
-    """An ImageFolder of `n` phone JPEGs, one class per source photo (cached in `root`)."""
-    if (root / "done").exists():
-        return root
-    rng, photos = np.random.default_rng(0), source_photos()
-    for i in range(n):
+def _write_photos(root: Path, indices: range, size: tuple[int, int]) -> None:
+    photos = source_photos()
+    for i in indices:
         folder = root / f"photo{i % len(photos)}"
         folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng([0, i])  # per photo: the same files whichever process writes them
         phone_jpeg(photos[i % len(photos)], size, rng).save(folder / f"{i:05d}.jpg", quality=92)
+
+
+def make_photos(root: Path, n: int, size: tuple[int, int]) -> Path:
+    """An ImageFolder of `n` phone JPEGs, one class per source photo (cached in `root`), written by one process
+    per core."""
+    if (root / "done").exists():
+        return root
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = os.cpu_count() or 1
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_write_photos, [root] * workers, [range(k, n, workers) for k in range(workers)],
+                      [size] * workers))
     (root / "done").write_text("")
     return root
 
