@@ -147,3 +147,16 @@ def test_images_of_codes_follow_their_rows(flip):
     images = store_images(store)
     assert images.sources == store.sources and len(images) == len(store)
     assert (np.asarray(images.targets) == store.labels).all()
+
+
+def test_flip_refuses_multilabel_codes(flip, tmp_path, cli_run):
+    items = store_images(FeatureStore(flip["test"]))
+    rows = ["path,labels"]
+    for i in range(8):  # real items as PNGs, each labelled with its class and, every other one, 'odd' too
+        items.image(i).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{items.classes[items.targets[i]]}{';odd' if i % 2 else ''}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    extract_features(tmp_path / "labels.csv", tmp_path / "codes", weights="package", image_size=SIZE,
+                     precision="fp32", progress=False)
+    result = cli_run("probe", tmp_path / "codes", "-o", tmp_path / "p", "--flip", ok=False)
+    assert result.exit_code != 0 and "Invalid value for '--flip': is for codes of one class per image" in result.output
