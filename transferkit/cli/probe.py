@@ -37,8 +37,14 @@ from transferkit.surgery.params import DEFAULT_HEATMAPS, DENSE, MAX_MEGAPIXELS
                    f"{AUTO_BALANCED_RATIO:g}x the smallest.")
 @click.option("--max-iter", type=click_type(PROBE["max_iter"]), default=5000, show_default=True,
               help="Iterations per SVM or logistic regression fit; raise it if fits do not converge.")
+@click.option("--flip", is_flag=True,
+              help="Train on TRAIN's codes and those of their mirror images, and score every image (TEST's, and "
+                   "later predict's and evaluate's) by the mean over it and its mirror. The mirror codes are made "
+                   "from the images TRAIN and TEST were extracted from, through the code cache; C is chosen on "
+                   "TRAIN's own codes.")
 def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: str | None, C: str,
-          head: str, scaling: str, cv: int, class_weight: str | None, metric: str, max_iter: int) -> None:
+          head: str, scaling: str, cv: int, class_weight: str | None, metric: str, max_iter: int,
+          flip: bool) -> None:
     """Train a linear classifier (an SVM unless --head) on the codes in TRAIN; report accuracy, balanced accuracy
     and macro-F1 on TEST."""
     from transferkit.codes.params import parse_pools
@@ -49,13 +55,15 @@ def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: st
 
     C = C if C == "auto" else _number(C)  # LinearProbe checks its limits (PROBE["C"]); its error names the flag
     report = train_probe(train, out, test=test, layer=layer, pool=pool, C=C, scaling=scaling, cv=cv,
-                         class_weight=class_weight, metric=metric, max_iter=max_iter, head=head)
+                         class_weight=class_weight, metric=metric, max_iter=max_iter, head=head, flip=flip,
+                         progress=click.get_current_context().obj["progress"])
     p = report.probe
     multilabel = hasattr(p, "thresholds_")
     cv_text = ("" if p.cv_score_ != p.cv_score_ else f", CV mAP {p.cv_score_:.4f}" if multilabel else
                f", CV {p.metric_.replace('_', ' ')} {100 * p.cv_score_:.2f}%")
     C_text = "" if p.best_C_ is None else f" C={p.best_C_:g}"  # nearest class mean: no C
-    click.echo(f"probe on {report.key}: {p.head_}{C_text}{cv_text} -> {out}")
+    flip_text = ", flip-averaged" if flip else ""
+    click.echo(f"probe on {report.key}: {p.head_}{C_text}{cv_text}{flip_text} -> {out}")
     if report.evaluation is not None and multilabel:
         click.echo(report.evaluation.report)
         click.echo(f"test {report.evaluation.summary()}")
@@ -177,7 +185,8 @@ def _scale_hint(row: dict, options: dict) -> bool:
               help="Directory for report.txt, metrics.json and confusion.png.")
 @click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
 @click.option("--batch-size", type=click_type(EXTRACTOR["batch_size"]), default=64, show_default=True)
-@click.option("--tta", is_flag=True, help="Fine-tuning runs: average each image with its mirror image.")
+@click.option("--tta", is_flag=True, help="Fine-tuning runs: average each image with its mirror image (a probe "
+              "trained with --flip always does).")
 def evaluate(model_dir: Path, data: Path, out: Path | None, per_class: int | None, batch_size: int,
              tta: bool) -> None:
     """Score MODEL (a probe or a fine-tuning run directory) on labelled DATA (folder, CSV manifest or IDX).

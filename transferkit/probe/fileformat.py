@@ -24,6 +24,8 @@ _FORMAT = "transferkit.probe"
 # and params gained calibrate; 1 and 2 still read, without probabilities (LinearProbe.calibrated is False).
 # 4: "head" records the fitted head ('svm', 'logistic', 'ncm'; best_C is null for 'ncm'), params gained head,
 # scaling gained 'center_l2' and 'standard_l2'; 1-3 still read, as SVMs.
+# A probe trained with flip (`transferkit probe --flip`) records extra["flip"] (probe.saved.FLIP) and stays a 4: its
+# arrays and params are any probe's; a reader that ignores the key scores each image once with the same weights.
 _FORMAT_VERSION = 4
 ARRAYS_FILE = "arrays.npz"
 META_FILE = "probe.json"

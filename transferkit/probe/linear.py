@@ -123,6 +123,27 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                     expected_calibration_error(y_index, temperature_proba(oof, 1.0)))
         return temperature
 
+    def refit(self, X: Any, y: Any) -> LinearProbe:
+        """Fit the chosen head at the chosen C again, on other rows of the same classes (a set's codes and its
+        mirror images', say), keeping what `fit` chose and calibrated: C, head, CV scores and temperature.
+
+        Why not `fit` on those rows: the mirror of a held-out image would sit in the training folds, so CV
+        would choose C on rows it has all but seen.
+        """
+        check_is_fitted(self, "pipeline_")
+        X, y = check_xy(X, y, for_cv=False)
+        self._check_x(X)  # as many features as fit saw
+        if not np.array_equal(np.unique(y), self.classes_):
+            raise DataError(f"refit needs the classes fit saw ({self.classes_.tolist()}); got "
+                            f"{np.unique(y).tolist()}.")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self.pipeline_ = self._make_pipeline(self.best_C_, X.shape).fit(X, y)
+        self.n_iter_ = n_iter(self.pipeline_.named_steps["svm"])
+        self.converged_ = self.n_iter_ < self.max_iter
+        warn_unconverged(not self.converged_, 1, self.max_iter)
+        return self
+
     def predict(self, X: Any) -> np.ndarray:
         """Class label of each row of X."""
         X = self._check_x(X)  # before touching pipeline_: an unfitted probe raises NotFittedError
@@ -137,6 +158,13 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         """Calibrated class probabilities, (n, n_classes) in `classes_` order, each row summing to 1; the argmax
         is `predict`'s class."""
         return self.proba_from_scores(self.decision_function(X))
+
+    def predict_from_scores(self, scores: Any) -> np.ndarray:
+        """`predict` from `decision_function` scores already computed (flip-averaged ones, say): the best column's
+        class; two classes: the second where the score is > 0, as scikit-learn's linear classifiers decide."""
+        check_is_fitted(self, "pipeline_")
+        scores = np.asarray(scores)
+        return self.classes_[(scores > 0).astype(np.int64) if scores.ndim == 1 else scores.argmax(1)]
 
     def proba_from_scores(self, scores: Any) -> np.ndarray:
         """predict_proba from `decision_function` scores already computed (a dense score map's cells, say):

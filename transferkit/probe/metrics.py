@@ -90,8 +90,13 @@ def evaluate(probe: LinearProbe, X: Any, y: Any, *, names: Sequence[str] | None 
 
     `names`: class names for integer labels (label i is names[i]), used in the report and plots.
     """
+    return evaluate_predictions(probe, probe.predict(X), y, names=names)
+
+
+def evaluate_predictions(probe: LinearProbe, pred: Any, y: Any, *,
+                         names: Sequence[str] | None = None) -> Evaluation:
+    """`evaluate` from predictions already made (`predict_from_scores` of flip-averaged scores, say)."""
     y = np.asarray(y)
-    pred = probe.predict(X)
     if len(y) != len(pred):
         raise DataError(f"X has {len(pred)} rows but y has {len(y)} labels.")
     try:  # labels absent from training still count, as rows the probe always gets wrong

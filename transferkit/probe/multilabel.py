@@ -117,7 +117,24 @@ class MultiLabelProbe(LinearProbe):
 
     def predict(self, X: Any) -> np.ndarray:
         """(n, n_labels) 0/1: label j where its score reaches thresholds_[j]."""
-        return (self.decision_function(X) >= self.thresholds_).astype(np.int64)
+        return self.predict_from_scores(self.decision_function(X))
+
+    def predict_from_scores(self, scores: Any) -> np.ndarray:
+        return (np.asarray(scores) >= self.thresholds_).astype(np.int64)
+
+    def refit(self, X: Any, Y: Any) -> MultiLabelProbe:
+        """Every label's SVM again at the chosen C on other rows, keeping C, the thresholds and the calibration."""
+        X, Y = check_multilabel(X, Y)
+        self._check_x(X)
+        if Y.shape[1] != len(self.classes_):
+            raise DataError(f"refit needs the {len(self.classes_)} labels fit saw; got {Y.shape[1]}.")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self.pipeline_, bad = self._fit_labels(X, Y, self.best_C_)
+        self.n_iter_ = int(self.pipeline_.named_steps["svm"].n_iter_)
+        self.converged_ = bad == 0
+        warn_unconverged(bad, Y.shape[1], self.max_iter)
+        return self
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Mean average precision over the labels present in `y` (a multi-label probe has no single accuracy)."""

@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import clone
 
 from transferkit.codes.extractor import FeatureExtractor
 from transferkit.codes.params import POOL_NAMES, RENAMED
@@ -15,10 +19,14 @@ from transferkit.errors import DataError
 from transferkit.models.params import PRE_LOGITS
 from transferkit.models.weights import weights_argument
 from transferkit.probe.fileformat import META_FILE
+from transferkit.probe.heads import flip_average
 from transferkit.probe.linear import LinearProbe
 from transferkit.probe.multilabel import MultiLabelProbe
 
 PROBE_DIR = "probe"  # the folder inside a probe output that holds the model (arrays.npz + probe.json)
+# a saved probe's record (its `extra_`) that it was trained on images and their mirror images (`transferkit probe
+# --flip`), so it scores the mean of an image's and its mirror's scores; absent (older probes): one score each
+FLIP = "flip"
 
 
 def is_probe_dir(path: str | Path) -> bool:
@@ -76,3 +84,14 @@ def _renamed_pools(extra: dict) -> dict:
     if "code_spec" in extra:
         extra["code_spec"] = {**extra["code_spec"], "pool": pool}
     return extra
+
+
+def probe_scores(probe: LinearProbe, extractor: FeatureExtractor, images: Any) -> np.ndarray:
+    """A saved probe's scores of `images` (anything `extractor.transform` takes): for a probe trained with flip
+    (its `extra_` says so), the mean of each image's scores and its mirror image's (heads.flip_average), as it
+    was scored on its test set."""
+    scores = probe.decision_function(extractor.transform(images))
+    if not probe.extra_.get(FLIP):
+        return scores
+    mirrored = clone(extractor).set_params(mirror=True).fit()  # the same codes of the mirror images
+    return flip_average(scores, probe.decision_function(mirrored.transform(images)))

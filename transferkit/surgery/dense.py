@@ -9,6 +9,7 @@ it rebuilds without the source's files.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from transferkit.runtime.outputs import building
 from transferkit.runtime.params import validate
 from transferkit.surgery.fc_to_conv import FullyConvNet, fc_to_conv, probe_head, probe_to_conv, timm_head_ops
 from transferkit.surgery.params import DEFAULT_HEATMAPS, DENSE
+
+log = logging.getLogger(__name__)
 
 # 3: a probe's layer by name ('layer'); formats 1-2 stored its index into timm's feature_info ('stage_index'),
 # read by `_probe_layer`. 2: pools named as in timm (format 1's 'avgmax' is 'catavgmax')
@@ -190,9 +193,12 @@ def _from_run(path: Path, window: bool) -> DenseClassifier:
 
 def _from_probe(path: Path, window: bool) -> DenseClassifier:
     from transferkit.probe.multilabel import MultiLabelProbe
-    from transferkit.probe.saved import load_probe_dir
+    from transferkit.probe.saved import FLIP, load_probe_dir
 
     probe, extractor = load_probe_dir(path, batch_size=1, exact=True)
+    if probe.extra_.get(FLIP):  # its weights serve one image as well; only the mirror's half of the mean is lost
+        log.warning("probe '%s' was trained with flip: the network made from it scores each location once, "
+                    "without the mean over the image and its mirror that predict and evaluate take", path)
     if probe.scaling in ("center_l2", "standard_l2"):  # a centre/scale before the L2 step: no conv op for it yet
         raise ModelError(f"probe '{path}' was trained with scaling '{probe.scaling}'; only probes with scaling "
                          "'standard', 'l2' or 'none' can be converted (any head)")
