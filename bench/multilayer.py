@@ -169,14 +169,17 @@ What this measured (2026-11-27, on shared cores; accuracies are unaffected, no t
 - 1000/class: selection (on a stratified 2,000 of the 10,000, as `--layer auto` does) picked blocks.2|4x4 +
   blocks.4|catavgmax + blocks.1|4x4 (CV 88.0 -> 88.4 -> 88.7%): 91.36% vs 90.68% for the single view (+0.68;
   measured 13:16-13:22 UTC).
-- all 60,000: not measured in this session: its selection was stopped to let 1000/class finish before the
-  deadline (one 60k probe fit is ~20 min on 2 cores).
+- all 60,000: greedy selection not run (its selection was stopped to let 1000/class finish before the deadline;
+  one 60k probe fit is ~20 min on 2 cores). Four hand-made combinations were scored there instead, picked by CV
+  (section 'probe-combined', 2026-11-27): `blocks.4|4x4,blocks.2|4x4` won CV, 93.26% with logistic regression
+  (92.67% on `blocks.4|4x4` alone) and 93.62% with flip averaging.
 - Selection runs where the sweep runs, on the same <= 2,000 rows and folds; CV there is noisy at 10/class (fold
   std ~5 points), which is why a second view can raise CV by 2 points and lower test accuracy.
 - The bars of issue 20 (>= 80.0% at 10/class, >= 88.5% at 100/class) are not reached by combining views alone
   (with flip averaging, 10/class reaches 80.07-80.18%: section 'probe-combined').
 - Default: off (`extract_features(combine=False)`; `combine=True` asks for it): it wins at 10 and 1000/class, not at
-  100, and all 60k is unmeasured; making it the default wants the 60k row and the recipes x advise table.
+  100, and greedy selection on all 60k is unmeasured; making it the default wants that row and the recipes x
+  advise table.
 """
 
 
