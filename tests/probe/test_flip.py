@@ -19,6 +19,7 @@ from transferkit.codes.store import FeatureStore
 from transferkit.errors import DataError, ParameterError
 from transferkit.jobs import evaluate_model, extract_features, predict_images, store_images, train_probe
 from transferkit.probe.linear import LinearProbe
+from transferkit.probe.multilabel import MultiLabelProbe
 from transferkit.probe.saved import FLIP, load_probe_dir, probe_scores
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -141,6 +142,16 @@ def test_refit_keeps_what_cv_chose_and_needs_the_same_classes():
     with pytest.raises(DataError, match="refit needs the classes fit saw"):
         probe.refit(X[y < 5], y[y < 5])
 
+
+
+def test_a_multilabel_probe_is_not_refitted():
+    X, y = load_digits(return_X_y=True)
+    Y = np.stack([y % 2, (y > 4).astype(int)], axis=1)  # two labels per digit
+    probe = MultiLabelProbe(C=0.01).fit(X[:200], Y[:200])
+    before = probe.decision_function(X[200:260])
+    with pytest.raises(DataError, match="refit is for single-label probes"):
+        probe.refit(X[:200], Y[:200])
+    np.testing.assert_array_equal(probe.decision_function(X[200:260]), before)
 
 def test_images_of_codes_follow_their_rows(flip):
     store = FeatureStore(flip["train"])

@@ -123,18 +123,10 @@ class MultiLabelProbe(LinearProbe):
         return (np.asarray(scores) >= self.thresholds_).astype(np.int64)
 
     def refit(self, X: Any, Y: Any) -> MultiLabelProbe:
-        """Every label's SVM again at the chosen C on other rows, keeping C, the thresholds and the calibration."""
-        X, Y = check_multilabel(X, Y)
-        self._check_x(X)
-        if Y.shape[1] != len(self.classes_):
-            raise DataError(f"refit needs the {len(self.classes_)} labels fit saw; got {Y.shape[1]}.")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            self.pipeline_, bad = self._fit_labels(X, Y, self.best_C_)
-        self.n_iter_ = int(self.pipeline_.named_steps["svm"].n_iter_)
-        self.converged_ = bad == 0
-        warn_unconverged(bad, Y.shape[1], self.max_iter)
-        return self
+        """Not for multi-label probes: their thresholds are chosen on the scores of the rows `fit` saw, so rows
+        added later (flip's mirror images) would leave them stale."""
+        raise DataError("refit is for single-label probes: a multi-label probe's thresholds are chosen on the rows "
+                        "fit saw; fit it again instead.")
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Mean average precision over the labels present in `y` (a multi-label probe has no single accuracy)."""
