@@ -198,6 +198,12 @@ def test_finetune_multilabel_sigmoid_head_thresholds_predict_and_evaluate(mosaic
     assert {x["label"] for x in row["labels"]} == {c for c, p, t in zip(meta["classes"], mean, thresholds) if p >= t}
 
 
+def recipes_flip() -> bool:
+    from transferkit import recipes
+
+    return recipes.get("small-different").settings.flip
+
+
 def test_advise_the_recipes_the_sweep_and_the_lr_finder_take_multilabel_data(mosaics, tmp_path, cli_run):
     """advise counts images per label and ranks layers by CV mAP; a probe recipe with layer 'auto' sweeps by mAP
     and reports the test mAP; the LR finder trains the sigmoid head it would fine-tune."""
@@ -216,6 +222,8 @@ def test_advise_the_recipes_the_sweep_and_the_lr_finder_take_multilabel_data(mos
     result = json.loads((tmp_path / "r" / "result.json").read_text())
     sweep = json.loads((tmp_path / "r" / "train" / "sweep.json").read_text())
     assert "test mAP" in out and result["accuracy"] is None and result["mAP"] > 0.5, out
+    assert recipes_flip() and result["details"]["flip"] is False  # the recipe's mirrors are for one class per image
+    assert result["details"]["head"] == "svm"  # its logistic head too: multi-label is one SVM per label
     assert sweep["metric"] == "mAP" and result["details"]["codes"].startswith(sweep["best"]["layer"] + "|")
     cli_run("finetune", mosaics[0], "-o", tmp_path / "lr", "--find-lr", "--weights", "package", "--image-size", "32",
             "--freeze-until", "blocks.6", "--batch-size", "16")

@@ -37,7 +37,8 @@ def test_packaged_recipes_are_the_four_scenarios():
         assert recipe.kind == ("finetune" if name.startswith("large") else "probe")
         assert (REPO_RECIPES / f"{name}.toml").read_text().startswith("# "), "each file opens with its reasoning"
     assert recipes.get("small-similar").settings.layer == "pre_logits"
-    assert recipes.get("small-different").settings.layer == "auto"
+    different = recipes.get("small-different").settings  # the measured winners (docs/benchmarks.md, issue 20)
+    assert different.layer == "auto" and different.combine and different.head == "logistic" and different.flip
     large_similar = recipes.get("large-similar").settings
     assert isinstance(large_similar, FinetuneConfig)
     assert large_similar.freeze_until == "blocks.5" and large_similar.lr_range[0] < large_similar.lr_range[1]
@@ -61,6 +62,9 @@ def test_each_recipe_runs_to_the_end(name, fmnist_slice, tmp_path):
         assert (result.model_dir / "probe").is_dir() and (result.model_dir / "confusion.png").is_file()
         assert (tmp_path / name / "train" / "meta.json").is_file() and (tmp_path / name / "test").is_dir()
         assert (tmp_path / name / "train" / "sweep.json").is_file() == (name == "small-different")
+        metrics = json.loads((result.model_dir / "metrics.json").read_text())
+        assert result.details["flip"] == metrics["flip"] == (name == "small-different")
+        assert metrics["head"] == recipe.settings.head
     else:  # the same artifacts as finetune + evaluate
         assert (result.model_dir / "config.json").is_file() and (result.model_dir / "model-best.safetensors").is_file()
         assert (tmp_path / name / "test" / "metrics.json").is_file()
@@ -110,6 +114,8 @@ def write(tmp_path: Path, text: str) -> Path:
     ('kind = "probe"\nmodel = "resnet18"\nC = -1\n', ["'C' field", "'auto'", "-1"]),
     ('kind = "probe"\nmodel = "resnet18"\nlayer = "auto"\npool = "avg"\n', ["'pool'", "'all'", "layer 'auto'"]),
     ('kind = "probe"\nmodel = "resnet18"\npool = "avg,max"\n', ["'pool'", "one pooling"]),
+    ('kind = "probe"\nmodel = "resnet18"\ncombine = true\n', ["'combine' field", "layer 'auto'", "'pre_logits'"]),
+    ('kind = "probe"\nmodel = "resnet18"\nflip = "yes"\n', ["'flip' field", "true or false", "'yes' (str)"]),
     ('kind = "probe"\nmodel = "resnet18\n', ["not valid TOML"]),
 ])
 def test_bad_recipe_file_names_the_field(tmp_path, text, words):

@@ -25,6 +25,7 @@ from sklearn.utils.validation import check_X_y
 from transferkit.errors import DataError, ParameterError
 from transferkit.probe.calibration import fit_platt, platt_proba
 from transferkit.probe.linear import LinearProbe, warn_unconverged
+from transferkit.probe.params import MULTILABEL_HEADS
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class MultiLabelProbe(LinearProbe):
             raise ParameterError("The 'class_weight' parameter of MultiLabelProbe must be None or 'balanced' (each "
                                  "label's SVM weighs its own positives and negatives). Got a dict instead.",
                                  param="class_weight")
-        if self.head != "svm":
+        if self.head not in MULTILABEL_HEADS:
             raise ParameterError(f"The 'head' parameter of MultiLabelProbe must be 'svm' (one SVM per label). "
                                  f"Got {self.head!r} instead.", param="head")
         self.head_ = "svm"

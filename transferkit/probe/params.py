@@ -12,6 +12,7 @@ from transferkit.runtime.params import Interval, StrOptions
 # sqrt(n_features) (heads.UnitScaler: the scale of a standardised row, so the same Cs serve)
 SCALINGS = ("standard", "l2", "none", "center_l2", "standard_l2")
 HEADS = ("svm", "logistic", "ncm", "auto")  # linear SVM, multinomial logistic regression, cosine nearest-class-mean
+MULTILABEL_HEADS = ("svm",)  # MultiLabelProbe: one linear SVM per label, its threshold tuned
 AUTO_HEADS = ("svm", "logistic", "ncm")  # what head='auto' chooses among, by the CV that chooses C
 CLASS_WEIGHTS = ("balanced",)  # scikit-learn's: weight each class by n_samples / (n_classes x its count)
 METRICS = ("auto", "accuracy", "balanced_accuracy")  # what chooses C and ranks the sweep; 'auto': by imbalance

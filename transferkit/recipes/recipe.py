@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from transferkit.errors import DataError
 from transferkit.finetune.config import FinetuneConfig
+from transferkit.probe.params import MULTILABEL_HEADS
 from transferkit.recipes.schema import ProbeSettings, check_fields, parse_toml
 
 if TYPE_CHECKING:  # running a recipe needs torch; finding, reading and listing recipes does not
@@ -134,21 +135,26 @@ def _run_probe(s: ProbeSettings, train: ImageDataset, test: ImageDataset | None,
     with _timed(seconds, "train_codes"):  # with layer 'auto' this includes the sweep
         extract_features(train, out / "train", model=s.model, weights=s.weights, layer=str(s.layer), pool=s.pool,
                          image_size=s.image_size, batch_size=s.batch_size, precision=s.precision,
-                         num_workers=s.num_workers, progress=progress)
+                         num_workers=s.num_workers, combine=s.combine, progress=progress)
     paths = {"train_codes": out / "train", "probe": out / "probe"}
     if test is not None:
         with _timed(seconds, "test_codes"):
             extract_features(test, out / "test", like=out / "train", batch_size=s.batch_size,
                              num_workers=s.num_workers, progress=progress)
         paths["test_codes"] = out / "test"
+    # a multi-label probe is one SVM per label, without mirrors (train_probe refuses them): a recipe written for
+    # both kinds of data runs so there, and its result's details say so
+    head = MULTILABEL_HEADS[0] if train.multilabel and s.head not in MULTILABEL_HEADS else s.head
+    flip = s.flip and not train.multilabel
     with _timed(seconds, "probe"):
         report = train_probe(out / "train", out / "probe", test=paths.get("test_codes"),
                              layer="best" if auto else None, C=s.C, cv=s.cv, scaling=s.scaling,
-                             class_weight=s.class_weight, metric=s.metric, head=s.head)
+                             class_weight=s.class_weight, metric=s.metric, head=head, flip=flip,
+                             progress=progress)
     ev = report.evaluation
     details = {"codes": report.key, "head": report.probe.head_, "C": report.probe.best_C_,
                "cv_mAP" if train.multilabel else "cv_accuracy": report.probe.cv_score_,
-               "cv_metric": report.probe.metric_}
+               "cv_metric": report.probe.metric_, "flip": flip}
     return RecipeResult(None, out, out / "probe", _accuracy(ev), ev, paths, seconds, details)
 
 

@@ -44,12 +44,14 @@ class ProbeSettings:
     num_workers: int = 0
     layer: str | int = PRE_LOGITS  # a stage name or index, 'pre_logits', or 'auto' (the layer sweep picks)
     pool: str = "avg"  # one pooling; 'all' with layer 'auto' (the sweep tries every one)
+    combine: bool = False  # layer 'auto' only: the sweep's best view may grow into a combination (greedy selection)
     head: str = "svm"  # 'svm', 'logistic', 'ncm' (nearest class mean) or 'auto' (CV chooses, as it chooses C)
     C: float | str = "auto"  # the head's C, or 'auto': cross-validated on the training set
     cv: int = 5  # folds for choosing C
     scaling: str = "standard"
     class_weight: str | None = None  # 'balanced': weight the SVM's errors by inverse class frequency
     metric: str = "auto"  # CV score that chooses C: 'auto' is balanced accuracy on imbalanced classes
+    flip: bool = False  # refit on each image's codes and its mirror's, score both (single-label data only)
 
 
 SETTINGS: dict[str, type] = {"probe": ProbeSettings, "finetune": FinetuneConfig}
@@ -208,6 +210,9 @@ def _check_probe(s: ProbeSettings, where: str) -> None:
         pools = parse_pools(s.pool)
     except ModelError as e:
         raise ModelError(f"{where}: {e}") from e
+    if s.combine and s.layer != "auto":
+        raise DataError(f"The 'combine' field of {where} needs layer 'auto' (a combination grows from the sweep's "
+                        f"best view). Got layer {s.layer!r} instead.")
     if s.layer == "auto":
         if s.pool != "all":
             raise DataError(f"The 'pool' field of {where} must be 'all' with layer 'auto' (the sweep tries every "
