@@ -3,8 +3,9 @@
 Training subsets are the first N images of each class in file order (as in bench/fashion_mnist.py, so the
 100-per-class rows sit next to that script's probe figures); 10% of them are held out stratified for
 validation and the best epoch on it is scored on the official 10,000-image test set. Each run's figures
-are cached in WORK/NAME.json; rerun with --force to redo one. Writes the 'finetune-fmnist' section of
-docs/benchmarks.md from every cached run.
+are kept in RESULTS/NAME.json (bench/results/SECTION, committed, so a new checkout keeps them), its outputs in
+WORK/NAME; rerun with --force to redo one. Writes the 'finetune-fmnist' section of docs/benchmarks.md from every
+kept run.
 
     python bench/finetune_fmnist.py --runs small          # 100/class: head, partial, full, random; ~10 min
     python bench/finetune_fmnist.py --runs full           # 60,000: full fine-tuning (the 60-min bar)
@@ -56,8 +57,8 @@ PROBES = {  # the core issue's best probes on the same split (docs/benchmarks.md
 }
 
 
-def run(name: str, settings: dict, work: Path, test, quiet: bool) -> dict:
-    """Fine-tune, score the best epoch on the test set; figures to WORK/NAME.json."""
+def run(name: str, settings: dict, work: Path, results: Path, test, quiet: bool) -> dict:
+    """Fine-tune, score the best epoch on the test set; outputs to WORK/NAME, figures to RESULTS/NAME.json."""
     settings = dict(settings)
     per_class = settings.pop("per_class")
     train = fashion_mnist("train", per_class=per_class)
@@ -82,15 +83,16 @@ def run(name: str, settings: dict, work: Path, test, quiet: bool) -> dict:
         "train_s": train_s, "cached": result.cached, "config": {k: v for k, v in settings.items()},
         "threads": torch.get_num_threads(), "machine": machine_lines(),
     }
-    (work / f"{name}.json").write_text(json.dumps(row, indent=1))
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(row, indent=1))
     print(f"{name}: test {100 * row['test_acc']:.2f}% (best epoch {row['best_epoch']}/{row['epochs']}), "
           f"wall {wall / 60:.1f} min", flush=True)
     return row
 
 
-def table(work: Path) -> str:
-    """Markdown for every cached run."""
-    rows = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("*.json"))}
+def table(results: Path) -> str:
+    """Markdown for every kept run."""
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
     lines = [
         "Fine-tuning `tf_efficientnet_lite0` (packaged ImageNet weights) on Fashion-MNIST; accuracy on the",
         "official 10,000 test images of the best validation epoch (runs with a validation share) or of the last",
@@ -139,14 +141,16 @@ def table(work: Path) -> str:
 
 def main_for(runs: dict, *, default: str, work: str, section: str, title: str, table_of, doc: str | None = None
              ) -> None:
-    """The command line of a fine-tuning bench: run the wanted (group or name) runs of `runs` that have no cached
-    figures in WORK, then write the table (`table_of(work)`) as `section` of docs/benchmarks.md."""
+    """The command line of a fine-tuning bench: run the wanted (group or name) runs of `runs` that have no kept
+    figures in RESULTS, then write the table (`table_of(results)`) as `section` of docs/benchmarks.md."""
     parser = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=default, help="groups or run names, comma-separated: "
                         + ", ".join(sorted({g for g, _ in runs.values()} | set(runs))))
-    parser.add_argument("--work", type=Path, default=Path(work))
+    parser.add_argument("--work", type=Path, default=Path(work), help="the runs' outputs")
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / section,
+                        help="the runs' figures (JSON), one file per run")
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
-    parser.add_argument("--force", action="store_true", help="redo runs that have cached figures")
+    parser.add_argument("--force", action="store_true", help="redo runs that have kept figures")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     wanted = set(args.runs.split(","))
@@ -157,10 +161,10 @@ def main_for(runs: dict, *, default: str, work: str, section: str, title: str, t
     torch.set_flush_denormal(True)
     test = fashion_mnist("t10k")
     for name, (group, settings) in runs.items():
-        if (name in wanted or group in wanted) and (args.force or not (args.work / f"{name}.json").exists()):
+        if (name in wanted or group in wanted) and (args.force or not (args.results / f"{name}.json").exists()):
             print("\n".join(machine_lines()), flush=True)
-            run(name, settings, args.work, test, args.quiet)
-    body = f"## {title}\n\n" + table_of(args.work)
+            run(name, settings, args.work, args.results, test, args.quiet)
+    body = f"## {title}\n\n" + table_of(args.results)
     write_section(args.doc, section, body)
     print(body)
 

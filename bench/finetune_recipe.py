@@ -3,8 +3,10 @@ initialised from a fitted linear probe), resolution, schedule length, freeze poi
 
 The training set is the first 100 images of each class (1,000 images, as bench/finetune_fmnist.py's 'small' runs
 and the probe rows of bench/fashion_mnist.py); every image is trained on (val 0%) and the last epoch is scored on
-the official 10,000 test images, plain and with flip TTA. Each run's figures are cached in WORK/NAME.json; rerun
-with --force to redo one. Runs go one at a time. Writes the 'finetune-recipe' section of docs/benchmarks.md.
+the official 10,000 test images, plain and with flip TTA. Each run's figures are kept in
+bench/results/finetune-recipe/NAME.json (committed; rows measured before 2026-11-27 16:00 UTC are only in
+docs/benchmarks.md); rerun with --force to redo one. Runs go one at a time. Writes the 'finetune-recipe' section
+of docs/benchmarks.md.
 The runs in docs/benchmarks.md ran with OMP_NUM_THREADS=1 (one process per name in --runs).
 
     python bench/finetune_recipe.py --runs base        # the plain recipe, partial and full
@@ -73,8 +75,10 @@ What the rows say (2026-11-27, one seed each but the last two rows):
 """  # what the rows mean (below the table)
 
 
-def table(work: Path) -> str:
-    rows = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("*.json"), key=lambda p: p.stat().st_mtime)}
+def table(results: Path) -> str:
+    order = list(RUNS)  # as RUNS lists them: file times change with every checkout
+    files = sorted(results.glob("*.json"), key=lambda p: order.index(p.stem) if p.stem in order else len(order))
+    rows = {p.stem: json.loads(p.read_text()) for p in files}
     base = rows.get(BASELINE)
     lines = [
         "Fine-tuning `tf_efficientnet_lite0` (packaged ImageNet weights) on the first 100 images of each",

@@ -2,8 +2,9 @@
 natural-photo set: does advise pick the recipe that wins (or one within 1 point of it)?
 
 Every recipe runs as shipped (`transferkit run RECIPE DATA --test TEST`), scored on the official 10,000
-Fashion-MNIST test images; advise sees only the training subset. Figures are cached per (size, recipe) in
---work, and the section 'recipes-advise' of docs/benchmarks.md is rewritten from all cached figures.
+Fashion-MNIST test images; advise sees only the training subset. Figures are kept per (size, recipe) as JSON in
+--results (committed: a new checkout keeps them; delete a file to measure it again), the runs' outputs in --work,
+and the section 'recipes-advise' of docs/benchmarks.md is rewritten from all kept figures.
 
     python bench/recipes_advise.py                      # everything, ~1 h on 2 cores
     python bench/recipes_advise.py --sizes 10,100       # some sizes only
@@ -74,30 +75,31 @@ def datasets(size: str, work: Path) -> tuple[ImageDataset, ImageDataset]:
     return fashion_mnist("train", per_class=None if size == "full" else int(size)), fashion_mnist("t10k")
 
 
-def measure(size: str, work: Path, quiet: bool) -> None:
-    """Advise, then all four recipes, for one training size; each figure cached as JSON."""
+def measure(size: str, work: Path, results: Path, quiet: bool) -> None:
+    """Advise, then all four recipes, for one training size; each one's figures kept as JSON in RESULTS/SIZE."""
     train, test = datasets(size, work)
-    out = work / size
+    out, figures = work / size, results / size
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / "advise.json").exists():
+    figures.mkdir(parents=True, exist_ok=True)
+    if not (figures / "advise.json").exists():
         start = time.perf_counter()
         advice = advise(train, progress=not quiet)
         row = {**advice.to_dict(), "wall_s": time.perf_counter() - start, "machine": machine_lines()}
-        (out / "advise.json").write_text(json.dumps(row, indent=1, default=str))
+        (figures / "advise.json").write_text(json.dumps(row, indent=1, default=str))
         print(advice.report(), flush=True)
     for name in RECIPES:
-        if (out / f"{name}.json").exists():
+        if (figures / f"{name}.json").exists():
             continue
         print("\n".join(machine_lines()), flush=True)
         if (out / name).exists():
             shutil.rmtree(out / name)
         result = recipes.get(name).run(train, test, out / name, progress=not quiet)
         row = {**result.to_dict(), "n_train": len(train), "n_test": len(test), "machine": machine_lines()}
-        (out / f"{name}.json").write_text(json.dumps(row, indent=1, default=str))
+        (figures / f"{name}.json").write_text(json.dumps(row, indent=1, default=str))
         print(result.summary(), flush=True)
 
 
-def table(work: Path) -> str:
+def table(results: Path) -> str:
     lines = [
         "Each recipe as shipped (`recipes/*.toml`, `tf_efficientnet_lite0` with the packaged ImageNet weights),",
         "trained on the first N images per class of the Fashion-MNIST training set and scored on the official",
@@ -112,7 +114,7 @@ def table(work: Path) -> str:
     ]
     details = []
     for size in SIZES:
-        out = work / size
+        out = results / size
         if not (out / "advise.json").exists():
             continue
         adv = json.loads((out / "advise.json").read_text())
@@ -149,10 +151,12 @@ def table(work: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: " + ", ".join(SIZES))
-    parser.add_argument("--work", type=Path, default=Path("bench/.work/recipes"))
+    parser.add_argument("--work", type=Path, default=Path("bench/.work/recipes"), help="the runs' outputs")
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "recipes-advise",
+                        help="the figures (JSON), one file per size and recipe")
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--table-only", action="store_true", help="only rewrite the docs from the cached figures")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite the docs from the kept figures")
     args = parser.parse_args()
     sizes = args.sizes.split(",")
     if set(sizes) - set(SIZES):
@@ -160,8 +164,8 @@ def main() -> None:
     torch.set_flush_denormal(True)
     args.work.mkdir(parents=True, exist_ok=True)
     for size in [] if args.table_only else sizes:
-        measure(size, args.work, args.quiet)
-    body = "## Recipes and advise\n\n" + table(args.work)
+        measure(size, args.work, args.results, args.quiet)
+    body = "## Recipes and advise\n\n" + table(args.results)
     write_section(args.doc, "recipes-advise", body)
     print(body)
 
