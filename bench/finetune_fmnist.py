@@ -5,7 +5,8 @@ Training subsets are the first N images of each class in file order (as in bench
 validation and the best epoch on it is scored on the official 10,000-image test set. Each run's figures
 are kept in RESULTS/NAME.json (bench/results/SECTION, committed, so a new checkout keeps them), its outputs in
 WORK/NAME; rerun with --force to redo one. Writes the 'finetune-fmnist' section of docs/benchmarks.md from every
-kept run.
+kept run. The rows measured on 2026-11-24 predate bench/results: their figures are only in docs/benchmarks.md, so
+rerunning this script before they are measured again drops them from that section.
 
     python bench/finetune_fmnist.py --runs small          # 100/class: head, partial, full, random; ~10 min
     python bench/finetune_fmnist.py --runs full           # 60,000: full fine-tuning (the 60-min bar)

@@ -4,9 +4,9 @@ initialised from a fitted linear probe), resolution, schedule length, freeze poi
 The training set is the first 100 images of each class (1,000 images, as bench/finetune_fmnist.py's 'small' runs
 and the probe rows of bench/fashion_mnist.py); every image is trained on (val 0%) and the last epoch is scored on
 the official 10,000 test images, plain and with flip TTA. Each run's figures are kept in
-bench/results/finetune-recipe/NAME.json (committed; rows measured before 2026-11-27 16:00 UTC are only in
-docs/benchmarks.md); rerun with --force to redo one. Runs go one at a time. Writes the 'finetune-recipe' section
-of docs/benchmarks.md.
+bench/results/finetune-recipe/NAME.json (committed; the rows measured before 2026-11-27 16:00 UTC were transcribed
+there from docs/benchmarks.md, marked 'source'); rerun with --force to redo one. Runs go one at a time. Writes the
+'finetune-recipe' section of docs/benchmarks.md.
 The runs in docs/benchmarks.md ran with OMP_NUM_THREADS=1 (one process per name in --runs).
 
     python bench/finetune_recipe.py --runs base        # the plain recipe, partial and full
