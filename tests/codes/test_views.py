@@ -11,6 +11,7 @@ import torch
 
 from transferkit.codes.extractor import FeatureExtractor
 from transferkit.codes.spec import CodeSpec
+from transferkit.codes.store import FeatureStore
 from transferkit.errors import ParameterError
 from transferkit.jobs import extract_features, predict_images, read_sweep, sweep_features, train_probe
 from transferkit.probe.sweep import select_views
@@ -93,8 +94,9 @@ def test_greedy_selection_adds_a_view_only_when_cv_rises(digits_folder, tmp_path
 
 
 def test_the_sweeps_selection_is_the_codes_like_and_probe_use(digits_folder, tmp_path):
-    """sweep_features(select=True), as `extract --layer auto` runs it: sweep.json records the selection, and when
-    it chose several views, read_sweep names the combination, which `--like` extracts and a probe trains on."""
+    """sweep_features(select=True), as `extract --layer auto --combine` runs it: sweep.json records the selection,
+    and when it chose several views, read_sweep names the combination, which `--like` extracts and a probe trains
+    on."""
     store = extract_features(digits_folder, tmp_path / "codes", layer="blocks.1,blocks.2,blocks.4,pre_logits",
                              pool="avg", progress=False, **FAST)
     sweep_features(store, select=True, progress=False)
@@ -125,3 +127,19 @@ def test_views_refuses_layer_and_pool_beside_it(photo_folder, tmp_path, cli_run)
     assert bad.exit_code == 2 and "--views names the layers and pools itself" in bad.output
     with pytest.raises(ParameterError, match="leave 'layer' and 'pool' at their defaults"):
         FeatureExtractor(views=VIEWS, pool="max", **FAST).fit()
+
+
+def test_extract_combine_from_the_cli(digits_folder, tmp_path, cli_run):
+    """`extract --layer auto --combine` runs the selection and extracts its views; without --combine the sweep's
+    single best view is the codes; --combine without --layer auto is refused before any work."""
+    args = ("--image-size", "32", "--weights", "package", "--precision", "fp32", "--engine", "torch")
+    out = cli_run("extract", digits_folder, "-o", tmp_path / "c", "--layer", "auto", "--combine", *args).output
+    sweep = json.loads((tmp_path / "c" / "sweep.json").read_text())
+    views = [f"{la}|{p}" for la, p in sweep["selection"]["views"]]
+    assert len(views) > 1 and f"selection: views {'+'.join(views)}" in out, out  # on these digits a second view helps
+    assert read_sweep(FeatureStore(tmp_path / "c")) == "+".join(views)
+    cli_run("extract", digits_folder, "-o", tmp_path / "one", "--layer", "auto", *args)
+    assert "selection" not in json.loads((tmp_path / "one" / "sweep.json").read_text())
+    bad = cli_run("extract", digits_folder, "-o", tmp_path / "bad", "--combine", *args, ok=False)
+    assert bad.exit_code == 2 and "--combine" in bad.output and "--layer auto" in bad.output
+    assert not (tmp_path / "bad").exists()

@@ -9,7 +9,7 @@ import click
 
 from transferkit.cli import DEFAULT_MODEL, DataPath, ModelName, cli, model_options
 from transferkit.codes.params import EXTRACTOR
-from transferkit.probe.params import AUTO_BALANCED_RATIO, PROBE
+from transferkit.probe.params import AUTO_BALANCED_RATIO, PROBE, SELECT_CANDIDATES, SELECT_MAX_VIEWS
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
 
 
@@ -25,7 +25,7 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
               help="A stage index or name as `transferkit layers` lists them (the same as finetune "
                    "--freeze-until; not 'head': its pooled output is pre_logits), pre_logits, a comma list, 'all' "
                    "(the stages marked * and pre_logits), or 'auto' (those x every pooling, then a sweep picks the "
-                   "best, and greedy selection may add views to it: a combination, see --views).")
+                   "best; with --combine greedy selection may add views to it).")
 @click.option("--pool", default="avg", show_default=True,
               help="avg, max, avgmax (their mean), catavgmax (both, concatenated), a grid like 2x2 that keeps "
                    "location, a comma list, or 'all'.")
@@ -33,6 +33,10 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
               help="A combination of views, side by side: a comma list of layer|pool pairs as codes are named, e.g. "
                    "'blocks.2|4x4,blocks.4|catavgmax' (quoted: | is a pipe to the shell). Instead of --layer/--pool; "
                    "--layer auto may choose one itself.")
+@click.option("--combine", is_flag=True,
+              help="With --layer auto: after the sweep, greedy forward selection may join up to "
+                   f"{SELECT_MAX_VIEWS - 1} more of its {SELECT_CANDIDATES} best views to the winner, each only if it "
+                   "adds CV accuracy; the codes are then that combination (as --views would name it).")
 @click.option("--per-class", type=click.IntRange(1), default=None, help="Keep the first N images of each class.")
 @click.option("--num-workers", type=click_type(EXTRACTOR["num_workers"]), default=0, show_default=True,
               help="DataLoader workers.")
@@ -58,7 +62,8 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
                    "scores on both).")
 @click.option("--profile", is_flag=True, help="First time decoding alone and the model alone on 256 images.")
 def extract(data: Path, out: Path, model: str, weights: str, image_size: int | None, batch_size: int,
-            precision: str, layer: str, pool: str, views: str | None, per_class: int | None, num_workers: int,
+            precision: str, layer: str, pool: str, views: str | None, combine: bool, per_class: int | None,
+            num_workers: int,
             skip_bad: bool, like: Path | None, cache: bool, fold_bn: bool, engine: str, exact_decode: bool,
             decode_threads: int | None, mirror: bool, profile: bool) -> None:
     """Write CNN codes of every image in DATA (folder, CSV manifest or IDX) to a codes directory."""
@@ -66,6 +71,8 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
         _refuse_early(model, layer, pool, views)
     elif views is not None:
         raise click.UsageError("--views names the codes itself: give it without --like")
+    if combine and layer != "auto":
+        raise click.UsageError("--combine grows a combination from the sweep's best view: give it with --layer auto")
     from transferkit.jobs import extract_features
 
     if profile:
@@ -93,7 +100,8 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
     store = extract_features(
         data, out, model=model, weights=weights, layer=layer, pool=pool, views=views, image_size=image_size,
         batch_size=batch_size, precision=precision, num_workers=num_workers, per_class=per_class,
-        skip_bad=skip_bad, like=like, cache=cache, fold_bn=fold_bn, engine=engine, exact_decode=exact_decode,
+        skip_bad=skip_bad, like=like, combine=combine, cache=cache, fold_bn=fold_bn, engine=engine,
+        exact_decode=exact_decode,
         decode_threads=decode_threads, progress=click.get_current_context().obj["progress"], mirror=mirror,
     )
     if _worker_rank():

@@ -23,6 +23,7 @@ from transferkit.data.transforms import MIRROR
 from transferkit.errors import DataError, ParameterError
 from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.weights import weights_argument
+from transferkit.probe.params import SELECT_CANDIDATES, SELECT_MAX_VIEWS, SELECT_MIN_GAIN
 from transferkit.probe.sweep import SweepResult, select_views, sweep
 from transferkit.probe.sweep_cache import cached_sweep
 from transferkit.runtime.atomic import write_json_atomic
@@ -31,9 +32,6 @@ from transferkit.runtime.outputs import add_files, check_output, new_tmp
 SWEEP_FILE = "sweep.json"
 SWEEP_FILES = (SWEEP_FILE, "sweep.png")  # what a sweep adds to a codes directory
 SWEEP_SAMPLES = 2000  # --layer auto on more images sweeps a stratified sample, then extracts only the winner
-# --layer auto's combination of views (greedy forward selection after the sweep, bench/multilayer.py): among the
-# sweep's best SELECT_CANDIDATES views, at most SELECT_MAX_VIEWS, each adding more than SELECT_MIN_GAIN CV accuracy
-SELECT_CANDIDATES, SELECT_MAX_VIEWS, SELECT_MIN_GAIN = 6, 3, 0.002
 
 
 def load_data(data: str | Path, *, per_class: int | None = None, skip_bad: bool = False) -> ImageDataset:

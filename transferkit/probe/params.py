@@ -14,6 +14,9 @@ SCALINGS = ("standard", "l2", "none", "center_l2", "standard_l2")
 HEADS = ("svm", "logistic", "ncm", "auto")  # linear SVM, multinomial logistic regression, cosine nearest-class-mean
 MULTILABEL_HEADS = ("svm",)  # MultiLabelProbe: one linear SVM per label, its threshold tuned
 AUTO_HEADS = ("svm", "logistic", "ncm")  # what head='auto' chooses among, by the CV that chooses C
+# --layer auto --combine (greedy forward selection after the sweep, bench/multilayer.py): among the sweep's best
+# SELECT_CANDIDATES views, at most SELECT_MAX_VIEWS, each adding more than SELECT_MIN_GAIN CV accuracy
+SELECT_CANDIDATES, SELECT_MAX_VIEWS, SELECT_MIN_GAIN = 6, 3, 0.002
 CLASS_WEIGHTS = ("balanced",)  # scikit-learn's: weight each class by n_samples / (n_classes x its count)
 METRICS = ("auto", "accuracy", "balanced_accuracy")  # what chooses C and ranks the sweep; 'auto': by imbalance
 # largest / smallest class count above which metric='auto' scores by balanced accuracy. At 1.5 the largest class
