@@ -59,6 +59,7 @@ def test_fashion_mnist_is_small_and_different():
     check_signals(advice, 200, 10)
     assert advice.size == "small" and advice.per_class_median == 20 and advice.imbalance == 1.0
     assert advice.domain == "different" and advice.recipe == "small-different"
+    assert "layer sweep" in advice.estimate and "mirror codes and refit" in advice.estimate  # the recipe's flip pass
 
 
 def test_photos_are_small_and_similar(photos):
