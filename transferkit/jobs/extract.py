@@ -70,8 +70,8 @@ def extract_features(
     """Extract codes to `out`. layer='auto' extracts layer 'all' (timm's feature stages and pre_logits) x every
     pooling and runs the sweep (on a sample of `sweep_samples` images for larger sets, then only the winner for
     all images). `combine`: the sweep's best views may be a combination (greedy selection: `sweep_features`),
-    whose views are then extracted; off by default: it won at 10 and 1,000 images per class, not at 100, and on
-    all 60,000 it is unmeasured (docs/benchmarks.md 'multilayer'). `views`
+    whose views are then extracted; off by default here (it won at 10 and 1,000 images per class, not at 100:
+    docs/benchmarks.md 'multilayer'), on in the small-different recipe. `views`
     ('blocks.2|4x4,blocks.4|catavgmax') asks for a combination explicitly.
 
     `like` copies the CodeSpec of another feature directory's chosen codes (`like_options`), so a test set
