@@ -73,8 +73,8 @@ What the rows say (2026-11-27, one seed each but the last two rows):
   best, 87.65%, is below this fine-tuning's 88.4-88.9%: the recipes x advise table needs re-measuring first).
 - **All 60,000, mixup + cutmix** ('60k-mix': the 'full' run of section 'finetune-fmnist', 48 px, 20 epochs, plus
   mixup 0.2 and cutmix 1.0): **94.49%** (94.38% with TTA) in 58.6 min of training, 0.22 points below the same
-  run without them (94.71%, 2026-11-24). Its training accuracy under mixing ended at 63%: in 20 epochs the
-  mixing that pays at 1,000 images leaves a model of this size under-fitting 60,000. Not kept for large data.
+  run without them (94.71%, 2026-11-24; one seed each, so within about 0.3 points of noise): the mixing that
+  helped at 1,000 images does not help on 60,000 in 20 epochs. Not kept for large data.
   It trained with two niced jobs beside it (177 s per epoch against 157 s alone on 2026-11-24); '60k-lpft-ema'
   is not run.
 """  # what the rows mean (below the table)
