@@ -63,9 +63,8 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.option("--profile", is_flag=True, help="First time decoding alone and the model alone on 256 images.")
 def extract(data: Path, out: Path, model: str, weights: str, image_size: int | None, batch_size: int,
             precision: str, layer: str, pool: str, views: str | None, combine: bool, per_class: int | None,
-            num_workers: int,
-            skip_bad: bool, like: Path | None, cache: bool, fold_bn: bool, engine: str, exact_decode: bool,
-            decode_threads: int | None, mirror: bool, profile: bool) -> None:
+            num_workers: int, skip_bad: bool, like: Path | None, cache: bool, fold_bn: bool, engine: str,
+            exact_decode: bool, decode_threads: int | None, mirror: bool, profile: bool) -> None:
     """Write CNN codes of every image in DATA (folder, CSV manifest or IDX) to a codes directory."""
     if like is None:  # a layer the model is known not to have, a pooling that is none: refused before torch loads
         _refuse_early(model, layer, pool, views)
@@ -101,8 +100,8 @@ def extract(data: Path, out: Path, model: str, weights: str, image_size: int | N
         data, out, model=model, weights=weights, layer=layer, pool=pool, views=views, image_size=image_size,
         batch_size=batch_size, precision=precision, num_workers=num_workers, per_class=per_class,
         skip_bad=skip_bad, like=like, combine=combine, cache=cache, fold_bn=fold_bn, engine=engine,
-        exact_decode=exact_decode,
-        decode_threads=decode_threads, progress=click.get_current_context().obj["progress"], mirror=mirror,
+        exact_decode=exact_decode, decode_threads=decode_threads, progress=click.get_current_context().obj["progress"],
+        mirror=mirror,
     )
     if _worker_rank():
         return  # under torchrun only rank 0 reports

@@ -330,8 +330,9 @@ def _estimate(recipe: recipes.Recipe, n: int, n_classes: int, sample: ImageDatas
         fit = signals["top_seconds"] * (s.cv + 1) / signals["cv"] * n / signals["n_sampled"]
         parts.append(f"SVM fit ~{fit:.0f} s (scaled from the pass's CV)")
         if s.flip and not sample.multilabel:  # the mirror images' codes, and a refit on twice the rows
-            seconds += n / rate + fit * 2 / (s.cv + 1)
-            parts.append(f"mirror codes and refit ~{n / rate + fit * 2 / (s.cv + 1):.0f} s")
+            mirror = n / rate + fit * 2 / (s.cv + 1)
+            seconds += mirror
+            parts.append(f"mirror codes and refit ~{mirror:.0f} s")
         return seconds + fit, "; ".join(parts)
     n_val = max(round(s.val_fraction * n), n_classes) if s.val_fraction else 0
     # a fresh fp32 network: the pass's own is folded (no BatchNorm) and perhaps bf16, unlike a training run
