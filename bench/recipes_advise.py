@@ -143,9 +143,9 @@ def table(results: Path) -> str:
                        f"{adv['estimate_seconds'] / 60:.1f} min; best earlier stage {adv['best_earlier']}; "
                        + "; ".join(m[2:] for m in adv["machine"])
                        + (f"; recipes run {runs[0]}" + (f" to {runs[-1]}" if len(runs) > 1 else "") if runs else ""))
-        notes = [f"{name}: {json.loads((out / f'{name}.json').read_text())['note']}" for name in ["advise", *accs]
-                 if "note" in json.loads((out / f"{name}.json").read_text())]  # added by hand: what disturbed a run
-        details += [f"  - **Note** ({note})" for note in notes]
+        figures = {name: json.loads((out / f"{name}.json").read_text()) for name in ["advise", *accs]}
+        details += [f"  - **Note** ({name}: {row['note']})" for name, row in figures.items()
+                    if "note" in row]  # added by hand: what disturbed a run
     lines += ["", "Cells: test accuracy (wall time of the whole recipe run, codes or training plus testing).", "",
               "Machine and date:", "", *details]
     return "\n".join(lines)

@@ -130,6 +130,14 @@ def test_bad_pooling_names_it(tmp_path):
         recipes.load(write(tmp_path, 'kind = "probe"\nmodel = "resnet18"\npool = "mean"\n'))
 
 
+def test_probe_settings_for_multilabel_data_are_one_svm_per_label_without_mirrors():
+    different = recipes.get("small-different").settings
+    assert different.for_labels(False) is different  # single-label: as written
+    ran = different.for_labels(True)
+    assert (ran.head, ran.flip) == ("svm", False) and (different.head, different.flip) == ("logistic", True)
+    assert ran.layer == different.layer and ran.combine == different.combine  # nothing else changes
+
+
 def test_unknown_name_suggests_the_closest():
     with pytest.raises(DataError, match="Did you mean 'small-different'") as err:
         recipes.get("small-diferent")

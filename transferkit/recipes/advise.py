@@ -329,7 +329,7 @@ def _estimate(recipe: recipes.Recipe, n: int, n_classes: int, sample: ImageDatas
             parts.append(f"layer sweep ~{signals['sweep_seconds']:.0f} s")
         fit = signals["top_seconds"] * (s.cv + 1) / signals["cv"] * n / signals["n_sampled"]
         parts.append(f"SVM fit ~{fit:.0f} s (scaled from the pass's CV)")
-        if s.flip and not sample.multilabel:  # the mirror images' codes, and a refit on twice the rows
+        if s.for_labels(sample.multilabel).flip:  # the mirror images' codes, and a refit on twice the rows
             mirror = n / rate + fit * 2 / (s.cv + 1)
             seconds += mirror
             parts.append(f"mirror codes and refit ~{mirror:.0f} s")

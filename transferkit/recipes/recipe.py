@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 from transferkit.errors import DataError
 from transferkit.finetune.config import FinetuneConfig
-from transferkit.probe.params import MULTILABEL_HEADS
 from transferkit.recipes.schema import ProbeSettings, check_fields, parse_toml
 
 if TYPE_CHECKING:  # running a recipe needs torch; finding, reading and listing recipes does not
@@ -142,19 +141,16 @@ def _run_probe(s: ProbeSettings, train: ImageDataset, test: ImageDataset | None,
             extract_features(test, out / "test", like=out / "train", batch_size=s.batch_size,
                              num_workers=s.num_workers, progress=progress)
         paths["test_codes"] = out / "test"
-    # a multi-label probe is one SVM per label, without mirrors (train_probe refuses them): a recipe written for
-    # both kinds of data runs so there, and its result's details say so
-    head = MULTILABEL_HEADS[0] if train.multilabel and s.head not in MULTILABEL_HEADS else s.head
-    flip = s.flip and not train.multilabel
+    ran = s.for_labels(train.multilabel)  # multi-label: one SVM per label, no mirrors; the details say so
     with _timed(seconds, "probe"):
         report = train_probe(out / "train", out / "probe", test=paths.get("test_codes"),
                              layer="best" if auto else None, C=s.C, cv=s.cv, scaling=s.scaling,
-                             class_weight=s.class_weight, metric=s.metric, head=head, flip=flip,
+                             class_weight=s.class_weight, metric=s.metric, head=ran.head, flip=ran.flip,
                              progress=progress)
     ev = report.evaluation
     details = {"codes": report.key, "head": report.probe.head_, "C": report.probe.best_C_,
                "cv_mAP" if train.multilabel else "cv_accuracy": report.probe.cv_score_,
-               "cv_metric": report.probe.metric_, "flip": flip}
+               "cv_metric": report.probe.metric_, "flip": ran.flip}
     return RecipeResult(None, out, out / "probe", _accuracy(ev), ev, paths, seconds, details)
 
 

@@ -12,7 +12,7 @@ import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from transferkit.codes.params import EXTRACTOR, parse_pools
@@ -20,7 +20,7 @@ from transferkit.errors import DataError, ModelError
 from transferkit.finetune.config import FinetuneConfig
 from transferkit.finetune.params import FINETUNE
 from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
-from transferkit.probe.params import PROBE
+from transferkit.probe.params import MULTILABEL_HEADS, PROBE
 from transferkit.runtime.params import validate
 
 if sys.version_info >= (3, 11):
@@ -52,6 +52,13 @@ class ProbeSettings:
     class_weight: str | None = None  # 'balanced': weight the SVM's errors by inverse class frequency
     metric: str = "auto"  # CV score that chooses C: 'auto' is balanced accuracy on imbalanced classes
     flip: bool = False  # refit on each image's codes and its mirror's, score both (single-label data only)
+
+    def for_labels(self, multilabel: bool) -> ProbeSettings:
+        """The settings as they run on this kind of labels: a multi-label probe is one SVM per label, without
+        mirrors (train_probe refuses them), so a recipe written for both kinds of data runs so there."""
+        if not multilabel:
+            return self
+        return replace(self, head=self.head if self.head in MULTILABEL_HEADS else MULTILABEL_HEADS[0], flip=False)
 
 
 SETTINGS: dict[str, type] = {"probe": ProbeSettings, "finetune": FinetuneConfig}
