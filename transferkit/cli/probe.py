@@ -9,7 +9,7 @@ import click
 
 from transferkit.cli import CodesPath, DataPath, cli
 from transferkit.codes.params import EXTRACTOR
-from transferkit.probe.params import AUTO_BALANCED_RATIO, PROBE
+from transferkit.probe.params import AUGMENT_COPIES, AUTO_BALANCED_RATIO, PROBE
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
 from transferkit.surgery.params import DEFAULT_HEATMAPS, DENSE, MAX_MEGAPIXELS
 
@@ -42,9 +42,13 @@ from transferkit.surgery.params import DEFAULT_HEATMAPS, DENSE, MAX_MEGAPIXELS
                    "later predict's and evaluate's) by the mean over it and its mirror. The mirror codes are made "
                    "from the images TRAIN and TEST were extracted from, through the code cache; C is chosen on "
                    "TRAIN's own codes.")
+@click.option("--augment", type=click_type(AUGMENT_COPIES), default=0, show_default=True, metavar="N",
+              help="Also train on the codes of N randomly shifted copies of each TRAIN image (up to a tenth of "
+                   "the side each way, half of them mirrored), made through the code cache; C is chosen on "
+                   "TRAIN's own codes. Test images are scored as they are.")
 def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: str | None, C: str,
           head: str, scaling: str, cv: int, class_weight: str | None, metric: str, max_iter: int,
-          flip: bool) -> None:
+          flip: bool, augment: int) -> None:
     """Train a linear classifier (an SVM unless --head) on the codes in TRAIN; report accuracy, balanced accuracy
     and macro-F1 on TEST."""
     from transferkit.codes.params import parse_pools
@@ -56,13 +60,13 @@ def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: st
     C = C if C == "auto" else _number(C)  # LinearProbe checks its limits (PROBE["C"]); its error names the flag
     report = train_probe(train, out, test=test, layer=layer, pool=pool, C=C, scaling=scaling, cv=cv,
                          class_weight=class_weight, metric=metric, max_iter=max_iter, head=head, flip=flip,
-                         progress=click.get_current_context().obj["progress"])
+                         augment=augment, progress=click.get_current_context().obj["progress"])
     p = report.probe
     multilabel = hasattr(p, "thresholds_")
     cv_text = ("" if p.cv_score_ != p.cv_score_ else f", CV mAP {p.cv_score_:.4f}" if multilabel else
                f", CV {p.metric_.replace('_', ' ')} {100 * p.cv_score_:.2f}%")
     C_text = "" if p.best_C_ is None else f" C={p.best_C_:g}"  # nearest class mean: no C
-    flip_text = ", flip-averaged" if flip else ""
+    flip_text = (", flip-averaged" if flip else "") + (f", {augment} shifted copies" if augment else "")
     click.echo(f"probe on {report.key}: {p.head_}{C_text}{cv_text}{flip_text} -> {out}")
     if report.evaluation is not None and multilabel:
         click.echo(report.evaluation.report)

@@ -20,7 +20,7 @@ from transferkit.codes.pooling import pooled_dim, select_pairs
 from transferkit.codes.spec import CodeSpec, key_name
 from transferkit.data.datasets import ImageDataset
 from transferkit.data.decode import DecodeTarget, collate, decode_ahead, load_image, threaded_batches
-from transferkit.data.transforms import MIRROR, build_transform, decode_target, describe_transform
+from transferkit.data.transforms import MIRROR, SHIFT_COPY, build_transform, decode_target, describe_transform
 from transferkit.errors import DataError, ParameterError
 from transferkit.models.backbones import create_backbone
 from transferkit.models.layers import resolve_layers
@@ -87,6 +87,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         decode_threads: int | None = None,
         progress: bool = False,
         mirror: bool = False,
+        shift_copy: int = 0,
     ) -> None:
         self.model = model
         self.weights = weights
@@ -103,6 +104,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.decode_threads = decode_threads
         self.progress = progress
         self.mirror = mirror  # codes of each image's horizontal mirror (flip-augmented probes), cached apart
+        self.shift_copy = shift_copy  # k >= 1: codes of copy k of the shifted images (transforms.ShiftCopy), apart
 
     def fit(self, X=None, y=None) -> FeatureExtractor:
         """Build the backbone (the weights are pretrained: nothing is learned from X).
@@ -125,6 +127,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.data_config_ = timm.data.resolve_model_data_config(self.backbone_)
         if self.mirror:  # part of the preprocessing: build_transform flips, describe_transform (the CodeSpec) says so
             self.data_config_ = {**self.data_config_, MIRROR: True}
+        if self.shift_copy:  # likewise: build_transform shifts, describe_transform says which copy
+            self.data_config_ = {**self.data_config_, SHIFT_COPY: self.shift_copy}
         self.transform_ = build_transform(self.data_config_, self.image_size)
         self.decode_ = build_transform(self.data_config_, self.image_size, uint8=True)
         # decode image files no larger than decode_ needs (JPEG DCT scaling, then box reduction); None: exactly

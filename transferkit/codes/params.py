@@ -33,6 +33,7 @@ EXTRACTOR = {
     "decode_threads": [Interval(Integral, 1, None, closed="left"), None],  # None: measured per run
     "progress": ["boolean"],
     "mirror": ["boolean"],
+    "shift_copy": [Interval(Integral, 0, None, closed="left")],  # 0: the images; k: transforms.ShiftCopy(k)
 }
 
 # timm's names and meanings: 'avgmax' is the mean of avg and max, 'catavgmax' their concatenation; plus grids

@@ -4,8 +4,12 @@ recorded beside every set of codes so that two sets can be compared."""
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 from transferkit.data.decode import DECODE, DecodeTarget
 from transferkit.data.params import IMAGE_SIZE
@@ -22,12 +26,47 @@ _CONFIG_DEFAULTS: dict[str, Any] = {
     "crop_mode": "center",
 }
 MIRROR = "mirror"  # a description's key for the horizontal mirror image; present (True) only when mirrored
+# a description's key for copy k >= 1 of the randomly shifted (and half of them mirrored) images; present only then
+SHIFT_COPY = "shift_copy"
+SHIFT_MAX = 0.1  # a copy's shift, each way, at most this share of the image's side (3 pixels of Fashion-MNIST's 28)
 
 
 def hflip(x):
     """The horizontal mirror of an image tensor (..., H, W): the one flip of training's augmentation twin, the
     mirrored codes (`build_transform(mirror)`) and test-time augmentation (finetune's evaluate --tta)."""
     return x.flip(-1)
+
+
+class ShiftCopy:
+    """Copy `copy` of an image: shifted by up to `SHIFT_MAX` of its side each way (edge pixels repeated into the
+    gap) and mirrored half of the time, at random, as augmented training codes need (`LinearProbe.refit` on
+    several copies of each image, `train_probe(augment=...)`).
+
+    The draw is a function of the copy number and the image's pixels alone, not of where the image sits in a
+    dataset, so the codes of a copy can be cached like any other (the description's `shift_copy` keys them).
+    """
+
+    def __init__(self, copy: int) -> None:
+        self.copy = copy
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        a = np.asarray(img)
+        rng = np.random.default_rng([self.copy, zlib.crc32(a.tobytes())])
+        (fy, fx), mirror = rng.uniform(-SHIFT_MAX, SHIFT_MAX, 2), rng.random() < 0.5
+        h, w = a.shape[:2]
+        rows = np.clip(np.arange(h) - round(fy * h), 0, h - 1)
+        cols = np.clip(np.arange(w) - round(fx * w), 0, w - 1)
+        return Image.fromarray(np.ascontiguousarray(a[rows][:, cols[::-1] if mirror else cols]), img.mode)
+
+    def __repr__(self) -> str:
+        return f"ShiftCopy(copy={self.copy})"
+
+
+def shift_copy(config: dict) -> int:
+    """Which shifted copy a data config (the number) or transform description (`{"copy": k, ...}`) makes; 0:
+    the images themselves."""
+    value = config.get(SHIFT_COPY) or 0
+    return int(value["copy"] if isinstance(value, dict) else value)
 
 
 def _effective_config(data_config: dict, image_size: int | None) -> dict[str, Any]:
@@ -48,8 +87,9 @@ def build_transform(data_config: dict, image_size: int | None = None, train: boo
                     **augment) -> Callable:
     """Preprocessing matching the backbone's pretrained config (timm's eval or training transform).
 
-    A config (or description) with `mirror` True ends the eval transform with the horizontal flip (`hflip`), so
-    the codes of mirror images are keyed apart in the code cache (describe_transform records it).
+    A config (or description) with `mirror` True ends the eval transform with the horizontal flip (`hflip`), and
+    one with `shift_copy` k starts it with `ShiftCopy(k)`, so the codes of mirror images and of shifted copies are
+    keyed apart in the code cache (describe_transform records it).
 
     `augment` goes to timm's create_transform when `train` (scale, hflip, color_jitter, re_prob ...).
     `uint8` stops before scaling and normalising (timm's prefetcher form: a (3, H, W) uint8 tensor), so a
@@ -60,7 +100,11 @@ def build_transform(data_config: dict, image_size: int | None = None, train: boo
 
     transform = create_transform(**_effective_config(data_config, image_size), is_training=train,
                                  use_prefetcher=uint8, **(augment if train else {}))
-    return Compose([transform, hflip]) if data_config.get(MIRROR) and not train else transform
+    if train:
+        return transform
+    if data_config.get(SHIFT_COPY):
+        transform = Compose([ShiftCopy(shift_copy(data_config)), transform])
+    return Compose([transform, hflip]) if data_config.get(MIRROR) else transform
 
 
 def decode_target(data_config: dict, image_size: int | None = None) -> DecodeTarget:
@@ -87,4 +131,6 @@ def describe_transform(data_config: dict, image_size: int | None = None, *, exac
         description["decode"] = DECODE
     if data_config.get(MIRROR):  # absent when not mirrored: the descriptions (and cache ids) of all other codes
         description[MIRROR] = True
+    if data_config.get(SHIFT_COPY):  # absent for the images themselves, as MIRROR
+        description[SHIFT_COPY] = {"copy": shift_copy(data_config), "max": SHIFT_MAX}
     return description

@@ -31,6 +31,7 @@ from transferkit.jobs.probe import (  # noqa: F401 - the API
     PROBE_KIND,
     ProbeReport,
     check_compatible,
+    copy_codes,
     mirror_codes,
     multilabel_targets,
     store_images,

@@ -19,7 +19,7 @@ from transferkit.codes.params import COMBINED
 from transferkit.codes.spec import CodeSpec
 from transferkit.codes.store import KIND, FeatureStore
 from transferkit.data.datasets import ImageDataset, open_dataset
-from transferkit.data.transforms import MIRROR
+from transferkit.data.transforms import MIRROR, SHIFT_COPY, shift_copy
 from transferkit.errors import DataError, ParameterError
 from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.weights import weights_argument
@@ -120,9 +120,9 @@ def _check_auto(layer: str, views: object) -> bool:
 
 def like_options(ref: FeatureStore, fold_bn: bool = True, key: str | None = None) -> dict[str, Any]:
     """The FeatureExtractor parameters (model, weights, layer, pool, views, image_size, precision, fold_bn,
-    exact_decode, mirror) that make the codes of `ref` again: its `key` codes if given, else its chosen codes
-    (`read_sweep`: the sweep's winner, or the combination of views it holds), else all its codes, read from their
-    CodeSpecs.
+    exact_decode, mirror, shift_copy) that make the codes of `ref` again: its `key` codes if given, else its chosen
+    codes (`read_sweep`: the sweep's winner, or the combination of views it holds), else all its codes, read from
+    their CodeSpecs.
 
     The weights argument and image size are the requests that led to the specs' weights sha256 and
     transform; `fold_bn` is kept where `ref` predates CodeSpec and did not record it.
@@ -136,17 +136,20 @@ def like_options(ref: FeatureStore, fold_bn: bool = True, key: str | None = None
             "pool": "avg" if combined else ",".join(dict.fromkeys(s.pool for s in specs)),
             "views": spec.key if combined else None, "image_size": ref.meta["image_size"],
             "precision": spec.precision, "fold_bn": fold_bn if spec.fold_bn is None else spec.fold_bn,
-            "exact_decode": spec.exact_decode, "mirror": bool(spec.transform.get(MIRROR))}
+            "exact_decode": spec.exact_decode, "mirror": bool(spec.transform.get(MIRROR)),
+            "shift_copy": shift_copy(spec.transform)}
 
 
 def check_like(extractor: FeatureExtractor, ref: FeatureStore) -> None:
     """Stop before any image is encoded when the extractor rebuilt from `ref`'s specs makes other codes than
-    `ref` holds (with `mirror`: than `ref` would hold of the mirror images): its weights resolve to another file
-    now (weights 'auto'), or the model's config changed."""
+    `ref` holds (with `mirror` or `shift_copy`: than `ref` would hold of the mirror images or shifted copies): its
+    weights resolve to another file now (weights 'auto'), or the model's config changed."""
     for key, mine in extractor.code_specs().items():
         theirs = CodeSpec.from_meta(ref.meta, key)  # a view of a combination: stored as any other
         if extractor.mirror:  # asked for: the mirror images' codes, made like `ref`'s in every other respect
             theirs = replace(theirs, transform={**theirs.transform, MIRROR: True})
+        if extractor.shift_copy:  # likewise a shifted copy's
+            theirs = replace(theirs, transform={**theirs.transform, SHIFT_COPY: mine.transform[SHIFT_COPY]})
         if mine.scoring_differences(theirs):
             raise DataError(f"the codes made like '{ref.path}' would differ from its own: "
                             f"{mine.describe_differences(theirs, ('now', 'there'), mine.scoring_differences(theirs))}"

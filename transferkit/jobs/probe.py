@@ -1,5 +1,5 @@
 """The probe job: fit a LinearProbe on a codes folder, score it on another, save it (`train_probe`), with flip
-averaging's mirror codes (`mirror_codes`)."""
+averaging's mirror codes (`mirror_codes`) and augmentation's shifted copies (`copy_codes`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from transferkit.codes.params import POOL_NAMES
 from transferkit.codes.spec import CodeSpec
 from transferkit.codes.store import KIND, FeatureStore
 from transferkit.data.datasets import ImageDataset, open_dataset
-from transferkit.data.transforms import MIRROR
+from transferkit.data.transforms import MIRROR, SHIFT_COPY
 from transferkit.errors import DataError, ParameterError
 from transferkit.jobs.extract import check_like, like_options, read_sweep, sweep_features
 from transferkit.probe.heads import flip_average
@@ -30,9 +30,11 @@ from transferkit.probe.metrics import (
     score_multilabel,
 )
 from transferkit.probe.multilabel import MultiLabelProbe
-from transferkit.probe.saved import FLIP
+from transferkit.probe.params import AUGMENT_COPIES
+from transferkit.probe.saved import AUGMENT, FLIP
 from transferkit.runtime.atomic import write_json_atomic, write_text_atomic
 from transferkit.runtime.outputs import building, check_output, new_tmp
+from transferkit.runtime.params import validate
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ def train_probe(
     max_iter: int = 5000,
     head: str = "svm",
     flip: bool = False,
+    augment: int = 0,
     progress: bool = True,
 ) -> ProbeReport:
     """Fit a LinearProbe on training codes, evaluate on test codes, save probe, metrics and plots to `out`.
@@ -77,7 +80,12 @@ def train_probe(
     codes of their mirror images (`mirror_codes`: made from the images the codes name, through the code cache);
     test images, and the saved probe's (predict, evaluate: `probe_scores`), score the mean of their own and their
     mirror's scores. Off by default: on Fashion-MNIST it gained 0.4-0.6 points at 10 images per class but cost
-    logistic regression 0.26 at 100 (docs/benchmarks.md 'probe-combined')."""
+    logistic regression 0.26 at 100 (docs/benchmarks.md 'probe-combined').
+
+    `augment`: as `flip`, the head is refitted at the C chosen on the training codes, on them and on the codes of
+    `augment` randomly shifted copies of each training image (`copy_codes`; transforms.ShiftCopy: up to a tenth of
+    the side each way, half of them mirrored). Test images are scored as they are (with `flip`: flip-averaged).
+    ... (docs/benchmarks.md 'probe-augment')."""
     train = train if isinstance(train, FeatureStore) else FeatureStore(train)
     test_path = test.path if isinstance(test, FeatureStore) else test
     check_output(out, PROBE_KIND, inputs=[train.path, test_path])  # before the work
@@ -86,26 +94,45 @@ def train_probe(
     if test is not None:
         check_compatible(train, test, key)
     mirrored = _mirror_pair(train, test, key, Path(out), progress) if flip else (None, None)
+    copies = _copies(train, key, Path(out), augment, progress)
     kind = MultiLabelProbe if train.multilabel else LinearProbe  # one SVM per label, thresholds of their own
     probe = kind(C=C, Cs=Cs, scaling=scaling, cv=cv, class_weight=class_weight, metric=metric,
                  max_iter=max_iter, head=head).fit(train.load(key), train.labels)
-    if flip:  # C as chosen on the images alone; see LinearProbe.refit
-        probe.refit(np.concatenate([train.load(key), mirrored[0]]), np.concatenate([train.labels] * 2))
+    if flip or copies:  # C as chosen on the images alone; see LinearProbe.refit
+        extra = [mirrored[0]] * flip + copies
+        probe.refit(np.concatenate([train.load(key), *extra]), np.concatenate([train.labels] * (1 + len(extra))))
     code_spec = CodeSpec.from_meta(train.meta, key)  # load_probe_dir rebuilds the extractor from it
     spec = {"model": code_spec.model, "weights": train.meta["weights"], "image_size": train.meta["image_size"],
             "precision": code_spec.precision, "transform": code_spec.transform, "classes": train.meta["classes"],
             "layer": code_spec.layer, "pool": code_spec.pool, "key": key, "code_spec": code_spec.to_dict(),
-            "pool_names": POOL_NAMES, "multilabel": train.multilabel, FLIP: flip}
+            "pool_names": POOL_NAMES, "multilabel": train.multilabel, FLIP: flip, AUGMENT: augment}
     evaluation = None
     metrics = {"key": key, "head": probe.head_, "C": probe.best_C_,
                "cv_mAP" if train.multilabel else "cv_accuracy": probe.cv_score_, "cv_metric": probe.metric_,
-               "class_weight": class_weight, "n_train": len(train), FLIP: flip}
+               "class_weight": class_weight, "n_train": len(train), FLIP: flip, AUGMENT: augment}
     with building(out, PROBE_KIND, inputs=[train.path, test_path]) as tmp:
         probe.save(tmp / "probe", extra=spec)
         if test is not None:
             evaluation = _score_test(probe, key, train, test, tmp, metrics, mirrored[1])
         write_json_atomic(tmp / "metrics.json", metrics)
     return ProbeReport(probe, key, Path(out), evaluation)
+
+
+def _copies(train: FeatureStore, key: str, out: Path, augment: int, progress: bool) -> list[np.ndarray]:
+    """The `key` codes of `augment` shifted copies of `train`'s images, for an augmented probe."""
+    if not augment:
+        return []
+    validate({"augment": AUGMENT_COPIES}, {"augment": augment}, "train_probe")
+    if train.multilabel:  # a shift can push a small item out of the image, and with it a label
+        raise ParameterError("The 'augment' parameter is for codes of one class per image, and "
+                             f"'{train.path}' is multi-label", param="augment")
+    transform = CodeSpec.from_meta(train.meta, key).transform
+    if transform.get(MIRROR) or transform.get(SHIFT_COPY):
+        raise ParameterError(f"The 'augment' parameter makes the shifted copies' codes itself: '{train.path}' "
+                             "holds codes of mirror images or copies; give the codes of the images", param="augment")
+    images = store_images(train, param="augment")
+    return [copy_codes(train, key, out, images=images, shift_copy=k, progress=progress)
+            for k in range(1, augment + 1)]
 
 
 def _mirror_pair(train: FeatureStore, test: FeatureStore | None, key: str, out: Path,
@@ -121,28 +148,29 @@ def _mirror_pair(train: FeatureStore, test: FeatureStore | None, key: str, out: 
                              "holds codes of mirror images (extract --mirror); give the codes of the images",
                              param="flip")
     sets = [s for s in (train, test) if s is not None]
-    images = [store_images(s) for s in sets]
+    images = [store_images(s, param="flip") for s in sets]
     codes = [mirror_codes(s, key, out, images=i, progress=progress) for s, i in zip(sets, images)]
     return codes[0], codes[1] if test is not None else None
 
 
-def store_images(store: FeatureStore) -> ImageDataset:
+def store_images(store: FeatureStore, param: str = "flip") -> ImageDataset:
     """The images `store`'s codes were made from, in its rows' order, reopened from the dataset and sources its
-    meta.json records (for their mirror images' codes: `flip`); an error names what is gone."""
+    meta.json records (for their mirror images' or shifted copies' codes: the `param` that needs them); an error
+    names what is gone."""
     root = store.meta.get("dataset", {}).get("root")
-    why, fix = "The 'flip' parameter needs the images of", "; extract the codes again where the images are now"
+    why, fix = f"The '{param}' parameter needs the images of", "; extract the codes again where the images are now"
     if root is None or store.meta["dataset"].get("kind") == "files":
         raise ParameterError(f"{why} '{store.path}', and its meta.json records no dataset to open{fix}",
-                             param="flip")
+                             param=param)
     try:
         dataset = open_dataset(root)
     except DataError as err:
         raise ParameterError(f"{why} '{store.path}' (its dataset '{root}'), and they cannot be opened: {err}{fix}",
-                             param="flip") from err
+                             param=param) from err
     index = {source: i for i, source in enumerate(dataset.sources)}
     if missing := [s for s in store.sources if s not in index]:
         raise ParameterError(f"{why} '{store.path}', and {len(missing)} of them are no longer in '{root}' (e.g. "
-                             f"'{missing[0]}'){fix}", param="flip")
+                             f"'{missing[0]}'){fix}", param=param)
     return dataset.select(np.array([index[s] for s in store.sources], dtype=np.int64))
 
 
@@ -151,10 +179,23 @@ def mirror_codes(store: FeatureStore, key: str, near: Path, *, images: ImageData
     """The `key` codes of the mirror images of `store`'s images (`store_images`), made as `store`'s own in every
     other respect and read from or added to the code cache; what a flip probe is fitted and scored on beside the
     images' own codes. Encoded in a hidden folder beside `near`, removed after."""
-    images = store_images(store) if images is None else images
-    extractor = FeatureExtractor(**{**like_options(store, key=key), "mirror": True}, progress=progress).fit()
+    return _codes_like(store, key, near, images, progress, mirror=True)
+
+
+def copy_codes(store: FeatureStore, key: str, near: Path, *, shift_copy: int, images: ImageDataset | None = None,
+               progress: bool = True) -> np.ndarray:
+    """The `key` codes of shifted copy `shift_copy` (>= 1; transforms.ShiftCopy) of `store`'s images, made and
+    cached as `mirror_codes` makes the mirror images'; what an augmented probe is refitted on."""
+    return _codes_like(store, key, near, images, progress, shift_copy=shift_copy)
+
+
+def _codes_like(store: FeatureStore, key: str, near: Path, images: ImageDataset | None, progress: bool,
+                **changes) -> np.ndarray:
+    """`store`'s `key` codes made again of its images, with the FeatureExtractor parameters `changes` changed."""
+    images = store_images(store, param="augment" if "shift_copy" in changes else "flip") if images is None else images
+    extractor = FeatureExtractor(**{**like_options(store, key=key), **changes}, progress=progress).fit()
     check_like(extractor, store)
-    scratch = new_tmp(near.with_name(f"{near.name}.mirror"), KIND)  # marked and hidden: never a user's folder
+    scratch = new_tmp(near.with_name(f"{near.name}.codes"), KIND)  # marked and hidden: never a user's folder
     try:
         return extract(images, scratch / "codes", extractor, cache=True).load(key)
     finally:

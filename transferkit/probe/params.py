@@ -24,6 +24,8 @@ METRICS = ("auto", "accuracy", "balanced_accuracy")  # what chooses C and ranks 
 # lose a few images per class (ratio ~1.0-1.2) keep plain accuracy, and the results they always had.
 AUTO_BALANCED_RATIO = 1.5
 CV = [Interval(Integral, 2, None, closed="left")]
+# train_probe's `augment` (probe --augment): shifted copies of each training image (data.transforms.ShiftCopy)
+AUGMENT_COPIES = [Interval(Integral, 0, None, closed="left")]
 
 PROBE = {
     "C": [Interval(Real, 0, math.inf, closed="neither"), StrOptions(("auto",))],

@@ -27,6 +27,7 @@ PROBE_DIR = "probe"  # the folder inside a probe output that holds the model (ar
 # a saved probe's record (its `extra_`) that it was trained on images and their mirror images (`transferkit probe
 # --flip`), so it scores the mean of an image's and its mirror's scores; absent (older probes): one score each
 FLIP = "flip"
+AUGMENT = "augment"  # and how many shifted copies of each image it was refitted on (`probe --augment`); 0: none
 
 
 def is_probe_dir(path: str | Path) -> bool:
