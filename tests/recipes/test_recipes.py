@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,8 @@ def test_packaged_recipes_are_the_four_scenarios():
 def test_each_recipe_runs_to_the_end(name, fmnist_slice, tmp_path):
     train, test = fmnist_slice
     recipe = recipes.get(name)
-    recipe = recipe.replace(**(SMALL_FINETUNE if recipe.kind == "finetune" else SMALL_RUN))
+    # probes: one shifted copy of each image too, so a recipe's `augment` is seen reaching the probe
+    recipe = recipe.replace(**(SMALL_FINETUNE if recipe.kind == "finetune" else {**SMALL_RUN, "augment": 1}))
     result = recipe.run(train, test, tmp_path / name, progress=False)
     # chance is 10%; one epoch of a few steps need not beat it, a probe on 200 images does by far
     assert (0.4 if recipe.kind == "probe" else 0.0) <= result.accuracy <= 1.0, result.summary()
@@ -64,7 +66,7 @@ def test_each_recipe_runs_to_the_end(name, fmnist_slice, tmp_path):
         assert (tmp_path / name / "train" / "sweep.json").is_file() == (name == "small-different")
         metrics = json.loads((result.model_dir / "metrics.json").read_text())
         assert result.details["flip"] == metrics["flip"] == (name == "small-different")
-        assert metrics["head"] == recipe.settings.head
+        assert metrics["head"] == recipe.settings.head and result.details["augment"] == metrics["augment"] == 1
     else:  # the same artifacts as finetune + evaluate
         assert (result.model_dir / "config.json").is_file() and (result.model_dir / "model-best.safetensors").is_file()
         assert (tmp_path / name / "test" / "metrics.json").is_file()
@@ -116,6 +118,8 @@ def write(tmp_path: Path, text: str) -> Path:
     ('kind = "probe"\nmodel = "resnet18"\npool = "avg,max"\n', ["'pool'", "one pooling"]),
     ('kind = "probe"\nmodel = "resnet18"\ncombine = true\n', ["'combine' field", "layer 'auto'", "'pre_logits'"]),
     ('kind = "probe"\nmodel = "resnet18"\nflip = "yes"\n', ["'flip' field", "true or false", "'yes' (str)"]),
+    ('kind = "probe"\nmodel = "resnet18"\naugment = -2\n', ["'augment' field", "in the range [0, inf)", "-2"]),
+    ('kind = "probe"\nmodel = "resnet18"\naugment = true\n', ["'augment' field", "an integer", "True (bool)"]),
     ('kind = "probe"\nmodel = "resnet18\n', ["not valid TOML"]),
 ])
 def test_bad_recipe_file_names_the_field(tmp_path, text, words):
@@ -133,8 +137,9 @@ def test_bad_pooling_names_it(tmp_path):
 def test_probe_settings_for_multilabel_data_are_one_svm_per_label_without_mirrors():
     different = recipes.get("small-different").settings
     assert different.for_labels(False) is different  # single-label: as written
-    ran = different.for_labels(True)
-    assert (ran.head, ran.flip) == ("svm", False) and (different.head, different.flip) == ("logistic", True)
+    ran = replace(different, augment=4).for_labels(True)
+    assert (ran.head, ran.flip, ran.augment) == ("svm", False, 0)
+    assert (different.head, different.flip) == ("logistic", True)
     assert ran.layer == different.layer and ran.combine == different.combine  # nothing else changes
 
 

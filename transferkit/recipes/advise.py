@@ -329,10 +329,12 @@ def _estimate(recipe: recipes.Recipe, n: int, n_classes: int, sample: ImageDatas
             parts.append(f"layer sweep ~{signals['sweep_seconds']:.0f} s")
         fit = signals["top_seconds"] * (s.cv + 1) / signals["cv"] * n / signals["n_sampled"]
         parts.append(f"SVM fit ~{fit:.0f} s (scaled from the pass's CV)")
-        if s.for_labels(sample.multilabel).flip:  # the mirror images' codes, and a refit on twice the rows
-            mirror = n / rate + fit * 2 / (s.cv + 1)
-            seconds += mirror
-            parts.append(f"mirror codes and refit ~{mirror:.0f} s")
+        ran = s.for_labels(sample.multilabel)
+        if copies := ran.flip + ran.augment:  # the mirror images' and copies' codes, and a refit on all the rows
+            extra = copies * n / rate + fit * (1 + copies) / (s.cv + 1)
+            seconds += extra
+            what = ["mirror codes"] * ran.flip + [f"codes of {ran.augment} shifted copies"] * bool(ran.augment)
+            parts.append(f"{' and '.join(what)} and refit ~{extra:.0f} s")
         return seconds + fit, "; ".join(parts)
     n_val = max(round(s.val_fraction * n), n_classes) if s.val_fraction else 0
     # a fresh fp32 network: the pass's own is folded (no BatchNorm) and perhaps bf16, unlike a training run

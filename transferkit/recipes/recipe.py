@@ -146,11 +146,11 @@ def _run_probe(s: ProbeSettings, train: ImageDataset, test: ImageDataset | None,
         report = train_probe(out / "train", out / "probe", test=paths.get("test_codes"),
                              layer="best" if auto else None, C=s.C, cv=s.cv, scaling=s.scaling,
                              class_weight=s.class_weight, metric=s.metric, head=ran.head, flip=ran.flip,
-                             progress=progress)
+                             augment=ran.augment, progress=progress)
     ev = report.evaluation
     details = {"codes": report.key, "head": report.probe.head_, "C": report.probe.best_C_,
                "cv_mAP" if train.multilabel else "cv_accuracy": report.probe.cv_score_,
-               "cv_metric": report.probe.metric_, "flip": ran.flip}
+               "cv_metric": report.probe.metric_, "flip": ran.flip, "augment": ran.augment}
     return RecipeResult(None, out, out / "probe", _accuracy(ev), ev, paths, seconds, details)
 
 

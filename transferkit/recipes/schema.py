@@ -20,7 +20,7 @@ from transferkit.errors import DataError, ModelError
 from transferkit.finetune.config import FinetuneConfig
 from transferkit.finetune.params import FINETUNE
 from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
-from transferkit.probe.params import MULTILABEL_HEADS, PROBE
+from transferkit.probe.params import AUGMENT_COPIES, MULTILABEL_HEADS, PROBE
 from transferkit.runtime.params import validate
 
 if sys.version_info >= (3, 11):
@@ -52,13 +52,16 @@ class ProbeSettings:
     class_weight: str | None = None  # 'balanced': weight the SVM's errors by inverse class frequency
     metric: str = "auto"  # CV score that chooses C: 'auto' is balanced accuracy on imbalanced classes
     flip: bool = False  # refit on each image's codes and its mirror's, score both (single-label data only)
+    augment: int = 0  # refit also on this many randomly shifted copies of each image (single-label data only)
 
     def for_labels(self, multilabel: bool) -> ProbeSettings:
         """The settings as they run on this kind of labels: a multi-label probe is one SVM per label, without
-        mirrors (train_probe refuses them), so a recipe written for both kinds of data runs so there."""
+        mirrors or shifted copies (train_probe refuses them), so a recipe written for both kinds of data runs so
+        there."""
         if not multilabel:
             return self
-        return replace(self, head=self.head if self.head in MULTILABEL_HEADS else MULTILABEL_HEADS[0], flip=False)
+        return replace(self, head=self.head if self.head in MULTILABEL_HEADS else MULTILABEL_HEADS[0], flip=False,
+                       augment=0)
 
 
 SETTINGS: dict[str, type] = {"probe": ProbeSettings, "finetune": FinetuneConfig}
@@ -179,8 +182,8 @@ def _describe(hint: Any) -> str:
 
 
 _LIMITS: dict[str, Mapping[str, Any]] = {  # the tables the library validates with: each limit written once
-    "probe": {f.name: {**EXTRACTOR, **PROBE}[f.name] for f in fields(ProbeSettings)
-              if f.name in EXTRACTOR or f.name in PROBE},
+    "probe": {f.name: {**EXTRACTOR, **PROBE, "augment": AUGMENT_COPIES}[f.name] for f in fields(ProbeSettings)
+              if f.name in EXTRACTOR or f.name in PROBE or f.name == "augment"},
     "finetune": FINETUNE,
 }
 
