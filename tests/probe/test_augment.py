@@ -18,7 +18,7 @@ from transferkit.codes.extractor import FeatureExtractor
 from transferkit.codes.store import FeatureStore
 from transferkit.data.transforms import SHIFT_COPY, SHIFT_MAX, ShiftCopy, build_transform, describe_transform
 from transferkit.errors import ParameterError
-from transferkit.jobs import extract_features, like_options, store_images, train_probe
+from transferkit.jobs import like_options, store_images, train_probe
 from transferkit.probe.linear import LinearProbe
 from transferkit.probe.saved import AUGMENT, FLIP, load_probe_dir
 
@@ -30,20 +30,11 @@ pytestmark = [pytest.mark.skipif(not FASHION.is_dir(), reason="needs dataset-fas
 
 
 @pytest.fixture(scope="module")
-def augmented(tmp_path_factory, cli_run) -> dict:
+def augmented(fashion_probe) -> dict:
     """Codes of 5 training and 3 test items per class, and an SVM probe refitted on 2 shifted copies of each
-    training image, from the CLI, with a code cache of its own: only read them."""
-    tmp = tmp_path_factory.mktemp("augment")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRANSFERKIT_CACHE", str(tmp / "cache"))
-        train, test, out = tmp / "train", tmp / "test", tmp / "probe"
-        extract_features(FASHION / "train", train, per_class=5, weights="package", image_size=SIZE,
-                         precision="fp32", progress=False)
-        extract_features(FASHION / "t10k", test, per_class=3, like=train, progress=False)
-        result = cli_run("probe", train, "-o", out, "--test", test, "--augment", COPIES, "--cv", "2")
-        cached = sorted(p.name for p in (tmp / "cache" / "codes").iterdir())
-    return {"train": train, "test": test, "out": out, "output": result.output, "cache": tmp / "cache",
-            "cached": cached}
+    training image, from the CLI; and what its code cache holds after."""
+    result = fashion_probe("--augment", COPIES, "--cv", "2")
+    return {**result, "cached": sorted(p.name for p in (result["cache"] / "codes").iterdir())}
 
 
 def _copies(codes: Path) -> list[np.ndarray]:
@@ -136,16 +127,9 @@ def test_bad_augment_values_are_refused_naming_the_parameter_and_flag(augmented,
     assert result.exit_code != 0 and "'--augment'" in result.output and not (tmp_path / "p").exists()
 
 
-def test_augment_refuses_multilabel_codes(augmented, tmp_path, cli_run):
-    items = store_images(FeatureStore(augmented["test"]))
-    rows = ["path,labels"]
-    for i in range(8):  # real items as PNGs, each labelled with its class and, every other one, 'odd' too
-        items.image(i).save(tmp_path / f"{i}.png")
-        rows.append(f"{i}.png,{items.classes[items.targets[i]]}{';odd' if i % 2 else ''}")
-    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    extract_features(tmp_path / "labels.csv", tmp_path / "codes", weights="package", image_size=SIZE,
-                     precision="fp32", progress=False)
-    result = cli_run("probe", tmp_path / "codes", "-o", tmp_path / "p", "--augment", 1, ok=False)
+def test_augment_refuses_multilabel_codes(augmented, multilabel_codes, tmp_path, cli_run):
+    codes = multilabel_codes(store_images(FeatureStore(augmented["test"])))
+    result = cli_run("probe", codes, "-o", tmp_path / "p", "--augment", 1, ok=False)
     assert result.exit_code != 0 and "Invalid value for '--augment': is for codes of one class per image" in \
         result.output
     assert not (tmp_path / "p").exists()

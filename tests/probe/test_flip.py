@@ -29,18 +29,9 @@ pytestmark = [pytest.mark.skipif(not FASHION.is_dir(), reason="needs dataset-fas
 
 
 @pytest.fixture(scope="module")
-def flip(tmp_path_factory, cli_run) -> dict:
-    """Codes of 5 training and 3 test items per class, and a logistic flip probe trained on them from the CLI,
-    with a code cache of its own: only read them."""
-    tmp = tmp_path_factory.mktemp("flip")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRANSFERKIT_CACHE", str(tmp / "cache"))
-        train, test, out = tmp / "train", tmp / "test", tmp / "probe"
-        extract_features(FASHION / "train", train, per_class=5, weights="package", image_size=SIZE,
-                         precision="fp32", progress=False)
-        extract_features(FASHION / "t10k", test, per_class=3, like=train, progress=False)
-        result = cli_run("probe", train, "-o", out, "--test", test, "--flip", "--head", "logistic", "--cv", "2")
-    return {"train": train, "test": test, "out": out, "output": result.output}
+def flip(fashion_probe) -> dict:
+    """Codes of 5 training and 3 test items per class, and a logistic flip probe trained on them from the CLI."""
+    return fashion_probe("--flip", "--head", "logistic", "--cv", "2")
 
 
 def _mirror(codes: Path, out: Path) -> np.ndarray:
@@ -160,14 +151,7 @@ def test_images_of_codes_follow_their_rows(flip):
     assert (np.asarray(images.targets) == store.labels).all()
 
 
-def test_flip_refuses_multilabel_codes(flip, tmp_path, cli_run):
-    items = store_images(FeatureStore(flip["test"]))
-    rows = ["path,labels"]
-    for i in range(8):  # real items as PNGs, each labelled with its class and, every other one, 'odd' too
-        items.image(i).save(tmp_path / f"{i}.png")
-        rows.append(f"{i}.png,{items.classes[items.targets[i]]}{';odd' if i % 2 else ''}")
-    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    extract_features(tmp_path / "labels.csv", tmp_path / "codes", weights="package", image_size=SIZE,
-                     precision="fp32", progress=False)
-    result = cli_run("probe", tmp_path / "codes", "-o", tmp_path / "p", "--flip", ok=False)
+def test_flip_refuses_multilabel_codes(flip, multilabel_codes, tmp_path, cli_run):
+    codes = multilabel_codes(store_images(FeatureStore(flip["test"])))
+    result = cli_run("probe", codes, "-o", tmp_path / "p", "--flip", ok=False)
     assert result.exit_code != 0 and "Invalid value for '--flip': is for codes of one class per image" in result.output
