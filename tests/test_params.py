@@ -20,7 +20,7 @@ from transferkit.finetune.config import FinetuneConfig
 from transferkit.finetune.loop import finetune
 from transferkit.finetune.params import FINETUNE
 from transferkit.probe.linear import LinearProbe
-from transferkit.probe.params import PROBE
+from transferkit.probe.params import PROBE, PROBE_JOB
 from transferkit.recipes import schema
 from transferkit.runtime.params import Interval, Pair, StrOptions, click_type, sklearn_constraints
 
@@ -154,7 +154,7 @@ def test_recipes_refuse_what_the_library_refuses(name, param):
 def test_one_table_per_limit():
     assert FinetuneConfig._parameter_constraints is FINETUNE and schema._LIMITS["finetune"] is FINETUNE
     for param, allowed in schema._LIMITS["probe"].items():
-        assert allowed is EXTRACTOR.get(param, PROBE.get(param))
+        assert allowed is EXTRACTOR.get(param, PROBE.get(param, PROBE_JOB.get(param)))
     assert EXTRACTOR["image_size"] is IMAGE_SIZE and FINETUNE["image_size"] is IMAGE_SIZE
     assert FINETUNE["batch_size"] is EXTRACTOR["batch_size"]
     for estimator, table in ((FeatureExtractor, EXTRACTOR), (LinearProbe, PROBE)):

@@ -30,7 +30,7 @@ from transferkit.probe.metrics import (
     score_multilabel,
 )
 from transferkit.probe.multilabel import MultiLabelProbe
-from transferkit.probe.params import AUGMENT_COPIES
+from transferkit.probe.params import PROBE_JOB
 from transferkit.probe.saved import AUGMENT, FLIP
 from transferkit.runtime.atomic import write_json_atomic, write_text_atomic
 from transferkit.runtime.outputs import building, check_output, new_tmp
@@ -82,12 +82,10 @@ def train_probe(
     mirror's scores. Off by default: on Fashion-MNIST it gained 0.4-0.6 points at 10 images per class but cost
     logistic regression 0.26 at 100 (docs/benchmarks.md 'probe-combined').
 
-    `augment`: as `flip`, the head is refitted at the C chosen on the training codes, on them and on the codes of
-    `augment` randomly shifted copies of each training image (`copy_codes`; transforms.ShiftCopy: up to a tenth of
-    the side each way, half of them mirrored). Test images are scored as they are (with `flip`: flip-averaged).
-    Off by default: on Fashion-MNIST 10 copies lifted the SVM by 0.7-1.1 points at 10 and 100 images per class,
-    but not logistic regression at 100 (docs/benchmarks.md 'probe-augment'), and each copy costs a pass over the
-    images and a larger refit."""
+    `augment`: as `flip`, and on the codes of `augment` shifted copies of each training image too (`copy_codes`,
+    transforms.ShiftCopy); test images are scored as they are. Off by default: on Fashion-MNIST 10 copies lifted
+    the SVM 0.7-1.1 points at 10 and 100 per class, not logistic regression at 100 (docs/benchmarks.md
+    'probe-augment'), and each copy costs a pass over the images."""
     train = train if isinstance(train, FeatureStore) else FeatureStore(train)
     test_path = test.path if isinstance(test, FeatureStore) else test
     check_output(out, PROBE_KIND, inputs=[train.path, test_path])  # before the work
@@ -103,28 +101,32 @@ def train_probe(
     if flip or copies:  # C as chosen on the images alone; see LinearProbe.refit
         extra = [mirrored[0]] * flip + copies
         probe.refit(np.concatenate([train.load(key), *extra]), np.concatenate([train.labels] * (1 + len(extra))))
-    code_spec = CodeSpec.from_meta(train.meta, key)  # load_probe_dir rebuilds the extractor from it
-    spec = {"model": code_spec.model, "weights": train.meta["weights"], "image_size": train.meta["image_size"],
-            "precision": code_spec.precision, "transform": code_spec.transform, "classes": train.meta["classes"],
-            "layer": code_spec.layer, "pool": code_spec.pool, "key": key, "code_spec": code_spec.to_dict(),
-            "pool_names": POOL_NAMES, "multilabel": train.multilabel, FLIP: flip, AUGMENT: augment}
     evaluation = None
     metrics = {"key": key, "head": probe.head_, "C": probe.best_C_,
                "cv_mAP" if train.multilabel else "cv_accuracy": probe.cv_score_, "cv_metric": probe.metric_,
                "class_weight": class_weight, "n_train": len(train), FLIP: flip, AUGMENT: augment}
     with building(out, PROBE_KIND, inputs=[train.path, test_path]) as tmp:
-        probe.save(tmp / "probe", extra=spec)
+        probe.save(tmp / "probe", extra={**_saved_spec(train, key), FLIP: flip, AUGMENT: augment})
         if test is not None:
             evaluation = _score_test(probe, key, train, test, tmp, metrics, mirrored[1])
         write_json_atomic(tmp / "metrics.json", metrics)
     return ProbeReport(probe, key, Path(out), evaluation)
 
 
+def _saved_spec(train: FeatureStore, key: str) -> dict:
+    """What a saved probe records of the codes it was trained on: load_probe_dir rebuilds the extractor from it."""
+    code_spec = CodeSpec.from_meta(train.meta, key)
+    return {"model": code_spec.model, "weights": train.meta["weights"], "image_size": train.meta["image_size"],
+            "precision": code_spec.precision, "transform": code_spec.transform, "classes": train.meta["classes"],
+            "layer": code_spec.layer, "pool": code_spec.pool, "key": key, "code_spec": code_spec.to_dict(),
+            "pool_names": POOL_NAMES, "multilabel": train.multilabel}
+
+
 def _copies(train: FeatureStore, key: str, out: Path, augment: int, progress: bool) -> list[np.ndarray]:
     """The `key` codes of `augment` shifted copies of `train`'s images, for an augmented probe."""
     if not augment:
         return []
-    validate({"augment": AUGMENT_COPIES}, {"augment": augment}, "train_probe")
+    validate(PROBE_JOB, {"augment": augment}, "train_probe")
     if train.multilabel:  # a shift can push a small item out of the image, and with it a label
         raise ParameterError("The 'augment' parameter is for codes of one class per image, and "
                              f"'{train.path}' is multi-label", param="augment")

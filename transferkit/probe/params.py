@@ -26,6 +26,7 @@ AUTO_BALANCED_RATIO = 1.5
 CV = [Interval(Integral, 2, None, closed="left")]
 # train_probe's `augment` (probe --augment): shifted copies of each training image (data.transforms.ShiftCopy)
 AUGMENT_COPIES = [Interval(Integral, 0, None, closed="left")]
+PROBE_JOB = {"augment": AUGMENT_COPIES}  # the limits of train_probe's own parameters (LinearProbe's: PROBE)
 
 PROBE = {
     "C": [Interval(Real, 0, math.inf, closed="neither"), StrOptions(("auto",))],

@@ -20,7 +20,7 @@ from transferkit.errors import DataError, ModelError
 from transferkit.finetune.config import FinetuneConfig
 from transferkit.finetune.params import FINETUNE
 from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
-from transferkit.probe.params import AUGMENT_COPIES, MULTILABEL_HEADS, PROBE
+from transferkit.probe.params import MULTILABEL_HEADS, PROBE, PROBE_JOB
 from transferkit.runtime.params import validate
 
 if sys.version_info >= (3, 11):
@@ -182,8 +182,8 @@ def _describe(hint: Any) -> str:
 
 
 _LIMITS: dict[str, Mapping[str, Any]] = {  # the tables the library validates with: each limit written once
-    "probe": {f.name: {**EXTRACTOR, **PROBE, "augment": AUGMENT_COPIES}[f.name] for f in fields(ProbeSettings)
-              if f.name in EXTRACTOR or f.name in PROBE or f.name == "augment"},
+    "probe": {f.name: {**EXTRACTOR, **PROBE, **PROBE_JOB}[f.name] for f in fields(ProbeSettings)
+              if f.name in {**EXTRACTOR, **PROBE, **PROBE_JOB}},
     "finetune": FINETUNE,
 }
 
