@@ -60,6 +60,7 @@ def test_fashion_mnist_is_small_and_different():
     assert advice.size == "small" and advice.per_class_median == 20 and advice.imbalance == 1.0
     assert advice.domain == "different" and advice.recipe == "small-different"
     assert "layer sweep" in advice.estimate and "mirror codes and refit" in advice.estimate  # the recipe's flip pass
+    assert "view selection up to" in advice.estimate  # the recipe's combine
 
 
 def test_photos_are_small_and_similar(photos):
@@ -114,3 +115,12 @@ def test_similarity_sample_keeps_the_class_proportions():
     targets = np.repeat([0, 1, 2], [700, 250, 50])
     data = ImageDataset([f"{i}.png" for i in range(1000)], targets, ["a", "b", "c"], root="images", kind="files")
     assert np.bincount(_stratified(data, 200).targets).tolist() == [140, 50, 10]
+
+
+def test_selection_time_is_every_step_of_greedy_selection():
+    """Candidates' sweep times 1..4 s, best first, at most 3 views: step 1 scores the best with each other one
+    (3 + 4 + 5 s), step 2 those two with each of the 2 left (6 + 7 s); a combination costs more than its views."""
+    from transferkit.recipes.advise import COMBINED_COST, _selection_seconds
+
+    assert _selection_seconds([1.0, 2.0, 3.0, 4.0]) == pytest.approx(25.0 * COMBINED_COST)
+    assert _selection_seconds([5.0]) == 0.0  # one candidate: nothing to add
