@@ -47,3 +47,21 @@ def fashion_probe(tmp_path_factory, cli_run):
         return {"train": train, "test": test, "out": out, "output": result.output, "cache": tmp / "cache"}
 
     return run
+
+
+@pytest.fixture
+def orphan_codes(tmp_path) -> tuple[Path, Path]:
+    """Codes of 2 Fashion-MNIST test items per class (32 px, fp32) whose images were deleted after extraction ->
+    (codes directory, where the images were)."""
+    import shutil
+
+    from transferkit.jobs import extract_features
+
+    copy = tmp_path / "idx"
+    copy.mkdir()
+    for f in Path("/usr/share/datasets/fashion-mnist").glob("t10k-*"):
+        shutil.copy(f, copy / f.name)
+    extract_features(copy / "t10k", tmp_path / "codes", per_class=2, weights="package", image_size=32,
+                     precision="fp32", progress=False)
+    shutil.rmtree(copy)
+    return tmp_path / "codes", copy / "t10k"

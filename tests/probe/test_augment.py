@@ -133,3 +133,10 @@ def test_augment_refuses_multilabel_codes(augmented, multilabel_codes, tmp_path,
     assert result.exit_code != 0 and "Invalid value for '--augment': is for codes of one class per image" in \
         result.output
     assert not (tmp_path / "p").exists()
+
+
+def test_augment_needs_the_images_the_codes_were_made_from(orphan_codes, tmp_path, cli_run):
+    codes, gone = orphan_codes
+    result = cli_run("probe", codes, "-o", tmp_path / "p", "--augment", 2, "--C", 1, ok=False)
+    assert result.exit_code != 0 and "Invalid value for '--augment': needs the images of" in result.output
+    assert str(gone) in result.output and not (tmp_path / "p").exists()

@@ -7,7 +7,6 @@ Real Fashion-MNIST items (dataset-fashion-mnist) through the packaged EfficientN
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -92,18 +91,11 @@ def test_predict_and_evaluate_cli_on_a_flip_probe(flip, tmp_path, cli_run):
     assert f"{100 * json.loads((flip['out'] / 'metrics.json').read_text())['test_accuracy']:.2f}%" in ev
 
 
-def test_flip_needs_the_images_the_codes_were_made_from(tmp_path, cli_run):
-    copy = tmp_path / "idx"
-    copy.mkdir()
-    for f in FASHION.glob("t10k-*"):
-        shutil.copy(f, copy / f.name)
-    codes = tmp_path / "codes"
-    extract_features(copy / "t10k", codes, per_class=2, weights="package", image_size=SIZE, precision="fp32",
-                     progress=False)
-    shutil.rmtree(copy)
+def test_flip_needs_the_images_the_codes_were_made_from(orphan_codes, tmp_path, cli_run):
+    codes, gone = orphan_codes
     with pytest.raises(ParameterError, match="'flip' parameter needs the images of") as err:
         train_probe(codes, tmp_path / "p", flip=True, C=1.0)
-    assert err.value.param == "flip" and str(copy / "t10k") in str(err.value)
+    assert err.value.param == "flip" and str(gone) in str(err.value)
     result = cli_run("probe", codes, "-o", tmp_path / "p", "--flip", "--C", 1, ok=False)
     assert result.exit_code != 0 and "Invalid value for '--flip': needs the images of" in result.output
     assert not (tmp_path / "p").exists()

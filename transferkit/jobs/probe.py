@@ -183,6 +183,7 @@ def mirror_codes(store: FeatureStore, key: str, near: Path, *, images: ImageData
     """The `key` codes of the mirror images of `store`'s images (`store_images`), made as `store`'s own in every
     other respect and read from or added to the code cache; what a flip probe is fitted and scored on beside the
     images' own codes. Encoded in a hidden folder beside `near`, removed after."""
+    images = store_images(store, param="flip") if images is None else images
     return _codes_like(store, key, near, images, progress, mirror=True)
 
 
@@ -190,13 +191,14 @@ def copy_codes(store: FeatureStore, key: str, near: Path, *, shift_copy: int, im
                progress: bool = True) -> np.ndarray:
     """The `key` codes of shifted copy `shift_copy` (>= 1; transforms.ShiftCopy) of `store`'s images, made and
     cached as `mirror_codes` makes the mirror images'; what an augmented probe is refitted on."""
+    images = store_images(store, param="augment") if images is None else images
     return _codes_like(store, key, near, images, progress, shift_copy=shift_copy)
 
 
-def _codes_like(store: FeatureStore, key: str, near: Path, images: ImageDataset | None, progress: bool,
+def _codes_like(store: FeatureStore, key: str, near: Path, images: ImageDataset, progress: bool,
                 **changes) -> np.ndarray:
-    """`store`'s `key` codes made again of its images, with the FeatureExtractor parameters `changes` changed."""
-    images = store_images(store, param="augment" if "shift_copy" in changes else "flip") if images is None else images
+    """`store`'s `key` codes made again of `images` (its own), with the FeatureExtractor parameters `changes`
+    changed."""
     extractor = FeatureExtractor(**{**like_options(store, key=key), **changes}, progress=progress).fit()
     check_like(extractor, store)
     scratch = new_tmp(near.with_name(f"{near.name}.codes"), KIND)  # marked and hidden: never a user's folder
