@@ -23,7 +23,7 @@ from transferkit.data.transforms import MIRROR, SHIFT_COPY, shift_copy
 from transferkit.errors import DataError, ParameterError
 from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.weights import weights_argument
-from transferkit.probe.params import SELECT_CANDIDATES, SELECT_MAX_VIEWS, SELECT_MIN_GAIN
+from transferkit.probe.params import SELECT_CANDIDATES, SELECT_MAX_VIEWS, SELECT_MIN_GAIN  # noqa: F401 - jobs API
 from transferkit.probe.sweep import SweepResult, select_views, sweep
 from transferkit.probe.sweep_cache import cached_sweep
 from transferkit.runtime.atomic import write_json_atomic
@@ -208,7 +208,7 @@ def sweep_features(
     result = run(codes, store.labels, cv=cv, max_samples=max_samples, progress=progress, metric=metric)
     record = result.to_dict()
     if select and not store.multilabel:
-        top = sorted(result.rows, key=lambda r: (-r["cv_accuracy"], r["dim"]))[:SELECT_CANDIDATES]
+        top = result.candidates()
         chosen = select_views({(r["layer"], r["pool"]): codes[(r["layer"], r["pool"])] for r in top}, store.labels,
                               first=(result.best["layer"], result.best["pool"]), max_views=SELECT_MAX_VIEWS,
                               min_gain=SELECT_MIN_GAIN, cv=cv, max_samples=max_samples, progress=progress,

@@ -18,6 +18,7 @@ from transferkit.errors import DataError, ParameterError
 from transferkit.probe.linear import DEFAULT_CS, LinearProbe, check_xy, warn_unconverged
 from transferkit.probe.metrics import cv_metric
 from transferkit.probe.multilabel import MultiLabelProbe, check_multilabel
+from transferkit.probe.params import SELECT_CANDIDATES
 from transferkit.runtime.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ class SweepResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return {"rows": [dict(r) for r in self.rows], "best": dict(self.best), "metric": self.metric}
+
+    def candidates(self, n: int = SELECT_CANDIDATES) -> list[dict[str, Any]]:
+        """The `n` best rows, best first (ties: the smaller dim): the views greedy selection may join."""
+        return sorted(self.rows, key=lambda r: (-r["cv_accuracy"], r["dim"]))[:n]
 
 
 def sweep(

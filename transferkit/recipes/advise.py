@@ -37,7 +37,7 @@ from transferkit.models.backbones import create_backbone
 from transferkit.models.params import DEFAULT_MODEL, PRE_LOGITS
 from transferkit.models.stages import freeze_until, replace_head, resolve_stage, set_train_mode
 from transferkit.probe.linear import LinearProbe
-from transferkit.probe.params import SELECT_CANDIDATES, SELECT_MAX_VIEWS
+from transferkit.probe.params import SELECT_MAX_VIEWS
 from transferkit.probe.sweep import sweep
 
 TOP = f"{PRE_LOGITS}|avg"  # the top-layer codes small-similar probes
@@ -289,8 +289,7 @@ def _similarity(dataset: ImageDataset, model: str, weights: str, image_size: int
         "max_entropy": math.log(n_outputs), "images_per_second": len(y) / seconds,
         "pass_seconds": seconds,
     }, {"model": model, "weights": weights, "sweep_seconds": sweep_seconds, "top_seconds": rows[TOP]["seconds"],
-        "side": side, "candidate_seconds": [r["seconds"] for r in sorted(
-            result.rows, key=lambda r: (-r["cv_accuracy"], r["dim"]))[:SELECT_CANDIDATES]]}
+        "side": side, "candidate_seconds": [r["seconds"] for r in result.candidates()]}
 
 
 def _paired(views: dict, y: np.ndarray, top: dict, earlier: dict, cv: int) -> tuple[int, int]:
