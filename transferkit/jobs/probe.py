@@ -95,12 +95,12 @@ def train_probe(
         check_compatible(train, test, key)
     mirrored = _mirror_pair(train, test, key, Path(out), progress) if flip else (None, None)
     copies = _copies(train, key, Path(out), augment, progress)
-    kind = MultiLabelProbe if train.multilabel else LinearProbe  # one SVM per label, thresholds of their own
+    kind, X = MultiLabelProbe if train.multilabel else LinearProbe, train.load(key)  # multi-label: SVM per label
     probe = kind(C=C, Cs=Cs, scaling=scaling, cv=cv, class_weight=class_weight, metric=metric,
-                 max_iter=max_iter, head=head).fit(train.load(key), train.labels)
+                 max_iter=max_iter, head=head).fit(X, train.labels)
     if flip or copies:  # C as chosen on the images alone; see LinearProbe.refit
         extra = [mirrored[0]] * flip + copies
-        probe.refit(np.concatenate([train.load(key), *extra]), np.concatenate([train.labels] * (1 + len(extra))))
+        probe.refit(np.concatenate([X, *extra]), np.concatenate([train.labels] * (1 + len(extra))))
     evaluation = None
     metrics = {"key": key, "head": probe.head_, "C": probe.best_C_,
                "cv_mAP" if train.multilabel else "cv_accuracy": probe.cv_score_, "cv_metric": probe.metric_,
