@@ -243,3 +243,108 @@ def test_evaluate_a_run_with_flip_tta(run_dir, folders):
     y = np.array([RUN_CLASSES.index(data.classes[t]) for t in data.targets])
     ev = evaluate_model(out, folders["test"], progress=False, tta=True)
     assert ev.accuracy == pytest.approx(float(np.mean(p.argmax(1).numpy() == y)))
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(folders, probe_dir, tmp_path_factory):
+    """An ensemble of probe_dir's probe (lite0, SVM) and a flip probe on lite1's codes (logistic), made from
+    copies of both, which are then deleted: the ensemble must not need them. -> (ensemble, [member copies' twins])"""
+    import shutil
+
+    from transferkit.jobs import ensemble_probes
+
+    tmp = tmp_path_factory.mktemp("ensemble")
+    extract_features(folders["train"], tmp / "codes1", model="tf_efficientnet_lite1", weights="package",
+                     image_size=SIZE, progress=False)
+    train_probe(tmp / "codes1", tmp / "lite1", cv=2, head="logistic", flip=True)
+    shutil.copytree(probe_dir[0], tmp / "gone0")
+    shutil.copytree(tmp / "lite1", tmp / "gone1")
+    ensemble_probes([tmp / "gone0", tmp / "gone1"], tmp / "ensemble")
+    shutil.rmtree(tmp / "gone0"), shutil.rmtree(tmp / "gone1")
+    return tmp / "ensemble", [probe_dir[0], tmp / "lite1"]
+
+
+def _member_proba(member: Path, files: list[str]) -> np.ndarray:
+    """A member's probabilities of `files` in RUN_CLASSES order, from predict on the member alone."""
+    rows = predict_images(member, files, topk=3)
+    return np.array([[{t["label"]: t["score"] for t in r["top"]}[c] for c in RUN_CLASSES] for r in rows])
+
+
+def test_an_ensemble_scores_the_mean_of_its_members_probabilities(ensemble_dir, folders, tmp_path):
+    from transferkit.probe.ensemble import read_ensemble
+
+    ensemble, members = ensemble_dir
+    files = sorted(str(p) for p in folders["test"].rglob("*.png"))
+    mean = sum(_member_proba(m, files) for m in members) / 2
+    rows = predict_images(ensemble, files, topk=3)
+    assert all(r["score_kind"] == "probability" for r in rows)
+    got = np.array([[{t["label"]: t["score"] for t in r["top"]}[c] for c in RUN_CLASSES] for r in rows])
+    np.testing.assert_allclose(got, mean, atol=1e-6)
+    assert [r["label"] for r in rows] == [RUN_CLASSES[j] for j in mean.argmax(1)]
+    y = np.array([RUN_CLASSES.index(Path(f).parent.name) for f in files])
+    ev = evaluate_model(ensemble, folders["test"], out=tmp_path / "eval", progress=False)
+    assert ev.accuracy == pytest.approx(float(np.mean(mean.argmax(1) == y))) and ev.accuracy > 0.8
+    assert sorted(ev.labels) == sorted(RUN_CLASSES) and (tmp_path / "eval" / "confusion.png").is_file()
+    record = read_ensemble(ensemble)
+    assert [m["model"] for m in record["members"]] == ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
+
+
+def test_cli_ensemble_predict_and_evaluate(ensemble_dir, probe_dir, folders, tmp_path, cli_run):
+    members = ensemble_dir[1]
+    result = cli_run("ensemble", *members, "-o", tmp_path / "e")
+    assert "ensemble of 2 probes" in result.output and (tmp_path / "e" / "ensemble.json").is_file()
+    result = cli_run("-q", "evaluate", tmp_path / "e", folders["test"])
+    assert "accuracy: " in result.output and "(24 images)" in result.output
+    rows = [json.loads(line) for line in cli_run("predict", tmp_path / "e", folders["test"] / "two", "--json")
+            .output.splitlines()]
+    assert len(rows) == 8 and all(r["label"] in RUN_CLASSES and 0 < r["score"] <= 1 for r in rows)
+    cli_run("ensemble", *reversed(members), "-o", tmp_path / "e")  # its own output: replaced
+    assert json.loads((tmp_path / "e" / "ensemble.json").read_text())["members"][0]["source"] == str(members[1])
+    _one_line_error(cli_run("predict", tmp_path / "e", folders["test"] / "two", "--raw", ok=False), "'--raw'")
+    _one_line_error(cli_run("evaluate", tmp_path / "e", folders["test"], "--tta", ok=False), "ensemble")
+    _one_line_error(cli_run("summary", tmp_path / "e", ok=False), "ensemble", "members")
+    _one_line_error(cli_run("convert", tmp_path / "e", "-o", tmp_path / "c", ok=False), "ensemble")
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_ensemble_refuses_bad_members_and_keeps_files(ensemble_dir, probe_dir, folders, tmp_path, cli_run,
+                                                         multilabel_codes, old_probe_format):
+    import shutil
+
+    members = [str(m) for m in ensemble_dir[1]]
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    _one_line_error(cli_run("ensemble", *members, "-o", user, ok=False), "not written by transferkit")
+    assert (user / "notes.txt").read_text() == "keep me" and len(list(user.iterdir())) == 1
+    _one_line_error(cli_run("ensemble", members[0], "-o", tmp_path / "e", ok=False), "'PROBES'", "two or more")
+    _one_line_error(cli_run("ensemble", members[0], members[0], "-o", tmp_path / "e", ok=False), "twice")
+    _one_line_error(cli_run("ensemble", members[0], folders["test"], "-o", tmp_path / "e", ok=False),
+                    str(folders["test"]), "not one")
+    _one_line_error(cli_run("ensemble", *members, "-o", Path(members[0]) / "inside", ok=False), "input")
+    two = _digit_folder(tmp_path / "two", ["zero", "one"], 0, 6)
+    extract_features(two, tmp_path / "codes2", weights="package", image_size=SIZE, progress=False)
+    train_probe(tmp_path / "codes2", tmp_path / "p2", cv=2)
+    _one_line_error(cli_run("ensemble", members[0], tmp_path / "p2", "-o", tmp_path / "e", ok=False),
+                    "same classes", "one, two, zero", "one, zero")
+    train_probe(multilabel_codes(open_dataset(folders["train"])), tmp_path / "ml", cv=2)
+    _one_line_error(cli_run("ensemble", members[0], tmp_path / "ml", "-o", tmp_path / "e", ok=False), "multi-label")
+    shutil.copytree(members[0], tmp_path / "old")
+    old_probe_format(tmp_path / "old" / "probe")
+    _one_line_error(cli_run("ensemble", members[1], tmp_path / "old", "-o", tmp_path / "e", ok=False),
+                    "calibrated")
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_damaged_ensemble_record_is_refused(ensemble_dir, folders, tmp_path):
+    import shutil
+
+    shutil.copytree(ensemble_dir[0], tmp_path / "e")
+    record = json.loads((tmp_path / "e" / "ensemble.json").read_text())
+    (tmp_path / "e" / "ensemble.json").write_text(json.dumps({**record, "members": record["members"][:1]}))
+    with pytest.raises(DataError, match="two or more members"):
+        evaluate_model(tmp_path / "e", folders["test"], progress=False)
+    outside = [{"dir": "../../elsewhere"}, *record["members"][1:]]
+    (tmp_path / "e" / "ensemble.json").write_text(json.dumps({**record, "members": outside}))
+    with pytest.raises(DataError, match="outside the ensemble"):
+        predict_images(tmp_path / "e", [folders["test"] / "two"])

@@ -1,4 +1,4 @@
-"""`probe`, `predict` and `evaluate`: linear probes and any model folder from the command line."""
+"""`probe`, `ensemble`, `predict` and `evaluate`: linear probes and any model folder from the command line."""
 
 from __future__ import annotations
 
@@ -77,6 +77,19 @@ def probe(train: Path, out: Path, test: Path | None, layer: str | None, pool: st
         click.echo(f"test {ev.summary()}; confusion matrix {out / 'confusion.png'}")
 
 
+@cli.command()
+@click.argument("probes", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Directory for the ensemble.")
+def ensemble(probes: tuple[Path, ...], out: Path) -> None:
+    """Join PROBES (two or more probe directories of the same classes, e.g. each on another backbone's codes) into
+    one model that scores an image by the mean of their calibrated probabilities. predict and evaluate take it as
+    MODEL; each member makes its own codes of the images, through the code cache."""
+    from transferkit.jobs import ensemble_probes
+
+    ensemble_probes(list(probes), out)
+    click.echo(f"ensemble of {len(probes)} probes ({', '.join(str(p) for p in probes)}) -> {out}")
+
+
 def _number(text: str) -> float | str:
     """A number as a float; anything else stays text, for the library to refuse with its allowed values."""
     try:
@@ -109,7 +122,7 @@ def _number(text: str) -> float | str:
 def predict(model_dir: str, images: tuple[Path, ...], batch_size: int, as_json: bool, topk: int, raw: bool,
             dense: bool, out: Path | None, window: bool, scale: tuple[float, ...], short_side: tuple[int, ...],
             classes: tuple[str, ...], weights: str) -> None:
-    """Classify IMAGES (files or folders) with MODEL: a probe directory or a fine-tuning run directory.
+    """Classify IMAGES (files or folders) with MODEL: a probe, ensemble or fine-tuning run directory.
 
     Prints each image's most probable class and its probability (--topk K: the K most probable): the probe's
     calibrated probability or the fine-tuned network's softmax; --raw prints the scores before that. With --dense,
@@ -193,7 +206,7 @@ def _scale_hint(row: dict, options: dict) -> bool:
               "trained with --flip always does).")
 def evaluate(model_dir: Path, data: Path, out: Path | None, per_class: int | None, batch_size: int,
              tta: bool) -> None:
-    """Score MODEL (a probe or a fine-tuning run directory) on labelled DATA (folder, CSV manifest or IDX).
+    """Score MODEL (a probe, ensemble or fine-tuning run directory) on labelled DATA (folder, CSV manifest or IDX).
 
     Classes are matched by name: DATA may lack some of the model's classes, but not add new ones.
     """

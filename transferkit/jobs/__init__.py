@@ -1,10 +1,12 @@
 """The jobs the CLI runs, composed from codes, store, probe and plots; each is a plain function.
 
-One module per job: `extract` (codes, the sweep), `probe` (fit, score, save a probe), `predict` (predictions
-and evaluations of what was trained). Their names are imported here, so `transferkit.jobs.NAME` stays the API."""
+One module per job: `extract` (codes, the sweep), `probe` (fit, score, save a probe), `ensemble` (probes joined
+into one model), `predict` (predictions and evaluations of what was trained). Their names are imported here, so
+`transferkit.jobs.NAME` stays the API."""
 
 from __future__ import annotations
 
+from transferkit.jobs.ensemble import ENSEMBLE_KIND, ensemble_probes  # noqa: F401 - the API
 from transferkit.jobs.extract import (  # noqa: F401 - the API
     SELECT_CANDIDATES,
     SELECT_MAX_VIEWS,

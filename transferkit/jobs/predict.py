@@ -1,5 +1,5 @@
 """Using what was trained: predictions for image files (`predict_images`) and scores on a labelled dataset
-(`evaluate_model`), from a saved probe or a fine-tuning run."""
+(`evaluate_model`), from a saved probe, an ensemble of probes or a fine-tuning run."""
 
 from __future__ import annotations
 
@@ -18,14 +18,16 @@ from transferkit.data.transforms import build_transform, hflip
 from transferkit.errors import DataError, ParameterError
 from transferkit.jobs.extract import load_data
 from transferkit.jobs.probe import multilabel_targets
+from transferkit.probe.ensemble import ENSEMBLE_FILE, ensemble_proba, is_ensemble_dir, load_ensemble_dir
 from transferkit.probe.metrics import (
     Evaluation,
     MultiLabelEvaluation,
     evaluate_predictions,
     score_multilabel,
+    score_predictions,
 )
 from transferkit.probe.multilabel import MultiLabelProbe
-from transferkit.probe.saved import is_probe_dir, load_probe_dir, probe_scores
+from transferkit.probe.saved import class_names, is_probe_dir, load_probe_dir, probe_scores
 from transferkit.runtime.atomic import write_json_atomic, write_text_atomic
 from transferkit.runtime.device import autocast, default_device
 from transferkit.runtime.outputs import building, check_output
@@ -66,10 +68,8 @@ def predict_images(model_dir: str | Path, paths: list[str | Path], *, batch_size
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ParameterError(f"The 'topk' parameter must be an int >= 1. Got {topk!r} instead.", param="topk")
     files = image_files(paths)
-    if model_kind(model_dir) == "run":
-        names, values, kind, found = _run_outputs(model_dir, files, batch_size, raw)
-    else:
-        names, values, kind, found = _probe_outputs(model_dir, files, batch_size, raw)
+    outputs = {"run": _run_outputs, "ensemble": _ensemble_outputs, "probe": _probe_outputs}[model_kind(model_dir)]
+    names, values, kind, found = outputs(model_dir, files, batch_size, raw)
     return [_prediction(f, v, names, kind, topk, None if found is None else found[i])
             for i, (f, v) in enumerate(zip(files, values))]
 
@@ -98,7 +98,7 @@ def _probe_outputs(probe_dir: str | Path, files: list[str], batch_size: int,
     (multi-label) which labels reach their thresholds."""
     probe, extractor = load_probe_dir(probe_dir, batch_size=batch_size)
     scores = probe_scores(probe, extractor, files)  # a flip probe: the mean over each image and its mirror
-    names = [probe.extra_["classes"][int(c)] for c in probe.classes_]
+    names = class_names(probe)
     found = scores >= probe.thresholds_ if isinstance(probe, MultiLabelProbe) else None
     if not raw and not probe.calibrated:
         log.warning("%s was saved before probes were calibrated: printing SVM scores, not probabilities "
@@ -106,6 +106,16 @@ def _probe_outputs(probe_dir: str | Path, files: list[str], batch_size: int,
     if raw or not probe.calibrated:
         return names, np.stack([-scores, scores], 1) if scores.ndim == 1 else scores, "svm_score", found
     return names, probe.proba_from_scores(scores), "probability", found
+
+
+def _ensemble_outputs(ensemble_dir: str | Path, files: list[str], batch_size: int,
+                      raw: bool) -> tuple[list[str], np.ndarray, str, None]:
+    """An ensemble's classes and probabilities (the mean of its members')."""
+    if raw:
+        raise ParameterError(f"The 'raw' parameter asks for scores before probabilities, and '{ensemble_dir}' is an "
+                             "ensemble: its scores are the mean of its members' probabilities", param="raw")
+    members, classes = load_ensemble_dir(ensemble_dir, batch_size=batch_size)
+    return classes, ensemble_proba(members, classes, files), "probability", None
 
 
 def _prediction(source: str, values: np.ndarray, names: Sequence[str], kind: str, topk: int,
@@ -138,29 +148,14 @@ def evaluate_model(
     softmax of each image and its mirror image, as the run was trained with horizontal flips.
     """
     from transferkit.plots import plot_confusion
-    from transferkit.probe.metrics import score_predictions
 
     dataset = data if isinstance(data, ImageDataset) else load_data(data, per_class=per_class)
     if out is not None:
         check_output(out, EVALUATION_KIND, inputs=[model_dir, dataset.root])  # before the work
     if dataset.multilabel:
         evaluation = _evaluate_multilabel(model_dir, dataset, batch_size, progress, tta)
-    elif model_kind(model_dir) == "run":
-        model, meta = _load_run(model_dir)
-        classes = meta["classes"]
-        y = _targets_by_name(dataset, classes, model_dir)
-        probs = _run_probabilities(model, dataset.with_transform(build_transform(meta["transform"])), meta,
-                                   batch_size, progress, tta)
-        evaluation = score_predictions(y, probs.argmax(1), np.arange(len(classes)), classes)
     else:
-        if tta:
-            raise DataError("test-time augmentation (tta) is for fine-tuning runs; a probe averages each image "
-                            "with its mirror image when it was trained with flip (`transferkit probe --flip`)")
-        probe, extractor = load_probe_dir(model_dir, batch_size=batch_size, progress=progress)
-        classes = probe.extra_["classes"]
-        y = _targets_by_name(dataset, classes, model_dir)
-        pred = probe.predict_from_scores(probe_scores(probe, extractor, dataset))  # flip probes: image and mirror
-        evaluation = evaluate_predictions(probe, pred, y, names=classes)
+        evaluation = _evaluate(model_dir, dataset, batch_size, progress, tta)
     if out is not None:
         with building(out, EVALUATION_KIND, inputs=[model_dir, dataset.root]) as tmp:
             if isinstance(evaluation, Evaluation):
@@ -172,10 +167,40 @@ def evaluate_model(
     return evaluation
 
 
+def _evaluate(model_dir: str | Path, dataset: ImageDataset, batch_size: int, progress: bool,
+              tta: bool) -> Evaluation:
+    """evaluate_model on data of one class per image, by the kind of model."""
+    kind = model_kind(model_dir)
+    if tta and kind != "run":
+        raise DataError(f"test-time augmentation (tta) is for fine-tuning runs; a {kind} averages each image with "
+                        "its mirror image when it was trained with flip (`transferkit probe --flip`)")
+    if kind == "run":
+        model, meta = _load_run(model_dir)
+        classes = meta["classes"]
+        y = _targets_by_name(dataset, classes, model_dir)
+        probs = _run_probabilities(model, dataset.with_transform(build_transform(meta["transform"])), meta,
+                                   batch_size, progress, tta)
+        return score_predictions(y, probs.argmax(1), np.arange(len(classes)), classes)
+    if kind == "ensemble":
+        members, classes = load_ensemble_dir(model_dir, batch_size=batch_size, progress=progress)
+        y = _targets_by_name(dataset, classes, model_dir)
+        return score_predictions(y, ensemble_proba(members, classes, dataset).argmax(1), np.arange(len(classes)),
+                                 classes)
+    probe, extractor = load_probe_dir(model_dir, batch_size=batch_size, progress=progress)
+    classes = probe.extra_["classes"]
+    y = _targets_by_name(dataset, classes, model_dir)
+    pred = probe.predict_from_scores(probe_scores(probe, extractor, dataset))  # flip probes: image and mirror
+    return evaluate_predictions(probe, pred, y, names=classes)
+
+
 def _evaluate_multilabel(model_dir: str | Path, dataset: ImageDataset, batch_size: int, progress: bool,
                          tta: bool) -> MultiLabelEvaluation:
     """mAP and F1 of a multi-label probe or run on multi-label `dataset` (classes matched by name)."""
-    if model_kind(model_dir) == "run":
+    kind = model_kind(model_dir)
+    if kind == "ensemble":  # its members are probes of one class per image (ensemble_probes checks)
+        raise DataError(f"'{dataset.root}' is multi-label, and ensemble '{model_dir}' was made of probes of one "
+                        "class per image")
+    if kind == "run":
         from transferkit.finetune.rundir import run_thresholds
 
         model, meta = _load_run(model_dir)
@@ -194,15 +219,19 @@ def _evaluate_multilabel(model_dir: str | Path, dataset: ImageDataset, batch_siz
 
 
 def model_kind(model_dir: str | Path) -> str:
-    """'probe' for a directory written by `transferkit probe`, 'run' for one written by `transferkit finetune`."""
+    """'probe' for a directory written by `transferkit probe`, 'ensemble' for one by `transferkit ensemble`, 'run'
+    for one by `transferkit finetune`."""
     path = Path(model_dir)
     if is_probe_dir(path):
         return "probe"
+    if is_ensemble_dir(path):
+        return "ensemble"
     if (path / RUN_CONFIG).is_file():
         return "run"
     raise DataError(
-        f"'{model_dir}' is not a model directory: expected a probe (a 'probe' folder, from `transferkit probe`) "
-        f"or a fine-tuning run ('{RUN_CONFIG}' and model-best.safetensors, from `transferkit finetune`)"
+        f"'{model_dir}' is not a model directory: expected a probe (a 'probe' folder, from `transferkit probe`), "
+        f"an ensemble ('{ENSEMBLE_FILE}', from `transferkit ensemble`) or a fine-tuning run ('{RUN_CONFIG}' and "
+        "model-best.safetensors, from `transferkit finetune`)"
     )
 
 

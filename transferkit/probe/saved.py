@@ -44,11 +44,24 @@ def _probe_class(folder: Path) -> type[LinearProbe]:
     return MultiLabelProbe if multilabel else LinearProbe
 
 
+def load_probe(path: str | Path) -> LinearProbe:
+    """The probe saved in probe folder `path` (a MultiLabelProbe for multi-label codes), its record (`extra_`) in
+    today's pool names; without building its extractor."""
+    probe = _probe_class(Path(path) / PROBE_DIR).load(Path(path) / PROBE_DIR)
+    if probe.extra_.get("pool_names") != POOL_NAMES:
+        probe.extra_ = _renamed_pools(probe.extra_)
+    return probe
+
+
 def load_probe_meta(path: str | Path) -> dict:
     """What a saved probe records about its codes (model, weights, image size, layer, pool, key, classes), in
     today's pool names; without building its extractor."""
-    probe = _probe_class(Path(path) / PROBE_DIR).load(Path(path) / PROBE_DIR)
-    return probe.extra_ if probe.extra_.get("pool_names") == POOL_NAMES else _renamed_pools(probe.extra_)
+    return load_probe(path).extra_
+
+
+def class_names(probe: LinearProbe) -> list[str]:
+    """The names of a saved probe's score columns, in their order."""
+    return [probe.extra_["classes"][int(c)] for c in probe.classes_]
 
 
 def load_probe_dir(path: str | Path, *, batch_size: int = 64, progress: bool = False,
@@ -57,9 +70,7 @@ def load_probe_dir(path: str | Path, *, batch_size: int = 64, progress: bool = F
 
     `exact`: an fp32 backbone without folding, whatever the codes were made with (for network surgery).
     """
-    probe = _probe_class(Path(path) / PROBE_DIR).load(Path(path) / PROBE_DIR)
-    if probe.extra_.get("pool_names") != POOL_NAMES:
-        probe.extra_ = _renamed_pools(probe.extra_)
+    probe = load_probe(path)
     spec = CodeSpec.from_probe(probe.extra_)
     one = spec.views is None  # else a combination: its views, side by side
     extractor = FeatureExtractor(

@@ -158,8 +158,10 @@ def load_classifier(source: str | Path, *, image_size: int | None = None, window
     if (path / CONVERT_JSON).is_file():
         return load_converted(path)
     if path.is_dir():
+        from transferkit.probe.ensemble import refuse_ensemble
         from transferkit.probe.saved import is_probe_dir
 
+        refuse_ensemble(path, "a dense classifier (predict --dense, convert, export)")
         return _from_probe(path, window) if is_probe_dir(path) else _from_run(path, window)
     return _from_timm(str(source), image_size, window, weights)
 

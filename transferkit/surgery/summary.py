@@ -229,8 +229,10 @@ def load_for_summary(model: str) -> tuple[nn.Module, str, tuple[int, int]]:
     if Path(model).is_dir():
         from transferkit.finetune.loop import freeze_until, resolve_stage
         from transferkit.finetune.rundir import load_finetuned
+        from transferkit.probe.ensemble import refuse_ensemble
         from transferkit.probe.saved import is_probe_dir, load_probe_meta
 
+        refuse_ensemble(model, "summary")
         if is_probe_dir(model):
             extra = load_probe_meta(model)
             net, _, natural = load_for_summary(extra["model"])
