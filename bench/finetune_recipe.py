@@ -15,6 +15,7 @@ The runs in docs/benchmarks.md ran with OMP_NUM_THREADS=1 (one process per name 
     python bench/finetune_recipe.py --runs freeze      # frozen until blocks.2 / blocks.4 (partial: blocks.3)
     python bench/finetune_recipe.py --runs combined    # the winners together
     python bench/finetune_recipe.py --runs bar60k      # all 60,000 images with the options (about an hour each)
+    python bench/finetune_recipe.py --runs 60k-progressive  # all 60,000, progressive resizing 32 -> 64 px
     python bench/finetune_recipe.py --runs NAME[,NAME] # single runs
 """
 
@@ -49,6 +50,8 @@ RUNS = {  # name: (group, settings); SMALL = 64 px, 30 epochs, batch 32, crops 0
     # for the 60-minute bar; about an hour each on 2 cores, not run on shared cores
     "60k-mix": ("bar60k", {**ALL_60K, "freeze_until": "none", "mixup": 0.2, "cutmix": 1.0}),
     "60k-lpft-ema": ("bar60k", {**ALL_60K, "freeze_until": "none", "head_init": "probe", "ema_decay": 0.9998}),
+    # progressive resizing 32 -> 64 px over the same 20 epochs: about the cost of 48 px throughout, ending at 64
+    "60k-progressive": ("bar60k", {**ALL_60K, "freeze_until": "none", "image_size": 64, "start_size": 32}),
 }
 BASELINE = "partial"
 FINDINGS = """

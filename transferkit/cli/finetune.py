@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from transferkit.cli import DataPath, cli, model_options
+from transferkit.cli import DataPath, ImageSize, cli, model_options
 from transferkit.finetune.params import FINETUNE
 from transferkit.runtime.params import click_type  # the limits live in those tables (plain data: no torch)
 
@@ -19,6 +19,9 @@ from transferkit.runtime.params import click_type  # the limits live in those ta
 @click.option("--freeze-until", default="none", show_default=True,
               help="Train only stages from this one up: a stage name or index as --list-stages prints them (the "
                    "same as extract --layer), 'head' (head only), 'none' (all).")
+@click.option("--start-size", type=ImageSize(FINETUNE["start_size"]), default=None,
+              help="Progressive resizing: train epoch 1 at N x N, growing linearly to --image-size (needed) at the "
+                   "last epoch; early epochs cost less.")
 @click.option("--list-stages", "list_stages", is_flag=True,
               help="Print the stages of --model (the table `transferkit layers` prints) and exit.")
 @click.option("--epochs", type=click_type(FINETUNE["epochs"]), default=5, show_default=True,

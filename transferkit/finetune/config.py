@@ -27,6 +27,7 @@ class FinetuneConfig:
     epochs: int = 5
     batch_size: int = 64  # per process under torchrun
     image_size: int | None = None  # None: the model's pretrained input size
+    start_size: int | None = None  # progressive resizing: epoch 1 trains at this size, growing to image_size
     lr: float = 3e-3  # head LR; lower stages get less via layer_decay or lr_range
     layer_decay: float | None = 0.9  # per fine timm group_matcher layer (18 on lite0): stem gets 0.9^17 = 17%
     lr_range: tuple[float, float] | None = None  # (first trainable stage, head), geometric; replaces layer_decay
@@ -62,6 +63,12 @@ class FinetuneConfig:
         if self.head_init == "probe" and self.head != "linear":
             raise ParameterError(f"The 'head_init' parameter 'probe' fits a linear head; head={self.head!r} is not "
                                  "one. Use head='linear' or head_init='prior'.", param="head_init")
+        if self.start_size is not None and (self.image_size is None or self.start_size > self.image_size
+                                            or self.head == "local"):
+            raise ParameterError(f"The 'start_size' parameter ({self.start_size}) starts progressive resizing, which "
+                                 "grows the training images to image_size: it needs an image_size at least as "
+                                 f"large (got {self.image_size}) and a head that takes any size (got "
+                                 f"head={self.head!r}).", param="start_size")
         if self.precision == "fp16":  # needs CUDA: ask torch only then
             from transferkit.runtime.device import autocast, default_device
 

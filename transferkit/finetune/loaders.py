@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,23 @@ def _transforms(model: nn.Module, config: FinetuneConfig):
     return data_config, train_tf, eval_tf
 
 
+def epoch_size(config: FinetuneConfig, epoch: int) -> int | None:
+    """The training images' size at `epoch` under progressive resizing (fastai's): `start_size` at epoch 1,
+    growing linearly to `image_size` at the last epoch, so early epochs cost less and the last trains at the size
+    the model is evaluated at. None without `start_size`."""
+    if config.start_size is None:
+        return None
+    share = (min(epoch, config.epochs) - 1) / (config.epochs - 1) if config.epochs > 1 else 1.0
+    return round(config.start_size + share * (config.image_size - config.start_size))
+
+
+def resize_train(loader: torch.utils.data.DataLoader, model: nn.Module, config: FinetuneConfig, epoch: int) -> None:
+    """Give `loader`'s images the training transform of `epoch`'s size (`epoch_size`); a new iterator over the
+    loader (each epoch's) reads them at that size."""
+    _, train_tf, _ = _transforms(model, replace(config, image_size=epoch_size(config, epoch)))
+    loader.dataset.transform = train_tf
+
+
 def eval_loader(model: nn.Module, dataset: ImageDataset, config: FinetuneConfig) -> torch.utils.data.DataLoader:
     """`dataset` in order through the eval transform (no augmentation), in batches of at least 128."""
     _, _, eval_tf = _transforms(model, config)
@@ -88,8 +106,11 @@ def make_loaders(model: nn.Module, train: ImageDataset, val: ImageDataset | None
                                                  num_workers=config.num_workers,
                                                  sampler=ShardSampler(len(val_set), world))
     train_steps = [str(t) for t in getattr(train_tf, "transforms", [train_tf])]
+    sizes = {} if config.start_size is None else {"train_sizes": [epoch_size(config, e)
+                                                                   for e in range(1, config.epochs + 1)]}
     return loader, val_loader, {"transform": describe_transform(data_config, config.image_size),
-                                "train_transform": train_steps, "n_train": len(train), "n_val": len(val or [])}
+                                "train_transform": train_steps, **sizes, "n_train": len(train),
+                                "n_val": len(val or [])}
 
 
 def balanced_weights(targets: np.ndarray, n_classes: int) -> np.ndarray:
@@ -155,7 +176,8 @@ def maybe_cache(model, config: FinetuneConfig, train, val, loader, val_loader, o
     prefix = frozen_prefix(model)
     if not (config.cache and prefix):
         return loader, val_loader, none
-    why_not = ("augmentation is on; with augment=False (--no-augment) frozen stages run once, not every epoch"
+    why_not = ("progressive resizing (start_size) changes the input size every epoch" if config.start_size else
+               "augmentation is on; with augment=False (--no-augment) frozen stages run once, not every epoch"
                if config.augment else
                "train_bn updates frozen BatchNorms; train_bn=False (no --train-bn) lets them be cached"
                if config.train_bn else "mixup/cutmix mix the input images, not a stage's activations"

@@ -33,6 +33,7 @@ from transferkit.finetune.loaders import (
     make_loaders,
     maybe_cache,
     positive_weights,
+    resize_train,
     small_val_warning,
     split_train_val,
 )
@@ -261,6 +262,8 @@ def _fit(run: Run, loader, val_loader, progress: bool, loop: dict) -> tuple[list
             run.scheduler = begin_cycle(run.model, run.optimizer, run.config, cycle, run.steps_per_epoch)
         seed_everything(run.config.seed * 100_003 + epoch * 1_009 + run.world.rank)  # resumable, distinct per rank
         loader.sampler.set_epoch(epoch)
+        if run.config.start_size is not None:  # progressive resizing: this epoch's size
+            resize_train(loader, run.model, run.config, epoch)
         start = time.perf_counter()
         loss, acc, seen = _epoch(run, loader, epoch, progress)
         rate = seen / (time.perf_counter() - start)  # training images per second, validation excluded

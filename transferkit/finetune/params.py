@@ -27,6 +27,7 @@ FINETUNE = {
     "epochs": [_AT_LEAST_1],
     "batch_size": BATCH_SIZE,
     "image_size": IMAGE_SIZE,
+    "start_size": IMAGE_SIZE,  # and at most image_size (FinetuneConfig.validate)
     "lr": [Interval(Real, 0, None, closed="neither")],
     "layer_decay": [Interval(Real, 0, 1, closed="right"), None],
     "lr_range": [Pair(0), None],
