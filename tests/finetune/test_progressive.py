@@ -1,5 +1,5 @@
 """Progressive resizing (`start_size`, `finetune --start-size`): training images grow from start_size at epoch 1 to
-image_size at the last epoch; validation stays at image_size."""
+image_size at the last epoch (sizes between on multiples of 8); validation stays at image_size."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run
 
 @pytest.mark.parametrize(("start", "end", "epochs", "sizes"), [
     (32, 64, 5, [32, 40, 48, 56, 64]), (32, 48, 3, [32, 40, 48]), (32, 64, 1, [64]), (48, 48, 2, [48, 48]),
-    (33, 64, 4, [33, 43, 54, 64])])
+    (33, 64, 4, [33, 40, 56, 64]), (32, 64, 18, [32, 32, 32, 40, 40, 40, 40, 48, 48, 48, 48, 56, 56, 56, 56, 64,
+                                                  64, 64])])
 def test_sizes_grow_linearly_to_image_size(start, end, epochs, sizes):
     config = FinetuneConfig(image_size=end, start_size=start, epochs=epochs).validate()
     assert [epoch_size(config, e) for e in range(1, epochs + 1)] == sizes

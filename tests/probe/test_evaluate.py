@@ -329,6 +329,8 @@ def test_cli_ensemble_refuses_bad_members_and_keeps_files(ensemble_dir, probe_di
                     "same classes", "one, two, zero", "one, zero")
     train_probe(multilabel_codes(open_dataset(folders["train"])), tmp_path / "ml", cv=2)
     _one_line_error(cli_run("ensemble", members[0], tmp_path / "ml", "-o", tmp_path / "e", ok=False), "multi-label")
+    _one_line_error(cli_run("evaluate", ensemble_dir[0], tmp_path / "labels.csv", ok=False), "multi-label",
+                    "one class per image")  # multilabel_codes' manifest
     shutil.copytree(members[0], tmp_path / "old")
     old_probe_format(tmp_path / "old" / "probe")
     _one_line_error(cli_run("ensemble", members[1], tmp_path / "old", "-o", tmp_path / "e", ok=False),

@@ -73,11 +73,14 @@ def _transforms(model: nn.Module, config: FinetuneConfig):
 def epoch_size(config: FinetuneConfig, epoch: int) -> int | None:
     """The training images' size at `epoch` under progressive resizing (fastai's): `start_size` at epoch 1,
     growing linearly to `image_size` at the last epoch, so early epochs cost less and the last trains at the size
-    the model is evaluated at. None without `start_size`."""
+    the model is evaluated at. Sizes between are rounded to a multiple of 8: convolutions use the cores better
+    there (lite0 training, 2026-11-28: 689 / 447 / 426 img/s at 32 / 34 / 40 px). None without `start_size`."""
     if config.start_size is None:
         return None
-    share = (min(epoch, config.epochs) - 1) / (config.epochs - 1) if config.epochs > 1 else 1.0
-    return round(config.start_size + share * (config.image_size - config.start_size))
+    if epoch >= config.epochs or epoch <= 1:
+        return config.image_size if epoch >= config.epochs else config.start_size
+    size = config.start_size + (epoch - 1) / (config.epochs - 1) * (config.image_size - config.start_size)
+    return min(max(8 * math.floor(size / 8 + 0.5), config.start_size), config.image_size)
 
 
 def resize_train(loader: torch.utils.data.DataLoader, model: nn.Module, config: FinetuneConfig, epoch: int) -> None:
