@@ -103,7 +103,9 @@ NOTES = """What this decided:
   the training images (each backbone's views by greedy selection, C by 5-fold CV) or fixed beforehand (the SVM
   with flip and 10 copies for every member, the three packaged backbones). No single backbone reaches it: 88.11%
   (lite0), 87.35% (lite1), 88.14% (lite2). At 10 per class the ensemble scores 82.06%, +0.44 over its best
-  member.
+  member. Caveat: the members' settings (SVM, flip, 10 copies) and the idea of three backbones come from
+  section 'probe-augment' and a scratch experiment there, which were scored on this same test set; inside this
+  bench no choice is.
 - The ensemble averages calibrated probabilities (soft voting, as scikit-learn's `VotingClassifier(voting=
   "soft")` does for estimators that share their input). By hand on the same probes at 100 per class: the mean of
   the members' temperature-scaled scores, which is one linear classifier on the three backbones' codes side by

@@ -172,8 +172,8 @@ def _evaluate(model_dir: str | Path, dataset: ImageDataset, batch_size: int, pro
     """evaluate_model on data of one class per image, by the kind of model."""
     kind = model_kind(model_dir)
     if tta and kind != "run":
-        raise DataError(f"test-time augmentation (tta) is for fine-tuning runs, and '{model_dir}' is a {kind}: a "
-                        "probe averages each image with its mirror image when it was trained with flip "
+        raise DataError(f"test-time augmentation (tta) is for fine-tuning runs, not for the {kind} '{model_dir}': "
+                        "a probe averages each image with its mirror image when it was trained with flip "
                         "(`transferkit probe --flip`)")
     if kind == "run":
         model, meta = _load_run(model_dir)
