@@ -25,6 +25,14 @@ def machine_lines() -> list[str]:
     ]
 
 
+def kept_lines(rows: list[dict]) -> list[str]:
+    """Markdown bullet lines for rows measured at different times, each keeping its `machine_lines()` under
+    'machine': every machine they ran on, the first row's versions, and the span of their dates."""
+    machines = sorted({r["machine"][1] for r in rows})
+    dates = sorted(r["machine"][3].removeprefix("- date: ") for r in rows)
+    return [*machines, rows[0]["machine"][2], f"- dates: {dates[0]} to {dates[-1]}"]
+
+
 def write_section(doc: Path, name: str, body: str) -> None:
     """Replace (or append) the section between `<!-- name:start -->` and `<!-- name:end -->` in `doc`."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import machine_lines, write_section  # noqa: E402
+from machine import kept_lines, machine_lines, write_section  # noqa: E402
 
 from transferkit.jobs import extract_features, train_probe  # noqa: E402
 from transferkit.recipes.demo import fashion_mnist  # noqa: E402
@@ -120,12 +120,10 @@ def main() -> None:
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
     rows = [measure(row, args.work) for row in ROWS]
-    machines = sorted({r["machine"][1] for r in rows})
-    dates = sorted(r["machine"][3].removeprefix("- date: ") for r in rows)
     body = "\n".join([
         "## Probe on shifted copies of the training images (bench/probe_augment.py)", "",
         "- command: `python bench/probe_augment.py` (each row's figures: bench/results/probe-augment)",
-        *machines, rows[0]["machine"][2], f"- dates: {dates[0]} to {dates[-1]}",
+        *kept_lines(rows),
         "- setup: `tf_efficientnet_lite0`, packaged ImageNet weights, 64 px, fp32; training sets: the first N "
         "images per class; test: the official 10,000. Every row is `train_probe(..., flip=True, augment=copies)`: "
         "C by stratified CV on the training images' own codes, the head refitted at that C on them, their mirror "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import machine_lines, write_section  # noqa: E402
+from machine import kept_lines, machine_lines, write_section  # noqa: E402
 
 from transferkit.jobs import ensemble_probes, evaluate_model, extract_features, train_probe  # noqa: E402
 from transferkit.recipes.demo import fashion_mnist  # noqa: E402
@@ -124,12 +124,10 @@ def main() -> None:
     for per_class in SIZES:
         members = [member(per_class, model, args.work) for model in BACKBONES]
         rows += [*members, ensemble(per_class, members, args.work)]
-    machines = sorted({r["machine"][1] for r in rows})
-    dates = sorted(r["machine"][3].removeprefix("- date: ") for r in rows)
     body = "\n".join([
         "## Probes on three backbones, one ensemble (bench/probe_ensemble.py)", "",
         "- command: `python bench/probe_ensemble.py` (each row's figures: bench/results/probe-ensemble)",
-        *machines, rows[0]["machine"][2], f"- dates: {dates[0]} to {dates[-1]}",
+        *kept_lines(rows),
         "- setup: packaged ImageNet weights, 64 px, fp32; training sets: the first N images per class; test: the "
         "official 10,000. Per backbone: `extract --layer auto --combine` (greedy selection's views), then "
         f"`probe --flip --augment {COPIES}` (SVM, C by 5-fold CV on the images' own codes, refitted on them, their "

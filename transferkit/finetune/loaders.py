@@ -77,8 +77,10 @@ def epoch_size(config: FinetuneConfig, epoch: int) -> int | None:
     there (lite0 training, 2026-11-28: 689 / 447 / 426 img/s at 32 / 34 / 40 px). None without `start_size`."""
     if config.start_size is None:
         return None
-    if epoch >= config.epochs or epoch <= 1:
-        return config.image_size if epoch >= config.epochs else config.start_size
+    if epoch >= config.epochs:
+        return config.image_size
+    if epoch <= 1:
+        return config.start_size
     size = config.start_size + (epoch - 1) / (config.epochs - 1) * (config.image_size - config.start_size)
     return min(max(8 * math.floor(size / 8 + 0.5), config.start_size), config.image_size)
 

@@ -54,9 +54,9 @@ def _members(paths: list[Path]) -> list[LinearProbe]:
                "was saved before probes were calibrated: train it again")
         if why:
             raise ParameterError(f"The 'probes' parameter names '{path}', which {why}", param="probes")
-    first = sorted(class_names(members[0]))
-    if other := next((p for p, m in zip(paths, members) if sorted(class_names(m)) != first), None):
+    names = [sorted(class_names(m)) for m in members]
+    if other := next((i for i, n in enumerate(names) if n != names[0]), None):
         raise ParameterError(f"The 'probes' parameter's probes must have the same classes: '{paths[0]}' has "
-                             f"{', '.join(first)}; '{other}' has "
-                             f"{', '.join(sorted(class_names(members[paths.index(other)])))}", param="probes")
+                             f"{', '.join(names[0])}; '{paths[other]}' has {', '.join(names[other])}",
+                             param="probes")
     return members
