@@ -16,6 +16,7 @@ The runs in docs/benchmarks.md ran with OMP_NUM_THREADS=1 (one process per name 
     python bench/finetune_recipe.py --runs combined    # the winners together
     python bench/finetune_recipe.py --runs bar60k      # all 60,000 images with the options (about an hour each)
     python bench/finetune_recipe.py --runs 60k-progressive  # all 60,000, progressive resizing 32 -> 64 px
+    python bench/finetune_recipe.py --runs 60k-light   # all 60,000, crops 0.8-1, no random erasing
     python bench/finetune_recipe.py --runs NAME[,NAME] # single runs
 """
 
@@ -54,6 +55,9 @@ RUNS = {  # name: (group, settings); SMALL = 64 px, 30 epochs, batch 32, crops 0
     # 232 img/s training at 32 / 40 / 48 / 64 px (batch 128, 2026-11-28), so 18 epochs to stay inside the hour
     "60k-progressive": ("bar60k", {**ALL_60K, "freeze_until": "none", "image_size": 64, "start_size": 32,
                                    "epochs": 18}),
+    # lighter augmentation: 60k-progressive ended at 94.0% training accuracy under augmentation, about its test
+    # accuracy (under-fitting, as crops 0.35-1 did); crops 0.8-1 and no random erasing, else as plain 48 px
+    "60k-light": ("bar60k", {**ALL_60K, "freeze_until": "none", "crop_scale": (0.8, 1.0), "random_erasing": 0.0}),
 }
 BASELINE = "partial"
 FINDINGS = """
@@ -86,6 +90,11 @@ What the rows say (2026-11-27, one seed each but the last two rows):
   multiples of 8 over 18 epochs, `finetune --image-size 64 --start-size 32`): **94.57%** (94.54% with TTA) in
   55.2 min of training, 0.14 below plain 48 px for 20 epochs (94.71%): no gain; not a default. Epochs took
   93-103 s at 32 px, 146-157 s at 40, 160-176 s at 48, 221-235 s at 56 and 265-281 s at 64.
+- **All 60,000, lighter augmentation** ('60k-light', 2026-11-28, nothing else running: plain 48 px, 20 epochs, with
+  crops 0.8-1 instead of 0.6-1 and no random erasing): **95.04%** (**95.19%** with TTA) in 54.2 min of training,
+  +0.33 over plain 48 px (94.71%), the best on all 60,000 so far but below the 95.5% bar. Training accuracy under
+  augmentation had stayed near the test accuracy in the heavier runs (94.0% at the end of '60k-progressive'): in
+  20 epochs at 48 px lite0 under-fits Fashion-MNIST, and augmentation that regularises only slows it down.
 """  # what the rows mean (below the table)
 
 
